@@ -1,0 +1,2 @@
+"""lossatlas."""
+from lossatlas._version import __version__
