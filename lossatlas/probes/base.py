@@ -74,7 +74,10 @@ class ProbeContext:
     dtype: torch.dtype | None = None
     progress: Callable[[int, int], None] | None = None
     partial: Result | None = None  # a stored partial result to resume from (surfaces)
-    checkpoint: Callable[[Result], None] | None = None  # a probe may hand back partial results
+    save_partial: Callable[[Result], None] | None = None  # a probe may hand back partial results
+    steps: Sequence[int] = ()  # every checkpoint step of the run
+    state_at: Callable[[int], dict[str, Tensor]] | None = None  # the state_dict at another step
+    seed: int = 0
 
 
 class Probe:

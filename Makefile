@@ -1,0 +1,34 @@
+# lossatlas — the two commands a fresh machine needs:
+#   make demo   creates .venv, installs lossatlas (CPU torch first) and runs the demo
+#   make test   creates .venv, installs lossatlas with its test extras and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+OUT ?= demo_out
+
+.PHONY: demo test bench experiments clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev,bench]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lossatlas demo --out $(OUT) --force
+
+test: $(VENV)/.installed
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	OMP_NUM_THREADS=2 $(PY) benchmarks/run_all.py
+
+experiments: $(VENV)/.installed
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m slow tests
+	OMP_NUM_THREADS=2 $(PY) experiments/run_all.py
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -1,0 +1,198 @@
+"""Apply a probe to a selection of a run's checkpoints, with caching, recomputation and resume.
+
+For each selected step the runner rebuilds the model from the run's JSON spec, loads the
+checkpoint, builds the data set and calls ``probe.run``. Each Result is stored in the results
+file under ``/<probe>/<config hash>/<step>`` with the data fingerprint. A complete result with the
+same config and data is reused (skipped); one with another data fingerprint is recomputed; a
+partial one is handed back to the probe (``ctx.partial``) to resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lossatlas import models, store
+from lossatlas.analysis.steps import select_steps
+from lossatlas.errors import UserError
+from lossatlas.probes.base import Probe, ProbeContext, Result
+from lossatlas.probes.batches import as_batches, fingerprint, to_device
+from lossatlas.probes.losses import LOSSES
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_results_path(run_path: str | Path) -> Path:
+    """``run.h5`` → ``run.results.h5`` next to the run."""
+    run_path = Path(run_path)
+    return run_path.with_name(run_path.stem + ".results.h5")
+
+
+def load_model(reader: "store.RunReader", step: int, *, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the run's model from its spec and load the checkpoint at ``step`` (strict, with a clear error)."""
+    if reader.model_spec is None:
+        raise UserError(f"{reader.path}: the run has no model spec; re-import it with --model SPEC")
+    model = models.build_model(reader.model_spec)
+    ckpt = reader.checkpoint(step)
+    load_state(model, ckpt.state_dict(), source=f"{reader.path} step {step}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model``; a key or shape mismatch raises UserError naming them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: stored {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append("unexpected " + ", ".join(unexpected[:5]) + (" …" if len(unexpected) > 5 else ""))
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise UserError(f"{source}: the model spec does not match the stored tensors ({'; '.join(parts)}); "
+                        "pass the --model spec the checkpoint was trained with")
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(state[k].to(t.dtype) if t.dtype != state[k].dtype and t.is_floating_point() else state[k])
+
+
+def load_batches(data_spec: dict | str | None, *, batch_size: int | None = 256, max_examples: int | None = None,
+                 what: str = "run") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Build the data set from its spec and split it into fixed batches."""
+    if data_spec is None:
+        raise UserError(f"the {what} has no data spec; pass --data '{{\"name\": \"digits\"}}' or another data spec")
+    data = models.build_data(data_spec)
+    try:
+        return as_batches(data, batch_size, limit=max_examples)
+    except ValueError as exc:
+        raise UserError(f"data spec {data_spec}: {exc}") from None
+
+
+@dataclass
+class RunOptions:
+    """How to run a probe over a run: data, precision, cache policy, progress."""
+
+    steps: str | Sequence[int] | None = "last"
+    results_path: str | Path | None = None
+    data: dict | str | None = None  # data spec override (default: the run's own)
+    batch_size: int | None = 256
+    max_examples: int | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    force: bool = False
+    progress: Callable[[str], None] | None = None  # called with a status line per step
+
+
+@dataclass
+class StepOutcome:
+    step: int
+    status: str  # "computed" | "cached" | "resumed" | "recomputed"
+    result: Result
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class RunReport:
+    probe: str
+    key: str
+    results_path: Path
+    outcomes: list[StepOutcome] = field(default_factory=list)
+
+    @property
+    def results(self) -> list[Result]:
+        return [o.result for o in self.outcomes]
+
+
+def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = None) -> RunReport:
+    """Apply ``probe`` to the selected checkpoints of ``run_path`` and store each Result."""
+    options = options or RunOptions()
+    dtype = _dtype(options.dtype)
+    with store.RunReader(run_path) as reader:
+        steps = select_steps(options.steps, reader.steps())
+        loss = reader.loss or "cross_entropy"
+        if loss not in LOSSES:
+            raise UserError(f"{run_path}: unknown loss {loss!r} in the run; supported: {', '.join(LOSSES)}")
+        data_spec = options.data if options.data is not None else reader.data_spec
+        batches = load_batches(data_spec, batch_size=options.batch_size, max_examples=options.max_examples)
+        data_fp = fingerprint(batches)
+        batches = to_device(batches, options.device, dtype)
+        key = probe.config_hash()
+        results_path = Path(options.results_path) if options.results_path else default_results_path(run_path)
+        report = RunReport(probe=probe.name, key=key, results_path=results_path)
+        with store.ResultsStore(results_path, run_fingerprint=reader.fingerprint()) as results:
+            for step in steps:
+                report.outcomes.append(_run_step(reader, results, probe, key, step, batches, data_fp, loss, dtype, options))
+    return report
+
+
+def _run_step(reader, results, probe: Probe, key: str, step: int, batches, data_fp: str, loss: str,
+              dtype, options: RunOptions) -> StepOutcome:
+    found = None if options.force else results.read(probe.name, key, step)
+    partial = None
+    status = "computed"
+    if found is not None:
+        result, info = found
+        same_data = info.get("data_fingerprint") == data_fp
+        if same_data and info.get("status") == "complete":
+            _say(options, f"{probe.name} step {step}: cached")
+            return StepOutcome(step, "cached", result)
+        if same_data and info.get("status") == "partial":
+            partial, status = result, "resumed"
+        else:
+            status = "recomputed"
+    model = load_model(reader, step, dtype=dtype, device=options.device)
+    attrs = reader.checkpoint_attrs(step)
+    optimizer_state = None
+    if getattr(probe, "needs_optimizer_state", False):
+        optimizer_state = reader.checkpoint(step, optimizer_state=True).optimizer_state
+
+    def save_partial(res: Result) -> None:
+        results.write(res, key=key, status="partial", data_fingerprint=data_fp)
+
+    ctx = ProbeContext(
+        model=model, data=batches, loss=loss, step=step,
+        lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
+        device=torch.device(options.device), dtype=dtype, partial=partial, save_partial=save_partial,
+        steps=tuple(reader.steps()), state_at=lambda s: reader.checkpoint(s).state_dict(),
+    )
+    _say(options, f"{probe.name} step {step}: {status}")
+    start = time.perf_counter()
+    result = probe.run(ctx)
+    elapsed = time.perf_counter() - start
+    results.write(result, key=key, status="complete", data_fingerprint=data_fp, elapsed_s=elapsed)
+    return StepOutcome(step, status, result, elapsed)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def _say(options: RunOptions, line: str) -> None:
+    if options.progress is not None:
+        options.progress(line)

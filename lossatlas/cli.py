@@ -1,0 +1,327 @@
+"""The ``lossatlas`` command: one subcommand per job.
+
+Exit codes (DESIGN.md): 0 success; 2 bad input, with one line saying what is wrong and how to
+fix it; 1 an internal error. Probe subcommands are built from the registered probe dataclasses,
+so the API and the CLI cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from lossatlas._version import __version__
+from lossatlas.errors import UserError
+
+COMMON = {"steps", "step", "data", "batch_size", "max_examples", "results", "dtype", "device", "force", "json", "quiet", "run"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(list(argv) if argv is not None else None)
+        from lossatlas import progress
+
+        progress.set_quiet(bool(getattr(args, "quiet", False)))
+        if not hasattr(args, "func"):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"lossatlas: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lossatlas: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lossatlas.probes import PROBES
+    import lossatlas.probes.registry  # noqa: F401  (registers every probe)
+
+    parser = _Parser(prog="lossatlas", description="Loss landscapes, curvature and training dynamics from checkpoints.")
+    parser.add_argument("--version", action="version", version=f"lossatlas {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="train the reference MLP on digits and run every probe and figure")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    p.add_argument("--force", action="store_true", help="overwrite files in the output folder")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train a reference model through the Recorder")
+    p.add_argument("config", nargs="?", help="optional JSON file (or JSON text) of training settings; flags override it")
+    p.add_argument("-o", "--output", required=True, help="the run file to write")
+    p.add_argument("--model", help='model spec, e.g. \'{"name": "mlp", "kwargs": {"widths": [64, 128, 10]}}\'')
+    p.add_argument("--data", help='data spec, e.g. \'{"name": "digits"}\'')
+    p.add_argument("--loss")
+    p.add_argument("--optimizer", help="sgd | adam | adamw")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", help="constant | cosine | warmup_cosine | step")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--batch-size", type=int, help="0 = full-batch gradient descent")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--log-spaced", type=int, help="this many log-spaced checkpoints instead of every k steps")
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("import", help="make a run file from existing .pt/.pth/.safetensors checkpoints")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--model", required=True, help="model spec (JSON) that the checkpoints load into")
+    p.add_argument("--data", help="data spec (JSON)")
+    p.add_argument("--loss", help="cross_entropy | mse | half_sse")
+    p.add_argument("--step-pattern", help="regex with one group around the step number in the file name")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("info", help="what a run file holds, and whether a writer is attached")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    for name in sorted(PROBES):
+        _add_probe_parser(sub, PROBES[name])
+    return parser
+
+
+# -- probe subcommands ---------------------------------------------------------------------------
+
+def _add_probe_parser(sub, cls) -> None:
+    doc = (cls.__doc__ or cls.name).strip().splitlines()[0]
+    p = sub.add_parser(cls.name, help=cls.summary or doc, description=doc)
+    p.add_argument("run", help="the run file (.h5)")
+    p.add_argument("--steps", "--step", dest="steps", default="last", help="all | last | first | 1000 | 100,200 | 0:5000:500")
+    p.add_argument("--data", help="data spec (JSON) to use instead of the run's own")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-examples", type=int, help="use only the first N examples")
+    p.add_argument("--results", help="results file (default: RUN.results.h5 next to the run)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="compute in this precision")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="recompute even if a stored result exists")
+    p.add_argument("--json", action="store_true", help="print JSON only on stdout")
+    p.add_argument("--quiet", action="store_true")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        flag = f.name if f.name not in COMMON else f"{cls.name}_{f.name}"
+        kwargs = _argparse_kwargs(hints.get(f.name, str), f)
+        p.add_argument("--" + flag.replace("_", "-"), dest=f"probe__{f.name}", default=argparse.SUPPRESS, **kwargs)
+    p.set_defaults(func=_cmd_probe, probe_cls=cls)
+
+
+def _argparse_kwargs(hint: Any, f: dataclasses.Field) -> dict:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    help_default = f"(default: {default!r})"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        hint, origin, args = args[0], typing.get_origin(args[0]), list(typing.get_args(args[0]))
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction, "help": help_default}
+    if hint in (int, float):
+        return {"type": hint, "help": help_default}
+    if origin is typing.Literal:
+        return {"choices": list(args), "help": help_default}
+    if origin in (tuple, list) and args and all(a in (int, float, str) or a is Ellipsis for a in args):
+        item = next(a for a in args if a is not Ellipsis)
+        return {"type": item, "nargs": "+", "help": help_default}
+    if hint is str:
+        return {"type": str, "help": help_default}
+    return {"type": _json_arg, "help": f"JSON {help_default}"}
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from lossatlas.analysis.runner import RunOptions, run_probe
+    from lossatlas import progress
+
+    cls = args.probe_cls
+    settings = {k[len("probe__"):]: v for k, v in vars(args).items() if k.startswith("probe__")}
+    for k, v in settings.items():
+        if isinstance(v, list):
+            settings[k] = tuple(v)
+    try:
+        probe = cls(**settings)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{cls.name}: {exc}") from None
+    options = RunOptions(steps=args.steps, results_path=args.results, data=_spec_arg(args.data, "--data"),
+                         batch_size=args.batch_size, max_examples=args.max_examples, dtype=args.dtype,
+                         device=args.device, force=args.force, progress=progress.status)
+    report = run_probe(_existing(args.run), probe, options)
+    if args.json:
+        print(json.dumps({"probe": report.probe, "key": report.key, "results": str(report.results_path),
+                          "steps": [_outcome_json(o) for o in report.outcomes]}, default=_json_default))
+    else:
+        for o in report.outcomes:
+            print(_outcome_line(o))
+        print(f"results: {report.results_path}")
+    return 0
+
+
+def _outcome_json(o) -> dict:
+    r = o.result
+    scalars = {k: float(v) for k, v in r.values.items() if v.ndim == 0 and v.dtype.kind in "fiub"}
+    arrays = {k: list(v.shape) for k, v in r.values.items() if v.ndim > 0}
+    return {"step": o.step, "status": o.status, "values": scalars, "arrays": arrays, "meta": r.meta}
+
+
+def _outcome_line(o) -> str:
+    r = o.result
+    parts = []
+    for k, v in r.values.items():
+        if v.ndim == 0 and v.dtype.kind in "fiub":
+            parts.append(f"{k}={float(v):.6g}")
+        elif v.ndim == 1 and v.size <= 8 and v.dtype.kind == "f":
+            parts.append(f"{k}=[{', '.join(f'{x:.4g}' for x in v)}]")
+    return f"step {o.step} ({o.status}): " + " ".join(parts)
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, np.generic):
+            return obj.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
+# -- the other subcommands -----------------------------------------------------------------------
+
+def _existing(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file; check the path")
+    if p.is_dir():
+        raise UserError(f"{path} is a folder; give the run file (.h5) inside it")
+    return path
+
+
+def _spec_arg(text: str | None, flag: str) -> dict | None:
+    if text is None:
+        return None
+    candidate = Path(text)
+    if not text.lstrip().startswith("{") and candidate.suffix == ".json" and candidate.is_file():
+        text = candidate.read_text()
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError:
+        if text.replace("_", "").isalnum():
+            return {"name": text}
+        raise UserError(f"{flag} {text!r} is not JSON; write e.g. '{{\"name\": \"mlp\", \"kwargs\": {{}}}}' or a registered name") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{flag} must be a JSON object like {{\"name\": ..., \"kwargs\": {{...}}}}")
+    return spec
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lossatlas.train import TrainConfig, train
+
+    values: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        text = path.read_text() if path.is_file() else args.config
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError:
+            raise UserError(f"{args.config}: not a JSON file or JSON text of training settings") from None
+    for name in ("loss", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "batch_size",
+                 "steps", "checkpoint_every", "log_spaced", "grad_clip", "seed"):
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    if args.model:
+        values["model"] = _spec_arg(args.model, "--model")
+    if args.data:
+        values["data"] = _spec_arg(args.data, "--data")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise UserError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    cfg = TrainConfig(**values)
+    train(cfg, args.output, overwrite=args.force)
+    print(f"run: {args.output}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from lossatlas.importer import import_checkpoints
+
+    steps = import_checkpoints(args.checkpoints, args.output, model_spec=_spec_arg(args.model, "--model"),
+                               data_spec=_spec_arg(args.data, "--data"), loss=args.loss,
+                               step_pattern=args.step_pattern, overwrite=args.force)
+    print(f"imported {len(steps)} checkpoint(s) (steps {steps[0]}…{steps[-1]}) into {args.output}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from lossatlas import store
+
+    with store.RunReader(_existing(args.run)) as reader:
+        steps = reader.steps()
+        log = reader.log([])
+        info = {
+            "path": str(reader.path), "model": reader.model_spec, "data": reader.data_spec, "loss": reader.loss,
+            "optimizer": reader.optimizer, "checkpoints": len(steps),
+            "steps": [steps[0], steps[-1]] if steps else [], "log_rows": int(len(log["step"])),
+            "last_logged_step": int(log["step"][-1]) if len(log["step"]) else None,
+            "log_names": reader.log_names(), "size_bytes": reader.size_bytes(),
+            "writer_attached": reader.writer_attached(),
+        }
+    if args.json:
+        print(json.dumps(info, default=_json_default))
+        return 0
+    print(f"run        {info['path']}")
+    print(f"model      {json.dumps(info['model'])}")
+    print(f"data       {json.dumps(info['data'])}")
+    print(f"loss       {info['loss']}   optimizer {json.dumps(info['optimizer'])}")
+    span = f"steps {steps[0]} … {steps[-1]}" if steps else "none yet"
+    print(f"checkpoints {len(steps)} ({span})")
+    print(f"log        {info['log_rows']} rows up to step {info['last_logged_step']}; {len(info['log_names'])} series")
+    print(f"size       {info['size_bytes'] / 1e6:.2f} MB")
+    print(f"writer     {'attached (the run is live)' if info['writer_attached'] else 'none'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lossatlas.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, overwrite=args.force)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

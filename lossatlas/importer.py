@@ -1,0 +1,132 @@
+"""``lossatlas import``: a run file from checkpoints a user already has.
+
+``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)`` — a file that needs
+arbitrary objects unpickled is refused, never executed. ``.safetensors`` files are read with
+safetensors. Accepted layouts: a plain state_dict, ``{"state_dict": ...}`` (Lightning),
+``{"model": ...}`` (nanoGPT), ``{"model_state_dict": ...}``; the ``_orig_mod.`` prefix of
+``torch.compile`` and the ``module.`` prefix of DDP are stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from lossatlas import models, store
+from lossatlas.errors import UserError
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+PREFIXES = ("_orig_mod.", "module.")
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state_dict held in a ``.pt``/``.pth``/``.safetensors`` file, unwrapped and de-prefixed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            raw: object = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types, which differ across versions
+            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    else:
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0][:160]
+            raise UserError(
+                f"{path}: refused — the file needs arbitrary Python objects unpickled, which could run code "
+                f"({first}); re-save only the tensors (torch.save(model.state_dict(), ...)) or convert it to .safetensors"
+            ) from None
+        except Exception as exc:  # torch raises many types on a corrupt or foreign file
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    return strip_prefixes(unwrap(raw, path))
+
+
+def unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside a checkpoint: the dict itself or one of ``WRAPPER_KEYS``."""
+    if isinstance(raw, Mapping):
+        if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+            return dict(raw)
+        for key in WRAPPER_KEYS:
+            inner = raw.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner)
+    raise UserError(
+        f"{path}: no state_dict found (expected a dict of tensors, or one under {', '.join(repr(k) for k in WRAPPER_KEYS)})"
+    )
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``_orig_mod.``/``module.`` prefixes shared by every key."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    # torch.compile inside a wrapper: "model._orig_mod.x"
+    return {k.replace("._orig_mod.", "."): v for k, v in state.items()}
+
+
+def step_from_name(path: str | Path, pattern: str | None = None) -> int:
+    """The training step in a file name: the last integer in the stem, or ``pattern``'s first group."""
+    stem = Path(path).name if pattern else Path(path).stem
+    if pattern:
+        try:
+            match = re.search(pattern, stem)
+        except re.error as exc:
+            raise UserError(f"--step-pattern {pattern!r} is not a valid regular expression ({exc})") from None
+        if not match or not match.groups():
+            raise UserError(f"{path}: --step-pattern {pattern!r} does not match (it needs one group around the step number)")
+        return int(match.group(1))
+    numbers = re.findall(r"\d+", stem)
+    if not numbers:
+        raise UserError(f"{path}: no step number in the file name; rename it (e.g. ckpt_1000.pt) or give --step-pattern")
+    return int(numbers[-1])
+
+
+def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model_spec: dict | str,
+                       data_spec: dict | str | None = None, loss: str | None = None,
+                       step_pattern: str | None = None, overwrite: bool = False) -> list[int]:
+    """Write a run file holding the given checkpoints; returns the imported steps."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("no checkpoint files given; pass one or more .pt/.pth/.safetensors files")
+    spec = models.normalize_spec(model_spec)
+    dspec = models.normalize_spec(data_spec) if data_spec is not None else None
+    model = models.build_model(spec)
+    param_names = {n for n, _ in model.named_parameters()}
+    buffer_names = {n for n, _ in model.named_buffers()}
+    by_step: dict[int, Path] = {}
+    for p in paths:
+        step = step_from_name(p, step_pattern)
+        if step in by_step:
+            raise UserError(f"{p} and {by_step[step]} both have step {step}; give --step-pattern to tell them apart")
+        by_step[step] = p
+    from lossatlas.analysis.runner import load_state  # the key/shape check with a clear message
+
+    output = Path(output)
+    existed = output.exists()
+    try:
+        with store.RunWriter(output, model_spec=spec, data_spec=dspec, loss=loss, overwrite=overwrite,
+                             attrs={"imported_from": json.dumps([str(p) for p in paths][:50])}) as writer:
+            for step in sorted(by_step):
+                state = load_state_dict(by_step[step])
+                load_state(model, state, source=str(by_step[step]))  # validates keys and shapes
+                params = {k: v for k, v in state.items() if k in param_names}
+                buffers = {k: v for k, v in state.items() if k in buffer_names and k not in param_names}
+                writer.write_checkpoint(step, params, buffers)
+    except BaseException:
+        if not existed and output.exists():
+            output.unlink()  # our own half-written file, never a user's
+        raise
+    return sorted(by_step)

@@ -1,0 +1,225 @@
+"""Rebuild a model or a data set from a JSON spec (DESIGN.md, "The run file").
+
+A spec names a registered builder or a user's own factory, plus its keyword arguments::
+
+    {"name": "mlp", "kwargs": {"widths": [64, 128, 10]}, "seed": 0}
+    {"factory": "mypackage.nets:build", "kwargs": {"width": 32}}
+
+Keys: exactly one of ``name``/``factory``; optional ``kwargs`` (a dict of JSON values) and
+``seed`` (int ≥ 0, default 0; may also be given as ``kwargs["seed"]``). The canonical form from
+:func:`normalize_spec` always holds ``kwargs`` and a top-level ``seed`` and never ``kwargs["seed"]``.
+
+Building is deterministic: the factory runs with torch's (and numpy's and Python's) global RNG
+seeded with ``seed`` inside a fork, so the same spec gives identical initial weights and the
+caller's RNG state is left as it was. A factory whose signature has a ``seed`` parameter (the data
+builders) also receives the seed as an argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import importlib
+import inspect
+import json
+import random
+import re
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from lossatlas.errors import UserError
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+DATASETS: dict[str, Callable[..., Any]] = {}
+
+SPEC_KEYS: tuple[str, ...] = ("name", "factory", "kwargs", "seed")
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+_FACTORY_PATH = re.compile(rf"^{_DOTTED}:{_DOTTED}$")  # package.module:function (or :Class.method)
+
+
+def _register(table: dict[str, Callable[..., Any]], kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a {kind} name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in table and table[name] is not fn:
+            raise TypeError(f"{kind} name {name!r} is registered twice")
+        table[name] = fn
+        return fn
+
+    return decorator
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a model builder reachable as ``{"name": name, "kwargs": {...}}``."""
+    return _register(MODELS, "model", name)
+
+
+def register_data(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: make a data builder reachable as ``{"name": name, "kwargs": {...}}``."""
+    return _register(DATASETS, "data", name)
+
+
+def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
+    """The validated, canonical, JSON-able form of a spec (a dict or a JSON string).
+
+    Returns ``{"name" | "factory": str, "kwargs": dict, "seed": int}``; ``kwargs["seed"]`` moves to
+    the top level. Raises UserError with a one-line fix for anything malformed.
+    """
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise UserError(f"spec is not valid JSON ({err.msg} at char {err.pos}); give e.g. '{{\"name\": \"mlp\"}}'") from None
+    if not isinstance(spec, Mapping):
+        raise UserError(f"spec must be a dict like {{\"name\": \"mlp\", \"kwargs\": {{}}}}, got {type(spec).__name__}")
+    unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)
+    if unknown:
+        raise UserError(f"unknown spec key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(SPEC_KEYS)}")
+    has_name, has_factory = "name" in spec, "factory" in spec
+    if has_name == has_factory:
+        which = "both" if has_name else "neither"
+        raise UserError(
+            f"spec has {which} of 'name' and 'factory'; give exactly one, "
+            'e.g. {"name": "mlp"} or {"factory": "pkg.module:build"}'
+        )
+    kwargs = spec.get("kwargs", {})
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise UserError(f"spec 'kwargs' must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    try:
+        kwargs = json.loads(json.dumps(dict(kwargs)))  # canonical JSON values: tuples become lists
+    except (TypeError, ValueError) as err:
+        raise UserError(f"spec 'kwargs' must hold only JSON values (numbers, strings, lists, dicts): {err}") from None
+    seed = _resolve_seed(spec.get("seed"), kwargs.pop("seed", None))
+    out: dict[str, Any] = {}
+    if has_name:
+        name = spec["name"]
+        if not isinstance(name, str) or not name:
+            raise UserError(f"spec 'name' must be a non-empty string, got {name!r}")
+        out["name"] = name
+    else:
+        path = spec["factory"]
+        if not isinstance(path, str) or not _FACTORY_PATH.match(path):
+            raise UserError(f"spec 'factory' must look like 'package.module:function', got {path!r}")
+        out["factory"] = path
+    out["kwargs"] = kwargs
+    out["seed"] = seed
+    return out
+
+
+def _resolve_seed(top: Any, in_kwargs: Any) -> int:
+    for value in (top, in_kwargs):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise UserError(f"spec 'seed' must be a non-negative integer, got {value!r}")
+    if top is not None and in_kwargs is not None and top != in_kwargs:
+        raise UserError(f"spec gives two seeds ({top} at the top, {in_kwargs} in kwargs); keep one")
+    return int(top if top is not None else in_kwargs if in_kwargs is not None else 0)
+
+
+def spec_fingerprint(spec: Mapping[str, Any] | str) -> str:
+    """sha256 (16 hex digits) of the canonical spec's sorted, compact JSON."""
+    blob = json.dumps(normalize_spec(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_model(spec: Mapping[str, Any] | str) -> nn.Module:
+    """The model a spec describes, with initial weights fixed by its seed (global RNG untouched)."""
+    canon = normalize_spec(spec)
+    model = _call(canon, MODELS, "model")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model factory {_label(canon)} returned {type(model).__name__}; it must return a torch.nn.Module")
+    return model
+
+
+def build_data(spec: Mapping[str, Any] | str) -> Any:
+    """The data a spec describes: an (inputs, targets) pair, a Dataset or an iterable of batches."""
+    canon = normalize_spec(spec)
+    data = _call(canon, DATASETS, "data")
+    is_pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+    is_dataset = isinstance(data, torch.utils.data.Dataset)
+    is_iterable = hasattr(data, "__iter__") and not isinstance(data, (str, bytes, torch.Tensor, Mapping))
+    if not (is_pair or is_dataset or is_iterable):
+        raise UserError(
+            f"data factory {_label(canon)} returned {type(data).__name__}; it must return an (inputs, targets) "
+            "pair of tensors, a torch Dataset or an iterable of (inputs, targets) batches"
+        )
+    return data
+
+
+def _label(canon: Mapping[str, Any]) -> str:
+    return repr(canon.get("name", canon.get("factory")))
+
+
+def _resolve(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kind: str) -> Callable[..., Any]:
+    if "name" in canon:
+        name = canon["name"]
+        if name not in table:
+            close = difflib.get_close_matches(name, list(table), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(
+                f"unknown {kind} {name!r}{hint}; known {kind} names: {', '.join(sorted(table))}, "
+                "or give {\"factory\": \"pkg.module:function\"}"
+            )
+        return table[name]
+    module_name, _, attr_path = canon["factory"].partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:  # an ImportError, or any error raised while importing the user's module
+        raise UserError(
+            f"cannot import module {module_name!r} for {kind} factory {canon['factory']!r} "
+            f"({type(err).__name__}: {err}); check that it is installed or on sys.path"
+        ) from None
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise UserError(
+                f"module {module_name!r} has no attribute {attr_path!r}; check the {kind} factory {canon['factory']!r}"
+            )
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise UserError(f"{kind} factory {canon['factory']!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _call(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kind: str) -> Any:
+    fn = _resolve(canon, table, kind)
+    kwargs = dict(canon["kwargs"])
+    seed = canon["seed"]
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: just call
+        signature = None
+    if signature is not None:
+        if "seed" in signature.parameters:
+            kwargs["seed"] = seed
+        try:
+            signature.bind(**kwargs)
+        except TypeError as err:
+            accepted = ", ".join(p for p in signature.parameters if p != "seed") or "none"
+            raise UserError(f"bad kwargs for {kind} {_label(canon)}: {err}; accepted kwargs: {accepted}") from None
+    with _seeded(seed):
+        try:
+            return fn(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{kind} {_label(canon)} rejected its kwargs: {err}") from err
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's (CPU), numpy's and Python's global RNGs inside the block; restore them after."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)

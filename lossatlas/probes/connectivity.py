@@ -1,0 +1,196 @@
+"""Linear interpolation between checkpoints and mode-connectivity barriers (SCIENCE.md §4.2, §4.5).
+
+Path: θ(α) = θ_a + α(θ_b − θ_a), i.e. (1 − α)θ_a + αθ_b (Goodfellow, Vinyals, Saxe 2015), α ∈ [0, 1] for
+barriers (31 points by default) or wider (−0.5:1.5) for plots. Barriers on the α ∈ [0, 1] part of the grid:
+
+- midpoint barrier (Frankle, Dziugaite, Roy, Carbin 2020): max_α E(α) − ½(E(0) + E(1));
+- linear barrier (Entezari, Sedghi, Saukh, Neyshabur 2022): sup_α L(α) − ((1 − α)L(0) + αL(1)).
+
+Both are stored for the loss and for the error (1 − accuracy). Layer-wise (Adilova et al. 2024): only the
+tensors of one group of layers move along the path, the rest stay at θ_a; the barrier of that cut uses the
+cut's own endpoints. Cumulative variants move the first k / last k groups.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
+from lossatlas.probes.directions import DIR_TYPES, check_option, checkpoint_direction, model_state
+from lossatlas.probes.surface import BN_MODES, PointEvaluator, evaluate_grid, grid_axis
+
+
+def barriers(alphas: np.ndarray, values: np.ndarray) -> dict[str, float]:
+    """Midpoint (Frankle et al. 2020) and linear (Entezari et al. 2022) barriers of a curve on α ∈ [0, 1].
+
+    ``alphas`` must contain 0 and 1; points outside [0, 1] are ignored. Returns "midpoint",
+    "linear" and "argmax_linear" (the α of the linear barrier).
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    i0, i1 = np.flatnonzero(a == 0.0), np.flatnonzero(a == 1.0)
+    if not len(i0) or not len(i1):
+        raise ValueError("barriers need α = 0 and α = 1 on the path; use a range such as (0, 1, 31)")
+    v0, v1 = v[i0[0]], v[i1[0]]
+    inside = (a >= 0.0) & (a <= 1.0)
+    lin = v[inside] - ((1.0 - a[inside]) * v0 + a[inside] * v1)
+    j = int(np.argmax(lin))
+    return {
+        "midpoint": float(v[inside].max() - 0.5 * (v0 + v1)),
+        "linear": float(lin[j]),
+        "argmax_linear": float(a[inside][j]),
+    }
+
+
+def layer_groups(model: nn.Module, names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Tensors grouped by the module that owns them (``"fc1.weight"`` → ``"fc1"``), in model order."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        owner = n.rsplit(".", 1)[0] if "." in n else n
+        groups.setdefault(owner, []).append(n)
+    return list(groups.items())
+
+
+def interpolation_curve(
+    model: nn.Module,
+    start: Mapping[str, Tensor],
+    end: Mapping[str, Tensor],
+    alphas: np.ndarray,
+    data: Sequence[tuple[Tensor, Tensor]],
+    loss: str,
+    *,
+    names: Sequence[str] | None = None,
+    bn: str = "keep",
+    bn_data: Sequence[tuple[Tensor, Tensor]] | None = None,
+    chunk_size: int = 8,
+) -> dict[str, np.ndarray]:
+    """Loss, accuracy and error along θ(α) = θ_a + α(θ_b − θ_a), moving only ``names`` (default all)."""
+    d = checkpoint_direction(start, end, names)
+    ev = PointEvaluator(model, start, [d], data, loss, bn=bn, bn_data=bn_data)
+    out, _ = evaluate_grid(ev, np.asarray(alphas, dtype=np.float64)[:, None], chunk_size=chunk_size)
+    out["error"] = 1.0 - out["accuracy"]
+    return out
+
+
+def layerwise_barriers(
+    model: nn.Module,
+    start: Mapping[str, Tensor],
+    end: Mapping[str, Tensor],
+    alphas: np.ndarray,
+    data: Sequence[tuple[Tensor, Tensor]],
+    loss: str,
+    *,
+    groups: Sequence[tuple[str, Sequence[str]]] | None = None,
+    cumulative: bool = True,
+    bn: str = "keep",
+    bn_data: Sequence[tuple[Tensor, Tensor]] | None = None,
+    chunk_size: int = 8,
+) -> dict:
+    """Layer-wise linear mode connectivity (Adilova et al. 2024; SCIENCE.md §4.5).
+
+    For each group ℓ: the curve with only group ℓ interpolated, its linear and midpoint loss barriers and
+    its error barrier; with ``cumulative``, the same for the first k and the last k groups (k = 1..G).
+    Returns {"groups": names, "single"|"first"|"last": {"loss": (G, A), "error": (G, A),
+    "loss_barrier": (G,), "loss_midpoint_barrier": (G,), "error_barrier": (G,)}}.
+    """
+    if groups is None:
+        groups = layer_groups(model, [k for k in start if start[k].is_floating_point()])
+    groups = [(g, list(ns)) for g, ns in groups]
+    if not groups:
+        raise ValueError("no layer groups to interpolate; the checkpoints hold no floating tensors")
+    cuts = {"single": [ns for _, ns in groups]}
+    if cumulative:
+        cuts["first"] = [sum((ns for _, ns in groups[: k + 1]), []) for k in range(len(groups))]
+        cuts["last"] = [sum((ns for _, ns in groups[len(groups) - k - 1 :]), []) for k in range(len(groups))]
+    table: dict = {"groups": [g for g, _ in groups]}
+    for kind, sets in cuts.items():
+        rows = [interpolation_curve(model, start, end, alphas, data, loss, names=s, bn=bn, bn_data=bn_data, chunk_size=chunk_size) for s in sets]
+        lb = [barriers(alphas, r["loss"]) for r in rows]
+        eb = [barriers(alphas, r["error"]) for r in rows]
+        table[kind] = {
+            "loss": np.stack([r["loss"] for r in rows]),
+            "error": np.stack([r["error"] for r in rows]),
+            "loss_barrier": np.array([b["linear"] for b in lb]),
+            "loss_midpoint_barrier": np.array([b["midpoint"] for b in lb]),
+            "error_barrier": np.array([b["midpoint"] for b in eb]),
+        }
+    return table
+
+
+@register_probe
+@dataclass(frozen=True, kw_only=True)
+class Interpolate(Probe):
+    """Loss and error on the straight path from this checkpoint to ``to_step``, and its barriers (§4.2, §4.5).
+
+    Settings: ``to_step`` (the other checkpoint), ``alphas`` (min, max, num), default (0, 1, 31);
+    ``dir_type`` "states" (buffers move too, as Li et al. advise) or "weights"; ``bn`` "keep" |
+    "recompute" (fresh BN statistics at every α from the first ``bn_batches`` batches); ``layerwise``
+    adds the single-layer and first-k/last-k barrier tables. Barriers need α = 0 and 1 in the grid.
+    """
+
+    name: ClassVar[str] = "interpolate"
+    summary: ClassVar[str] = "loss along the line between two checkpoints; LMC barriers (incl. layer-wise)"
+    to_step: int | None = None
+    alphas: tuple[float, float, int] = (0.0, 1.0, 31)
+    dir_type: str = "states"
+    bn: str = "keep"
+    bn_batches: int | None = None
+    layerwise: bool = False
+    chunk_size: int = 8
+
+    def validate(self) -> None:
+        if self.to_step is None:
+            raise ValueError("interpolate needs to_step: the step of the other checkpoint")
+        grid_axis(self.alphas, "alphas")
+        check_option("dir_type", self.dir_type, DIR_TYPES)
+        check_option("bn", self.bn, BN_MODES)
+        if self.bn_batches is not None and self.bn_batches < 1:
+            raise ValueError(f"bn_batches must be >= 1 or None (all data), got {self.bn_batches}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    def run(self, ctx: ProbeContext) -> Result:
+        t0 = time.perf_counter()
+        if ctx.state_at is None:
+            raise ValueError("interpolate needs the other checkpoint (ctx.state_at); run it on a run file")
+        a = grid_axis(self.alphas, "alphas")
+        start = model_state(ctx.model, self.dir_type)
+        end = {k: v for k, v in ctx.state_at(int(self.to_step)).items() if k in start}
+        bn_data = list(ctx.data)[: self.bn_batches] if self.bn_batches else None
+        curve = interpolation_curve(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=self.chunk_size)
+        values = {k: curve[k] for k in ("loss", "accuracy", "error")}
+        dims: dict[str, tuple[str, ...]] = {k: ("alpha",) for k in values}
+        coords: dict[str, np.ndarray] = {"alpha": a}
+        meta: dict = {"status": "complete", "from_step": ctx.step, "to_step": int(self.to_step), "loss": ctx.loss, "bn": self.bn}
+        if (a == 0.0).any() and (a == 1.0).any():
+            lb, eb = barriers(a, curve["loss"]), barriers(a, curve["error"])
+            values.update(
+                loss_barrier=np.float64(lb["linear"]),
+                loss_midpoint_barrier=np.float64(lb["midpoint"]),
+                error_barrier=np.float64(eb["midpoint"]),
+                error_linear_barrier=np.float64(eb["linear"]),
+            )
+            dims.update({k: () for k in ("loss_barrier", "loss_midpoint_barrier", "error_barrier", "error_linear_barrier")})
+            if self.layerwise:
+                table = layerwise_barriers(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=self.chunk_size)
+                meta["groups"] = table["groups"]
+                coords["group"] = np.arange(len(table["groups"]))
+                coords["k"] = np.arange(1, len(table["groups"]) + 1)
+                for kind, axis in (("single", "group"), ("first", "k"), ("last", "k")):
+                    for key, arr in table[kind].items():
+                        name = f"{kind}_{key}"
+                        values[name] = arr
+                        dims[name] = (axis, "alpha") if arr.ndim == 2 else (axis,)
+        elif self.layerwise:
+            raise ValueError("layerwise barriers need α = 0 and α = 1 in alphas, e.g. (0, 1, 31)")
+        meta["elapsed_s"] = time.perf_counter() - t0
+        return Result(probe=self.name, config=self.config(), step=ctx.step, values=values, dims=dims, coords=coords, meta=meta)
+
+
+__all__ = ["Interpolate", "barriers", "interpolation_curve", "layer_groups", "layerwise_barriers"]

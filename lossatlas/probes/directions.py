@@ -1,0 +1,302 @@
+"""Directions in parameter space for landscape slices (SCIENCE.md §4.1–§4.3).
+
+A direction is a ``dict[str, Tensor]`` with the shapes of the model's parameters (``dir_type="weights"``)
+or of every floating parameter and buffer (``dir_type="states"``, BN running statistics included), plus
+a record of the rule applied to each tensor, e.g. ``{"fc1.weight": "filter(dim0)", "fc1.bias":
+"zero(biasbn)"}``.
+
+Filter normalisation (Li, Xu, Taylor, Studer, Goldstein 2018, "Visualizing the Loss Landscape of Neural
+Nets"): every filter d_i of a Gaussian direction is rescaled to the norm of the matching weight filter,
+d_i ← d_i·‖w_i‖/(‖d_i‖ + 1e-10). A filter is one output unit's incoming weights:
+
+- Conv1d/2d/3d: the slice along dim 0 (one output channel, shape (in/groups, k...)).
+- ConvTranspose1d/2d/3d: weights are (in, out/groups, k...), so an output channel is the slice along
+  **dim 1** (rule ``filter(dim1)``); the original code slices dim 0 here, which mixes output channels.
+- Linear, attention projections (``in_proj_weight`` of ``nn.MultiheadAttention``, 3d×d): one row.
+- Embedding: one row = one token's vector.
+- Any other tensor with ``dim() > 1``: slices along dim 0, as the original does.
+- Parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm) and every
+  tensor with ``dim() ≤ 1`` (biases, running statistics) are "biasbn": zeroed with ``ignore="biasbn"``
+  (the default), else the direction equals the tensor itself (d = w, the original's behaviour).
+- Integer buffers (``num_batches_tracked``) are never perturbed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+NORMS: tuple[str, ...] = ("filter", "layer", "weight", "dfilter", "dlayer", "none")
+IGNORES: tuple[str, ...] = ("biasbn", "none")
+DIR_TYPES: tuple[str, ...] = ("weights", "states")
+DEFAULT_SEED = 123  # torch.manual_seed(123) in loss-landscape's plot_surface.py (SCIENCE.md §4.1)
+_EPS = 1e-10
+
+_NORM_LAYERS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A direction in parameter (or state) space: one tensor per name, and the rule applied to each."""
+
+    tensors: dict[str, Tensor]
+    rules: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def flat(self) -> Tensor:
+        """All tensors concatenated in name order, shape (P,)."""
+        return torch.cat([t.reshape(-1) for t in self.tensors.values()]) if self.tensors else torch.zeros(0)
+
+    def norm(self) -> float:
+        """Euclidean norm over every floating tensor."""
+        return float(sum(float((t.double() ** 2).sum()) for t in self.tensors.values() if t.is_floating_point()) ** 0.5)
+
+
+def check_option(name: str, value: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ValueError naming them."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def model_state(model: nn.Module, dir_type: str = "weights") -> dict[str, Tensor]:
+    """Detached references to the model's trainable parameters (and buffers for ``dir_type="states"``)."""
+    check_option("dir_type", dir_type, DIR_TYPES)
+    out = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    if dir_type == "states":
+        out.update({k: b.detach() for k, b in model.named_buffers()})
+    return out
+
+
+def tensor_kinds(model: nn.Module) -> dict[str, str]:
+    """The filter-normalisation kind of every parameter and buffer: "conv_transpose", "biasbn" or "dim0"."""
+    kinds: dict[str, str] = {}
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for key, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            full = prefix + key
+            if full in kinds:
+                continue  # tied weights: the first owner decides
+            if isinstance(mod, _NORM_LAYERS) or t.dim() <= 1:
+                kinds[full] = "biasbn"
+            elif isinstance(mod, _CONV_TRANSPOSE) and key == "weight":
+                kinds[full] = "conv_transpose"
+            else:
+                kinds[full] = "dim0"
+    return kinds
+
+
+def _filter_scale(d: Tensor, w: Tensor, axis: int, unit: bool) -> Tensor:
+    """d with every slice along ``axis`` rescaled to ‖w_i‖ (or to 1 when ``unit``)."""
+    dm = d.movedim(axis, 0).reshape(d.shape[axis], -1)
+    dn = dm.norm(dim=1, keepdim=True)
+    target = torch.ones_like(dn) if unit else w.movedim(axis, 0).reshape(w.shape[axis], -1).norm(dim=1, keepdim=True)
+    out = dm * (target / (dn + _EPS))
+    shape = list(d.movedim(axis, 0).shape)
+    return out.reshape(shape).movedim(0, axis)
+
+
+def normalize_tensor(d: Tensor, w: Tensor, norm: str, kind: str = "dim0") -> tuple[Tensor, str]:
+    """One tensor of a direction normalised by ``norm`` (SCIENCE.md §4.1); returns (tensor, rule).
+
+    filter: d_i·‖w_i‖/(‖d_i‖+1e-10) per filter; layer: d·‖w‖/‖d‖; weight: d ⊙ w;
+    dfilter: unit-norm filters; dlayer: unit-norm tensor; none: d unchanged.
+    """
+    check_option("norm", norm, NORMS)
+    axis = 1 if kind == "conv_transpose" else 0
+    if norm == "filter":
+        return _filter_scale(d, w, axis, unit=False), f"filter(dim{axis})"
+    if norm == "dfilter":
+        return _filter_scale(d, w, axis, unit=True), f"dfilter(dim{axis})"
+    if norm == "layer":
+        return d * (w.norm() / (d.norm() + _EPS)), "layer"
+    if norm == "dlayer":
+        return d / (d.norm() + _EPS), "dlayer"
+    if norm == "weight":
+        return d * w, "weight"
+    return d, "none"
+
+
+def normalize_direction(
+    direction: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    *,
+    norm: str = "filter",
+    ignore: str = "biasbn",
+    kinds: Mapping[str, str] | None = None,
+) -> Direction:
+    """A direction normalised tensor by tensor against ``weights`` (Li et al. 2018; SCIENCE.md §4.1).
+
+    ``kinds`` (from ``tensor_kinds(model)``) says which tensors are biasbn and which are ConvTranspose
+    weights; without it, tensors with ``dim() ≤ 1`` are biasbn and every other one slices dim 0.
+    """
+    check_option("norm", norm, NORMS)
+    check_option("ignore", ignore, IGNORES)
+    out: dict[str, Tensor] = {}
+    rules: dict[str, str] = {}
+    for name, d in direction.items():
+        w = weights[name]
+        kind = (kinds or {}).get(name, "biasbn" if w.dim() <= 1 else "dim0")
+        if not w.is_floating_point():
+            out[name], rules[name] = torch.zeros_like(w), "zero(integer)"
+        elif kind == "biasbn":
+            if ignore == "biasbn":
+                out[name], rules[name] = torch.zeros_like(w), "zero(biasbn)"
+            else:
+                out[name], rules[name] = w.detach().clone(), "copy(w)"
+        else:
+            out[name], rules[name] = normalize_tensor(d, w, norm, kind)
+    return Direction(out, rules)
+
+
+def random_direction(
+    model: nn.Module,
+    params: Mapping[str, Tensor] | None = None,
+    *,
+    norm: str = "filter",
+    ignore: str = "biasbn",
+    dir_type: str = "weights",
+    seed: int | None = DEFAULT_SEED,
+    generator: torch.Generator | None = None,
+) -> Direction:
+    """A Gaussian direction, filter-normalised by default (Li et al. 2018; SCIENCE.md §4.1).
+
+    d ~ N(0, I) per tensor, drawn in state order from ``generator`` (else a CPU generator seeded with
+    ``seed``, 123 as in the original), then ``normalize_direction``. ``params`` overrides the
+    model's own tensors (the weights the direction is scaled against).
+    """
+    check_option("norm", norm, NORMS)
+    check_option("ignore", ignore, IGNORES)
+    weights = dict(model_state(model, dir_type))
+    if params is not None:
+        weights.update({k: v.detach() for k, v in params.items() if k in weights})
+    if generator is None:
+        generator = torch.Generator().manual_seed(DEFAULT_SEED if seed is None else int(seed))
+    raw = {}
+    for name, w in weights.items():
+        if w.is_floating_point():
+            raw[name] = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=generator.device).to(w.device)
+        else:
+            raw[name] = torch.zeros_like(w)
+    return normalize_direction(raw, weights, norm=norm, ignore=ignore, kinds=tensor_kinds(model))
+
+
+def checkpoint_direction(
+    start: Mapping[str, Tensor], end: Mapping[str, Tensor], names: Iterable[str] | None = None
+) -> Direction:
+    """The direction from one checkpoint to another, d = θ_end − θ_start (SCIENCE.md §4.2).
+
+    Integer tensors (``num_batches_tracked``) get a zero direction. ``names`` selects the tensors
+    (default: every name of ``start``); a name missing from ``end`` raises ValueError.
+    """
+    names = list(start) if names is None else list(names)
+    missing = [n for n in names if n not in end]
+    if missing:
+        raise ValueError(f"the end checkpoint lacks {missing[:3]}; both checkpoints must come from the same model")
+    out, rules = {}, {}
+    for n in names:
+        a, b = start[n].detach(), end[n].detach().to(start[n].device)
+        if a.shape != b.shape:
+            raise ValueError(f"tensor {n!r} has shape {tuple(a.shape)} in one checkpoint and {tuple(b.shape)} in the other")
+        if a.is_floating_point():
+            out[n], rules[n] = b.to(a.dtype) - a, "difference"
+        else:
+            out[n], rules[n] = torch.zeros_like(a), "zero(integer)"
+    return Direction(out, rules)
+
+
+def checkpoint_plane(
+    origin: Mapping[str, Tensor],
+    first: Mapping[str, Tensor],
+    second: Mapping[str, Tensor],
+    names: Iterable[str] | None = None,
+    *,
+    orthogonalize: bool = False,
+) -> tuple[Direction, Direction]:
+    """The plane through three checkpoints: d_x = θ₁ − θ₀, d_y = θ₂ − θ₀ (θ₀ at the origin).
+
+    With ``orthogonalize``, d_y loses its component along d_x (Gram–Schmidt), so the plane's
+    axes are orthogonal; θ₂ then sits at (⟨θ₂−θ₀, d_x⟩/‖d_x‖², 1).
+    """
+    dx = checkpoint_direction(origin, first, names)
+    dy = checkpoint_direction(origin, second, names)
+    if orthogonalize:
+        c = float(dot(dx, dy)) / max(float(dot(dx, dx)), 1e-300)
+        dy = Direction({k: v - c * dx.tensors[k] if v.is_floating_point() else v for k, v in dy.tensors.items()},
+                       {k: f"{r}-proj" for k, r in dy.rules.items()})
+    return dx, dy
+
+
+def dot(a: Direction | Mapping[str, Tensor], b: Direction | Mapping[str, Tensor]) -> Tensor:
+    """⟨a, b⟩ summed over every floating tensor, in float64."""
+    ta = a.tensors if isinstance(a, Direction) else a
+    tb = b.tensors if isinstance(b, Direction) else b
+    return sum((ta[k].double() * tb[k].double()).sum() for k in ta if ta[k].is_floating_point())  # type: ignore[return-value]
+
+
+def cosine(a: Direction | Mapping[str, Tensor], b: Direction | Mapping[str, Tensor]) -> float:
+    """The cosine ⟨a, b⟩/(‖a‖‖b‖) of two directions (≈ 0 for two random ones in high dimension)."""
+    na, nb = float(dot(a, a)) ** 0.5, float(dot(b, b)) ** 0.5
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(dot(a, b)) / (na * nb)
+
+
+def flatten(direction: Direction | Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    """The tensors ``names`` concatenated into one flat vector, shape (P,)."""
+    t = direction.tensors if isinstance(direction, Direction) else direction
+    return torch.cat([t[n].reshape(-1) for n in names])
+
+
+def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A flat vector cut into tensors with the names, shapes, dtype and device of ``like``."""
+    total = sum(t.numel() for t in like.values())
+    if vector.ndim != 1 or vector.numel() != total:
+        raise ValueError(f"a flat vector of {total} entries is needed (the model's size), got shape {tuple(vector.shape)}")
+    out, i = {}, 0
+    for n, t in like.items():
+        out[n] = vector[i : i + t.numel()].reshape(t.shape).to(dtype=t.dtype, device=t.device)
+        i += t.numel()
+    return out
+
+
+def eigenvector_directions(
+    vectors: Mapping[str, Tensor] | Tensor | Sequence[Mapping[str, Tensor] | Tensor],
+    params: Mapping[str, Tensor],
+    *,
+    label: str = "eigenvector",
+) -> list[Direction]:
+    """Directions from given vectors (e.g. top Hessian eigenvectors), unnormalised.
+
+    Accepts a dict (one vector), a flat tensor (P,), a matrix (P, K) of K column vectors, or a
+    sequence of those; each becomes a Direction over ``params`` with rule ``label``.
+    """
+    if isinstance(vectors, Mapping):
+        items: list = [vectors]
+    elif isinstance(vectors, Tensor):
+        items = [vectors] if vectors.ndim == 1 else [vectors[:, k] for k in range(vectors.shape[1])]
+    else:
+        items = list(vectors)
+    out = []
+    for v in items:
+        if isinstance(v, Mapping):
+            missing = [n for n in params if n not in v]
+            if missing:
+                raise ValueError(f"the vector lacks parameters {missing[:3]}; give one tensor per model parameter")
+            tensors = {n: v[n].detach().to(dtype=params[n].dtype, device=params[n].device).reshape(params[n].shape) for n in params}
+        else:
+            tensors = unflatten(v.detach(), params)
+        out.append(Direction(tensors, {n: label for n in tensors}))
+    return out

@@ -1,0 +1,193 @@
+"""The (block) Lanczos recurrence shared by the eigensolver and SLQ (SCIENCE.md §1.2).
+
+``R`` independent runs of block size ``b`` advance together: every step applies the operator
+once to all ``R·b`` current vectors, ``A @ (P, R·b)``, which is much cheaper per vector than
+separate products for the real curvature operators. With ``R = 1`` this is (block) Lanczos for
+eigenvalues; with ``b = 1`` and ``R = n_v`` it is the batch of SLQ runs.
+
+Per run, column form (Golub & Underwood 1977; b = 1 is the classical recurrence):
+
+    A Q_j = Q_{j-1} B_{j-1}ᵀ + Q_j A_j + Q_{j+1} B_j,     Q_{j+1} B_j = QR of the residual,
+
+so V_n = [Q_1 … Q_j] spans the block Krylov space and T_n = V_nᵀ A V_n is block tridiagonal with
+A_j on the diagonal and B_j (upper triangular) below it. Full reorthogonalization subtracts the
+projection on all of V_n, classical Gram–Schmidt run twice when needed (DGKS criterion; always
+twice below float64). Breakdown (a residual column ≈ 0: the Krylov space is invariant) sets that
+column of B_j to zero and continues from a random vector orthogonal to V_n (PyHessian's restart),
+so no NaN appears and T_n stays a valid projection.
+
+Storage: the basis is kept as rows, ``V[r]`` of shape (n, P), so ``V[r, :n]`` is contiguous and
+the reorthogonalization is two batched GEMMs. The small matrices are kept in float64 NumPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lossatlas.probes.estimators._checks import apply
+
+_DGKS_ETA = 0.7071  # reorthogonalize again when the norm dropped below η of its value (Daniel et al. 1976)
+_BREAKDOWN_FACTOR = 50.0  # a residual norm ≤ this · eps · ‖T‖ counts as breakdown
+
+
+class BlockLanczos:
+    """R block-Lanczos runs of block size b on one operator, advanced one block step at a time.
+
+    Args:
+        A: the symmetric operator (``shape``, ``dtype``, ``device``, ``A @ V``).
+        start: (R, b, P) start blocks as rows; each run's rows are orthonormalized here (rank
+            deficiency is filled with random orthogonal vectors).
+        max_iter: most block steps any run will take (the basis holds ``max_iter·b`` rows, ≤ P).
+        reorth: ``"full"`` (reorthogonalize against the whole basis) or ``"none"``.
+        generator: the seeded generator for restart vectors.
+    """
+
+    def __init__(self, A: Any, start: Tensor, max_iter: int, reorth: str, generator: torch.Generator):
+        R, b, P = start.shape
+        self.A, self.R, self.b, self.P = A, R, b, P
+        self.reorth = reorth
+        self.generator = generator
+        self.dtype, self.device = start.dtype, start.device
+        self.eps = float(torch.finfo(self.dtype).eps)
+        self.cap = min(max_iter * b, P)
+        self.V = torch.zeros(R, self.cap, P, dtype=self.dtype, device=self.device)  # (R, n, P)
+        self.alphas: list[np.ndarray] = []  # A_j, each (R, b, b)
+        self.betas: list[np.ndarray] = []  # B_j, each (R, b, b), upper triangular
+        self.anorm = np.zeros(R)  # running estimate of ‖T‖ per run (for breakdown thresholds)
+        self.steps = 0
+        self.matvecs = 0
+        self.exhausted = False  # no orthogonal direction left for a restart
+        self._B_prev: Tensor | None = None  # B_{j-1} in the basis dtype, (R, b, b)
+        first = self._orthonormalize(start, np.zeros(R), basis_len=0)
+        self.V[:, :b] = first
+
+    @property
+    def n(self) -> int:
+        """Size of the current Krylov basis (= order of T)."""
+        return self.steps * self.b
+
+    def step(self, need_next: bool = True) -> None:
+        """One block step: one ``A @ (P, R·b)`` product, extending T by A_j and B_j."""
+        R, b, P = self.R, self.b, self.P
+        j0 = self.n
+        Qj = self.V[:, j0 : j0 + b]  # (R, b, P)
+        X = Qj.reshape(R * b, P).T.contiguous()  # (P, R·b)
+        W = apply(self.A, X).T.reshape(R, b, P).clone()  # (R, b, P)
+        self.matvecs += R * b
+        if self._B_prev is not None:
+            W -= self._B_prev @ self.V[:, j0 - b : j0]
+        Aj = Qj @ W.transpose(1, 2)  # (R, b, b)
+        Aj = 0.5 * (Aj + Aj.transpose(1, 2))
+        W -= Aj @ Qj
+        if self.reorth == "full":
+            W = self._reorthogonalize(W, self.V[:, : j0 + b])
+        Aj_np = Aj.detach().to("cpu", torch.float64).numpy()
+        self.anorm = np.maximum(self.anorm, np.abs(Aj_np).sum(axis=2).max(axis=1))
+        room = need_next and j0 + 2 * b <= self.cap
+        Qn, Bn = self._qr_with_restart(W, basis_len=j0 + b, make_next=room)
+        self.alphas.append(Aj_np)
+        self.betas.append(Bn)
+        self.anorm = np.maximum(self.anorm, np.abs(Bn).sum(axis=1).max(axis=1))
+        self.steps += 1
+        if room:
+            self.V[:, j0 + b : j0 + 2 * b] = Qn
+            self._B_prev = torch.as_tensor(Bn, dtype=self.dtype, device=self.device)
+
+    # ---- small problem --------------------------------------------------------------------
+    def tridiagonal(self, r: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(alpha (n,), beta (n−1,)) of run ``r`` for block size 1, in float64."""
+        alpha = np.array([a[r, 0, 0] for a in self.alphas])
+        beta = np.array([bb[r, 0, 0] for bb in self.betas[:-1]])
+        return alpha, beta
+
+    def banded(self, r: int = 0) -> np.ndarray:
+        """The dense symmetric block-tridiagonal T_n (n, n) of run ``r`` in float64."""
+        b, n = self.b, self.n
+        T = np.zeros((n, n))
+        for j, a in enumerate(self.alphas):
+            T[j * b : (j + 1) * b, j * b : (j + 1) * b] = a[r]
+        for j, bb in enumerate(self.betas[:-1]):
+            T[(j + 1) * b : (j + 2) * b, j * b : (j + 1) * b] = bb[r]
+            T[j * b : (j + 1) * b, (j + 1) * b : (j + 2) * b] = bb[r].T
+        return T
+
+    def last_beta(self, r: int = 0) -> np.ndarray:
+        """B_m (b, b) of run ``r``: the residual of a Ritz pair (θ, V s) is ‖B_m s[-b:]‖."""
+        return self.betas[-1][r]
+
+    # ---- orthogonalization ----------------------------------------------------------------
+    def _reorthogonalize(self, W: Tensor, V: Tensor) -> Tensor:
+        """W − V (Vᵀ W) per run, twice when the DGKS test asks (always below float64)."""
+        before = torch.linalg.vector_norm(W, dim=2)
+        W = W - (W @ V.transpose(1, 2)) @ V  # (R, b, P)
+        after = torch.linalg.vector_norm(W, dim=2)
+        if self.dtype != torch.float64 or bool((after < _DGKS_ETA * before).any()):
+            W = W - (W @ V.transpose(1, 2)) @ V
+        return W
+
+    def _qr_with_restart(self, W: Tensor, basis_len: int, make_next: bool) -> tuple[Tensor, np.ndarray]:
+        """Q_{j+1} (R, b, P) and B_j (R, b, b) with W = B_jᵀ Q_{j+1} (rows); breakdown columns restart."""
+        R, b = self.R, self.b
+        thresh = _BREAKDOWN_FACTOR * self.eps * np.maximum(self.anorm, np.finfo(float).tiny)
+        if b == 1:
+            norms = torch.linalg.vector_norm(W[:, 0], dim=1)  # (R,)
+            norms_np = norms.detach().to("cpu", torch.float64).numpy()
+            broken = norms_np <= thresh
+            Bn = np.where(broken, 0.0, norms_np).reshape(R, 1, 1)
+            Q = W / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None, None]
+            if make_next:
+                for r in np.flatnonzero(broken):
+                    Q[r] = self._random_orthogonal(r, basis_len, Q[r, :0])
+            return Q, Bn
+        Qc, Rc = torch.linalg.qr(W.transpose(1, 2))  # (R, P, b), (R, b, b)
+        Rn = Rc.detach().to("cpu", torch.float64).numpy()
+        Q = Qc.transpose(1, 2).contiguous()  # (R, b, P)
+        diag = np.abs(np.diagonal(Rn, axis1=1, axis2=2))  # (R, b)
+        bad = (diag <= thresh[:, None]).any(axis=1)
+        for r in np.flatnonzero(bad):
+            Q[r], Rn[r] = self._gram_schmidt(W[r], r, basis_len, make_next, thresh[r])
+        return Q, Rn
+
+    def _orthonormalize(self, start: Tensor, anorm: np.ndarray, basis_len: int) -> Tensor:
+        """Orthonormal rows spanning ``start`` per run, random-filled where it is rank deficient."""
+        out = torch.empty_like(start)
+        scale = start.abs().amax(dim=(1, 2)).detach().to("cpu", torch.float64).numpy()
+        for r in range(self.R):
+            thr = _BREAKDOWN_FACTOR * self.eps * max(scale[r], np.finfo(float).tiny)
+            out[r], _ = self._gram_schmidt(start[r], r, basis_len, True, thr)
+        return out
+
+    def _gram_schmidt(self, W: Tensor, r: int, basis_len: int, make_next: bool, thr: float) -> tuple[Tensor, np.ndarray]:
+        """Column-wise (twice) Gram–Schmidt of the b rows of W against V[r, :basis_len] and each other."""
+        b = W.shape[0]
+        Q = torch.zeros_like(W)
+        Rm = np.zeros((b, b))
+        for i in range(b):
+            w = W[i].clone()
+            for _ in range(2):
+                c = Q[:i] @ w
+                w -= Q[:i].T @ c
+                Rm[:i, i] += c.detach().to("cpu", torch.float64).numpy()
+            nrm = float(torch.linalg.vector_norm(w))
+            if nrm > thr:
+                Rm[i, i] = nrm
+                Q[i] = w / nrm
+            elif make_next:
+                Q[i] = self._random_orthogonal(r, basis_len, Q[:i])
+        return Q, Rm
+
+    def _random_orthogonal(self, r: int, basis_len: int, others: Tensor) -> Tensor:
+        """A random unit vector orthogonal to V[r, :basis_len] and the rows of ``others`` (restart)."""
+        z = torch.randn(self.P, generator=self.generator, dtype=self.dtype, device=self.device)
+        V = torch.cat([self.V[r, :basis_len], others.reshape(-1, self.P)], dim=0)
+        for _ in range(2):
+            z = z - V.T @ (V @ z)
+        nrm = float(torch.linalg.vector_norm(z))
+        if nrm <= 1e3 * self.eps * np.sqrt(self.P):
+            self.exhausted = True  # no room left: P directions already used
+            return torch.zeros_like(z)
+        return z / nrm

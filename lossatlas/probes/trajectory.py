@@ -1,0 +1,193 @@
+"""A training trajectory on its PCA plane (Li et al. 2018, §7; SCIENCE.md §4.3).
+
+Rows d_e = vec(θ_e − θ_T) for every checkpoint e (θ_T the final one; biases and norm parameters zeroed with
+``ignore="biasbn"``). PCA as ``sklearn.decomposition.PCA(n_components=2)``: centre the rows by their mean,
+SVD, the top right-singular vectors are pc1, pc2 (unit norm, orthogonal); explained variance S²/(E − 1) and
+its ratio to the total. Projection (``proj_method='cos'``): x_e = ⟨d_e, pc1⟩, y_e = ⟨d_e, pc2⟩ on the
+*uncentred* rows, so θ_T → (0, 0). Each checkpoint's distance to the plane ‖d_e − x_e pc1 − y_e pc2‖
+says how much of it the 2-D picture loses, and its true loss next to the loss at its projection
+θ_T + x_e pc1 + y_e pc2 (with θ_T's BN statistics) shows the mismatch of a trajectory drawn over a surface.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
+from lossatlas.probes.directions import (
+    DIR_TYPES,
+    IGNORES,
+    Direction,
+    check_option,
+    flatten,
+    model_state,
+    tensor_kinds,
+    unflatten,
+)
+from lossatlas.probes.surface import PointEvaluator, evaluate_grid, grid_points
+
+
+@dataclass(frozen=True)
+class TrajectoryPCA:
+    """PCA of a trajectory: directions (unit pcs), variance shares, projections, distances to the plane."""
+
+    directions: tuple[Direction, ...]
+    explained_variance_ratio: np.ndarray  # (k,)
+    explained_variance: np.ndarray  # (k,)
+    singular_values: np.ndarray  # (k,)
+    coords: np.ndarray  # (E, k), cos projection of θ_e − θ_T
+    distance: np.ndarray  # (E,), ‖θ_e − θ_T − Σ_k coords[e, k] pc_k‖
+    names: list[str]
+
+
+def trajectory_pca(
+    states: Sequence[Mapping[str, Tensor]],
+    final: Mapping[str, Tensor],
+    *,
+    ignore: str = "biasbn",
+    names: Sequence[str] | None = None,
+    kinds_model: nn.Module | None = None,
+    n_components: int = 2,
+) -> TrajectoryPCA:
+    """PCA of the checkpoints θ_e around the final one θ_T (SCIENCE.md §4.3), in float64.
+
+    ``names`` selects the tensors (default: the floating tensors of ``final``); ``kinds_model`` tells
+    which tensors are biasbn (norm-layer parameters and every ``dim() ≤ 1`` tensor otherwise).
+    Components carry a deterministic sign: each pc's largest-magnitude entry is positive.
+    """
+    check_option("ignore", ignore, IGNORES)
+    names = [k for k in final if final[k].is_floating_point()] if names is None else list(names)
+    kinds = tensor_kinds(kinds_model) if kinds_model is not None else {}
+    biasbn = {n for n in names if kinds.get(n, "biasbn" if final[n].dim() <= 1 else "dim0") == "biasbn"}
+    keep = [n for n in names if not (ignore == "biasbn" and n in biasbn)]
+    if len(states) < n_components + 1:
+        raise ValueError(f"trajectory PCA with {n_components} components needs at least {n_components + 1} checkpoints, got {len(states)}")
+    ref = {n: final[n].detach().double().cpu() for n in names}
+
+    def row(state: Mapping[str, Tensor]) -> np.ndarray:
+        d = {n: (state[n].detach().double().cpu() - ref[n]) if n in keep else torch.zeros_like(ref[n]) for n in names}
+        return flatten(d, names).numpy()
+
+    D = np.stack([row(s) for s in states])  # (E, P)
+    M = D - D.mean(axis=0, keepdims=True)
+    _, S, Vt = np.linalg.svd(M, full_matrices=False)
+    pcs = Vt[:n_components].copy()
+    for k in range(n_components):
+        if pcs[k, np.argmax(np.abs(pcs[k]))] < 0:
+            pcs[k] = -pcs[k]
+    var = S**2 / (len(states) - 1)
+    total = var.sum()
+    coords = D @ pcs.T  # (E, k)
+    distance = np.linalg.norm(D - coords @ pcs, axis=1)
+    like = {n: final[n].detach() for n in names}
+    rules = {n: ("pca" if n in keep else "zero(biasbn)") for n in names}
+    directions = tuple(Direction(unflatten(torch.as_tensor(pc), like), dict(rules)) for pc in pcs)
+    return TrajectoryPCA(
+        directions=directions,
+        explained_variance_ratio=var[:n_components] / total if total > 0 else np.zeros(n_components),
+        explained_variance=var[:n_components],
+        singular_values=S[:n_components],
+        coords=coords,
+        distance=distance,
+        names=names,
+    )
+
+
+@register_probe
+@dataclass(frozen=True, kw_only=True)
+class Trajectory(Probe):
+    """The run's checkpoints on their PCA plane around the final one (Li et al. 2018; SCIENCE.md §4.3).
+
+    Settings: ``final_step`` (default the last of ``ctx.steps``), ``ignore`` ("biasbn" zeroes biases and
+    norm parameters in the rows), ``dir_type`` ("weights" or "states"), ``grid`` (> 0: also a grid×grid loss
+    surface over the trajectory's box widened by ``margin``). Values per checkpoint (dim "checkpoint"):
+    "proj_x", "proj_y", "distance_to_plane", "loss"/"accuracy" (true, own BN statistics) and
+    "loss_at_projection"/"accuracy_at_projection" (θ_T + x pc1 + y pc2, θ_T's BN statistics).
+    """
+
+    name: ClassVar[str] = "trajectory"
+    summary: ClassVar[str] = "PCA plane of the training trajectory, projections and their loss mismatch"
+    final_step: int | None = None
+    ignore: str = "biasbn"
+    dir_type: str = "weights"
+    grid: int = 0
+    margin: float = 0.1
+    chunk_size: int = 8
+
+    def validate(self) -> None:
+        check_option("ignore", self.ignore, IGNORES)
+        check_option("dir_type", self.dir_type, DIR_TYPES)
+        if self.grid < 0 or self.grid == 1:
+            raise ValueError(f"grid must be 0 (no surface) or >= 2 points per axis, got {self.grid}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    def run(self, ctx: ProbeContext) -> Result:
+        t0 = time.perf_counter()
+        if ctx.state_at is None or not ctx.steps:
+            raise ValueError("trajectory needs the run's checkpoints (ctx.steps, ctx.state_at); run it on a run file")
+        final_step = int(self.final_step) if self.final_step is not None else int(max(ctx.steps))
+        steps = sorted(int(s) for s in ctx.steps if s <= final_step)
+        known = model_state(ctx.model, "states")
+        states = [{k: v for k, v in ctx.state_at(s).items() if k in known} for s in steps]
+        final = states[-1] if steps[-1] == final_step else {k: v for k, v in ctx.state_at(final_step).items() if k in known}
+        names = [k for k in model_state(ctx.model, self.dir_type) if final[k].is_floating_point()]
+        pca = trajectory_pca(states, final, ignore=self.ignore, names=names, kinds_model=ctx.model)
+        true = [PointEvaluator(ctx.model, s, [], ctx.data, ctx.loss).evaluate(np.zeros((1, 0))) for s in states]
+        ev = PointEvaluator(ctx.model, final, list(pca.directions), ctx.data, ctx.loss)
+        proj, _ = evaluate_grid(ev, pca.coords, chunk_size=self.chunk_size)
+        cdim = ("checkpoint",)
+        values = {
+            "proj_x": pca.coords[:, 0],
+            "proj_y": pca.coords[:, 1],
+            "distance_to_plane": pca.distance,
+            "loss": np.array([t["loss"][0] for t in true]),
+            "accuracy": np.array([t["accuracy"][0] for t in true]),
+            "loss_at_projection": proj["loss"],
+            "accuracy_at_projection": proj["accuracy"],
+            "explained_variance_ratio": pca.explained_variance_ratio,
+            "explained_variance": pca.explained_variance,
+            "singular_values": pca.singular_values,
+            "direction_x": flatten(pca.directions[0], names).numpy(),
+            "direction_y": flatten(pca.directions[1], names).numpy(),
+        }
+        dims = {k: cdim for k in values}
+        dims.update({k: ("component",) for k in ("explained_variance_ratio", "explained_variance", "singular_values")})
+        dims.update(direction_x=("param",), direction_y=("param",))
+        coords = {"checkpoint": np.array(steps), "component": np.arange(2)}
+        if self.grid:
+            x, y = self._grid_axes(pca.coords)
+            out, _ = evaluate_grid(ev, grid_points(x, y), chunk_size=self.chunk_size)
+            values["surface_loss"] = out["loss"].reshape(len(y), len(x))
+            values["surface_accuracy"] = out["accuracy"].reshape(len(y), len(x))
+            dims.update(surface_loss=("y", "x"), surface_accuracy=("y", "x"))
+            coords.update(x=x, y=y)
+        meta = {
+            "status": "complete",
+            "final_step": final_step,
+            "indexing": "xy",
+            "proj_method": "cos",
+            "param_names": names,
+            "param_shapes": [list(final[k].shape) for k in names],
+            "rules_x": dict(pca.directions[0].rules),
+            "rules_y": dict(pca.directions[1].rules),
+            "projection_bn": "the final checkpoint's buffers",
+            "elapsed_s": time.perf_counter() - t0,
+        }
+        return Result(probe=self.name, config=self.config(), step=final_step, values=values, dims=dims, coords=coords, meta=meta)
+
+    def _grid_axes(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        axes = []
+        for k in range(2):
+            lo, hi = float(c[:, k].min()), float(c[:, k].max())
+            pad = self.margin * max(hi - lo, 1e-12)
+            axes.append(np.linspace(lo - pad, hi + pad, self.grid))
+        return axes[0], axes[1]

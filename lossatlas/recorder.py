@@ -1,0 +1,192 @@
+"""``Recorder``: the object a user adds to their training loop to write a run file.
+
+    rec = lossatlas.Recorder("run.h5", model, optimizer=opt, model_spec={...}, data_spec={...},
+                             loss="cross_entropy", checkpoint_every=100)
+    for step in range(1, steps + 1):
+        ...; loss.backward(); opt.step()
+        rec.step(step, loss=loss.item())   # after optimizer.step(), before zero_grad()
+    rec.close()                            # or use `with Recorder(...) as rec:`
+
+Per step it logs, cheaply (one fused ``torch._foreach_norm`` per quantity and one host sync):
+loss, learning rate, global gradient norm, per-tensor gradient norm, weight norm and
+update-to-weight ratio ‖w_t − w_{t−1}‖/‖w_t‖, plus any extra scalars passed to ``step``.
+Checkpoints (parameters, buffers and optimizer state) are written on a schedule: every k steps,
+log-spaced, or an explicit list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lossatlas import store
+
+
+def checkpoint_schedule(*, every: int | None = None, steps: Iterable[int] | None = None,
+                        log_spaced: int | None = None, max_steps: int | None = None) -> set[int] | None:
+    """The steps to checkpoint: explicit ``steps``, or ``log_spaced`` points in [1, max_steps] plus 0.
+
+    Returns None for "every ``every`` steps" (checked arithmetically), an empty set for never.
+    """
+    if steps is not None:
+        return {int(s) for s in steps}
+    if log_spaced is not None:
+        if not max_steps or max_steps < 1:
+            raise ValueError("log-spaced checkpoints need max_steps (the last training step)")
+        pts = np.unique(np.round(np.logspace(0, math.log10(max_steps), int(log_spaced))).astype(int))
+        return {0, *map(int, pts)}
+    if every is None:
+        return set()
+    if every <= 0:
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {every}")
+    return None
+
+
+def optimizer_spec(optimizer: torch.optim.Optimizer | None) -> dict | None:
+    """A JSON-able description of an optimizer: class name and its default hyper-parameters."""
+    if optimizer is None:
+        return None
+    defaults = {}
+    for k, v in optimizer.defaults.items():
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            defaults[k] = v
+        elif isinstance(v, (tuple, list)) and all(isinstance(t, (int, float)) for t in v):
+            defaults[k] = list(v)
+    return {"name": type(optimizer).__name__, "defaults": defaults}
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's per-parameter state keyed by the parameter's name in ``model``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state or id(p) not in names:
+                continue
+            entry = {}
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    entry[k] = v.detach().cpu()
+                elif isinstance(v, (int, float)):
+                    entry[k] = torch.tensor(v)
+            out[names[id(p)]] = entry
+    return out
+
+
+class Recorder:
+    """Writes a lossatlas run file from a training loop: telemetry every step, checkpoints on a schedule."""
+
+    def __init__(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 model_spec: Mapping | None = None, data_spec: Mapping | None = None, loss: str | None = None,
+                 checkpoint_every: int | None = None, checkpoint_steps: Iterable[int] | None = None,
+                 log_spaced: int | None = None, max_steps: int | None = None, telemetry: bool = True,
+                 per_tensor: bool = True, save_optimizer_state: bool = True, overwrite: bool = False,
+                 attrs: Mapping[str, Any] | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.telemetry = telemetry
+        self.per_tensor = per_tensor
+        self.save_optimizer_state = save_optimizer_state
+        self._every = checkpoint_every
+        self._schedule = checkpoint_schedule(every=checkpoint_every, steps=checkpoint_steps,
+                                             log_spaced=log_spaced, max_steps=max_steps)
+        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._params = [p for _, p in model.named_parameters() if p.requires_grad]
+        self._previous: list[torch.Tensor] | None = None
+        self._checkpointed: set[int] = set()
+        self._writer = store.RunWriter(
+            path, model_spec=dict(model_spec) if model_spec is not None else None,
+            data_spec=dict(data_spec) if data_spec is not None else None, loss=loss,
+            optimizer=optimizer_spec(optimizer), attrs=dict(attrs or {}), overwrite=overwrite)
+
+    # -- the training-loop hooks ------------------------------------------------------------
+    def step(self, step: int, loss: float | None = None, **scalars: float) -> None:
+        """Log telemetry for ``step`` (call after ``optimizer.step()``), and checkpoint on schedule."""
+        row: dict[str, float] = {}
+        if loss is not None:
+            row["loss"] = float(loss)
+        lr = self.learning_rate()
+        if lr is not None:
+            row["lr"] = lr
+        if self.telemetry:
+            row.update(self._telemetry())
+        for k, v in scalars.items():
+            row[k] = float(v)
+        self._writer.log(int(step), row)
+        if self._due(int(step)):
+            self.checkpoint(int(step), loss=loss)
+
+    def checkpoint(self, step: int, **attrs: float | None) -> None:
+        """Write a checkpoint of the model (and optimizer state) at ``step`` now."""
+        if step in self._checkpointed:
+            return
+        params = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
+        buffers = {n: b.detach().cpu() for n, b in self.model.named_buffers()}
+        opt_state = None
+        if self.optimizer is not None and self.save_optimizer_state:
+            opt_state = optimizer_state_by_name(self.model, self.optimizer) or None
+        scalars = {k: float(v) for k, v in attrs.items() if v is not None}
+        lr = self.learning_rate()
+        if lr is not None:
+            scalars.setdefault("lr", lr)
+        self._writer.write_checkpoint(step, params, buffers, opt_state, scalars)
+        self._checkpointed.add(step)
+
+    def learning_rate(self) -> float | None:
+        """The first parameter group's current learning rate."""
+        if self.optimizer is None or not self.optimizer.param_groups:
+            return None
+        lr = self.optimizer.param_groups[0].get("lr")
+        return float(lr) if lr is not None else None
+
+    def close(self) -> None:
+        """Flush the log and close the run file (idempotent)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _due(self, step: int) -> bool:
+        if self._schedule is None:
+            return step % int(self._every) == 0  # type: ignore[arg-type]
+        return step in self._schedule
+
+    @torch.no_grad()
+    def _telemetry(self) -> dict[str, float]:
+        """Gradient, weight and update norms, all norms fused and fetched with one device sync."""
+        params = self._params
+        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
+        gnorms = torch.stack(torch._foreach_norm(grads))
+        wnorms = torch.stack(torch._foreach_norm(params))
+        parts = [gnorms, wnorms]
+        if self._previous is not None:
+            unorms = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._previous)))
+            torch._foreach_copy_(self._previous, params)
+            parts.append(unorms)
+        else:
+            self._previous = [p.detach().clone() for p in params]
+        host = torch.stack([t.double() for t in parts]).cpu().numpy()  # one sync: (2 or 3, n)
+        g, w = host[0], host[1]
+        row = {"grad_norm": float(np.sqrt((g**2).sum())), "weight_norm": float(np.sqrt((w**2).sum()))}
+        if host.shape[0] == 3:
+            u = host[2]
+            row["update_ratio"] = float(np.sqrt((u**2).sum()) / max(row["weight_norm"], 1e-30))
+        if self.per_tensor:
+            for i, name in enumerate(self._names):
+                row[f"grad_norm/{name}"] = float(g[i])
+                row[f"weight_norm/{name}"] = float(w[i])
+                if host.shape[0] == 3:
+                    row[f"update_ratio/{name}"] = float(host[2][i] / max(w[i], 1e-30))
+        return row
