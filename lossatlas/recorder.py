@@ -103,7 +103,8 @@ class Recorder:
         self._writer = store.RunWriter(
             path, model_spec=dict(model_spec) if model_spec is not None else None,
             data_spec=dict(data_spec) if data_spec is not None else None, loss=loss,
-            optimizer=optimizer_spec(optimizer), attrs=dict(attrs or {}), overwrite=overwrite)
+            optimizer=optimizer_spec(optimizer), attrs=dict(attrs or {}), overwrite=overwrite,
+            log_names=self._known_log_names())  # created up front: no SWMR restart mid-run
 
     # -- the training-loop hooks ------------------------------------------------------------
     def step(self, step: int, loss: float | None = None, **scalars: float) -> None:
@@ -158,6 +159,15 @@ class Recorder:
         self.close()
 
     # -- internals ---------------------------------------------------------------------------
+    def _known_log_names(self) -> list[str]:
+        names = ["loss", "lr"]
+        if self.telemetry:
+            names += ["grad_norm", "weight_norm", "update_ratio"]
+            if self.per_tensor:
+                for n in self._names:
+                    names += [f"grad_norm/{n}", f"weight_norm/{n}", f"update_ratio/{n}"]
+        return names
+
     def _due(self, step: int) -> bool:
         if self._schedule is None:
             return step % int(self._every) == 0  # type: ignore[arg-type]

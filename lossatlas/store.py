@@ -25,8 +25,11 @@ reader, or a file left by a writer killed with SIGKILL, shows exactly the checkp
 committed before. SWMR cannot create datasets, so when a new name appears (first checkpoint, a
 new log name) the writer closes the file, reopens it without SWMR, creates the datasets and
 restarts SWMR; HDF5's file locks keep readers out meanwhile (readers retry). Only a kill inside
-that short window can damage the file. Readers open the file per call with ``swmr=True``, which
-also opens a file whose writer was killed (plain h5py needs ``swmr=True`` or ``h5clear -s``).
+that short window can damage the file (declare log names up front with ``log_names=`` to keep
+windows to the first checkpoint and log flush). Readers open the file per call with ``swmr=True``,
+which also opens a file whose writer was killed (plain h5py needs ``swmr=True`` or
+``h5clear -s``); a file whose writer died inside a window is read through a view with HDF5's
+"open for write" flag cleared (``_FlagsCleared``), never modified.
 The writer holds an exclusive ``flock`` on ``<file>.lock`` (holding its pid): the kernel drops it
 when the writer dies, so ``writer_attached()`` is False after a kill, and a stale sidecar is
 harmless.
@@ -49,6 +52,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -56,7 +60,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -169,6 +173,110 @@ def _open_h5(path: Path, mode: str, **kwargs: Any) -> h5py.File:
             raise UserError(f"{path}: cannot open the HDF5 file ({e}); it may be damaged or in use") from None
 
 
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle`` (initval 0): the checksum of an HDF5 v2/v3 superblock."""
+    m = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & m
+
+    def words(block: bytes) -> tuple[int, int, int]:
+        return tuple(int.from_bytes(block[i:i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
+
+    a = b = c = (0xDEADBEEF + len(data)) & m
+    while len(data) > 12:
+        x, y, z = words(data[:12])
+        a, b, c = (a + x) & m, (b + y) & m, (c + z) & m
+        a = ((a - c) & m) ^ rot(c, 4); c = (c + b) & m  # noqa: E702 - the mix, as in lookup3.c
+        b = ((b - a) & m) ^ rot(a, 6); a = (a + c) & m  # noqa: E702
+        c = ((c - b) & m) ^ rot(b, 8); b = (b + a) & m  # noqa: E702
+        a = ((a - c) & m) ^ rot(c, 16); c = (c + b) & m  # noqa: E702
+        b = ((b - a) & m) ^ rot(a, 19); a = (a + c) & m  # noqa: E702
+        c = ((c - b) & m) ^ rot(b, 4); b = (b + a) & m  # noqa: E702
+        data = data[12:]
+    if not data:
+        return c
+    x, y, z = words(data + bytes(12 - len(data)))
+    a, b, c = (a + x) & m, (b + y) & m, (c + z) & m
+    c = ((c ^ b) - rot(b, 14)) & m  # the final mix
+    a = ((a ^ c) - rot(c, 11)) & m
+    b = ((b ^ a) - rot(a, 25)) & m
+    c = ((c ^ b) - rot(b, 16)) & m
+    a = ((a ^ c) - rot(c, 4)) & m
+    b = ((b ^ a) - rot(a, 14)) & m
+    c = ((c ^ b) - rot(b, 24)) & m
+    return c
+
+
+class _FlagsCleared(io.RawIOBase):
+    """The file as read-only bytes with its superblock's "open for write" flags cleared.
+
+    A writer killed while outside SWMR (creating datasets) leaves those flags set and HDF5 then
+    refuses every open (``h5clear -s`` would clear them on disk); this view lets a reader open the
+    file without modifying it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "rb")
+        head = bytearray(self._f.read(48))
+        if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3) or head[9] != 8:
+            self._f.close()
+            raise ValueError("not a version 2/3 superblock with 8-byte offsets")
+        head[11] = 0
+        head[44:48] = _lookup3(bytes(head[:44])).to_bytes(4, "little")
+        self._head = bytes(head)
+        self._f.seek(0)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, buf: Any) -> int:
+        pos = self._f.tell()
+        n = self._f.readinto(buf)
+        if pos < len(self._head) and n:
+            k = min(n, len(self._head) - pos)
+            memoryview(buf)[:k] = self._head[pos:pos + k]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _open_read(path: Path) -> Iterator[h5py.File]:
+    """Open for reading (SWMR, so a live or killed SWMR writer is fine); a file whose writer died
+    outside SWMR is read through ``_FlagsCleared``."""
+    try:
+        f = _open_h5(path, "r", swmr=True)
+    except UserError as e:
+        if "open for" not in str(e) and "SWMR" not in str(e):
+            raise
+        if writer_attached(path):
+            raise UserError(f"{path}: a writer without SWMR holds the file; wait for it to finish") from None
+        try:
+            raw = _FlagsCleared(path)
+        except ValueError:
+            raise e from None
+        try:
+            with h5py.File(raw, "r") as f:
+                yield f
+        finally:
+            raw.close()
+        return
+    with f:
+        yield f
+
+
 def _check_kind(f: h5py.File, path: Path, want: str | None) -> str:
     kind = f.attrs.get("lossatlas_format")
     if kind not in ("run", "results"):
@@ -187,7 +295,7 @@ def _check_kind(f: h5py.File, path: Path, want: str | None) -> str:
 def file_kind(path: str | Path) -> str:
     """``"run"`` or ``"results"``: what lossatlas file ``path`` is; UserError for anything else."""
     path = Path(path)
-    with _open_h5(path, "r", swmr=True) as f:
+    with _open_read(path) as f:
         return _check_kind(f, path, None)
 
 
@@ -266,12 +374,14 @@ class RunWriter:
     Refuses an existing ``path`` unless ``overwrite=True``. Log rows are buffered and flushed every
     ``flush_every`` rows, on each checkpoint, on ``flush()`` and on ``close()``. With
     ``swmr=False`` the file is written without SWMR (for file systems without it): no live
-    reading and no crash guarantee.
+    reading and no crash guarantee. ``log_names`` declares log columns up front, so that their
+    first appearance does not leave SWMR (the one moment a kill could damage the file).
     """
 
     def __init__(self, path: str | Path, *, model_spec: dict | None, data_spec: dict | None = None,
                  loss: str | None = None, optimizer: dict | None = None, attrs: dict | None = None,
-                 overwrite: bool = False, swmr: bool = True, flush_every: int = 100) -> None:
+                 overwrite: bool = False, swmr: bool = True, flush_every: int = 100,
+                 log_names: Sequence[str] = ()) -> None:
         self.path = Path(path)
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be a positive int, got {flush_every!r}")
@@ -295,6 +405,10 @@ class RunWriter:
             self._grow_dataset(f, "checkpoints/step", np.int64, fill=-1)
             self._grow_dataset(f, "checkpoints/has_optimizer", np.uint8, fill=0)
             self._grow_dataset(f, "log/step", np.int64, fill=-1)
+            for n in log_names:  # declared up front: no SWMR restart when they first appear
+                if n == "step":
+                    raise ValueError("'step' is reserved in the log")
+                self._grow_dataset(f["log"], _escape(n), np.float64, fill=np.nan).attrs["first_row"] = 0
             if swmr:
                 f.swmr_mode = True
         except BaseException:
@@ -482,8 +596,8 @@ class RunReader:
             self.lossatlas_version: str = str(a.get("lossatlas_version", ""))
             self._fingerprint = hashlib.sha256(f"{a.get('run_id', '')}|{self.created_at}".encode()).hexdigest()[:16]
 
-    def _open(self) -> h5py.File:
-        return _open_h5(self.path, "r", swmr=True)
+    def _open(self) -> contextlib.AbstractContextManager[h5py.File]:
+        return _open_read(self.path)
 
     def __enter__(self) -> "RunReader":
         return self

@@ -248,6 +248,30 @@ def test_sigkill_leaves_every_flushed_checkpoint(run_path: Path) -> None:
     assert RunReader(run_path).steps() == [0]
 
 
+def test_reads_a_file_whose_writer_died_outside_swmr(run_path: Path) -> None:
+    """A kill while the writer is outside SWMR leaves HDF5's "open for write" flag set: plain h5py
+    refuses the file; RunReader reads it (flags cleared in a read-only view, superblock checksum redone)."""
+    with RunWriter(run_path, model_spec=SPEC, log_names=["loss"]) as w:
+        w.log(3, {"loss": 0.25})
+        w.write_checkpoint(3, {"w": torch.arange(4.0)})
+    code = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code, str(run_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "open"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    before = run_path.read_bytes()
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(run_path, "r")
+    r = RunReader(run_path)
+    assert r.steps() == [3] and torch.equal(r.checkpoint(3).params["w"], torch.arange(4.0))
+    assert r.log()["loss"].tolist() == [0.25] and file_kind(run_path) == "run"
+    assert run_path.read_bytes() == before  # read-only: the file is not repaired in place
+
+
 def test_refusals(tmp_path: Path, run_path: Path) -> None:
     not_hdf5 = tmp_path / "notes.h5"
     not_hdf5.write_text("hello")

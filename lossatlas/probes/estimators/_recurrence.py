@@ -11,8 +11,9 @@ Per run, column form (Golub & Underwood 1977; b = 1 is the classical recurrence)
 
 so V_n = [Q_1 … Q_j] spans the block Krylov space and T_n = V_nᵀ A V_n is block tridiagonal with
 A_j on the diagonal and B_j (upper triangular) below it. Full reorthogonalization subtracts the
-projection on all of V_n, classical Gram–Schmidt run twice when needed (DGKS criterion; always
-twice below float64). Breakdown (a residual column ≈ 0: the Krylov space is invariant) sets that
+projection on all of V_n, classical Gram–Schmidt run twice when needed (DGKS criterion against
+‖A q_j‖, which fires whenever the recurrence cancelled more than 1/√2 of the product — in every
+dtype). Breakdown (a residual column ≈ 0: the Krylov space is invariant) sets that
 column of B_j to zero and continues from a random vector orthogonal to V_n (PyHessian's restart),
 so no NaN appears and T_n stays a valid projection.
 
@@ -32,6 +33,7 @@ from lossatlas.probes.estimators._checks import apply
 
 _DGKS_ETA = 0.7071  # reorthogonalize again when the norm dropped below η of its value (Daniel et al. 1976)
 _BREAKDOWN_FACTOR = 50.0  # a residual norm ≤ this · eps · ‖T‖ counts as breakdown
+_INITIAL_ROWS = 32  # basis rows allocated up front
 
 
 class BlockLanczos:
@@ -54,7 +56,8 @@ class BlockLanczos:
         self.dtype, self.device = start.dtype, start.device
         self.eps = float(torch.finfo(self.dtype).eps)
         self.cap = min(max_iter * b, P)
-        self.V = torch.zeros(R, self.cap, P, dtype=self.dtype, device=self.device)  # (R, n, P)
+        # The basis grows by doubling, so a run that converges early never touches max_iter rows.
+        self.V = torch.empty(R, min(self.cap, max(2 * b, _INITIAL_ROWS)), P, dtype=self.dtype, device=self.device)
         self.alphas: list[np.ndarray] = []  # A_j, each (R, b, b)
         self.betas: list[np.ndarray] = []  # B_j, each (R, b, b), upper triangular
         self.anorm = np.zeros(R)  # running estimate of ‖T‖ per run (for breakdown thresholds)
@@ -76,18 +79,21 @@ class BlockLanczos:
         j0 = self.n
         Qj = self.V[:, j0 : j0 + b]  # (R, b, P)
         X = Qj.reshape(R * b, P).T.contiguous()  # (P, R·b)
-        W = apply(self.A, X).T.reshape(R, b, P).clone()  # (R, b, P)
+        W = apply(self.A, X).T.reshape(R, b, P).contiguous()  # (R, b, P)
         self.matvecs += R * b
+        ref = torch.linalg.vector_norm(W, dim=2)  # ‖A q‖: the DGKS reference
         if self._B_prev is not None:
             W -= self._B_prev @ self.V[:, j0 - b : j0]
         Aj = Qj @ W.transpose(1, 2)  # (R, b, b)
         Aj = 0.5 * (Aj + Aj.transpose(1, 2))
         W -= Aj @ Qj
         if self.reorth == "full":
-            W = self._reorthogonalize(W, self.V[:, : j0 + b])
+            W = self._reorthogonalize(W, self.V[:, : j0 + b], ref)
         Aj_np = Aj.detach().to("cpu", torch.float64).numpy()
         self.anorm = np.maximum(self.anorm, np.abs(Aj_np).sum(axis=2).max(axis=1))
         room = need_next and j0 + 2 * b <= self.cap
+        if room and j0 + 2 * b > self.V.shape[1]:
+            self._grow()
         Qn, Bn = self._qr_with_restart(W, basis_len=j0 + b, make_next=room)
         self.alphas.append(Aj_np)
         self.betas.append(Bn)
@@ -96,6 +102,16 @@ class BlockLanczos:
         if room:
             self.V[:, j0 + b : j0 + 2 * b] = Qn
             self._B_prev = torch.as_tensor(Bn, dtype=self.dtype, device=self.device)
+
+    def basis(self, r: int = 0) -> Tensor:
+        """The orthonormal basis rows V_n of run ``r``, (n, P)."""
+        return self.V[r, : self.n]
+
+    def _grow(self) -> None:
+        rows = min(self.cap, 2 * self.V.shape[1])
+        V = torch.empty(self.R, rows, self.P, dtype=self.dtype, device=self.device)
+        V[:, : self.V.shape[1]] = self.V
+        self.V = V
 
     # ---- small problem --------------------------------------------------------------------
     def tridiagonal(self, r: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -120,13 +136,16 @@ class BlockLanczos:
         return self.betas[-1][r]
 
     # ---- orthogonalization ----------------------------------------------------------------
-    def _reorthogonalize(self, W: Tensor, V: Tensor) -> Tensor:
-        """W − V (Vᵀ W) per run, twice when the DGKS test asks (always below float64)."""
-        before = torch.linalg.vector_norm(W, dim=2)
-        W = W - (W @ V.transpose(1, 2)) @ V  # (R, b, P)
+    def _reorthogonalize(self, W: Tensor, V: Tensor, ref: Tensor) -> Tensor:
+        """W − V (Vᵀ W) per run; a second pass where ‖W‖ fell below η‖A q‖ (DGKS, Daniel et al. 1976).
+
+        The cancellation that spoils orthogonality happens in the recurrence itself (β ≪ ‖A q‖
+        once Ritz values converge), so ‖A q‖ is the reference, not the norm before this pass.
+        """
+        W = torch.baddbmm(W, W @ V.transpose(1, 2), V, alpha=-1)  # (R, b, P)
         after = torch.linalg.vector_norm(W, dim=2)
-        if self.dtype != torch.float64 or bool((after < _DGKS_ETA * before).any()):
-            W = W - (W @ V.transpose(1, 2)) @ V
+        if bool((after < _DGKS_ETA * ref).any()):
+            W = torch.baddbmm(W, W @ V.transpose(1, 2), V, alpha=-1)
         return W
 
     def _qr_with_restart(self, W: Tensor, basis_len: int, make_next: bool) -> tuple[Tensor, np.ndarray]:

@@ -147,7 +147,7 @@ def lanczos_eigs(
     vecs = None
     if return_eigenvectors:
         S_t = torch.as_tensor(S, dtype=dtype, device=device)  # (n, k)
-        vecs = (S_t.T @ run.V[0, : run.n]).T.contiguous()  # (P, k)
+        vecs = (S_t.T @ run.basis(0)).T.contiguous()  # (P, k)
     return EigResult(
         eigenvalues=theta,
         eigenvectors=vecs,

@@ -1,0 +1,274 @@
+"""Loss-spike and divergence detection on a logged training curve (SCIENCE.md §8.6).
+
+The detector is the robust variant of "Our detector spec" in SCIENCE.md §8.6: on the log of the
+loss (which turns the decaying trend and multiplicative noise into a slowly moving level with
+additive noise), each step is compared with the median of the previous ``window`` accepted
+steps, in units of the robust standard deviation σ̂ = 1.4826·MAD of that window:
+
+    r_t = (log ℓ_t − median_{window}) / σ̂_{window},   flagged when r_t > sensitivity.
+
+Flagged steps are kept out of the window (no "masking" of a second spike by the first), the first
+``warmup`` steps are never flagged, and a spike lasts from its first flagged step until the
+loss is back near the baseline. The first non-finite loss ends the curve: it is reported as a ``"divergence"`` event.
+
+The llm-foundry ``KillLossSpike`` and Megatron-LM "spiky loss" rules (SCIENCE.md §8.6) are
+exposed too, for comparison with what those codebases would have flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+MAD_TO_SIGMA = 1.4826  # σ = 1.4826·MAD for Gaussian noise
+SIGMA_FLOOR = 1e-3  # in log-loss units (0.1 %): a perfectly flat curve still needs a real jump
+SpikeKind = Literal["spike", "divergence"]
+
+
+@dataclass(frozen=True)
+class Spike:
+    """One loss spike (or the divergence of the run).
+
+    Attributes:
+        kind: ``"spike"`` or ``"divergence"`` (the first non-finite loss).
+        start: first flagged step.
+        peak: step of the largest loss in the spike.
+        end: last flagged step of the spike.
+        recovery: first step after the peak whose loss is back within ``recover_sigmas`` σ̂ of
+            the pre-spike baseline, or None (never recovered, or divergence).
+        baseline: the pre-spike loss level exp(median of the window) at ``start``.
+        peak_loss: the loss at ``peak`` (NaN/inf for a divergence).
+        height_ratio: peak_loss / baseline.
+        height_abs: peak_loss − baseline.
+        zscore: the robust z-score r_t at the peak, in σ̂ units (inf for a divergence).
+        noise_sigma: σ̂ of the log-loss in the window before the spike.
+    """
+
+    kind: SpikeKind
+    start: int
+    peak: int
+    end: int
+    recovery: int | None
+    baseline: float
+    peak_loss: float
+    height_ratio: float
+    height_abs: float
+    zscore: float
+    noise_sigma: float
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (non-finite floats become None)."""
+        return {k: _jsonable(v) for k, v in asdict(self).items()}
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _check_curve(steps: Sequence[int], values: Sequence[float], what: str) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(steps)
+    x = np.asarray(values, dtype=np.float64)
+    if s.ndim != 1 or x.ndim != 1 or s.shape != x.shape:
+        raise ValueError(f"steps and {what} must be 1-D arrays of the same length, got shapes "
+                         f"{s.shape} and {x.shape}")
+    if s.size and np.any(np.diff(s) <= 0):
+        raise ValueError("steps must be strictly increasing; sort the log by step and drop duplicates")
+    return s.astype(np.int64), x
+
+
+def first_nonfinite(values: Sequence[float]) -> int | None:
+    """Index of the first NaN/±inf entry of ``values``, or None when all are finite."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(values, dtype=np.float64)))
+    return int(bad[0]) if bad.size else None
+
+
+def detect_spikes(
+    steps: Sequence[int],
+    loss: Sequence[float],
+    *,
+    sensitivity: float = 6.0,
+    window: int = 100,
+    warmup: int | None = None,
+    recover_sigmas: float = 3.0,
+    scale: Literal["log", "linear"] = "log",
+) -> list[Spike]:
+    """Loss spikes: runs of steps whose log-loss exceeds the rolling median by ``sensitivity`` robust σ.
+
+    r_t = (y_t − median(W_t)) / (1.4826·MAD(W_t)), y = log ℓ, W_t = the last ``window`` unflagged
+    steps; flag r_t > k = ``sensitivity`` (SCIENCE.md §8.6, robust detector (b) with exclusion).
+    The nominal threshold is a jump of k·σ̂ in log-loss, i.e. a height ratio exp(k·σ̂) over the
+    rolling median (σ̂ is reported with each spike); a spike of that height is caught about half
+    of the time (noise can push it either way), one of 1.5× that height almost always.
+    A spike is open until r_t < ``recover_sigmas`` (flags in between belong to it); one still open
+    ``window`` steps after its start is closed with ``recovery=None`` and the window restarts at
+    the new level.
+
+    Args:
+        steps: the logged steps, strictly increasing.
+        loss: the loss at each step; the first non-finite value is a ``"divergence"`` event and
+            the curve is not read past it.
+        sensitivity: k, the threshold in robust standard deviations (7 is OLMo-style, 3 very
+            sensitive; default 6).
+        window: W, the number of previous accepted steps the median and MAD are taken over.
+        warmup: steps never flagged at the start (default min(window, 50)); at least 5.
+        recover_sigmas: the spike has recovered when r_t falls below this.
+        scale: ``"log"`` (default; needs a positive loss) or ``"linear"`` (losses that can be ≤ 0).
+
+    Returns:
+        The spikes in order of ``start``, and a final ``"divergence"`` event if the loss became
+        non-finite.
+    """
+    s, x = _check_curve(steps, loss, "loss")
+    if not (isinstance(sensitivity, (int, float)) and sensitivity > 0):
+        raise ValueError(f"sensitivity must be a positive number of robust standard deviations, got {sensitivity!r}")
+    if not isinstance(window, int) or window < 5:
+        raise ValueError(f"window must be an int ≥ 5 (steps of history), got {window!r}")
+    if warmup is None:
+        warmup = min(window, 50)
+    if not isinstance(warmup, int) or warmup < 5:
+        raise ValueError(f"warmup must be an int ≥ 5, got {warmup!r}")
+    if scale not in ("log", "linear"):
+        raise ValueError(f"scale must be 'log' or 'linear', got {scale!r}")
+    bad = first_nonfinite(x)
+    n = x.size if bad is None else bad
+    if scale == "log":
+        if n and np.any(x[:n] <= 0):
+            raise ValueError("a log-scale detector needs a positive loss; pass scale='linear' for losses ≤ 0")
+        y = np.log(x[:n]) if n else np.empty(0)
+    else:
+        y = x[:n].copy()
+
+    def back(v: float) -> float:
+        return float(np.exp(v)) if scale == "log" else float(v)
+
+    spikes: list[Spike] = []
+    hist = _History(window)
+    current: dict | None = None  # the open spike; its baseline line is frozen meanwhile
+    line = (0.0, 0.0, 0.0)  # (level at position c, slope, c)
+    sig = 0.0
+    for i in range(n):
+        if current is None and hist.size >= warmup:
+            line, sig = hist.robust_line()
+        if hist.size >= warmup or current is not None:
+            med = line[0] + line[1] * (i - line[2])
+            r = (y[i] - med) / sig
+        else:
+            med, r = 0.0, -math.inf
+        if current is not None:
+            base_i = line[0] + line[1] * (current["start"] - line[2])
+            if r > sensitivity:
+                current["end"] = i
+                if y[i] > y[current["peak"]]:
+                    current["peak"] = i
+            elif r < recover_sigmas:
+                spikes.append(_close(current, s, x, y, i, back, base_i, sig))
+                current = None
+                hist.append(i, y[i])
+                continue
+            if i - current["start"] + 1 >= window:  # a level shift, not a spike: restart there
+                spikes.append(_close(current, s, x, y, None, back, base_i, sig))
+                current = None
+                hist.clear()
+                for j in range(max(0, i - warmup + 1), i + 1):
+                    hist.append(j, y[j])
+            continue
+        if r > sensitivity:
+            current = {"start": i, "peak": i, "end": i}
+            continue
+        hist.append(i, y[i])
+    if current is not None:
+        spikes.append(_close(current, s, x, y, None, back, line[0] + line[1] * (current["start"] - line[2]), sig))
+    if bad is not None:
+        if hist.size:
+            (lvl, slope, c), sig = hist.robust_line()
+            base = back(lvl + slope * (n - c))
+        else:
+            base, sig = math.nan, math.nan
+        spikes.append(Spike(kind="divergence", start=int(s[bad]), peak=int(s[bad]), end=int(s[bad]),
+                            recovery=None, baseline=base, peak_loss=float(x[bad]), height_ratio=math.inf,
+                            height_abs=math.inf, zscore=math.inf, noise_sigma=sig))
+    return spikes
+
+
+class _History:
+    """The last ``window`` accepted (position, value) pairs in a ring buffer."""
+
+    def __init__(self, window: int) -> None:
+        self.pos = np.empty(window)
+        self.val = np.empty(window)
+        self.window, self.size, self.head = window, 0, 0
+
+    def append(self, i: int, v: float) -> None:
+        self.pos[self.head], self.val[self.head] = i, v
+        self.head = (self.head + 1) % self.window
+        self.size = min(self.size + 1, self.window)
+
+    def clear(self) -> None:
+        self.size = self.head = 0
+
+    def robust_line(self) -> tuple[tuple[float, float, float], float]:
+        """A robust local trend and noise: ((level at c, slope, c), σ̂ of the residuals).
+
+        The slope joins the medians of the older and the newer half of the window (a two-group
+        Theil-type estimate), so a decaying curve is not mistaken for noise; σ̂ = 1.4826·MAD of
+        the residuals about that line, floored at ``SIGMA_FLOOR``.
+        """
+        k = self.size
+        order = (np.arange(k) + (self.head - k)) % self.window  # oldest first
+        p, v = self.pos[order], self.val[order]
+        h = k // 2
+        c1, c2 = float(np.median(p[:h])), float(np.median(p[h:]))
+        m1, m2 = float(np.median(v[:h])), float(np.median(v[h:]))
+        slope = (m2 - m1) / (c2 - c1) if c2 > c1 else 0.0
+        res = v - (m2 + slope * (p - c2))
+        shift = float(np.median(res))
+        sig = max(MAD_TO_SIGMA * float(np.median(np.abs(res - shift))), SIGMA_FLOOR)
+        return (m2 + shift, slope, c2), sig
+
+
+def _close(cur: dict, s: np.ndarray, x: np.ndarray, y: np.ndarray, rec: int | None, back, med: float,
+           sig: float) -> Spike:
+    p = cur["peak"]
+    base = back(med)
+    return Spike(kind="spike", start=int(s[cur["start"]]), peak=int(s[p]), end=int(s[cur["end"]]),
+                 recovery=None if rec is None else int(s[rec]), baseline=base, peak_loss=float(x[p]),
+                 height_ratio=float(x[p] / base) if base else math.inf, height_abs=float(x[p] - base),
+                 zscore=float((y[p] - med) / sig), noise_sigma=float(sig))
+
+
+def llm_foundry_spikes(loss: Sequence[float], *, window: int = 100, outlier_multiplier: float = 2.0,
+                       patience: int = 4) -> list[int]:
+    """Indices where llm-foundry's ``KillLossSpike`` would fire (SCIENCE.md §8.6, T8.2).
+
+    Once ``window`` losses are held, a loss ≥ multiplier·mean(window) is an outlier; the rule fires
+    when more than ``patience`` consecutive outliers occur (outliers still enter the window).
+    """
+    buf: deque[float] = deque(maxlen=window)
+    fired, run = [], 0
+    for i, v in enumerate(np.asarray(loss, dtype=np.float64)):
+        if len(buf) == window and v >= outlier_multiplier * (sum(buf) / window):
+            run += 1
+            if run > patience:
+                fired.append(i)
+                run = 0
+        else:
+            run = 0
+        buf.append(float(v))
+    return fired
+
+
+def megatron_spikes(loss: Sequence[float], *, num_samples: int = 100, threshold: float = 10.0) -> list[int]:
+    """Indices Megatron-LM's rerun machine flags as "spiky loss": |ℓ| ≥ threshold·max|ℓ| of the first
+    ``num_samples`` values (SCIENCE.md §8.6); non-finite values are left to the divergence check."""
+    x = np.asarray(loss, dtype=np.float64)
+    if x.size <= num_samples:
+        return []
+    ref = np.nanmax(np.abs(x[:num_samples]))
+    tail = np.abs(x[num_samples:])
+    return (np.flatnonzero(np.isfinite(tail) & (tail >= threshold * ref)) + num_samples).tolist()
