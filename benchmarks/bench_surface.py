@@ -34,7 +34,7 @@ def build(kind: str, device: str) -> tuple[nn.Module, list]:
             nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
             nn.Flatten(), nn.Linear(32, 10),
         )
-        x = torch.randn(1024, 3, 32, 32)
+        x = torch.randn(512, 3, 32, 32)
     y = torch.randint(0, 10, (x.shape[0],))
     model = model.to(device).eval()
     data = [(x[i : i + 256].to(device), y[i : i + 256].to(device)) for i in range(0, x.shape[0], 256)]
@@ -99,10 +99,10 @@ def main() -> None:
         return go
 
     t_fwd = timed(forward_once, args.device)
-    rows = {"forward_s": t_fwd, "naive": timed(naive, args.device, 1) / n / t_fwd,
-            "functional": timed(engine(1, False), args.device, 1) / n / t_fwd}
+    rows = {"forward_s": t_fwd, "naive": timed(naive, args.device) / n / t_fwd,
+            "functional": timed(engine(1, False), args.device) / n / t_fwd}
     for c in [int(c) for c in args.chunks.split(",")]:
-        rows[f"vmap_chunk{c}"] = timed(engine(c, True), args.device, 1) / n / t_fwd
+        rows[f"vmap_chunk{c}"] = timed(engine(c, True), args.device) / n / t_fwd
     report = {"model": args.model, "device": args.device, "points": n, "threads": torch.get_num_threads(),
               "time_per_point_in_forwards": rows}
     if args.json:

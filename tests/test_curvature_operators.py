@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, hessian, jacfwd, jacrev
 
 from lossatlas.errors import UserError
 from lossatlas.probes.curvature import (

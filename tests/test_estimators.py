@@ -150,7 +150,10 @@ def test_warm_start_needs_fewer_matvecs(t15):
     A, _ = t15
     cold = lanczos_eigs(A, 5, tol=1e-8)
     noise = 1e-7 * torch.randn(500, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
-    warm = lanczos_eigs(A, 5, tol=1e-8, v0=cold.eigenvectors + noise)
+    v0 = cold.eigenvectors + noise
+    v0_before = v0.clone()
+    warm = lanczos_eigs(A, 5, tol=1e-8, v0=v0)
+    assert torch.equal(v0, v0_before)  # the caller's tensor is not modified
     assert warm.matvecs < cold.matvecs
     np.testing.assert_allclose(warm.eigenvalues, cold.eigenvalues, atol=1e-8)
     warm1 = lanczos_eigs(A, 5, tol=1e-8, v0=cold.eigenvectors.sum(1))

@@ -39,5 +39,7 @@ def checkpoint_panel_figure(surface: ResultLike | None, hessian: ResultLike | No
         else:
             note(c, "no sharpness timeline\n(lossatlas sharpness --steps all)")
         for ax, tag in zip((a, b, c), "abc"):
-            ax.set_title(f"({tag}) " + ax.get_title(), loc="left")
+            title = ax.get_title()
+            ax.set_title("")
+            ax.set_title(f"({tag}) {title}", loc="left")
     return fig

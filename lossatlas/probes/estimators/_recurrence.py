@@ -65,7 +65,7 @@ class BlockLanczos:
         self.matvecs = 0
         self.exhausted = False  # no orthogonal direction left for a restart
         self._B_prev: Tensor | None = None  # B_{j-1} in the basis dtype, (R, b, b)
-        first = self._orthonormalize(start, np.zeros(R), basis_len=0)
+        first = self._orthonormalize(start)
         self.V[:, :b] = first
 
     @property
@@ -171,13 +171,13 @@ class BlockLanczos:
             Q[r], Rn[r] = self._gram_schmidt(W[r], r, basis_len, make_next, thresh[r])
         return Q, Rn
 
-    def _orthonormalize(self, start: Tensor, anorm: np.ndarray, basis_len: int) -> Tensor:
+    def _orthonormalize(self, start: Tensor) -> Tensor:
         """Orthonormal rows spanning ``start`` per run, random-filled where it is rank deficient."""
         out = torch.empty_like(start)
         scale = start.abs().amax(dim=(1, 2)).detach().to("cpu", torch.float64).numpy()
         for r in range(self.R):
             thr = _BREAKDOWN_FACTOR * self.eps * max(scale[r], np.finfo(float).tiny)
-            out[r], _ = self._gram_schmidt(start[r], r, basis_len, True, thr)
+            out[r], _ = self._gram_schmidt(start[r], r, 0, True, thr)
         return out
 
     def _gram_schmidt(self, W: Tensor, r: int, basis_len: int, make_next: bool, thr: float) -> tuple[Tensor, np.ndarray]:

@@ -37,7 +37,9 @@ class EigResult:
 
     ``eigenvalues`` are sorted descending for ``"LA"``, ascending for ``"SA"`` and by descending
     magnitude for ``"LM"``; ``eigenvectors`` (P, k) are unit columns in the operator's dtype (or
-    None); ``converged[i]`` says ``residuals[i] ≤ tol·max(|θ_i|, ε^{2/3}‖T‖)``.
+    None); ``converged[i]`` says ``residuals[i] ≤ tol·max(|θ_i|, ε^{2/3}‖T‖)`` (ε of the operator
+    dtype). Converged pairs are accurate Ritz pairs, not a proof that no eigenvalue was missed:
+    a single start vector can miss copies of a multiple eigenvalue (see :func:`lanczos_eigs`).
     """
 
     eigenvalues: np.ndarray
@@ -73,8 +75,10 @@ def lanczos_eigs(
     the found Ritz values are exact and the run continues from a random vector orthogonal to the
     basis, so there is never a NaN.
 
-    A single start vector sees each distinct eigenvalue once (for A = diag(5, 5, 5, 1, …) it finds
-    one 5); ``block_size ≥`` the multiplicity finds every copy (SCIENCE.md §1.2, T1.7, T2.1).
+    One Krylov space holds each distinct eigenvalue once (for A = diag(5, 5, 5, 1, …) it finds one
+    5 and breaks down); further copies come only from restarts after an exact breakdown or, late
+    and unreliably, from rounding. ``block_size ≥`` the multiplicity finds every copy (SCIENCE.md
+    §1.2 pitfall, T1.7, T2.1) — use it for clustered outliers (C classes ⇒ ≈ C outliers).
 
     Args:
         A: symmetric operator with ``shape`` (P, P), ``dtype``, ``device`` and ``A @ V`` for V
@@ -127,7 +131,7 @@ def lanczos_eigs(
         )
 
     run = BlockLanczos(A, start.T.unsqueeze(0), max_iter, reorth, gen)
-    tiny_rel = float(np.finfo(np.float64).eps) ** (2 / 3)
+    tiny_rel = float(torch.finfo(dtype).eps) ** (2 / 3)  # ARPACK-style floor for θ ≈ 0
     ritz = None
     while run.steps < max_iter and not run.exhausted:
         run.step(need_next=run.steps + 1 < max_iter)

@@ -1,0 +1,128 @@
+"""The run report: ONE self-contained HTML page (plotly.js inlined once, no CDN, no network request) with the
+run's overview and every stored result, its figures and the config that produced it, grouped in sections."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+SECTION_TITLES: dict[str, str] = {
+    "overview": "Overview",
+    "instabilities": "Instabilities",
+    "curvature": "Curvature",
+    "sharpness": "Sharpness",
+    "landscape": "Landscape",
+    "representations": "Representations",
+    "other": "Other results",
+}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#0b3954;color:#fff;padding:14px 28px}header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;font-size:13px;opacity:.85}
+nav{padding:8px 28px;background:#fff;border-bottom:1px solid #ddd;position:sticky;top:0;z-index:10}
+nav a{margin-right:16px;color:#0072B2;text-decoration:none;font-size:14px}
+main{padding:8px 28px 40px;max-width:1200px}
+section{margin-top:26px}section h2{border-bottom:2px solid #0072B2;padding-bottom:4px}
+.item{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:12px 16px;margin:14px 0}
+.item h3{margin:0 0 6px;font-size:16px}.meta{color:#555;font-size:13px}
+.note{background:#fff8e1;border-left:4px solid #E69F00;padding:8px 12px;font-size:14px}
+pre{background:#f4f4f4;padding:8px;border-radius:4px;overflow:auto;font-size:12px;max-height:320px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f0f0f0}.fig{margin:8px 0}
+"""
+
+
+@dataclass
+class ReportItem:
+    """One stored result (or the training log) in the report: its figures, key numbers and config."""
+
+    title: str
+    figures: list = field(default_factory=list)  # plotly figures
+    subtitle: str = ""
+    table: dict[str, Any] = field(default_factory=dict)  # name -> value, shown as a two-column table
+    config: dict | None = None
+    images: list[str] = field(default_factory=list)  # inline <svg> or data: URLs of matplotlib figures
+
+
+@dataclass
+class ReportSection:
+    """A section of the report; ``note`` says which commands fill it when it has no items."""
+
+    name: str
+    items: list[ReportItem] = field(default_factory=list)
+    note: str = ""
+
+
+def plotly_js() -> str:
+    """plotly.js itself (the bundled, minified library), to inline once per page."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def figure_div(fig, div_id: str) -> str:
+    """A plotly figure as a ``<div>`` + inline script that expects plotly.js already on the page."""
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
+                       config={"displaylogo": False, "responsive": True})
+
+
+def html_page(title: str, body: str, *, subtitle: str = "") -> str:
+    """A full, offline HTML page: plotly.js once in the head, then ``body``."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
+        f"<script type=\"text/javascript\">{plotly_js()}</script></head><body>"
+        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p></header>{body}</body></html>\n"
+    )
+
+
+def figures_page(title: str, figures: Sequence, *, subtitle: str = "") -> str:
+    """Several plotly figures on one self-contained page (plotly.js inlined once)."""
+    body = "<main>" + "".join(f"<div class=\"fig\">{figure_div(f, f'fig-{i}')}</div>" for i, f in enumerate(figures)) + "</main>"
+    return html_page(title, body, subtitle=subtitle)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return f"<pre>{html.escape(json.dumps(v, indent=1, sort_keys=True, default=str))}</pre>"
+    return html.escape(str(v))
+
+
+def _table(rows: dict[str, Any]) -> str:
+    if not rows:
+        return ""
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_value(v)}</td></tr>" for k, v in rows.items()) + "</table>"
+
+
+def render_report(title: str, sections: Sequence[ReportSection], *, subtitle: str = "") -> str:
+    """The report page: a navigation bar, then each section with its items (or its note when empty)."""
+    nav = "".join(f"<a href=\"#{s.name}\">{html.escape(SECTION_TITLES.get(s.name, s.name))}</a>" for s in sections)
+    parts, n = [], 0
+    for s in sections:
+        parts.append(f"<section id=\"{s.name}\"><h2>{html.escape(SECTION_TITLES.get(s.name, s.name))}</h2>")
+        if not s.items and s.note:
+            parts.append(f"<p class=\"note\">{html.escape(s.note)}</p>")
+        elif s.note:
+            parts.append(f"<p class=\"meta\">{html.escape(s.note)}</p>")
+        for item in s.items:
+            parts.append(f"<div class=\"item\"><h3>{html.escape(item.title)}</h3>")
+            if item.subtitle:
+                parts.append(f"<p class=\"meta\">{html.escape(item.subtitle)}</p>")
+            parts.append(_table(item.table))
+            for fig in item.figures:
+                parts.append(f"<div class=\"fig\">{figure_div(fig, f'plot-{n}')}</div>")
+                n += 1
+            for img in item.images:
+                tag = img if img.lstrip().startswith("<svg") else '<img alt="figure" src="' + img + '">'
+                parts.append('<div class="fig">' + tag + "</div>")
+            if item.config is not None:
+                parts.append("<details><summary>config</summary><pre>"
+                             f"{html.escape(json.dumps(item.config, indent=2, sort_keys=True, default=str))}</pre></details>")
+            parts.append("</div>")
+        parts.append("</section>")
+    return html_page(title, f"<nav>{nav}</nav><main>{''.join(parts)}</main>", subtitle=subtitle)
