@@ -105,7 +105,7 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
     dspec = models.normalize_spec(data_spec) if data_spec is not None else None
     model = models.build_model(spec)
     param_names = {n for n, _ in model.named_parameters()}
-    buffer_names = {n for n, _ in model.named_buffers()}
+    buffer_names = set(model.state_dict()) - param_names  # persistent buffers
     by_step: dict[int, Path] = {}
     for p in paths:
         step = step_from_name(p, step_pattern)

@@ -128,7 +128,8 @@ class Recorder:
         if step in self._checkpointed:
             return
         params = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
-        buffers = {n: b.detach().cpu() for n, b in self.model.named_buffers()}
+        # persistent buffers only: exactly the state_dict entries that are not parameters
+        buffers = {n: b.detach().cpu() for n, b in self.model.state_dict(keep_vars=True).items() if n not in params}
         opt_state = None
         if self.optimizer is not None and self.save_optimizer_state:
             opt_state = optimizer_state_by_name(self.model, self.optimizer) or None

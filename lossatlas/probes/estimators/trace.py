@@ -103,7 +103,7 @@ def hutchpp_trace(A: Any, num_matvecs: int = 99, *, seed: int = 0, distribution:
     G = random_vectors(P, third, distribution, gen, dtype, device)  # (P, m/3)
     Q, _ = torch.linalg.qr(apply(A, S))  # (P, min(P, m/3))
     low_rank = float((Q * apply(A, Q)).sum()) if Q.shape[1] else 0.0
-    G = G
+    G = G - Q @ (Q.T @ G)
     s = (G * apply(A, G)).sum(dim=0).detach().to("cpu", torch.float64).numpy()  # (m/3,)
     return TraceEstimate(value=low_rank + float(s.mean()), stderr=_stderr(s), matvecs=m, samples=s, method="hutch++")
 

@@ -1,0 +1,239 @@
+"""The ``plot`` and ``report`` commands: read a run and its results file (through lossatlas.store) and draw them
+with lossatlas.viz. The CLI calls ``plot_command`` and ``report_command``; both raise UserError on bad input."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lossatlas import store
+from lossatlas.analysis.runner import default_results_path
+from lossatlas.errors import UserError
+from lossatlas.viz import figures as vizfig
+from lossatlas.viz.report import ReportItem, ReportSection, figures_page, render_report
+from lossatlas.viz.style import MATPLOTLIB_FORMATS, save_figure
+
+PLOT_FORMATS: tuple[str, ...] = (*MATPLOTLIB_FORMATS, ".html")
+REPORT_SECTIONS: tuple[str, ...] = ("overview", "instabilities", "curvature", "sharpness", "landscape",
+                                    "representations")
+_EMPTY_NOTES: dict[str, str] = {
+    "instabilities": "Loss spikes and divergence are diagnosed from the per-step telemetry above; "
+                     "run `lossatlas diagnose RUN` to add the spike diagnosis here.",
+    "curvature": "No Hessian results yet: run `lossatlas hessian RUN --steps all` "
+                 "(top-k eigenvalues, trace, spectral density, per-layer spectra).",
+    "sharpness": "No sharpness results yet: run `lossatlas sharpness RUN --steps all`.",
+    "landscape": "No landscape results yet: run `lossatlas surface RUN`, `lossatlas interpolate RUN --to-step STEP` "
+                 "or `lossatlas trajectory RUN`.",
+    "representations": "No representation results yet: run `lossatlas collapse RUN --steps all` "
+                       "or `lossatlas uniformity RUN --steps all`.",
+}
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def _open_run(run_path: str | Path) -> store.RunReader:
+    run_path = Path(run_path)
+    if not run_path.exists():
+        raise UserError(f"{run_path}: no such run file; check the path (make one with `lossatlas train`)")
+    return store.RunReader(run_path)
+
+
+def _results_store(run_path: Path, results_path: str | Path | None) -> store.ResultsStore | None:
+    path = Path(results_path) if results_path is not None else default_results_path(run_path)
+    if not path.exists():
+        if results_path is not None:
+            raise UserError(f"{path}: no such results file; check --results or run a probe first")
+        return None
+    return store.ResultsStore(path, mode="r")
+
+
+def results_by_config(results: store.ResultsStore, probe: str | None = None) -> dict[tuple[str, str], list]:
+    """Every stored (probe, config key) with its Results sorted by step; newest-written groups first."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for e in results.entries(probe):
+        groups.setdefault((e["probe"], e["key"]), []).append(e)
+    order = sorted(groups, key=lambda g: -max(e["written_at"] for e in groups[g]))
+    out = {}
+    for g in order:
+        entries = sorted(groups[g], key=lambda e: -1 if e["step"] is None else e["step"])
+        out[g] = [(results.read(g[0], g[1], e["step"]), e) for e in entries]
+    return out
+
+
+def latest_results(results: store.ResultsStore | None, probe: str) -> list:
+    """The Results of ``probe`` under its most recently written config, over all its stored steps."""
+    if results is None:
+        return []
+    groups = results_by_config(results, probe)
+    if not groups:
+        return []
+    first = next(iter(groups.values()))
+    return [found[0] for found, _ in first if found is not None]
+
+
+def _lr_series(reader: store.RunReader) -> tuple[np.ndarray, np.ndarray] | None:
+    if "lr" not in reader.log_names():
+        return None
+    log = reader.log(["lr"])
+    return (log["step"], log["lr"]) if np.isfinite(log["lr"]).any() else None
+
+
+def _check_output(output: str | Path, overwrite: bool, formats: tuple[str, ...]) -> Path:
+    output = Path(output)
+    if output.suffix.lower() not in formats:
+        raise UserError(f"{output}: unsupported output format {output.suffix or '(none)'!r}; "
+                        f"use one of {', '.join(formats)}")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --force to overwrite it")
+    if not output.parent.exists():
+        raise UserError(f"{output.parent}: no such directory; create it first")
+    return output
+
+
+def _write_atomically(output: Path, write) -> Path:
+    """Write through a temporary file next to ``output``, then rename: a failed write leaves no half file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=output.suffix, dir=output.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return output
+
+
+# -- plot ---------------------------------------------------------------------------------------------------------
+def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, output: str | Path,
+                 overwrite: bool = False, results_path: str | Path | None = None) -> Path:
+    """Draw ``kind`` ("training" or a probe name) of a run to ``output`` (.pdf/.png/.svg via matplotlib, .html
+    via plotly, self-contained). Returns the written path."""
+    try:
+        vizfig.check_kind(kind)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    output = _check_output(output, overwrite, PLOT_FORMATS)
+    run_path = Path(run_path)
+    reader = _open_run(run_path)
+    log, results, lr = None, None, None
+    if kind == "training":
+        log = reader.log()
+        if log["step"].size == 0:
+            raise UserError(f"{run_path}: the run has no per-step log to plot; record one with lossatlas.Recorder "
+                            "(`lossatlas train` does)")
+    else:
+        results = latest_results(_results_store(run_path, results_path), kind)
+        if not results:
+            cmd = vizfig.COMMANDS[kind].replace("RUN", str(run_path))
+            raise UserError(f"no {kind!r} result stored for {run_path} yet; compute it with `{cmd}`")
+        if step is not None and all(r.step != step for r in results):
+            have = ", ".join(str(r.step) for r in results)
+            raise UserError(f"no {kind!r} result at step {step}; stored steps: {have} "
+                            f"(or compute it with `{vizfig.COMMANDS[kind].split(' RUN')[0]} {run_path} --step {step}`)")
+        lr = _lr_series(reader) if kind == "hessian" else None
+    if output.suffix.lower() == ".html":
+        figs = vizfig.interactive_figures(kind, results, log=log, step=step, lr=lr)
+        if not figs:
+            raise UserError(f"the stored {kind!r} result holds nothing to draw; recompute it with "
+                            f"`{vizfig.COMMANDS[kind].replace('RUN', str(run_path))} --force`")
+        page = figures_page(f"{kind} — {run_path.name}", figs, subtitle=_subtitle(reader, run_path))
+        return _write_atomically(output, lambda p: p.write_text(page, encoding="utf-8"))
+    fig = vizfig.paper_figure(kind, results, log=log, step=step, lr=lr)
+    return _write_atomically(output, lambda p: save_figure(fig, p))
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+def _subtitle(reader: store.RunReader, run_path: Path) -> str:
+    steps = reader.steps()
+    span = f"checkpoints {steps[0]}…{steps[-1]} ({len(steps)})" if steps else "no checkpoints"
+    return f"{run_path} · {span} · created {reader.created_at or 'unknown'} · lossatlas {reader.lossatlas_version}"
+
+
+def _overview_item(reader: store.RunReader) -> ReportItem:
+    steps = reader.steps()
+    table: dict[str, Any] = {
+        "model": reader.model_spec, "data": reader.data_spec, "loss": reader.loss or "unknown",
+        "optimizer": reader.optimizer, "checkpoints": f"{len(steps)}: {', '.join(map(str, steps[:20]))}"
+                                                       + (" …" if len(steps) > 20 else ""),
+        "file size": f"{reader.size_bytes() / 2**20:.2f} MiB",
+    }
+    for k, v in reader.attrs.items():
+        table[k] = _maybe_json(v)
+    return ReportItem(title="Run", table=table)
+
+
+def _maybe_json(v: Any) -> Any:
+    import json
+
+    if isinstance(v, str) and v[:1] in "{[":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _result_item(probe: str, key: str, found: list, figures: list) -> ReportItem:
+    results = [r for (r, _), _e in found]
+    infos = [info for (_, info), _e in found]
+    last = results[-1]
+    steps = [r.step for r in results]
+    table: dict[str, Any] = {}
+    for name, v in last.values.items():
+        arr = np.asarray(v)
+        if arr.ndim == 0 and arr.dtype.kind in "fiub" and len(table) < 24:
+            table[name] = float(arr) if arr.dtype.kind == "f" else arr.item()
+    partial = sum(i["status"] == "partial" for i in infos)
+    subtitle = (f"config key {key} · steps {', '.join(map(str, steps))} · values of step {last.step} below"
+                + (f" · {partial} partial (rerun the command to finish)" if partial else "")
+                + f" · {sum(i['elapsed_s'] for i in infos):.1f} s compute")
+    return ReportItem(title=f"{probe}", subtitle=subtitle, table=table, config=last.config, figures=figures)
+
+
+def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool = False,
+                   results_path: str | Path | None = None) -> Path:
+    """Write ONE self-contained, offline HTML report of a run: overview (specs, training curves, telemetry) and
+    every stored result with its figures and config, in sections. Returns the written path."""
+    output = _check_output(output, overwrite, (".html",))
+    run_path = Path(run_path)
+    reader = _open_run(run_path)
+    sections = {name: ReportSection(name) for name in REPORT_SECTIONS}
+    overview = sections["overview"]
+    overview.items.append(_overview_item(reader))
+    log = reader.log()
+    if log["step"].size:
+        curves = [f for f in vizfig.interactive_figures("training", log=log)]
+        overview.items.append(ReportItem(title="Training curves", figures=curves[:1],
+                                         subtitle=f"{log['step'].size} logged steps"))
+        sections["instabilities"].items.append(ReportItem(
+            title="Per-tensor telemetry", figures=curves[1:],
+            subtitle="gradient norm per parameter tensor (log colour scale): a layer whose norm jumps first "
+                     "often starts a loss spike"))
+        sections["instabilities"].note = _EMPTY_NOTES["instabilities"]
+    else:
+        overview.items.append(ReportItem(title="Training curves", subtitle="the run has no per-step log"))
+    lr = _lr_series(reader) if log["step"].size else None
+    results = _results_store(run_path, results_path)
+    if results is not None:
+        for (probe, key), found in results_by_config(results).items():
+            found = [(f, e) for f, e in found if f is not None]
+            if not found:
+                continue
+            rs = [f[0] for f, _ in found]
+            figs = vizfig.interactive_figures(probe, rs, lr=lr if probe == "hessian" else None)
+            section = vizfig.SECTIONS.get(probe, "other")
+            sections.setdefault(section, ReportSection(section)).items.append(_result_item(probe, key, found, figs))
+    for name, s in sections.items():
+        if not s.items:
+            s.note = _EMPTY_NOTES.get(name, "")
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    page = render_report(f"lossatlas report — {run_path.name}", list(sections.values()),
+                         subtitle=_subtitle(reader, run_path) + f" · report written {stamp}")
+    return _write_atomically(output, lambda p: p.write_text(page, encoding="utf-8"))
