@@ -97,6 +97,9 @@ class Recorder:
         self._schedule = checkpoint_schedule(every=checkpoint_every, steps=checkpoint_steps,
                                              log_spaced=log_spaced, max_steps=max_steps)
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._keys_g = [f"grad_norm/{n}" for n in self._names]
+        self._keys_w = [f"weight_norm/{n}" for n in self._names]
+        self._keys_u = [f"update_ratio/{n}" for n in self._names]
         self._params = [p for _, p in model.named_parameters() if p.requires_grad]
         self._previous: list[torch.Tensor] | None = None
         self._checkpointed: set[int] = set()
@@ -179,25 +182,23 @@ class Recorder:
         """Gradient, weight and update norms, all norms fused and fetched with one device sync."""
         params = self._params
         grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
-        gnorms = torch.stack(torch._foreach_norm(grads))
-        wnorms = torch.stack(torch._foreach_norm(params))
-        parts = [gnorms, wnorms]
-        if self._previous is not None:
-            unorms = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._previous)))
-            torch._foreach_copy_(self._previous, params)
-            parts.append(unorms)
-        else:
+        parts = [torch.stack(torch._foreach_norm(grads)), torch.stack(torch._foreach_norm(params))]
+        first = self._previous is None
+        if first:
             self._previous = [p.detach().clone() for p in params]
-        host = torch.stack([t.double() for t in parts]).cpu().numpy()  # one sync: (2 or 3, n)
+        else:
+            parts.append(torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._previous))))
+            torch._foreach_copy_(self._previous, params)
+        host = torch.stack(parts).double().cpu().numpy()  # one sync: (2 or 3, n)
         g, w = host[0], host[1]
-        row = {"grad_norm": float(np.sqrt((g**2).sum())), "weight_norm": float(np.sqrt((w**2).sum()))}
-        if host.shape[0] == 3:
-            u = host[2]
-            row["update_ratio"] = float(np.sqrt((u**2).sum()) / max(row["weight_norm"], 1e-30))
+        wn = float(np.sqrt(w @ w))
+        row = {"grad_norm": float(np.sqrt(g @ g)), "weight_norm": wn}
         if self.per_tensor:
-            for i, name in enumerate(self._names):
-                row[f"grad_norm/{name}"] = float(g[i])
-                row[f"weight_norm/{name}"] = float(w[i])
-                if host.shape[0] == 3:
-                    row[f"update_ratio/{name}"] = float(host[2][i] / max(w[i], 1e-30))
+            row.update(zip(self._keys_g, g.tolist()))
+            row.update(zip(self._keys_w, w.tolist()))
+        if not first:
+            u = host[2]
+            row["update_ratio"] = float(np.sqrt(u @ u)) / max(wn, 1e-30)
+            if self.per_tensor:
+                row.update(zip(self._keys_u, (u / np.maximum(w, 1e-30)).tolist()))
         return row

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import functools
 import fcntl
 import hashlib
 import io
@@ -84,6 +85,7 @@ _ROW_CHUNK_BYTES = 64 * 2**20  # at most this much per chunk of a checkpoint row
 
 
 # -- small helpers ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8192)  # the log escapes the same names every step
 def _escape(name: str) -> str:
     if not isinstance(name, str) or name in ("", ".", ".."):
         raise ValueError(f"invalid name {name!r}: names must be non-empty strings other than '.' and '..'")

@@ -40,6 +40,11 @@ def _layer_name(module_name: str) -> str:
     return name.removesuffix(".attn") or "model"
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Half-precision tensors are reduced in float32; float32/float64 keep their precision."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def default_blocks(model: nn.Module) -> list[str]:
     """The names of the children of every ``nn.ModuleList`` in ``model`` (transformer blocks)."""
     out = []
@@ -101,7 +106,7 @@ class InstabilityMonitor:
 
     # -- hooks: reduce to scalar tensors, never sync --------------------------------------------
     def _update_max(self, key: str, value: Tensor) -> None:
-        value = value.detach().float()
+        value = _at_least_float32(value.detach())
         prev = self._max.get(key)
         self._max[key] = value if prev is None else torch.maximum(prev, value)
 
@@ -131,7 +136,7 @@ class InstabilityMonitor:
     def _output_hook(self, module: nn.Module, args: tuple, out) -> None:
         if not isinstance(out, Tensor) or out.ndim < 2 or not out.is_floating_point():
             return
-        logits = out.detach().float()
+        logits = _at_least_float32(out.detach())
         logz = torch.logsumexp(logits, dim=-1)  # (B,) or (B, T)
         self._sum["output_logz_mean"] = self._sum.get("output_logz_mean", 0) + logz.sum()
         self._count["output_logz_mean"] = self._count.get("output_logz_mean", 0) + logz.numel()
@@ -153,7 +158,7 @@ class InstabilityMonitor:
                 if not st or "exp_avg_sq" not in st:
                     continue
                 step = float(st["step"])
-                m, v = st["exp_avg"].float(), st["exp_avg_sq"].float()
+                m, v = _at_least_float32(st["exp_avg"]), _at_least_float32(st["exp_avg_sq"])
                 v_hat = v / (1 - beta2**step)
                 denom = v_hat.sqrt()
                 u = (m / (1 - beta1**step)) / (denom + eps)

@@ -448,3 +448,24 @@ def test_trajectory_probe_true_loss_and_projection_loss():
     assert np.abs(r.values["loss_at_projection"][:3] - r.values["loss"][:3]).max() > 1e-3
     assert r.values["surface_loss"].shape == (3, 3) and r.dims["surface_loss"] == ("y", "x")
     assert r.values["distance_to_plane"][-1] == 0.0 and r.meta["rules_x"]["bias"] == "zero(biasbn)"
+
+
+def test_surface_probe_checkpoint_and_pca_directions():
+    """directions="checkpoints": α = 1 lands on the other checkpoint; "pca": the trajectory probe's pcs."""
+    torch.manual_seed(11)
+    model = nn.Linear(3, 2).to(DT)
+    g = torch.Generator().manual_seed(12)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    states = {s: {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=DT) for k, v in base.items()} for s in (0, 10)}
+    states[20] = base
+    x = torch.randn(16, 3, dtype=DT)
+    data = [(x, torch.randn(16, 2, dtype=DT))]
+    ctx = ProbeContext(model=model, data=data, loss="mse", step=20, steps=[0, 10, 20], state_at=lambda s: states[s])
+    r = Surface(dims=1, directions="checkpoints", x_step=0, xrange=(0, 1, 3)).run(ctx)
+    ends = [PointEvaluator(model, states[s], [], data, "mse").evaluate(np.zeros((1, 0)))["loss"][0] for s in (20, 0)]
+    assert r.values["loss"][0] == ends[0] and r.values["loss"][-1] == pytest.approx(ends[1], rel=1e-12)
+    assert r.meta["rules_x"] == {"weight": "difference", "bias": "difference"} and r.dims["loss"] == ("x",)
+    pca = Surface(directions="pca", xrange=(-1, 1, 3)).run(ctx)
+    traj = Trajectory().run(ctx)
+    np.testing.assert_array_equal(pca.values["direction_x"], traj.values["direction_x"])
+    np.testing.assert_array_equal(pca.values["direction_y"], traj.values["direction_y"])

@@ -105,8 +105,8 @@ def detect_spikes(
     ``window`` unflagged steps; flag r_t > k = ``sensitivity`` (SCIENCE.md §8.6, robust detector
     (b) with exclusion and detrending). The nominal threshold is a jump of k·σ̂ in log-loss, i.e. a
     height ratio exp(k·σ̂) over the trend (σ̂ is reported with each spike). Measured on a noisy
-    power-law curve (tests/test_spikes.py): recall ≈ 0.8 for heights 1–1.5× nominal, 1.0 above
-    1.5×, and no false positive in 9·10⁴ steps at k = 6.
+    power-law curve (tests/test_spikes.py): recall ≈ 0.65–0.8 for heights 1–1.5× nominal, 1.0
+    from 1.5×, and no false positive in 9·10⁴ steps at k = 6.
     A spike is open until r_t < ``recover_sigmas`` (flags in between belong to it); one still open
     ``window`` steps after its start is closed with ``recovery=None`` and the window restarts at
     the new level.

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import DIR_TYPES, check_option, checkpoint_direction, model_state
-from lossatlas.probes.surface import BN_MODES, PointEvaluator, evaluate_grid, grid_axis
+from lossatlas.probes.surface import BN_MODES, PointEvaluator, auto_chunk_size, evaluate_grid, grid_axis
 
 
 def barriers(alphas: np.ndarray, values: np.ndarray) -> dict[str, float]:
@@ -142,7 +141,7 @@ class Interpolate(Probe):
     bn: str = "keep"
     bn_batches: int | None = None
     layerwise: bool = False
-    chunk_size: int = 8
+    chunk_size: int | None = None  # None: 1 on CPU, 16 on an accelerator
 
     def validate(self) -> None:
         if self.to_step is None:
@@ -152,8 +151,8 @@ class Interpolate(Probe):
         check_option("bn", self.bn, BN_MODES)
         if self.bn_batches is not None and self.bn_batches < 1:
             raise ValueError(f"bn_batches must be >= 1 or None (all data), got {self.bn_batches}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None (automatic), got {self.chunk_size}")
 
     def run(self, ctx: ProbeContext) -> Result:
         t0 = time.perf_counter()
@@ -163,7 +162,7 @@ class Interpolate(Probe):
         start = model_state(ctx.model, self.dir_type)
         end = {k: v for k, v in ctx.state_at(int(self.to_step)).items() if k in start}
         bn_data = list(ctx.data)[: self.bn_batches] if self.bn_batches else None
-        curve = interpolation_curve(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=self.chunk_size)
+        curve = interpolation_curve(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
         values = {k: curve[k] for k in ("loss", "accuracy", "error")}
         dims: dict[str, tuple[str, ...]] = {k: ("alpha",) for k in values}
         coords: dict[str, np.ndarray] = {"alpha": a}
@@ -178,7 +177,7 @@ class Interpolate(Probe):
             )
             dims.update({k: () for k in ("loss_barrier", "loss_midpoint_barrier", "error_barrier", "error_linear_barrier")})
             if self.layerwise:
-                table = layerwise_barriers(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=self.chunk_size)
+                table = layerwise_barriers(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
                 meta["groups"] = table["groups"]
                 coords["group"] = np.arange(len(table["groups"]))
                 coords["k"] = np.arange(1, len(table["groups"]) + 1)

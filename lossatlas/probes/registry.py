@@ -1,3 +1,11 @@
 """Import every probe module so that each registers itself (the CLI and the conformance test iterate PROBES)."""
 
-from lossatlas.probes import collapse, evaluate, sharpness, uniformity  # noqa: F401
+from lossatlas.probes import (  # noqa: F401
+    collapse,
+    connectivity,
+    evaluate,
+    sharpness,
+    surface,
+    trajectory,
+    uniformity,
+)

@@ -212,6 +212,20 @@ class PointEvaluator:
         return [f(s, x) for s in states]
 
 
+def default_chunk_size(evaluator: PointEvaluator, device: torch.device | str, budget_bytes: int = 2**30) -> int:
+    """Points per vmapped forward: 1 on CPU (vmap measured no faster there, slower for convs:
+    benchmarks/bench_surface.py), else as many as fit ``budget_bytes`` of stacked parameters, at most 16."""
+    if torch.device(device).type == "cpu":
+        return 1
+    per_point = sum(evaluator.state[k].numel() * evaluator.state[k].element_size() for k in evaluator.moving)
+    return int(max(1, min(16, budget_bytes // max(per_point, 1))))
+
+
+def auto_chunk_size(chunk_size: int | None, device: torch.device | str) -> int:
+    """``chunk_size`` if given, else 1 on CPU and 16 on an accelerator (see ``default_chunk_size``)."""
+    return int(chunk_size) if chunk_size else (1 if torch.device(device).type == "cpu" else 16)
+
+
 def points_for_rank(n_points: int, rank: int, world_size: int) -> np.ndarray:
     """The flat point indices rank ``rank`` of ``world_size`` evaluates: rank, rank + W, rank + 2W, ..."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -448,7 +462,7 @@ class Surface(Probe):
     bn: str = "keep"
     bn_batches: int | None = None
     metrics: tuple[str, ...] = ()
-    chunk_size: int = 8
+    chunk_size: int | None = None
     save_every: int = 256
     quadratic_check: bool = True
 
@@ -464,8 +478,8 @@ class Surface(Probe):
         check_option("dir_type", self.dir_type, DIR_TYPES)
         check_option("bn", self.bn, BN_MODES)
         extra_metrics(self.metrics)
-        if self.chunk_size < 1 or self.save_every < 1:
-            raise ValueError("chunk_size and save_every must be >= 1")
+        if (self.chunk_size is not None and self.chunk_size < 1) or self.save_every < 1:
+            raise ValueError("chunk_size (or None: automatic) and save_every must be >= 1")
         if self.bn_batches is not None and self.bn_batches < 1:
             raise ValueError(f"bn_batches must be >= 1 or None (all data), got {self.bn_batches}")
         if self.directions == "checkpoints" and self.x_step is None:
@@ -511,6 +525,7 @@ class Surface(Probe):
             dirs = self._directions(ctx, base)
         bn_data = list(ctx.data)[: self.bn_batches] if self.bn_batches else None
         ev = PointEvaluator(ctx.model, base, dirs, ctx.data, ctx.loss, metrics=extra_metrics(self.metrics), bn=self.bn, bn_data=bn_data)
+        chunk = self.chunk_size or default_chunk_size(ev, ctx.device)
         out = {name: np.full(n, np.nan) for name in ev.names}
         done = np.zeros(n, dtype=bool)
         if partial is not None:
@@ -527,9 +542,11 @@ class Surface(Probe):
                 pending[0] = 0
                 ctx.save_partial(self._result(ctx, o, d, shape, x, y, dirs, status="partial", t0=t0))
 
-        evaluate_grid(ev, coords, done=done, out=out, chunk_size=self.chunk_size, on_chunk=on_chunk)
-        quad = self._quadratic(ctx, base, dirs, ev, out, x, y) if self.quadratic_check else None
-        return self._result(ctx, out, done, shape, x, y, dirs, status="complete", t0=t0, quadratic=quad, vectorized=ev.vectorized_ok)
+        evaluate_grid(ev, coords, done=done, out=out, chunk_size=chunk, on_chunk=on_chunk)
+        quad = self._quadratic(ctx, base, dirs, ev, out, x, y, chunk) if self.quadratic_check else None
+        res = self._result(ctx, out, done, shape, x, y, dirs, status="complete", t0=t0, quadratic=quad, vectorized=ev.vectorized_ok)
+        res.meta["chunk_size"] = chunk
+        return res
 
     def _usable_partial(self, ctx: ProbeContext, shape: tuple[int, ...]) -> Result | None:
         p = ctx.partial
@@ -547,21 +564,21 @@ class Surface(Probe):
         rules = [partial.meta.get("rules_x", {}), partial.meta.get("rules_y", {})]
         return [Direction(unflatten(torch.as_tensor(partial.values[k]), like), dict(r)) for k, r in zip(keys, rules)]
 
-    def _quadratic(self, ctx, base, dirs, ev, out, x, y) -> dict:
+    def _quadratic(self, ctx, base, dirs, ev, out, x, y, chunk) -> dict:
         params = {k: v for k, v in base.items() if k in ev.param_names}
         buffers = {k: v for k, v in ev.state.items() if k not in ev.param_names}
         report = {}
         for axis, (d, a) in enumerate(zip(dirs, [x, y])):
             if a is None:
                 continue
-            line = self._axis_line(ev, out, x, y, axis)
+            line = self._axis_line(ev, out, x, y, axis, chunk)
             d_params = {k: v for k, v in d.tensors.items() if k in params}
             value, slope, curv = directional_derivatives(ctx.model, params, d_params, ctx.data, ctx.loss, buffers=buffers)
             report["xy"[axis]] = quadratic_regime(a, line, value, slope, curv)
         report["note"] = "Hessian curvature with the checkpoint's BN statistics (eval mode)" if self.bn == "recompute" else ""
         return report
 
-    def _axis_line(self, ev: PointEvaluator, out, x, y, axis: int) -> np.ndarray:
+    def _axis_line(self, ev: PointEvaluator, out, x, y, axis: int, chunk: int) -> np.ndarray:
         """L along one axis through θ* (the grid's row/column when it contains 0, else evaluated)."""
         a = x if axis == 0 else y
         other = None if y is None else (y if axis == 0 else x)
@@ -573,7 +590,7 @@ class Surface(Probe):
             return z[hit[0], :] if axis == 0 else z[:, hit[0]]
         pts = np.zeros((len(a), 2))
         pts[:, axis] = a
-        return evaluate_grid(ev, pts, chunk_size=self.chunk_size)[0]["loss"]
+        return evaluate_grid(ev, pts, chunk_size=chunk)[0]["loss"]
 
     def _result(self, ctx, out, done, shape, x, y, dirs, *, status, t0, quadratic=None, vectorized=None) -> Result:
         dims = ("y", "x") if y is not None else ("x",)

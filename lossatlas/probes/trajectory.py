@@ -30,7 +30,7 @@ from lossatlas.probes.directions import (
     tensor_kinds,
     unflatten,
 )
-from lossatlas.probes.surface import PointEvaluator, evaluate_grid, grid_points
+from lossatlas.probes.surface import PointEvaluator, auto_chunk_size, evaluate_grid, grid_points
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Trajectory(Probe):
     dir_type: str = "weights"
     grid: int = 0
     margin: float = 0.1
-    chunk_size: int = 8
+    chunk_size: int | None = None  # None: 1 on CPU, 16 on an accelerator
 
     def validate(self) -> None:
         check_option("ignore", self.ignore, IGNORES)
@@ -127,8 +127,8 @@ class Trajectory(Probe):
             raise ValueError(f"grid must be 0 (no surface) or >= 2 points per axis, got {self.grid}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None (automatic), got {self.chunk_size}")
 
     def run(self, ctx: ProbeContext) -> Result:
         t0 = time.perf_counter()
@@ -143,7 +143,7 @@ class Trajectory(Probe):
         pca = trajectory_pca(states, final, ignore=self.ignore, names=names, kinds_model=ctx.model)
         true = [PointEvaluator(ctx.model, s, [], ctx.data, ctx.loss).evaluate(np.zeros((1, 0))) for s in states]
         ev = PointEvaluator(ctx.model, final, list(pca.directions), ctx.data, ctx.loss)
-        proj, _ = evaluate_grid(ev, pca.coords, chunk_size=self.chunk_size)
+        proj, _ = evaluate_grid(ev, pca.coords, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
         cdim = ("checkpoint",)
         values = {
             "proj_x": pca.coords[:, 0],
@@ -165,7 +165,7 @@ class Trajectory(Probe):
         coords = {"checkpoint": np.array(steps), "component": np.arange(2)}
         if self.grid:
             x, y = self._grid_axes(pca.coords)
-            out, _ = evaluate_grid(ev, grid_points(x, y), chunk_size=self.chunk_size)
+            out, _ = evaluate_grid(ev, grid_points(x, y), chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
             values["surface_loss"] = out["loss"].reshape(len(y), len(x))
             values["surface_accuracy"] = out["accuracy"].reshape(len(y), len(x))
             dims.update(surface_loss=("y", "x"), surface_accuracy=("y", "x"))

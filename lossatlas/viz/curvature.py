@@ -13,10 +13,11 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, scalar, series, steps_of
-from lossatlas.viz.style import ONE_COLUMN_IN, TWO_COLUMN_IN, log_if_decades, new_figure, note, paper_style
+from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, series, steps_of
+from lossatlas.viz.style import log_if_decades, new_figure, note, paper_style
 
 LrLike = float | tuple[Sequence[float], Sequence[float]] | None
+DENSITY_FLOOR = 1e-8  # densities below this fraction of the peak are drawn at it (log axis; SLQ tails are ~0)
 
 
 def learning_rates(results: Sequence[ResultLike], lr: LrLike = None) -> np.ndarray:
@@ -44,7 +45,7 @@ def draw_spectrum(ax, result: ResultLike) -> bool:
         return False
     if density is not None:
         grid = coord(result, "density")
-        floor = max(np.nanmax(density) * 1e-12, np.finfo(float).tiny)
+        floor = max(np.nanmax(density) * DENSITY_FLOOR, np.finfo(float).tiny)
         ax.fill_between(grid, np.maximum(density, floor), floor, color="C0", alpha=0.3, lw=0)
         ax.plot(grid, np.maximum(density, floor), color="C0", label="density (SLQ)")
         ax.set_yscale("log")
@@ -94,7 +95,7 @@ def draw_eigenvalues_vs_step(ax, results: Sequence[ResultLike], lr: LrLike = Non
     eta = learning_rates(results, lr)
     shown = m.copy()
     if np.isfinite(eta).any():
-        ax.plot(steps, 2.0 / eta, color="C3", ls="--", drawstyle="steps-post", label="2/η")
+        ax.plot(steps, 1.0 / eta, color="C3", ls="--", drawstyle="steps-post", label="2/η")
         shown = np.column_stack([m, 2.0 / eta])
     log_if_decades(ax, shown)
     ax.set_xlabel("step")

@@ -8,8 +8,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, scalar, series, steps_of
-from lossatlas.viz.curvature import LrLike, learning_rates
+from lossatlas.viz._results import ResultLike, array, as_list, coord, scalar, series, steps_of
+from lossatlas.viz.curvature import DENSITY_FLOOR, LrLike, learning_rates
 from lossatlas.viz.representations import NC_SERIES, UNIFORMITY_SERIES
 from lossatlas.viz.sharpness import MEASURE_LABELS, sharpness_measures
 from lossatlas.viz.style import OKABE_ITO, spans_decades
@@ -103,7 +103,8 @@ def spectrum_plotly(result: ResultLike):
     density = array(result, "density")
     if density is not None:
         grid = coord(result, "density")
-        fig.add_trace(go.Scatter(x=_clean(grid), y=_clean(np.where(density > 0, density, np.nan)), mode="lines",
+        shown = np.maximum(density, max(float(np.nanmax(density)) * DENSITY_FLOOR, np.finfo(float).tiny))
+        fig.add_trace(go.Scatter(x=_clean(grid), y=_clean(shown), mode="lines",
                                  fill="tozeroy", name="density (SLQ)"))
     for name, label, sym in (("top_eigenvalues", "top-k λ", "triangle-down"), ("bottom_eigenvalues", "bottom-k λ", "triangle-up"),
                              ("outliers", "outliers", "x")):
@@ -221,10 +222,13 @@ def interpolation_plotly(result: ResultLike):
     err = array(result, "error")
     if err is not None:
         fig.add_trace(go.Scatter(x=_clean(a), y=_clean(err), mode="lines", name="error", yaxis="y2", line=dict(dash="dash")))
-        fig.update_layout(yaxis2=dict(title="error", overlaying="y", side="right", range=[0, 1]))
     b = scalar(result, "loss_barrier")
     title = "linear interpolation" + (f" (loss barrier {b:.3g})" if b is not None else "")
-    return _layout(fig, title, "α", "loss")
+    _layout(fig, title, "α", "loss")
+    if err is not None:
+        fig.update_layout(yaxis2=dict(title="error", overlaying="y", side="right", range=[0, 1], showgrid=False),
+                          legend=dict(x=1.08))
+    return fig
 
 
 def trajectory_plotly(result: ResultLike):

@@ -68,7 +68,7 @@ def draw_surface(fig: Figure, ax, result: ResultLike, metric: str = "loss", *, n
     ax.set_aspect("equal", adjustable="box")
     ax.set_title(f"{metric} surface, step {result.step}")
     if colorbar:
-        fig.colorbar(cs, ax=ax, label=unit, pad=0.01)
+        fig.colorbar(cs, ax=ax, label=unit, pad=0.01, format="%.3g")
     return cs
 
 
@@ -134,7 +134,7 @@ def draw_trajectory(fig: Figure, ax, result: ResultLike) -> bool:
         x, y = coord(result, "surface_loss", 1), coord(result, "surface_loss", 0)
         norm = color_norm([surf])
         cs = ax.contourf(x, y, surf, levels=_levels(norm), norm=norm, extend="both")
-        fig.colorbar(cs, ax=ax, label="loss", pad=0.01)
+        fig.colorbar(cs, ax=ax, label="loss", pad=0.01, format="%.3g")
     steps = coord(result, "proj_x")
     ax.plot(px, py, color="C3" if surf is not None else "0.4", lw=0.8)
     sc = ax.scatter(px, py, c=steps, cmap="plasma", s=10, zorder=3)
@@ -177,5 +177,5 @@ def compare_surfaces_figure(results: Sequence[ResultLike], labels: Sequence[str]
         for ax, r, lab in zip(axes[0], results, labels):
             cs = draw_surface(fig, ax, r, metric, norm=norm, colorbar=False)
             ax.set_title(lab)
-        fig.colorbar(cs, ax=list(axes[0]), label=metric, pad=0.01)
+        fig.colorbar(cs, ax=list(axes[0]), label=metric, pad=0.01, format="%.3g")
     return fig

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, scalar_names, series, steps_of
+from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, series, steps_of
 from lossatlas.viz.style import log_if_decades, new_figure, note, paper_style
 
 # (value, label): NC1 within-class variability, NC2 simplex-ETF distance, NC3 self-duality, NC4 NCC mismatch

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from lossatlas.viz.style import ONE_COLUMN_IN, log_if_decades, new_figure, note, paper_style
+from lossatlas.viz.style import ONE_COLUMN_IN, log_if_decades, note, paper_style
 
 TRAINING_PANELS: tuple[tuple[str, str], ...] = (
     ("loss", "training loss"),

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import numpy as np
 import scipy.linalg
-import torch
 
 from lossatlas.probes.estimators._checks import (
     check_choice,

@@ -305,5 +305,5 @@ def _ritz(run: BlockLanczos, k: int, which: str) -> tuple[np.ndarray, np.ndarray
     else:
         order = np.argsort(-np.abs(theta), kind="stable")[:k]
     theta, S = theta[order], S[:, order]
-    res = np.linalg.norm(run.last_beta(0) @ S[:b, :], axis=0)  # ‖B_m s[last block]‖
+    res = np.linalg.norm(run.last_beta(0) @ S[n - b :, :], axis=0)  # ‖B_m s[last block]‖
     return theta, S, res

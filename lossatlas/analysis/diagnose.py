@@ -1,0 +1,461 @@
+"""Why did a run spike or diverge? Precursor ranking and a verdict with the literature's fixes (SCIENCE.md §8).
+
+For every loss spike (``lossatlas.analysis.spikes.detect_spikes``) and for a divergence (the first
+non-finite logged value), each logged signal x (log-transformed when positive) is tested for a
+change just before the spike start s that is unusual for its own history:
+
+    z_ℓ = (x_{s−1} − x_{s−1−ℓ} − median Δ_ℓ) / (1.4826·MAD Δ_ℓ),  Δ_ℓ = {x_t − x_{t−ℓ}: t < s − P},
+
+over lags ℓ ≤ P (``precursor_window``). The signal moved if max_ℓ |z_ℓ| > ``z_threshold``; its lead
+time is the smallest lag reaching 90 % of that maximum (the change point). Precursors are ranked by
+lead time, then |z|, and the earliest one of a known kind names the likely cause:
+
+- ``attn_logit_max/<layer>``: attention-logit growth → qk-layernorm (Wortsman et al. 2023, §8.1);
+- ``output_logz_mean`` / ``output_logit_max``: output-logit divergence → z-loss 1e-4·log²Z (PaLM, §8.1);
+- ``grad_norm/<param>`` / ``act_max/<block>``: one layer's gradient explosion → gradient clipping,
+  lower LR; embedding scaling / small sub-layer init (Takase et al., "Spike No More", §8.2);
+- the learning rate rose or warm-up ended just before → lower peak LR / longer warm-up;
+- no precursor and a quick recovery: a data batch → skip batches from an earlier checkpoint (PaLM, §8.4).
+
+Figures belong to ``lossatlas.viz``: each spike carries the arrays to draw (``figure``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from lossatlas.analysis.spikes import MAD_TO_SIGMA, Spike, detect_spikes
+
+CAUSES = ("attention_logit_growth", "output_logit_divergence", "layer_gradient_explosion", "gradient_norm_growth",
+          "adam_second_moment", "opposing_signals", "lr_schedule", "data_batch", "unknown")
+
+CITATIONS = {
+    "wortsman": "Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training instabilities, arXiv 2309.14322",
+    "dehghani": "Dehghani et al. 2023, Scaling Vision Transformers to 22 Billion Parameters, arXiv 2302.05442",
+    "palm": "Chowdhery et al. 2022, PaLM: Scaling Language Modeling with Pathways, arXiv 2204.02311",
+    "takase": "Takase et al., Spike No More: Stabilizing the Pre-training of Large Language Models, arXiv 2312.16903",
+    "rosenfeld": "Rosenfeld & Risteski 2023, Outliers with Opposing Signals Have an Outsized Effect on Neural Network "
+                 "Optimization, arXiv 2311.04163",
+    "cohen": "Cohen et al. 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability, arXiv 2103.00065",
+}
+
+_ADVICE: dict[str, tuple[str, list[str], list[str]]] = {
+    "attention_logit_growth": (
+        "attention-logit growth{where}: the largest pre-softmax attention logit grew before the spike, "
+        "driving attention towards one-hot",
+        ["add qk-layernorm (LayerNorm on queries and keys before the dot product)",
+         "or lower the learning rate"], ["wortsman", "dehghani"]),
+    "output_logit_divergence": (
+        "output-logit divergence: the output logits' log-partition log Z drifted before the spike",
+        ["add the z-loss 1e-4·(log Z)² to the training loss", "or lower the learning rate"], ["palm", "wortsman"]),
+    "layer_gradient_explosion": (
+        "gradient explosion in {where}: its gradient norm grew before the spike",
+        ["clip the global gradient norm (e.g. 1.0)", "lower the learning rate or lengthen warm-up",
+         "if it is the embedding or an early layer: scale the embeddings by √d or LayerNorm them, and use a "
+         "small init for sub-layers (\"Spike No More\")"], ["takase", "wortsman"]),
+    "gradient_norm_growth": (
+        "gradient-norm growth: the global gradient norm grew before the spike (no single layer stood out)",
+        ["clip the global gradient norm (e.g. 1.0)", "lower the learning rate or lengthen warm-up",
+         "scale the embeddings by √d or LayerNorm them (\"Spike No More\")"], ["takase", "wortsman"]),
+    "adam_second_moment": (
+        "Adam's second-moment estimate moved before the spike (stale or ε-dominated updates)",
+        ["lower the learning rate", "lower AdamW ε (e.g. 1e-15) if ε is comparable to the gradient RMS",
+         "or lower β₂"], ["wortsman"]),
+    "opposing_signals": (
+        "data-group losses moved before the spike (groups with opposing signals{where})",
+        ["inspect the groups' losses for anti-correlated oscillation", "lower the learning rate"], ["rosenfeld"]),
+    "lr_schedule": (
+        "the learning-rate schedule: {where} just before the spike",
+        ["lower the peak learning rate", "or lengthen the warm-up"], ["wortsman", "cohen"]),
+    "data_batch": (
+        "a data batch: the loss spiked with no logged precursor and recovered within {where} steps",
+        ["if it recurs: restart from a checkpoint ~100 steps before the spike and skip ~200-500 batches"], ["palm"]),
+    "unknown": (
+        "no logged signal moved before the spike{where}",
+        ["log more telemetry (lossatlas.telemetry.InstabilityMonitor: attention logits, log Z, activations, Adam)",
+         "or lower the learning rate"], []),
+}
+# which signals can name a cause, by prefix (exact names end without '/')
+_KINDS = (("attn_logit_max/", "attention_logit_growth"), ("output_logz_mean", "output_logit_divergence"),
+          ("output_logit_max", "output_logit_divergence"), ("grad_norm/", "layer_gradient_explosion"),
+          ("act_max/", "layer_gradient_explosion"), ("grad_norm", "gradient_norm_growth"),
+          ("adam_", "adam_second_moment"), ("group_loss/", "opposing_signals"))
+_NOT_SIGNALS = ("loss", "lr")
+SIGMA_FLOOR = 0.005  # a precursor must move by more than z·0.5 % of its level (log units)
+
+
+def signal_cause(name: str) -> str | None:
+    """The cause a moving signal points to, or None (weight norms, update ratios, unknown names)."""
+    for prefix, cause in _KINDS:
+        if name == prefix or (prefix.endswith(("/", "_")) and name.startswith(prefix)):
+            return cause
+    return None
+
+
+def signal_layer(name: str) -> str | None:
+    """``grad_norm/blocks.0.attn.q_proj.weight`` -> ``blocks.0.attn.q_proj``; ``attn_logit_max/blocks.0`` -> ``blocks.0``."""
+    if "/" not in name:
+        return None
+    tail = name.split("/", 1)[1]
+    for suffix in (".weight", ".bias"):
+        if name.startswith(("grad_norm/", "weight_norm/", "update_ratio/")) and tail.endswith(suffix):
+            return tail[: -len(suffix)]
+    return tail
+
+
+@dataclass(frozen=True)
+class Precursor:
+    """A logged signal that moved before a spike: lead in steps, robust z of its change, direction."""
+
+    signal: str
+    lead_steps: int
+    onset_step: int
+    zscore: float
+    direction: str
+    cause: str | None
+    layer: str | None
+
+
+@dataclass
+class SpikeDiagnosis:
+    """One spike (or the divergence) with its precursors, verdict, fixes and figure data."""
+
+    spike: dict
+    precursors: list[Precursor]
+    cause: str
+    verdict: str
+    mitigations: list[str]
+    citations: list[str]
+    lr_event: dict | None = None
+    first_nonfinite: dict | None = None
+    checkpoints: dict[str, int | None] = field(default_factory=dict)
+    curvature: dict[str, float | None] = field(default_factory=dict)
+    figure: dict = field(default_factory=dict)
+
+
+@dataclass
+class Diagnosis:
+    """What happened in a run: its spikes and divergence, each diagnosed (JSON-able via ``to_dict``)."""
+
+    run: str
+    n_steps: int
+    first_step: int | None
+    last_step: int | None
+    diverged: bool
+    spikes: list[SpikeDiagnosis]
+    settings: dict
+    summary: str
+
+    def to_dict(self) -> dict:
+        """A strict-JSON dict: NaN and inf become None."""
+        return _clean(asdict(self))
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# -- the computation ----------------------------------------------------------------------------------
+def _transform(x: np.ndarray) -> np.ndarray:
+    fin = x[np.isfinite(x)]
+    if fin.size and np.all(fin > 0):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(x)
+    return x.copy()
+
+
+def _lags(max_lag: int) -> np.ndarray:
+    return np.unique(np.round(np.geomspace(1, max_lag, num=min(max_lag, 30))).astype(int)) if max_lag >= 1 else np.empty(0, int)
+
+
+def find_precursors(steps: np.ndarray, signals: Mapping[str, np.ndarray], start: int, *,
+                    precursor_window: int = 100, z_threshold: float = 5.0, min_history: int = 20) -> list[Precursor]:
+    """Signals whose change over the ℓ ≤ P log rows before row ``start`` is unusual for their history.
+
+    See the module docstring for z_ℓ and the lead time. Rows, not steps, are the unit of lag;
+    lead times are reported in steps.
+    """
+    P = min(precursor_window, start - 1 - min_history)
+    if P < 1:
+        return []
+    hist_end = start - P  # changes x_t - x_{t-ℓ} with t < hist_end form the history
+    lags = _lags(P)
+    out = []
+    for name, raw in signals.items():
+        x = _transform(np.asarray(raw, dtype=np.float64))
+        now = x[start - 1]
+        if not np.isfinite(now):
+            continue
+        z = np.full(lags.shape, np.nan)
+        for j, lag in enumerate(lags):
+            past = x[start - 1 - lag]
+            if not np.isfinite(past) or hist_end - lag < min_history:
+                continue
+            d = x[lag:hist_end] - x[: hist_end - lag]
+            d = d[np.isfinite(d)]
+            if d.size < min_history:
+                continue
+            med = np.median(d)
+            sig = max(MAD_TO_SIGMA * float(np.median(np.abs(d - med))), SIGMA_FLOOR)
+            z[j] = (now - past - med) / sig
+        if not np.isfinite(z).any():
+            continue
+        a = np.where(np.isfinite(z), np.abs(z), -1.0)
+        best = float(a.max())
+        if best <= z_threshold:
+            continue
+        j = int(np.flatnonzero(a >= 0.9 * best)[0])  # the change point: smallest lag with ~all the evidence
+        onset_row = start - 1 - int(lags[j])
+        jb = int(np.argmax(a))
+        out.append(Precursor(signal=name, lead_steps=int(steps[start] - steps[onset_row]), onset_step=int(steps[onset_row]),
+                             zscore=float(z[jb]), direction="up" if z[jb] > 0 else "down",
+                             cause=signal_cause(name), layer=signal_layer(name)))
+    out.sort(key=lambda p: (-p.lead_steps, -abs(p.zscore), p.signal))
+    return out
+
+
+def lr_event(steps: np.ndarray, lr: np.ndarray | None, start: int, *, window: int = 50, rise: float = 0.05,
+             min_warmup: int = 5) -> dict | None:
+    """The learning rate rose by more than ``rise`` or a warm-up ended within ``window`` steps before row ``start``."""
+    if lr is None:
+        return None
+    lr = np.asarray(lr, dtype=np.float64)
+    lo = int(np.searchsorted(steps, steps[start] - window))
+    seg = lr[lo:start + 1]
+    seg = seg[np.isfinite(seg)]
+    if seg.size < 2:
+        return None
+    increasing = np.flatnonzero(np.diff(lr[: start + 1]) > 0)  # row i+1 higher than row i
+    if increasing.size:
+        end = int(increasing[-1]) + 1  # last row where lr rose
+        rising = set(increasing.tolist())
+        run = 1
+        while run < end and (end - run - 1) in rising:
+            run += 1
+        flat_after = end == start or np.allclose(lr[end:start + 1], lr[end])
+        if run >= min_warmup and lo <= end and flat_after and end < start:
+            return {"kind": "warmup_end", "step": int(steps[end]), "lr": float(lr[end]),
+                    "text": f"the warm-up ended at step {int(steps[end])} (lr {lr[end]:.3g})",
+                    "lead_steps": int(steps[start] - steps[end])}
+    if lr[start] > (1 + rise) * float(np.min(seg)):
+        first = lo + int(np.argmin(lr[lo:start + 1]))
+        return {"kind": "lr_rise", "step": int(steps[first]), "lr": float(lr[start]),
+                "text": f"the learning rate rose from {lr[first]:.3g} at step {int(steps[first])} to {lr[start]:.3g}",
+                "lead_steps": int(steps[start] - steps[first])}
+    return None
+
+
+def _first_nonfinite(steps: np.ndarray, cols: Mapping[str, np.ndarray], upto: int) -> dict | None:
+    """The first row ≤ ``upto`` with a NaN/inf value, the signals non-finite there, and the primary one."""
+    first = None
+    for name, x in cols.items():
+        bad = np.flatnonzero(~np.isfinite(x[: upto + 1]) & _logged(x, upto))
+        if bad.size and (first is None or bad[0] < first):
+            first = int(bad[0])
+    if first is None:
+        return None
+    names = sorted(n for n, x in cols.items() if not np.isfinite(x[first]) and _logged(x, upto)[first])
+    rank = {"layer_gradient_explosion": 0, "attention_logit_growth": 1, "output_logit_divergence": 2}
+    primary = min(names, key=lambda n: (rank.get(signal_cause(n) or "", 3), n == "loss", n))
+    return {"step": int(steps[first]), "row": first, "signal": primary, "layer": signal_layer(primary),
+            "value": float(cols[primary][first]), "signals": names}
+
+
+def _logged(x: np.ndarray, upto: int) -> np.ndarray:
+    """Rows where a column was logged: NaN before its first finite value means 'not logged yet'."""
+    fin = np.flatnonzero(np.isfinite(x[: upto + 1]))
+    mask = np.zeros(upto + 1, dtype=bool)
+    if fin.size:
+        mask[fin[0]:] = True
+    return mask
+
+
+def _verdict(spike: Spike, precursors: list[Precursor], lr_ev: dict | None, quick: int) -> tuple[str, str, list[str], list[str]]:
+    causal = [p for p in precursors if p.cause is not None]
+    if causal and causal[0].cause == "gradient_norm_growth":  # prefer a named layer if one moved too
+        layer = [p for p in causal if p.cause == "layer_gradient_explosion"]
+        if layer:
+            causal.remove(layer[0])
+            causal.insert(0, layer[0])
+    if lr_ev is not None and (not causal or lr_ev["lead_steps"] >= causal[0].lead_steps):
+        cause, where = "lr_schedule", lr_ev["text"]
+    elif causal:
+        top = causal[0]
+        cause = top.cause
+        if cause == "layer_gradient_explosion":
+            where = f"layer {top.layer}"
+        elif cause == "attention_logit_growth":
+            where = f" in {top.layer}" if top.layer else ""
+        elif cause == "opposing_signals":
+            where = f": {top.layer}"
+        else:
+            where = ""
+    elif spike.kind == "spike" and spike.recovery is not None and spike.recovery - spike.start <= quick:
+        cause, where = "data_batch", str(spike.recovery - spike.start)
+    else:
+        cause, where = "unknown", ""
+    text, fixes, cites = _ADVICE[cause]
+    verdict = text.format(where=where)
+    if causal and cause != causal[0].cause:
+        verdict += f"; first logged precursor: {causal[0].signal} ({causal[0].lead_steps} steps before)"
+    elif len(causal) > 1:
+        later = [p.signal for p in causal[1:4]]
+        verdict += f"; followed by {', '.join(later)}"
+    return cause, verdict, list(fixes), [CITATIONS[c] for c in cites]
+
+
+def _figure(steps: np.ndarray, loss: np.ndarray, signals: Mapping[str, np.ndarray], lo: int, hi: int,
+            precursors: list[Precursor], top: int) -> dict:
+    sel = slice(lo, hi)
+    return {"steps": steps[sel].tolist(), "loss": loss[sel].tolist(),
+            "signals": {p.signal: np.asarray(signals[p.signal], dtype=np.float64)[sel].tolist() for p in precursors[:top]}}
+
+
+def diagnose_log(log: Mapping[str, Any], *, run: str = "", checkpoint_steps: Sequence[int] = (),
+                 sensitivity: float = 6.0, window: int = 100, precursor_window: int = 100, z_threshold: float = 5.0,
+                 quick_recovery: int = 10, top: int = 5,
+                 curvature_fn: Callable[[int], float | None] | None = None) -> Diagnosis:
+    """``diagnose`` on an in-memory log ``{"step": (N,), "loss": (N,), name: (N,), ...}``."""
+    if "step" not in log or "loss" not in log:
+        raise ValueError("the log needs 'step' and 'loss' columns; record the loss with Recorder.step(step, loss=...)")
+    steps = np.asarray(log["step"], dtype=np.int64)
+    order = np.argsort(steps, kind="stable")
+    keep = np.ones(steps.size, dtype=bool)  # the last row of a repeated step wins (a resumed run)
+    s_sorted = steps[order]
+    keep[:-1] = s_sorted[:-1] != s_sorted[1:]
+    idx = order[keep]
+    steps = steps[idx]
+    cols = {k: np.asarray(v, dtype=np.float64)[idx] for k, v in log.items() if k != "step"}
+    loss = cols["loss"]
+    settings = {"sensitivity": sensitivity, "window": window, "precursor_window": precursor_window,
+                "z_threshold": z_threshold, "quick_recovery": quick_recovery}
+    n = steps.size
+    logged = np.flatnonzero(np.isfinite(loss))
+    if logged.size:  # rows before the first logged loss carry other signals only
+        first_row = int(logged[0])
+    else:
+        first_row = 0
+    signals = {k: v for k, v in cols.items() if k not in _NOT_SIGNALS}
+    nonfinite = _first_nonfinite(steps, cols, n - 1) if n else None
+    curve_end = n if nonfinite is None else nonfinite["row"]
+    spikes = detect_spikes(steps[first_row:curve_end], loss[first_row:curve_end], sensitivity=sensitivity,
+                           window=window) if curve_end - first_row > 0 else []
+    spikes = [sp for sp in spikes if sp.kind == "spike"]
+    if nonfinite is not None:
+        r = nonfinite["row"]
+        spikes.append(Spike(kind="divergence", start=int(steps[r]), peak=int(steps[r]), end=int(steps[r]), recovery=None,
+                            baseline=math.nan, peak_loss=float(loss[r]), height_ratio=math.inf, height_abs=math.inf,
+                            zscore=math.inf, noise_sigma=math.nan))
+    ck = sorted(int(c) for c in checkpoint_steps)
+    row_of = {int(s): i for i, s in enumerate(steps)}
+    out = []
+    for sp in spikes:
+        r = row_of[sp.start]
+        pre = find_precursors(steps, signals, r, precursor_window=precursor_window, z_threshold=z_threshold)
+        ev = lr_event(steps, cols.get("lr"), r, window=min(precursor_window, 50))
+        cause, verdict, fixes, cites = _verdict(sp, pre, ev, quick_recovery)
+        first_bad = nonfinite if sp.kind == "divergence" else None
+        if first_bad is not None:
+            where = f" (layer {first_bad['layer']})" if first_bad["layer"] else ""
+            verdict = (f"diverged at step {first_bad['step']}: first non-finite signal {first_bad['signal']}{where}; "
+                       f"likely cause: {verdict}")
+        after_step = sp.recovery if sp.recovery is not None else sp.peak
+        before = max((c for c in ck if c <= sp.start), default=None)
+        after = min((c for c in ck if c >= after_step), default=None) if sp.kind == "spike" else None
+        checkpoints = {"before": before, "after": after}
+        curvature = {}
+        if curvature_fn is not None:
+            for label, c in checkpoints.items():
+                curvature[label] = None if c is None else curvature_fn(c)
+        hi_row = row_of.get(sp.recovery, r) if sp.recovery is not None else row_of[sp.peak]
+        lo = max(0, r - precursor_window - 10)
+        hi = min(n, max(hi_row, r) + 20)
+        out.append(SpikeDiagnosis(spike=sp.to_dict(), precursors=pre[: max(top, 1) * 4], cause=cause, verdict=verdict,
+                                  mitigations=fixes, citations=cites, lr_event=ev, first_nonfinite=first_bad,
+                                  checkpoints=checkpoints, curvature=curvature,
+                                  figure=_figure(steps, loss, signals, lo, hi, pre, top)))
+    n_sp = sum(1 for sp in spikes if sp.kind == "spike")
+    if not spikes:
+        summary = (f"no loss spikes detected in {n} logged steps (sensitivity {sensitivity} robust σ, window {window})"
+                   if n else "the run has no logged steps yet")
+    else:
+        parts = [f"{n_sp} loss spike{'s' if n_sp != 1 else ''}"] if n_sp else []
+        if nonfinite is not None:
+            parts.append(f"diverged at step {nonfinite['step']} ({nonfinite['signal']} non-finite first)")
+        causes = sorted({d.cause for d in out})
+        summary = f"{' and '.join(parts)}; likely cause{'s' if len(causes) > 1 else ''}: {', '.join(causes)}"
+    return Diagnosis(run=run, n_steps=int(n), first_step=int(steps[0]) if n else None,
+                     last_step=int(steps[-1]) if n else None, diverged=nonfinite is not None, spikes=out,
+                     settings=settings, summary=summary)
+
+
+def diagnose(run_path: Any, **kwargs: Any) -> Diagnosis:
+    """Diagnose a run file's loss spikes and divergence from its per-step log (SCIENCE.md §8).
+
+    Args:
+        run_path: a run file path or a ``lossatlas.store.RunReader``.
+        **kwargs: ``sensitivity``, ``window`` (spike detector), ``precursor_window``,
+            ``z_threshold``, ``quick_recovery`` (steps within which a precursor-less spike counts as a
+            data batch), ``top`` (signals per figure), ``curvature_fn(step) -> λ_max | None`` called
+            for the checkpoints just before and after each spike.
+    """
+    from lossatlas import store  # the one file-reading dependency; analysis may use store
+
+    reader = run_path if isinstance(run_path, store.RunReader) else store.RunReader(run_path)
+    log = reader.log()
+    return diagnose_log(log, run=str(reader.path), checkpoint_steps=reader.steps(), **kwargs)
+
+
+def render_text(d: Diagnosis) -> str:
+    """A plain-language report of a ``Diagnosis``."""
+    lines = [f"{d.run or 'run'}: {d.summary}"]
+    if d.n_steps:
+        lines[0] += f" (steps {d.first_step}-{d.last_step})"
+    for i, sd in enumerate(d.spikes, 1):
+        sp = sd.spike
+        if sp["kind"] == "divergence":
+            lines.append(f"\n[{i}] divergence at step {sp['start']}")
+        else:
+            rec = f"recovered at step {sp['recovery']}" if sp["recovery"] is not None else "did not recover"
+            lines.append(f"\n[{i}] spike at step {sp['start']} (peak {sp['peak']}: loss {sp['peak_loss']:.4g}, "
+                         f"×{sp['height_ratio']:.3g} the baseline {sp['baseline']:.4g}); {rec}")
+        lines.append(f"    verdict: {sd.verdict}")
+        for fix in sd.mitigations:
+            lines.append(f"    fix: {fix}")
+        if sd.precursors:
+            lines.append("    moved before it (lead, robust z):")
+            for p in sd.precursors[:6]:
+                lines.append(f"      {p.signal:<48} {p.lead_steps:>5} steps  z={p.zscore:+.1f} ({p.direction})")
+        else:
+            lines.append("    no logged signal moved before it")
+        ck = sd.checkpoints
+        if ck.get("before") is not None or ck.get("after") is not None:
+            lam = "".join(f", λ_max {sd.curvature[k]:.4g}" if sd.curvature.get(k) is not None else ""
+                          for k in ("before",))
+            lines.append(f"    checkpoints: before {ck.get('before')}, after {ck.get('after')}{lam}")
+        for c in sd.citations:
+            lines.append(f"    see: {c}")
+    return "\n".join(lines)
+
+
+def diagnose_command(run_path: str | Path, *, as_json: bool = False, **kwargs: Any) -> tuple[str, dict]:
+    """What ``lossatlas diagnose RUN.h5 [--json]`` prints, and the JSON-able dict."""
+    d = diagnose(run_path, **kwargs)
+    data = d.to_dict()
+    text = json.dumps(data, indent=2, allow_nan=False) if as_json else render_text(d)
+    return text, data

@@ -1,0 +1,203 @@
+"""``diagnose`` on synthetic run files with a planted cause (SCIENCE.md §8), and the edge-of-stability
+phase finder on synthetic sharpness curves (SCIENCE.md §5, T5.1-T5.2)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lossatlas.analysis import eos
+from lossatlas.analysis.diagnose import diagnose, diagnose_command, diagnose_log, render_text, signal_layer
+from lossatlas.store import RunWriter
+
+N = 400
+SPIKE = 300
+PARAMS = ["tok_emb.weight", "blocks.0.attn.q_proj.weight", "blocks.0.attn.k_proj.weight",
+          "blocks.1.mlp.fc.weight", "lm_head.weight"]
+
+
+def _base_log(seed=0):
+    """A healthy 400-step run: noisy power-law loss and noisy, stationary telemetry."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(1, N + 1)
+    log = {"step": t, "loss": (3.0 * (1 + t / 30) ** -0.4 + 0.5) * np.exp(0.02 * rng.standard_normal(N)),
+           "lr": np.full(N, 1e-3)}
+    gn = {p: np.exp(0.1 * rng.standard_normal(N)) * (0.5 + i) for i, p in enumerate(PARAMS)}
+    for p in PARAMS:
+        log[f"grad_norm/{p}"] = gn[p]
+        log[f"weight_norm/{p}"] = 3.0 + 0.001 * t + 0.001 * rng.standard_normal(N)
+    log["grad_norm"] = np.sqrt(sum(v**2 for v in gn.values()))
+    for layer in ("blocks.0", "blocks.1"):
+        log[f"attn_logit_max/{layer}"] = 5.0 * np.exp(0.02 * rng.standard_normal(N))
+    log["output_logz_mean"] = 4.0 + 0.01 * rng.standard_normal(N)
+    return log
+
+
+def _plant_spike(log, at=SPIKE, height=3.0, width=6):
+    prof = height ** (1 - np.arange(width) / width)  # ×3 decaying back over `width` steps
+    log["loss"][at - 1: at - 1 + width] *= prof
+
+
+def _grow(log, name, start, rate, upto=SPIKE):
+    """Exponential growth of a signal from `start` to `upto` (then stays)."""
+    t = np.arange(1, N + 1)
+    log[name] = log[name] * np.exp(rate * np.clip(t - start, 0, upto - start))
+
+
+def _write(tmp_path, log, name="run.h5", ckpts=(250, 350)):
+    path = tmp_path / name
+    w = RunWriter(path, model_spec=None)
+    names = [k for k in log if k != "step"]
+    for i, s in enumerate(log["step"]):
+        w.log(int(s), {k: float(log[k][i]) for k in names})
+        if int(s) in ckpts:
+            w.write_checkpoint(int(s), {"w": torch.zeros(2)})
+    w.close()
+    return path
+
+
+def _only(d):
+    assert len(d.spikes) == 1, [s.spike for s in d.spikes]
+    return d.spikes[0]
+
+
+def test_attention_logit_growth_named_first(tmp_path):
+    log = _base_log()
+    _grow(log, "attn_logit_max/blocks.0", start=230, rate=0.03)  # ×8 over 70 steps
+    _grow(log, "grad_norm/blocks.0.attn.q_proj.weight", start=292, rate=0.3)  # a later consequence
+    _plant_spike(log)
+    path = _write(tmp_path, log)
+    calls = []
+    d = diagnose(path, curvature_fn=lambda step: calls.append(step) or 10.0 + step)
+    sd = _only(d)
+    assert sd.spike["start"] == SPIKE and sd.spike["kind"] == "spike"
+    assert sd.cause == "attention_logit_growth"
+    assert sd.precursors[0].signal == "attn_logit_max/blocks.0"
+    assert 60 <= sd.precursors[0].lead_steps <= 80  # growth began 70 steps before
+    moved = {p.signal for p in sd.precursors}
+    assert "grad_norm/blocks.0.attn.q_proj.weight" in moved and "attn_logit_max/blocks.1" not in moved
+    assert "qk-layernorm" in " ".join(sd.mitigations) and any("2309.14322" in c for c in sd.citations)
+    assert sd.checkpoints == {"before": 250, "after": 350} and calls == [250, 350]
+    assert sd.curvature == {"before": 260.0, "after": 360.0}
+    fig = sd.figure
+    assert SPIKE in fig["steps"] and len(fig["loss"]) == len(fig["steps"])
+    assert "attn_logit_max/blocks.0" in fig["signals"]
+
+
+def test_layer_gradient_explosion_names_the_layer(tmp_path):
+    log = _base_log(1)
+    _grow(log, "grad_norm/blocks.1.mlp.fc.weight", start=285, rate=0.3)  # ×90 in 15 steps
+    log["grad_norm"] = np.sqrt(sum(log[f"grad_norm/{p}"] ** 2 for p in PARAMS))
+    _plant_spike(log)
+    sd = _only(diagnose(_write(tmp_path, log)))
+    assert sd.cause == "layer_gradient_explosion"
+    assert "blocks.1.mlp.fc" in sd.verdict
+    top_layer = [p for p in sd.precursors if p.cause == "layer_gradient_explosion"][0]
+    assert top_layer.layer == "blocks.1.mlp.fc" and top_layer.direction == "up"
+    assert "clip" in " ".join(sd.mitigations) and any("2312.16903" in c for c in sd.citations)
+
+
+def test_warmup_end_blames_the_lr_schedule(tmp_path):
+    log = _base_log(2)
+    log["lr"] = np.minimum(np.arange(1, N + 1) / 280, 1.0) * 3e-3
+    _plant_spike(log, at=292)
+    sd = _only(diagnose(_write(tmp_path, log)))
+    assert sd.cause == "lr_schedule"
+    assert sd.lr_event["kind"] == "warmup_end" and sd.lr_event["step"] == 280
+    assert "warm-up" in " ".join(sd.mitigations)
+
+
+def test_divergence_names_first_nonfinite_signal(tmp_path):
+    log = _base_log(3)
+    _grow(log, "attn_logit_max/blocks.0", start=240, rate=0.04)
+    bad = "grad_norm/blocks.0.attn.k_proj.weight"
+    log[bad][SPIKE - 1] = np.inf  # step 300
+    for k in log:
+        if k != "step" and k != bad:
+            log[k][SPIKE:] = np.nan  # everything else from step 301 (the loss too)
+    log[bad][SPIKE:] = np.nan
+    d = diagnose(_write(tmp_path, log))
+    assert d.diverged
+    sd = _only(d)
+    assert sd.spike["kind"] == "divergence" and sd.spike["start"] == SPIKE
+    assert sd.first_nonfinite["signal"] == bad and sd.first_nonfinite["step"] == SPIKE
+    assert sd.first_nonfinite["layer"] == "blocks.0.attn.k_proj"
+    assert sd.cause == "attention_logit_growth"
+    assert f"first non-finite signal {bad}" in sd.verdict
+    text, data = diagnose_command(_write(tmp_path, log, "again.h5"), as_json=True)
+    json.loads(text)  # strict JSON: no NaN/inf tokens
+    assert data["diverged"] is True and data["spikes"][0]["spike"]["height_ratio"] is None
+
+
+def test_no_spikes_says_so(tmp_path):
+    text, data = diagnose_command(_write(tmp_path, _base_log(4)))
+    assert data["spikes"] == [] and not data["diverged"]
+    assert "no loss spikes detected in 400 logged steps" in text
+
+
+def test_spike_without_precursor_is_a_data_batch():
+    log = _base_log(5)
+    log["loss"][SPIKE - 1] *= 2.5  # one step, back the next
+    sd = _only(diagnose_log(log))
+    assert sd.precursors == [] or all(p.cause is None for p in sd.precursors)
+    assert sd.cause == "data_batch" and sd.spike["recovery"] == SPIKE + 1
+    assert "skip" in sd.mitigations[0]
+    assert "a data batch" in render_text(diagnose_log(log))
+
+
+def test_diagnose_rejects_a_log_without_loss():
+    with pytest.raises(ValueError, match="'step' and 'loss'"):
+        diagnose_log({"step": np.arange(3), "grad_norm": np.ones(3)})
+    assert signal_layer("grad_norm/blocks.0.mlp.fc.bias") == "blocks.0.mlp.fc"
+    assert signal_layer("attn_logit_max/blocks.3") == "blocks.3" and signal_layer("grad_norm") is None
+
+
+# -- edge of stability (SCIENCE.md §5) -----------------------------------------------------------------
+def test_thresholds_match_closed_forms_and_simulation():
+    assert eos.stability_threshold(0.01) == pytest.approx(200.0)
+    assert eos.stability_threshold(1.0, optimizer="adam", beta=0.9) == pytest.approx(38.0)  # Cohen et al. 2022
+    assert eos.stability_threshold(1.0, optimizer="heavy_ball", beta=0.9) == pytest.approx(3.8)
+    assert eos.stability_threshold(1.0, optimizer="nesterov", beta=0.9) == pytest.approx(3.8 / 2.8)
+    # T5.1: GD on ½λx² diverges iff ηλ > 2
+    lam = 7.0
+    assert not eos.gd_diverges_on_quadratic(lam, 1.9 / lam)
+    assert eos.gd_diverges_on_quadratic(lam, 2.1 / lam)
+
+    # T5.2: EMA momentum with frozen P = I diverges iff λ > (2+2β₁)/((1−β₁)η) = 38/η
+    def ema_diverges(lam, eta=1.0, b=0.9, steps=3000):
+        x, m = 1.0, 0.0
+        for _ in range(steps):
+            m = b * m + (1 - b) * lam * x
+            x -= eta * m
+        return abs(x) > 1.0
+
+    assert not ema_diverges(37.5) and ema_diverges(38.5)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        eos.stability_threshold(0.1, optimizer="sgd")
+
+
+def test_phase_finder_on_a_synthetic_sharpness_curve():
+    """λ flat at 5 until step 200, rises linearly to 2/η = 20 at step 600, then oscillates at 20 ± 3 %."""
+    eta = 0.1
+    steps = np.arange(0, 1501, 10)
+    lam = np.where(steps < 200, 5.0, np.minimum(5.0 + (steps - 200) * 15.0 / 400, 20.0))
+    lam[:10] += np.linspace(1.0, 0.0, 10)  # a small initial drop: the minimum sits at step 100-200
+    rng = np.random.default_rng(0)
+    lam = np.where(steps >= 600, 20.0 * (1 + 0.03 * rng.standard_normal(steps.size)), lam)
+    a = eos.eos_phases(steps, lam, eta)
+    assert 540 <= a.eos_onset <= 560  # λ crosses 0.9·20 = 18 at step 560 (three in a row from 540)
+    assert a.eos == (a.eos_onset, 1500)
+    lo, hi = a.sharpening
+    assert 90 <= lo <= 200 and hi == a.eos_onset
+    assert a.sharpening_rate == pytest.approx(15.0 / 400, rel=0.25)
+    assert a.eos_ratio_mean == pytest.approx(1.0, abs=0.02)
+    assert a.ratio[-1] == pytest.approx(lam[-1] * eta / 2)
+    assert set(a.phase) == {"other", "sharpening", "eos"}
+    # never reaching the band: sharpening only; per-step lr accepted
+    b = eos.eos_phases(steps[:40], lam[:40], np.full(40, eta))
+    assert b.eos_onset is None and b.sharpening is not None and b.eos_ratio_mean is None
+    json.dumps(a.to_dict())
+    with pytest.raises(ValueError, match="one per step"):
+        eos.eos_phases(steps, lam, np.ones(3))

@@ -1,0 +1,422 @@
+"""The ``hessian`` probe and eigenspace tracking against dense float64 references (SCIENCE.md §1, §2, §5).
+
+References: the full Hessian by ``torch.autograd.functional.hessian`` of the flat-parameter mean loss, the dense GGN
+J ᵀ H_out J / N (§1.1), dense diagonal blocks, the subset loss's Hessian, and λ_max(P^{-1/2} H P^{-1/2})
+solved as the generalized problem H u = λ P u (§5, T5.4).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lossatlas.models import build_data, build_model
+from lossatlas.probes.base import ProbeContext
+from lossatlas.probes.hessian import (
+    HessianProbe,
+    adam_preconditioner,
+    class_subset,
+    head_hessian_distance,
+    hessian_spectrum,
+    last_linear_parameters,
+    parse_subset,
+)
+from lossatlas.probes.losses import batch_count, batch_loss
+
+F64 = torch.float64
+
+
+# ------------------------------------------------------------------------------------------------ dense references
+def _names(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _unflat(model, theta, names):
+    shapes = dict(model.named_parameters())
+    out, i = {}, 0
+    for n in names:
+        k = shapes[n].numel()
+        out[n] = theta[i : i + k].reshape(shapes[n].shape)
+        i += k
+    return out
+
+
+def _mean_loss(model, batches, loss, names=None):
+    """θ_flat ↦ Σ_b (n_b/N) L_b(θ) with the other parameters and buffers fixed (SCIENCE.md §0)."""
+    names = names or _names(model)
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    counts = [batch_count(loss, y) for _, y in batches]
+    total = sum(counts)
+
+    def f(theta):
+        params = _unflat(model, theta, names)
+        return sum(
+            (c / total) * batch_loss(loss, functional_call(model, {**fixed, **buffers, **params}, (x,)), y)
+            for (x, y), c in zip(batches, counts)
+        )
+
+    theta0 = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
+    return f, theta0
+
+
+def dense_hessian(model, batches, loss, names=None):
+    was = model.training
+    model.eval()
+    try:
+        f, theta0 = _mean_loss(model, batches, loss, names)
+        # row by row with plain autograd: 4x faster than torch.func.hessian here, and for the
+        # tiny GPT torch.func.hessian (jacfwd/jacrev, vmapped) disagrees with finite differences
+        # by ~4e-3 while this and our HVPs agree with them (torch 2.13 CPU)
+        H = torch.autograd.functional.hessian(f, theta0)
+    finally:
+        model.train(was)
+    return 0.5 * (H + H.T)
+
+
+def dense_ggn(model, batches, loss):
+    """G = (1/N) Σ_i J_iᵀ (∂²ℓ_i/∂f²) J_i by explicit Jacobians (SCIENCE.md §1.1); cross-entropy only."""
+    names = _names(model)
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    x = torch.cat([b[0] for b in batches])
+    model.eval()
+    out = lambda th: functional_call(model, _unflat(model, th, names), (x,))  # noqa: E731
+    J = torch.func.jacrev(out)(theta0)  # (N, C, P)
+    p = torch.softmax(out(theta0), dim=-1)  # (N, C)
+    Hout = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C)
+    return torch.einsum("ncp,ncd,ndq->pq", J, Hout, J) / x.shape[0]
+
+
+def eig_check(res, H, top_k=5, bottom_k=3, rtol=1e-6):
+    """Top/bottom eigenvalues ≤ rtol relative error; eigenvectors |cos| ≥ 0.999 where the gap allows."""
+    lam, U = torch.linalg.eigh(H)
+    lam = lam.numpy()
+    top = lam[::-1][:top_k]
+    scale = np.abs(lam).max()
+    np.testing.assert_allclose(res.values["top_eigenvalues"], top, rtol=rtol, atol=rtol * scale)
+    if bottom_k:
+        np.testing.assert_allclose(res.values["bottom_eigenvalues"], lam[:bottom_k], rtol=rtol, atol=rtol * scale)
+    if "eigenvectors" in res.values:
+        V = res.values["eigenvectors"]  # (k, P)
+        desc = lam[::-1]
+        for i in range(top_k):
+            gap = min(abs(desc[i] - desc[i - 1]) if i else np.inf, abs(desc[i] - desc[i + 1]))
+            if gap > 1e-3 * scale:
+                u = U[:, len(lam) - 1 - i].numpy()
+                cos = abs(V[i] @ u) / np.linalg.norm(V[i])
+                assert cos >= 0.999, (i, cos, gap)
+
+
+def _digits(n=120, dtype=F64):
+    x, y = build_data({"name": "digits"})
+    return x[:n].to(dtype), y[:n]
+
+
+def _mlp(widths=(64, 8, 10), seed=0, activation="tanh"):
+    torch.manual_seed(seed)
+    return build_model({"name": "mlp", "kwargs": {"widths": list(widths), "activation": activation}}).double()
+
+
+EXACT = dict(top_k=5, bottom_k=3, tol=1e-12, store_eigenvectors=True)
+
+
+# ------------------------------------------------------------------------------------------------ eigenvalues
+def test_mlp_cross_entropy_matches_dense_hessian():
+    model = _mlp()
+    x, y = _digits()
+    batches = [(x[:50], y[:50]), (x[50:], y[50:])]  # unequal batches: weights n_b/N
+    res = HessianProbe(**EXACT).run(ProbeContext(model=model, data=batches, loss="cross_entropy"))
+    eig_check(res, dense_hessian(model, batches, "cross_entropy"))
+    assert all(res.meta["top_converged"]) and res.meta["num_params"] == 64 * 8 + 8 + 8 * 10 + 10
+    assert res.dims["eigenvectors"] == ("k", "param")
+
+
+def test_mse_regression_matches_dense_hessian():
+    model = _mlp((5, 12, 3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 5, generator=g, dtype=F64)
+    y = torch.randn(40, 3, generator=g, dtype=F64)
+    res = hessian_spectrum(model, (x, y), "mse", **EXACT)
+    eig_check(res, dense_hessian(model, [(x, y)], "mse"))
+    assert res.meta["loss"] == "mse"
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
+
+
+def test_batchnorm_model_eval_mode_matches_dense_and_is_untouched():
+    torch.manual_seed(2)
+    model = _BNNet().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.train()  # the user's flag must survive the probe
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 6, generator=g, dtype=F64), torch.randint(0, 3, (30,), generator=g)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", **EXACT)
+    eig_check(res, dense_hessian(model, [(x, y)], "cross_entropy"))
+    assert model.training and res.meta["mode"] == "eval"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_small_transformer_block_matches_dense_hessian():
+    torch.manual_seed(4)
+    spec = {"name": "gpt", "kwargs": {"vocab_size": 6, "block_size": 4, "n_layer": 1, "n_head": 2, "n_embd": 4}}
+    model = build_model(spec).double()
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 6, (6, 5), generator=g)
+    batches = [(idx[:, :4], idx[:, 1:])]  # next-token targets (B, T)
+    res = HessianProbe(**EXACT).run(ProbeContext(model=model, data=batches, loss="cross_entropy"))
+    eig_check(res, dense_hessian(model, batches, "cross_entropy"))
+
+
+def test_ggn_curvature_matches_dense_ggn():
+    model = _mlp((64, 6, 10), seed=6)
+    x, y = _digits(60)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", curvature="ggn", top_k=5, bottom_k=0, tol=1e-12)
+    G = dense_ggn(model, [(x, y)], "cross_entropy")
+    top = torch.linalg.eigvalsh(G).numpy()[::-1][:5]
+    np.testing.assert_allclose(res.values["top_eigenvalues"], top, rtol=1e-6)
+    # the GGN differs from the Hessian of a nonlinear net (SCIENCE.md §1.1): not a vacuous check
+    H = dense_hessian(model, [(x, y)], "cross_entropy")
+    assert not np.allclose(torch.linalg.eigvalsh(H).numpy()[::-1][:5], top, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ trace, density
+@pytest.mark.parametrize("method, budget", [("hutchinson", 300), ("hutchpp", 150)])
+def test_trace_converges_to_exact_within_stderr(method, budget):
+    model = _mlp((64, 6, 10), seed=7)
+    x, y = _digits(80)
+    exact = float(torch.trace(dense_hessian(model, [(x, y)], "cross_entropy")))
+    res = hessian_spectrum(model, (x, y), "cross_entropy", top_k=0, trace=True, trace_method=method,
+                           trace_matvecs=budget, seed=3)
+    est, se = res.scalar("trace"), res.scalar("trace_stderr")
+    assert 0 < se < 0.2 * abs(exact)
+    assert abs(est - exact) <= 4 * se, (est, exact, se)
+
+
+def test_density_integrates_to_one_and_counts_outliers():
+    model = _mlp((64, 6, 10), seed=8)
+    x, y = _digits(80)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", top_k=3, density=True, num_probes=2, num_steps=40)
+    grid, dens = res.coords["grid"], res.values["density"]
+    assert res.dims["density"] == ("grid",) and res.dims["density_nodes"] == ("probe", "node")
+    assert abs(dens.sum() * (grid[1] - grid[0]) - 1) < 1e-6  # T1.11
+    np.testing.assert_allclose(res.values["density_weights"].sum(axis=1), 1.0, atol=1e-10)
+    assert np.all(res.values["outliers"] > res.meta["bulk_edge"])
+    assert res.meta["num_outliers"] >= 0 and grid[0] <= res.values["top_eigenvalues"][0] + 0.05
+
+
+# ------------------------------------------------------------------------------------------------ parts
+def test_block_spectra_equal_dense_diagonal_blocks():
+    model = _mlp((64, 6, 10), seed=9)
+    x, y = _digits(60)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", top_k=1, blocks="layers", block_k=3, tol=1e-12)
+    H = dense_hessian(model, [(x, y)], "cross_entropy")
+    names = _names(model)
+    sizes = [p.numel() for p in model.parameters()]
+    offsets = np.cumsum([0] + sizes)
+    layers = {}
+    for n, a, b in zip(names, offsets[:-1], offsets[1:]):
+        layers.setdefault(n.rsplit(".", 1)[0], []).extend(range(a, b))
+    assert list(res.coords["block"]) == list(layers)
+    assert res.dims["block_top_eigenvalues"] == ("block", "k")
+    for row, idx in zip(res.values["block_top_eigenvalues"], layers.values()):
+        block = H[np.ix_(idx, idx)]
+        np.testing.assert_allclose(row, torch.linalg.eigvalsh(block).numpy()[::-1][:3], rtol=1e-6)
+    # a regex keeps only the matching layers
+    last = list(layers)[-1]
+    res2 = hessian_spectrum(model, (x, y), "cross_entropy", top_k=1, blocks=f"^{last}$", block_k=2, tol=1e-12)
+    assert list(res2.coords["block"]) == [last]
+
+
+def test_class_subset_equals_hessian_of_subset_loss():
+    model = _mlp((64, 6, 10), seed=10)
+    x, y = _digits(150)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", subset="class=0,3", top_k=3, tol=1e-12)
+    keep = (y == 0) | (y == 3)
+    H = dense_hessian(model, [(x[keep], y[keep])], "cross_entropy")
+    np.testing.assert_allclose(res.values["top_eigenvalues"], torch.linalg.eigvalsh(H).numpy()[::-1][:3], rtol=1e-6)
+    assert res.meta["num_examples"] == int(keep.sum()) and res.meta["subset"] == "class=0,3"
+    assert parse_subset("class=3,1") == (1, 3)
+    with pytest.raises(ValueError, match="no example has a label"):
+        class_subset([(x, y)], [42])
+
+
+def test_head_hessian_distance_equals_dense_spectral_norm():
+    model = _mlp((64, 6, 10), seed=11)
+    x, y = _digits(160)
+    a, b = (x[y < 5], y[y < 5]), (x[y >= 5], y[y >= 5])
+    head = last_linear_parameters(model)
+    assert head == ["layers.2.weight", "layers.2.bias"] or head[-1].endswith("bias")
+    dist = head_hessian_distance(model, a, b, "cross_entropy", tol=1e-12)
+    D = dense_hessian(model, [a], "cross_entropy", head) - dense_hessian(model, [b], "cross_entropy", head)
+    assert dist == pytest.approx(float(torch.linalg.matrix_norm(D, ord=2)), rel=1e-6)
+
+
+def test_batch_size_scan_full_batch_and_minibatch():
+    model = _mlp((64, 6, 10), seed=12)
+    x, y = _digits(64)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", top_k=1, tol=1e-10, batch_size_scan=(64, 16),
+                           scan_batches=3)
+    full = float(torch.linalg.eigvalsh(dense_hessian(model, [(x, y)], "cross_entropy"))[-1])
+    mean, std = res.values["batch_lambda_max_mean"], res.values["batch_lambda_max_std"]
+    assert res.dims["batch_lambda_max_mean"] == ("batch_size",) and list(res.values["batch_sizes"]) == [64, 16]
+    assert mean[0] == pytest.approx(full, rel=1e-6)  # one batch of all 64 examples is the full batch
+    assert std[1] > 0 and mean[1] > 0
+    np.testing.assert_allclose(res.values["batch_max_stable_lr"], 2 / mean)
+
+
+def test_data_ci_brackets_resampled_estimates():
+    model = _mlp((64, 6, 10), seed=13)
+    x, y = _digits(80)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", top_k=1, trace=True, trace_matvecs=30,
+                           data_ci=True, data_resamples=5, tol=1e-8)
+    lo, hi = res.values["lambda_max_ci"]
+    lams = res.values["lambda_max_resamples"]
+    assert lams.min() <= lo < hi <= lams.max() and np.unique(lams).size == 5
+    assert res.values["trace_ci"].shape == (2,) and res.dims["lambda_max_ci"] == ("bound",)
+
+
+# ------------------------------------------------------------------------------------------------ Adam
+def test_preconditioned_sharpness_equals_dense_generalized_eigenvalue():
+    model = _mlp((64, 6, 10), seed=14)
+    x, y = _digits(60)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+    for _ in range(3):
+        opt.zero_grad()
+        batch_loss("cross_entropy", model(x), y).backward()
+        opt.step()
+    state = {n: dict(opt.state[p]) for n, p in model.named_parameters()}
+    spec = {"name": "Adam", "defaults": {"betas": [0.9, 0.99], "eps": 1e-6}}
+    ctx = ProbeContext(model=model, data=[(x, y)], loss="cross_entropy", lr=0.01, optimizer_state=state, optimizer=spec)
+    probe = HessianProbe(top_k=1, tol=1e-12, preconditioned=True)
+    assert probe.needs_optimizer_state
+    res = probe.run(ctx)
+    H = dense_hessian(model, [(x, y)], "cross_entropy").numpy()
+    t = 3
+    P = np.concatenate([((1 - 0.9**t) * (np.sqrt(s["exp_avg_sq"].numpy() / (1 - 0.99**t)) + 1e-6)).ravel()
+                        for s in state.values()])
+    ref = scipy.linalg.eigh(H, np.diag(P), eigvals_only=True)[-1]  # λ_max(P⁻¹H), SCIENCE.md §5 T5.4
+    assert res.scalar("preconditioned_lambda_max") == pytest.approx(ref, rel=1e-6)
+    assert res.meta["adam_threshold"] == pytest.approx(38 / 0.01 * (1.9 / 1.9))
+    P2 = adam_preconditioner(state, list(state), betas=(0.9, 0.99), eps=1e-6)
+    np.testing.assert_allclose(torch.cat([p.reshape(-1) for p in P2.values()]).numpy(), P)
+    with pytest.raises(ValueError, match="optimizer state"):
+        HessianProbe(top_k=1, preconditioned=True).run(ProbeContext(model=model, data=[(x, y)]))
+
+
+# ------------------------------------------------------------------------------------------------ peers
+def test_agrees_with_pyhessian_within_its_tolerance():
+    hessian_mod = pytest.importorskip("pyhessian")
+    from pyhessian import hessian as PyHessian
+
+    model = _mlp((64, 8, 10), seed=15, activation="relu")
+    x, y = _digits(100)
+    res = hessian_spectrum(model, (x, y), "cross_entropy", top_k=1, tol=1e-10)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)  # PyHessian draws its vectors in the default dtype
+    try:
+        torch.manual_seed(0)
+        peer = PyHessian(copy.deepcopy(model), nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        top, _ = peer.eigenvalues(top_n=1, maxIter=200, tol=1e-3)
+    finally:
+        torch.set_default_dtype(old)
+    assert hessian_mod is not None
+    # PyHessian stops on a 1e-3 relative change of the Rayleigh quotient, which underestimates λ_max
+    assert top[0] == pytest.approx(res.values["top_eigenvalues"][0], rel=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"curvature": "hess"}, "unknown curvature"),
+        ({"top_k": -1}, "top_k must be"),
+        ({"tol": 0}, "tol must be"),
+        ({"trace_matvecs": 100}, "divisible by 3"),
+        ({"trace_method": "hutch"}, "unknown trace_method"),
+        ({"subset": "classes=1"}, "subset must look like"),
+        ({"blocks": "("}, "not a valid regex"),
+        ({"mode": "training"}, "unknown mode"),
+        ({"dtype": "float16"}, "unknown dtype"),
+        ({"path": "fast"}, "unknown path"),
+        ({"batch_size_scan": (0,)}, "batch_size_scan"),
+        ({"data_ci": True, "top_k": 0}, "data_ci needs"),
+    ],
+)
+def test_bad_settings_raise_fixable_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        HessianProbe(**kw)
+
+
+def test_deterministic_under_seed_and_config_hash():
+    model = _mlp((64, 6, 10), seed=16)
+    x, y = _digits(60)
+    a = hessian_spectrum(model, (x, y), "cross_entropy", top_k=2, trace=True, trace_matvecs=12, seed=5)
+    b = hessian_spectrum(model, (x, y), "cross_entropy", top_k=2, trace=True, trace_matvecs=12, seed=5)
+    assert a.scalar("trace") == b.scalar("trace")
+    np.testing.assert_array_equal(a.values["top_eigenvalues"], b.values["top_eigenvalues"])
+    assert HessianProbe(top_k=3).config_hash() != HessianProbe(top_k=4).config_hash()
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def test_runner_end_to_end_and_store_round_trip(tiny_run):
+    from lossatlas.analysis.runner import RunOptions, run_probe
+    from lossatlas.store import ResultsStore
+
+    probe = HessianProbe(top_k=3, bottom_k=1, trace=True, trace_matvecs=30, density=True, num_probes=2,
+                         num_steps=20, blocks="layers", block_k=2, store_eigenvectors=True)
+    report = run_probe(tiny_run, probe, RunOptions(steps="last", max_examples=256, dtype="float64"))
+    (out,) = report.outcomes
+    assert out.status == "computed" and out.result.meta["two_over_lr"] == pytest.approx(2 / 0.05)
+    with ResultsStore(report.results_path, mode="r") as rs:
+        back, info = rs.read("hessian", report.key, out.step)
+    assert info["status"] == "complete"
+    for name, arr in out.result.values.items():
+        np.testing.assert_array_equal(back.values[name], arr)
+        assert back.dims[name] == out.result.dims[name]
+    np.testing.assert_array_equal(back.coords["grid"], out.result.coords["grid"])
+    assert list(back.coords["block"]) == list(out.result.coords["block"])
+    assert back.meta["path"] == out.result.meta["path"] and back.meta["matvecs"] == out.result.meta["matvecs"]
+    again = run_probe(tiny_run, probe, RunOptions(steps="last", max_examples=256, dtype="float64"))
+    assert again.outcomes[0].status == "cached"
+
+
+def test_tracking_warm_start_saves_matvecs_and_overlaps_in_unit_interval(tiny_run):
+    from lossatlas.analysis.tracking import PROBE_NAME, track_eigenspaces
+    from lossatlas.store import ResultsStore
+
+    res = track_eigenspaces(tiny_run, steps="all", k=3, tol=1e-6, compare_cold=True, dtype="float64",
+                            max_examples=512)
+    steps = res.values["steps"]
+    assert res.values["top_eigenvalues"].shape == (len(steps), 3) and len(steps) >= 4
+    ov = res.values["overlap"]
+    assert math.isnan(ov[0]) and np.all((ov[1:] >= 0) & (ov[1:] <= 1 + 1e-9))
+    warm, cold = res.values["matvecs"], res.values["cold_matvecs"]
+    assert warm[0] == cold[0]  # the first checkpoint has nothing to start from
+    assert warm[1:].sum() < cold[1:].sum() and res.meta["matvecs_saved"] > 0
+    np.testing.assert_allclose(res.values["two_over_lr"], 2 / 0.05)
+    with ResultsStore(tiny_run.with_name("run.results.h5"), mode="r") as rs:
+        back, _ = rs.read(PROBE_NAME, res.meta["key"], None)
+    np.testing.assert_array_equal(back.values["top_eigenvalues"], res.values["top_eigenvalues"])
+    assert back.dims["top_eigenvalues"] == ("step", "k")
+    # warm and cold runs find the same eigenvalues
+    cold_only = track_eigenspaces(tiny_run, steps="all", k=3, tol=1e-6, warm_start="none", dtype="float64",
+                                  max_examples=512, save=False)
+    np.testing.assert_allclose(cold_only.values["top_eigenvalues"], res.values["top_eigenvalues"], rtol=1e-5)
