@@ -14,7 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+# The peers we benchmark against. --no-deps: their optional dependencies (torchvision via
+# backpack) would otherwise replace the pinned CPU torch with another build.
+$(VENV)/.bench: $(VENV)/.bench
+	$(PIP) install -q --no-deps hessian-eigenthings==1.0.0a5 curvlinops-for-pytorch backpack-for-pytorch einconv einops linear_operator opt-einsum
 	touch $@
 
 demo: $(VENV)/.installed
@@ -23,7 +29,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.bench
 	OMP_NUM_THREADS=2 $(PY) benchmarks/run_all.py
 
 experiments: $(VENV)/.installed

@@ -3,8 +3,9 @@
 Setup (the task's reference): scikit-learn ``load_digits`` (first 1024 images, 4 batches of
 256), float32, ``torch.set_num_threads(2)``; an MLP 64-128-128-10 (ReLU, ~26k parameters) and a
 small CNN (conv 1→16→32 3×3, max-pool, linear 512→40→10, ~26k parameters); cross-entropy.
-Each timing is the median of several repeats after a warm-up (which also builds the cached
-gradient graphs of the double-backward path).
+Each repeat times one full-data gradient and then the product back to back; the table shows
+the median time and the median ratio, after a warm-up (which also builds the cached gradient
+graphs of the double-backward path).
 
 Run: ``python benchmarks/bench_hvp.py [--repeats 9]``.
 """
@@ -45,14 +46,20 @@ def cnn() -> nn.Module:
     )
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_ratio(fn, unit, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` and median of (fn time / unit time), each repeat timing both
+    back to back so that load from other processes on a shared machine cancels in the ratio."""
+    fn(), unit()  # warm-up
+    times, ratios = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
+        unit()
+        t1 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t2 = time.perf_counter()
+        times.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(times), statistics.median(ratios)
 
 
 def full_gradient(model: nn.Module, batches) -> None:
@@ -66,11 +73,15 @@ def full_gradient(model: nn.Module, batches) -> None:
 
 def bench(name: str, model: nn.Module, batches, repeats: int) -> list[tuple[str, str, float, float]]:
     model.eval()
-    t_grad = median_time(lambda: full_gradient(model, batches), repeats)
     P = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     v1 = torch.randn(P, generator=gen)
     v8 = torch.randn(P, 8, generator=gen)
+
+    def grad_fn():
+        full_gradient(model, batches)
+
+    t_grad, _ = median_ratio(grad_fn, grad_fn, repeats)
     rows = [(name, f"gradient (P={P})", t_grad, 1.0)]
     cases = [
         ("double_backward K=1, graph reused", dict(path="double_backward"), v1),
@@ -83,9 +94,9 @@ def bench(name: str, model: nn.Module, batches, repeats: int) -> list[tuple[str,
     ]
     for label, kw, V in cases:
         op = HessianOperator(model, batches, "cross_entropy", **kw)
-        t = median_time(lambda: op @ V, repeats)
+        t, ratio = median_ratio(lambda: op @ V, grad_fn, repeats)
         K = 1 if V.ndim == 1 else V.shape[1]
-        rows.append((name, f"{label} [{op.path}]", t / K, t / K / t_grad))
+        rows.append((name, f"{label} [{op.path}]", t / K, ratio / K))
     return rows
 
 

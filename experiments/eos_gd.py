@@ -67,8 +67,8 @@ def run(eta, steps, out: Path, eig_every=25):
         with torch.no_grad():
             for p in model.parameters():
                 p -= eta * p.grad
-        row["loss"] = float(loss)
-        losses.append(float(loss))
+        row["loss"] = loss.item()
+        losses.append(row["loss"])
         w.log(step, row)
     w.close()
     a = eos_phases(eig_steps, lams, eta)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -102,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 
+    from lossatlas.viz.figures import KINDS
+
+    p = sub.add_parser("plot", help="one figure of a stored result (PDF/PNG/SVG via matplotlib, HTML via plotly)")
+    p.add_argument("run")
+    p.add_argument("kind", help=f"one of: {', '.join(KINDS)}")
+    p.add_argument("--step", type=int, help="the checkpoint (default: every stored step, or the last)")
+    p.add_argument("-o", "--output", required=True, help="FILE.pdf | .png | .svg | .html")
+    p.add_argument("--results", help="results file (default: RUN.results.h5)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of the run and every stored result")
+    p.add_argument("run")
+    p.add_argument("-o", "--output", required=True, help="report.html")
+    p.add_argument("--results", help="results file (default: RUN.results.h5)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=_cmd_report)
+
     for name in sorted(PROBES):
         _add_probe_parser(sub, PROBES[name])
     return parser
@@ -178,6 +197,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, max_examples=args.max_examples, dtype=args.dtype,
                          device=args.device, force=args.force, progress=progress.status)
     report = run_probe(_existing(args.run), probe, options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 alone reports (and writes)
     if args.json:
         print(json.dumps({"probe": report.probe, "key": report.key, "results": str(report.results_path),
                           "steps": [_outcome_json(o) for o in report.outcomes]}, default=_json_default))
@@ -313,6 +334,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"log        {info['log_rows']} rows up to step {info['last_logged_step']}; {len(info['log_names'])} series")
     print(f"size       {info['size_bytes'] / 1e6:.2f} MB")
     print(f"writer     {'attached (the run is live)' if info['writer_attached'] else 'none'}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from lossatlas.analysis.reporting import plot_command
+
+    path = plot_command(_existing(args.run), args.kind, step=args.step, output=args.output, overwrite=args.force,
+                        results_path=args.results)
+    print(f"figure: {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lossatlas.analysis.reporting import report_command
+
+    path = report_command(_existing(args.run), output=args.output, overwrite=args.force, results_path=args.results)
+    print(f"report: {path}")
     return 0
 
 

@@ -420,3 +420,22 @@ def test_tracking_warm_start_saves_matvecs_and_overlaps_in_unit_interval(tiny_ru
     cold_only = track_eigenspaces(tiny_run, steps="all", k=3, tol=1e-6, warm_start="none", dtype="float64",
                                   max_examples=512, save=False)
     np.testing.assert_allclose(cold_only.values["top_eigenvalues"], res.values["top_eigenvalues"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_hessian_outliers_experiment_runs_and_reports_counts(tmp_path, monkeypatch):
+    """experiments/hessian_outliers.py end to end (a few minutes): counts next to the claim ≈ C (SCIENCE.md §2)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "experiments" / "hessian_outliers.py"
+    spec = importlib.util.spec_from_file_location("hessian_outliers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    summary = mod.main()
+    assert (tmp_path / "hessian_outliers.json").exists() and (tmp_path / "hessian_outliers.png").exists()
+    assert [c["C"] for c in summary["cases"]] == [3, 5, 8, 10, 10]
+    for case in summary["cases"]:
+        assert case["final_loss"] < 0.5 and case["top_eigenvalues"][0] > case["bulk_edge"]
+        assert 0 <= case["num_outliers"] <= 2 * case["C"]

@@ -23,6 +23,7 @@ from lossatlas import models, store
 from lossatlas.analysis.steps import select_steps
 from lossatlas.errors import UserError
 from lossatlas.probes.base import Probe, ProbeContext, Result
+from lossatlas.probes.distributed import Distributed
 from lossatlas.probes.batches import as_batches, fingerprint, to_device
 from lossatlas.probes.losses import LOSSES
 
@@ -118,9 +119,14 @@ class RunReport:
 
 
 def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = None) -> RunReport:
-    """Apply ``probe`` to the selected checkpoints of ``run_path`` and store each Result."""
+    """Apply ``probe`` to the selected checkpoints of ``run_path`` and store each Result.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone reads and writes the results file and
+    tells the other ranks what it found, and probes that split work use ``ctx.dist``.
+    """
     options = options or RunOptions()
     dtype = _dtype(options.dtype)
+    dist = distributed_from_env()
     with store.RunReader(run_path) as reader:
         steps = select_steps(options.steps, reader.steps())
         loss = reader.loss or "cross_entropy"
@@ -133,15 +139,21 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
         key = probe.config_hash()
         results_path = Path(options.results_path) if options.results_path else default_results_path(run_path)
         report = RunReport(probe=probe.name, key=key, results_path=results_path)
-        with store.ResultsStore(results_path, run_fingerprint=reader.fingerprint()) as results:
+        results = store.ResultsStore(results_path, run_fingerprint=reader.fingerprint()) if dist.rank == 0 else None
+        try:
             for step in steps:
-                report.outcomes.append(_run_step(reader, results, probe, key, step, batches, data_fp, loss, dtype, options))
+                report.outcomes.append(
+                    _run_step(reader, results, probe, key, step, batches, data_fp, loss, dtype, options, dist))
+        finally:
+            if results is not None:
+                results.close()
     return report
 
 
 def _run_step(reader, results, probe: Probe, key: str, step: int, batches, data_fp: str, loss: str,
-              dtype, options: RunOptions) -> StepOutcome:
-    found = None if options.force else results.read(probe.name, key, step)
+              dtype, options: RunOptions, dist: Distributed) -> StepOutcome:
+    found = None if (options.force or results is None) else results.read(probe.name, key, step)
+    found = dist.broadcast(found)
     partial = None
     status = "computed"
     if found is not None:
@@ -161,20 +173,37 @@ def _run_step(reader, results, probe: Probe, key: str, step: int, batches, data_
         optimizer_state = reader.checkpoint(step, optimizer_state=True).optimizer_state
 
     def save_partial(res: Result) -> None:
-        results.write(res, key=key, status="partial", data_fingerprint=data_fp)
+        if results is not None and not dist.active:  # under torchrun no rank holds the whole picture
+            results.write(res, key=key, status="partial", data_fingerprint=data_fp)
 
     ctx = ProbeContext(
         model=model, data=batches, loss=loss, step=step,
         lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
         device=torch.device(options.device), dtype=dtype, partial=partial, save_partial=save_partial,
-        steps=tuple(reader.steps()), state_at=lambda s: reader.checkpoint(s).state_dict(),
+        steps=tuple(reader.steps()), state_at=lambda s: reader.checkpoint(s).state_dict(), dist=dist,
     )
     _say(options, f"{probe.name} step {step}: {status}")
     start = time.perf_counter()
     result = probe.run(ctx)
     elapsed = time.perf_counter() - start
-    results.write(result, key=key, status="complete", data_fingerprint=data_fp, elapsed_s=elapsed)
+    if results is not None:
+        results.write(result, key=key, status="complete", data_fingerprint=data_fp, elapsed_s=elapsed)
+    dist.barrier()
     return StepOutcome(step, status, result, elapsed)
+
+
+def distributed_from_env() -> Distributed:
+    """Join the torchrun job this process belongs to (gloo on CPU, NCCL on GPU), or run alone."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("LOSSATLAS_BACKEND") != "gloo" else "gloo")
+    return Distributed(rank=tdist.get_rank(), world_size=tdist.get_world_size())
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lossatlas.probes.distributed import Distributed
+
 
 @dataclass(frozen=True)
 class Result:
@@ -78,6 +80,7 @@ class ProbeContext:
     steps: Sequence[int] = ()  # every checkpoint step of the run
     state_at: Callable[[int], dict[str, Tensor]] | None = None  # the state_dict at another step
     seed: int = 0
+    dist: "Distributed" = field(default_factory=lambda: Distributed())  # rank and world size under torchrun
 
 
 class Probe:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from lossatlas.probes import losses as L
+from lossatlas.probes.distributed import chunks_for_rank
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import (
     DEFAULT_SEED,
@@ -542,7 +543,17 @@ class Surface(Probe):
                 pending[0] = 0
                 ctx.save_partial(self._result(ctx, o, d, shape, x, y, dirs, status="partial", t0=t0))
 
-        evaluate_grid(ev, coords, done=done, out=out, chunk_size=chunk, on_chunk=on_chunk)
+        if ctx.dist.active:  # torchrun: each rank evaluates whole chunks, the sums combine them
+            mine = chunks_for_rank(n, chunk, ctx.dist.rank, ctx.dist.world_size)
+            before = done.copy()
+            evaluate_grid(ev, coords, indices=mine, done=done, out=out, chunk_size=chunk)
+            fresh = done & ~before
+            for name in ev.names:
+                own = np.where(fresh, out[name], 0.0)
+                out[name] = np.where(before, out[name], 0.0) + ctx.dist.all_reduce_sum(own)
+            done = before | (ctx.dist.all_reduce_sum(fresh.astype(np.float64)) > 0)
+        else:
+            evaluate_grid(ev, coords, done=done, out=out, chunk_size=chunk, on_chunk=on_chunk)
         quad = self._quadratic(ctx, base, dirs, ev, out, x, y, chunk) if self.quadratic_check else None
         res = self._result(ctx, out, done, shape, x, y, dirs, status="complete", t0=t0, quadratic=quad, vectorized=ev.vectorized_ok)
         res.meta["chunk_size"] = chunk

@@ -95,7 +95,7 @@ def draw_eigenvalues_vs_step(ax, results: Sequence[ResultLike], lr: LrLike = Non
     eta = learning_rates(results, lr)
     shown = m.copy()
     if np.isfinite(eta).any():
-        ax.plot(steps, 1.0 / eta, color="C3", ls="--", drawstyle="steps-post", label="2/η")
+        ax.plot(steps, 2.0 / eta, color="C3", ls="--", drawstyle="steps-post", label="2/η")
         shown = np.column_stack([m, 2.0 / eta])
     log_if_decades(ax, shown)
     ax.set_xlabel("step")

@@ -1,0 +1,268 @@
+"""Top eigenvalues and spectral density: lossatlas vs PyHessian, hessian-eigenthings and curvlinops, side by side.
+
+Setup: the reference MLP (64-128-128-10) and CNN on the first 1024 digits examples in 4 batches of 256,
+cross-entropy, CPU float32, ``torch.set_num_threads(2)``; each model is first trained for 200 SGD steps
+(lr 0.1) so that the spectrum has its outliers. Reference eigenvalues: our Lanczos in float64 to 1e-10.
+
+Every method is warmed up once, then timed ``REPEATS`` (default 3, env ``BENCH_REPEATS``) times from a
+fresh operator (graph building included) and the median is reported: allocator behaviour (page faults
+on the large CNN activations) moved single timings by up to 3×. Set ``MALLOC_ARENA_MAX=2`` in the
+environment for steadier numbers. Matvecs are counted by wrapping each peer's Hessian-vector product.
+
+Peers: PyHessian 0.1 (``density`` calls ``torch.eig``, removed from torch; patched here to
+``torch.linalg.eigh``), ``hessian-eigenthings==1.0.0a5``, ``curvlinops-for-pytorch`` (v3) with
+``scipy.sparse.linalg.eigsh``. A peer that fails to run is reported as a row with its error.
+
+Run: ``python benchmarks/bench_eigs.py`` (prints the table, writes benchmarks/results/bench_eigs.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lossatlas.models import build_data, build_model
+from lossatlas.probes.curvature import HessianOperator
+from lossatlas.probes.estimators import lanczos_eigs, slq_density
+
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+DENSITY_PROBES, DENSITY_STEPS = 1, 90
+FLOORS = {  # (task, peer row) -> minimum speed-up of ours
+    ("top5", "PyHessian dataloader (defaults)"): 5.0,
+    ("top5", "PyHessian single batch (defaults)"): 2.0,
+    ("top5", "hessian-eigenthings Lanczos"): 1.3,
+    ("top5", "curvlinops + scipy eigsh"): 2.5,
+    ("top1", "PyHessian tightened"): 3.0,
+    ("density", "PyHessian density (patched)"): 1.5,
+    ("density", "hessian-eigenthings SLQ"): 1.3,
+}
+
+
+def setup(name: str):
+    torch.manual_seed(0)
+    model = build_model({"name": name})
+    x, y = build_data({"name": "digits", "kwargs": {"split": "all"}})
+    x, y = x[:1024], y[:1024]
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, 1024, 256)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    for step in range(200):
+        bx, by = batches[step % 4]
+        opt.zero_grad()
+        crit(model(bx), by).backward()
+        opt.step()
+    model.eval()
+    return model, batches, (x, y)
+
+
+def timed(fn):
+    """Warm up once, then the median wall time of REPEATS runs and the last run's output."""
+    fn()
+    times, out = [], None
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def rel_err(vals, ref):
+    vals = np.sort(np.asarray(vals, dtype=np.float64))[::-1][: len(ref)]
+    if vals.shape[0] < len(ref):
+        return float("nan")
+    return float(np.max(np.abs(vals - ref) / np.abs(ref)))
+
+
+# ---------------------------------------------------------------------------------------------------- ours
+def ours_top(model, batches, k, tol=1e-4):
+    op = HessianOperator(model, batches, "cross_entropy")
+    res = lanczos_eigs(op, k, tol=tol, return_eigenvectors=False)
+    return res.eigenvalues, op.matvecs
+
+
+def ours_density(model, batches):
+    op = HessianOperator(model, batches, "cross_entropy")
+    d = slq_density(op, num_probes=DENSITY_PROBES, num_steps=DENSITY_STEPS)
+    return d, op.matvecs
+
+
+# ---------------------------------------------------------------------------------------------------- PyHessian
+class _Counter:
+    n = 0
+
+
+def _patch_pyhessian():
+    import pyhessian  # noqa: F401  (its __init__ shadows the submodule name with the class)
+
+    ph = sys.modules["pyhessian.hessian"]
+
+    if getattr(ph, "_bench_patched", False):
+        return ph
+    orig_hvp = ph.hessian_vector_product
+
+    def hvp(*a, **kw):
+        _Counter.n += 1
+        return orig_hvp(*a, **kw)
+
+    ph.hessian_vector_product = hvp
+    orig_dl = ph.hessian.dataloader_hv_product
+
+    def dl(self, v):
+        _Counter.n += 1
+        return orig_dl(self, v)
+
+    ph.hessian.dataloader_hv_product = dl
+    # torch.eig was removed from torch; PyHessian's density() calls torch.eig(T, eigenvectors=True)
+    torch.eig = lambda T, eigenvectors=True: (lambda w, v: (torch.stack([w, torch.zeros_like(w)], 1), v))(
+        *torch.linalg.eigh(T)
+    )
+    ph._bench_patched = True
+    return ph
+
+
+def pyhessian_top(model, batches, full, k, mode, tol=1e-3, max_iter=100):
+    ph = _patch_pyhessian()
+    m = copy.deepcopy(model)  # PyHessian calls .eval() and writes .grad on the model it gets
+    _Counter.n = 0
+    if mode == "dataloader":
+        h = ph.hessian(m, nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
+    else:
+        h = ph.hessian(m, nn.CrossEntropyLoss(), data=full, cuda=False)
+    vals, _ = h.eigenvalues(top_n=k, tol=tol, maxIter=max_iter)
+    return np.asarray(vals), _Counter.n
+
+
+def pyhessian_density(model, batches):
+    ph = _patch_pyhessian()
+    m = copy.deepcopy(model)
+    _Counter.n = 0
+    h = ph.hessian(m, nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
+    eigs, weights = h.density(iter=DENSITY_STEPS, n_v=DENSITY_PROBES)
+    return eigs, _Counter.n
+
+
+# ---------------------------------------------------------------------------------------------------- eigenthings
+def _eigenthings_op(model, batches):
+    import hessian_eigenthings as he
+
+    op = he.HessianOperator(model, batches, he.supervised_loss(nn.CrossEntropyLoss()))
+    counter = {"n": 0}
+    orig = op.matvec
+
+    def matvec(v):
+        counter["n"] += 1
+        return orig(v)
+
+    op.matvec = matvec
+    return op, counter
+
+
+def eigenthings_top(model, batches, k, max_iter, tol=1e-4):
+    import hessian_eigenthings as he
+
+    op, counter = _eigenthings_op(model, batches)
+    res = he.lanczos(op, k=k, max_iter=max_iter, tol=tol, which="LA", reorthogonalize=True, seed=0)
+    return res.eigenvalues.detach().cpu().numpy(), counter["n"]
+
+
+def eigenthings_density(model, batches):
+    import hessian_eigenthings as he
+
+    op, counter = _eigenthings_op(model, batches)
+    he.spectral_density(op, num_runs=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS, seed=0)
+    return None, counter["n"]
+
+
+# ---------------------------------------------------------------------------------------------------- curvlinops
+def curvlinops_top(model, batches, k, tol):
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches)
+    except Exception:  # older API: a list of parameters
+        H = HessianLinearOperator(model, nn.CrossEntropyLoss(), list(params.values()), batches)
+    S = H.to_scipy()
+    count = {"n": 0}
+
+    def mv(v):
+        count["n"] += 1
+        return S @ v
+
+    L = LinearOperator(S.shape, matvec=mv, dtype=S.dtype)
+    vals = eigsh(L, k=k, which="LA", tol=tol, return_eigenvectors=False)
+    return np.sort(vals)[::-1], count["n"]
+
+
+# ---------------------------------------------------------------------------------------------------- table
+def bench_model(name: str) -> list[dict]:
+    model, batches, full = setup(name)
+    ref_op = HessianOperator(model, batches, "cross_entropy", dtype=torch.float64)
+    ref = lanczos_eigs(ref_op, 5, tol=1e-10, return_eigenvectors=False).eigenvalues
+    rows: list[dict] = []
+
+    def row(task, method, fn, ref_vals, note=""):
+        try:
+            t, (vals, mv) = timed(fn)
+            err = rel_err(vals, ref_vals) if vals is not None and ref_vals is not None else float("nan")
+            rows.append(dict(model=name, task=task, method=method, time=t, matvecs=mv, err=err, note=note))
+        except Exception as exc:  # a peer that does not run on this setup is a row, not a crash
+            rows.append(dict(model=name, task=task, method=method, time=float("nan"), matvecs=0, err=float("nan"),
+                             note=f"failed: {type(exc).__name__}: {str(exc)[:80]}"))
+        print(f"  {name} {task:8s} {method:38s} {rows[-1]['time']:.3f}s {rows[-1]['matvecs']} "
+              f"{rows[-1]['err']:.1e} {rows[-1]['note']}", file=sys.stderr)
+
+    row("top5", "lossatlas Lanczos (tol 1e-4)", lambda: ours_top(model, batches, 5), ref)
+    row("top5", "PyHessian dataloader (defaults)", lambda: pyhessian_top(model, batches, full, 5, "dataloader"), ref,
+        "power iteration, tol 1e-3, maxIter 100")
+    row("top5", "PyHessian single batch (defaults)", lambda: pyhessian_top(model, batches, full, 5, "single"), ref,
+        "one batch of 1024")
+    row("top5", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 5, "single", tol=1e-6,
+                                                             max_iter=1000), ref, "single batch, tol 1e-6")
+    row("top5", "hessian-eigenthings Lanczos", lambda: eigenthings_top(model, batches, 5, max_iter=40), ref,
+        "LA, full reorth, 40 steps")
+    row("top5", "curvlinops + scipy eigsh", lambda: curvlinops_top(model, batches, 5, tol=1e-4), ref, "eigsh LA tol 1e-4")
+    row("top1", "lossatlas Lanczos (tol 1e-4)", lambda: ours_top(model, batches, 1), ref[:1])
+    row("top1", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 1, "single", tol=1e-5,
+                                                             max_iter=1000), ref[:1], "single batch, tol 1e-5")
+    row("density", f"lossatlas SLQ ({DENSITY_PROBES}x{DENSITY_STEPS})", lambda: ours_density(model, batches), None)
+    row("density", "PyHessian density (patched)", lambda: pyhessian_density(model, batches), None, "torch.eig -> eigh")
+    row("density", "hessian-eigenthings SLQ", lambda: eigenthings_density(model, batches), None)
+    # speed-up of ours over each peer on the same task
+    ours = {r["task"]: r["time"] for r in rows if r["method"].startswith("lossatlas")}
+    for r in rows:
+        r["speedup"] = r["time"] / ours[r["task"]] if not r["method"].startswith("lossatlas") else 1.0
+        floor = FLOORS.get((r["task"], r["method"]))
+        r["floor"] = "" if floor is None else (f"{'PASS' if r['speedup'] >= floor else 'FAIL'} (≥{floor}×)")
+    return rows
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    rows = []
+    for name in ("mlp", "cnn"):
+        rows += bench_model(name)
+    head = "| model | task | method | time (s) | matvecs | rel. error | speed-up vs ours | floor | note |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['task']} | {r['method']} | {r['time']:.3f} | {r['matvecs']} | "
+                     f"{r['err']:.1e} | {r['speedup']:.2f}× | {r['floor']} | {r['note']} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(__file__).parent / "results" / "bench_eigs.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# bench_eigs (torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
+                   f"{REPEATS} after a warm-up)\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

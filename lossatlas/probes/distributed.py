@@ -1,0 +1,60 @@
+"""The few torch.distributed collectives a probe needs, behind one small object.
+
+Under ``torchrun`` every rank runs the same probe; a probe that can split its work (grid points of
+a surface, ...) asks ``ctx.dist`` for its share and combines the pieces with ``all_reduce_sum``.
+Probes that cannot split compute the same result on every rank; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torch.distributed job (rank, world size) and its collectives."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """Σ over ranks of ``array`` (float64), identical on every rank."""
+        if not self.active:
+            return np.asarray(array)
+        t = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float64))
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t.numpy()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (in memory between our own processes)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+def chunks_for_rank(n_points: int, chunk_size: int, rank: int, world_size: int) -> np.ndarray:
+    """Flat point indices of the fixed chunks ``rank``, ``rank + W``, ... of ``chunk_size`` consecutive points.
+
+    Whole chunks move between ranks, so every point is evaluated in the same chunk as in a
+    single-process run and the combined result is identical to it bit for bit.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    starts = np.arange(0, n_points, chunk_size)[rank::world_size]
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(s, min(s + chunk_size, n_points)) for s in starts])
