@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--log-spaced", type=int, help="this many log-spaced checkpoints instead of every k steps")
     p.add_argument("--grad-clip", type=float)
+    p.add_argument("--instability", action="store_true", default=None,
+                   help="also log attention/output-logit, activation and Adam statistics")
     p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true")
@@ -102,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("diagnose", help="loss spikes and divergence: what moved first, the likely cause, the fix")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true", help="print JSON only on stdout")
+    p.add_argument("--sensitivity", type=float, default=6.0, help="spike threshold in robust sigmas (default 6)")
+    p.add_argument("--window", type=int, default=100, help="steps of history for the noise level (default 100)")
+    p.add_argument("--no-curvature", action="store_true", help="skip λ_max at the checkpoints around each spike")
+    p.set_defaults(func=_cmd_diagnose)
+
+    p = sub.add_parser("track", help="top-k Hessian eigenpairs across checkpoints, warm-started, with overlaps")
+    p.add_argument("run")
+    p.add_argument("--steps", default="all")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--curvature", default="hessian", help="hessian | ggn | fisher | empirical_fisher")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--data", help="data spec (JSON) to use instead of the run's own")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--results", help="results file (default: RUN.results.h5)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_track)
 
     from lossatlas.viz.figures import KINDS
 
@@ -280,7 +303,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             raise UserError(f"{args.config}: not a JSON file or JSON text of training settings") from None
     for name in ("loss", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "batch_size",
-                 "steps", "checkpoint_every", "log_spaced", "grad_clip", "seed"):
+                 "steps", "checkpoint_every", "log_spaced", "grad_clip", "instability", "seed"):
         v = getattr(args, name)
         if v is not None:
             values[name] = v
@@ -334,6 +357,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"log        {info['log_rows']} rows up to step {info['last_logged_step']}; {len(info['log_names'])} series")
     print(f"size       {info['size_bytes'] / 1e6:.2f} MB")
     print(f"writer     {'attached (the run is live)' if info['writer_attached'] else 'none'}")
+    return 0
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from lossatlas.analysis.diagnose import checkpoint_sharpness, diagnose_command
+
+    path = _existing(args.run)
+    curvature = None if args.no_curvature else checkpoint_sharpness(path)
+    text, data = diagnose_command(path, as_json=args.json, sensitivity=args.sensitivity, window=args.window,
+                                  curvature_fn=curvature)
+    print(json.dumps(data) if args.json else text)
+    return 0
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+    from lossatlas.analysis.tracking import track_eigenspaces
+
+    res = track_eigenspaces(_existing(args.run), steps=args.steps, k=args.top_k, curvature=args.curvature,
+                            tol=args.tol, data=_spec_arg(args.data, "--data"), batch_size=args.batch_size,
+                            max_examples=args.max_examples, results_path=args.results)
+    steps = res.values["steps"]
+    if args.json:
+        print(json.dumps({"steps": steps.tolist(), "top_eigenvalues": res.values["top_eigenvalues"].tolist(),
+                          "overlap": [None if v != v else float(v) for v in res.values["overlap"]],
+                          "matvecs": res.values["matvecs"].tolist()}))
+        return 0
+    for i, step in enumerate(steps):
+        eig = ", ".join(f"{v:.4g}" for v in res.values["top_eigenvalues"][i])
+        ov = res.values["overlap"][i]
+        print(f"step {int(step)}: top [{eig}]  overlap {'-' if ov != ov else f'{ov:.3f}'}  "
+              f"({int(res.values['matvecs'][i])} HVPs)")
     return 0
 
 

@@ -87,7 +87,8 @@ class Recorder:
                  checkpoint_every: int | None = None, checkpoint_steps: Iterable[int] | None = None,
                  log_spaced: int | None = None, max_steps: int | None = None, telemetry: bool = True,
                  per_tensor: bool = True, save_optimizer_state: bool = True, overwrite: bool = False,
-                 attrs: Mapping[str, Any] | None = None) -> None:
+                 attrs: Mapping[str, Any] | None = None, instability: bool = False,
+                 groups: Sequence[str] | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.telemetry = telemetry
@@ -103,6 +104,11 @@ class Recorder:
         self._params = [p for _, p in model.named_parameters() if p.requires_grad]
         self._previous: list[torch.Tensor] | None = None
         self._checkpointed: set[int] = set()
+        self._monitor = None
+        if instability:  # attention-logit, output-logit, activation and Adam statistics (telemetry.py)
+            from lossatlas.telemetry import InstabilityMonitor
+
+            self._monitor = InstabilityMonitor(model, optimizer, groups=groups)
         self._writer = store.RunWriter(
             path, model_spec=dict(model_spec) if model_spec is not None else None,
             data_spec=dict(data_spec) if data_spec is not None else None, loss=loss,
@@ -110,8 +116,12 @@ class Recorder:
             log_names=self._known_log_names())  # created up front: no SWMR restart mid-run
 
     # -- the training-loop hooks ------------------------------------------------------------
-    def step(self, step: int, loss: float | None = None, **scalars: float) -> None:
-        """Log telemetry for ``step`` (call after ``optimizer.step()``), and checkpoint on schedule."""
+    def step(self, step: int, loss: float | None = None, *, group_losses: Mapping[str, float] | None = None,
+             **scalars: float) -> None:
+        """Log telemetry for ``step`` (call after ``optimizer.step()``), and checkpoint on schedule.
+
+        ``group_losses`` (name → loss on that data group) is logged as ``group_loss/<name>``.
+        """
         row: dict[str, float] = {}
         if loss is not None:
             row["loss"] = float(loss)
@@ -120,6 +130,10 @@ class Recorder:
             row["lr"] = lr
         if self.telemetry:
             row.update(self._telemetry())
+        if self._monitor is not None:
+            row.update(self._monitor.collect(group_losses=group_losses))
+        elif group_losses:
+            row.update({f"group_loss/{k}": float(v) for k, v in group_losses.items()})
         for k, v in scalars.items():
             row[k] = float(v)
         self._writer.log(int(step), row)
@@ -152,6 +166,9 @@ class Recorder:
 
     def close(self) -> None:
         """Flush the log and close the run file (idempotent)."""
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None  # type: ignore[assignment]

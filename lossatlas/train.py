@@ -38,6 +38,7 @@ class TrainConfig:
     checkpoint_every: int | None = 50
     log_spaced: int | None = None
     grad_clip: float | None = None
+    instability: bool = False  # log attention/output-logit, activation and Adam statistics
     seed: int = 0
 
     def validate(self) -> None:
@@ -86,7 +87,8 @@ def train(cfg: TrainConfig, output: str, *, overwrite: bool = False, recorder_kw
     z_loss = float(getattr(model, "z_loss", 0.0) or 0.0)
     attrs: dict[str, Any] = {"train_config": _json(asdict(cfg))}
     kw = dict(checkpoint_every=cfg.checkpoint_every if cfg.log_spaced is None else None,
-              log_spaced=cfg.log_spaced, max_steps=cfg.steps, overwrite=overwrite, attrs=attrs)
+              log_spaced=cfg.log_spaced, max_steps=cfg.steps, overwrite=overwrite, attrs=attrs,
+              instability=cfg.instability)
     kw.update(recorder_kwargs or {})
     with Recorder(output, model, opt, model_spec=model_spec, data_spec=data_spec, loss=cfg.loss, **kw) as rec:
         rec.checkpoint(0)

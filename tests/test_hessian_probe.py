@@ -75,7 +75,7 @@ def dense_hessian(model, batches, loss, names=None):
         # row by row with plain autograd: 4x faster than torch.func.hessian here, and for the
         # tiny GPT torch.func.hessian (jacfwd/jacrev, vmapped) disagrees with finite differences
         # by ~4e-3 while this and our HVPs agree with them (torch 2.13 CPU)
-        H = torch.autograd.functional.hessian(f, theta0)
+        H = torch.autograd.functional.hessian(f, theta0, vectorize=True)
     finally:
         model.train(was)
     return 0.5 * (H + H.T)

@@ -408,7 +408,30 @@ def test_probe_registered_and_validates():
         Sharpness(m=0)
     with pytest.raises(ValueError, match="num_samples must be an integer >= 2"):
         Sharpness(num_samples=1)
-    with pytest.raises(ValueError, match="not wired"):
-        Sharpness(lambda_max=True)
     with pytest.raises(ValueError, match="unknown loss"):
         Sharpness(measures=("sam",)).run(ProbeContext(model=_mlp(), data=_data(), loss="hinge"))
+
+
+def test_lambda_max_and_trace_from_curvature_engine_match_dense_hessian():
+    """§3.1: λ_max and tr(H) in the sharpness probe equal the dense float64 Hessian's."""
+    from torch.func import functional_call
+
+    model = _mlp(bias=True).double()
+    batches = _data()
+    res = Sharpness(measures=("grad_norm",), lambda_max=True, trace=True).run(
+        ProbeContext(model=model, data=batches, loss="cross_entropy"))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat):
+        params, i = {}, 0
+        for n, sh in zip(names, shapes):
+            params[n] = flat[i : i + sh.numel()].reshape(sh)
+            i += sh.numel()
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (batches[0][0],)), batches[0][1])
+
+    H = torch.autograd.functional.hessian(f, theta)
+    evals = torch.linalg.eigvalsh(0.5 * (H + H.T))
+    assert res.scalar("lambda_max") == pytest.approx(float(evals[-1]), rel=1e-4)
+    assert abs(res.scalar("trace") - float(torch.trace(H))) <= 4 * res.scalar("trace_stderr") + 1e-10

@@ -459,3 +459,35 @@ def diagnose_command(run_path: str | Path, *, as_json: bool = False, **kwargs: A
     data = d.to_dict()
     text = json.dumps(data, indent=2, allow_nan=False) if as_json else render_text(d)
     return text, data
+
+
+def checkpoint_sharpness(run_path: str | Path, *, max_examples: int = 1024, batch_size: int = 256) -> Callable[[int], float | None]:
+    """``step ↦ λ_max`` of the loss at a stored checkpoint (Lanczos, tol 1e-3), for ``curvature_fn``.
+
+    Returns None for a checkpoint that is not finite or when the run has no data spec.
+    """
+    import torch
+
+    from lossatlas import store
+    from lossatlas.analysis.runner import load_batches, load_model
+    from lossatlas.probes.curvature import HessianOperator
+    from lossatlas.probes.estimators import lanczos_eigs
+
+    cache: dict[int, float | None] = {}
+
+    def sharpness(step: int) -> float | None:
+        if step in cache:
+            return cache[step]
+        with store.RunReader(run_path) as reader:
+            if reader.data_spec is None or step not in reader.steps():
+                return None
+            model = load_model(reader, step)
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                cache[step] = None
+                return None
+            batches = load_batches(reader.data_spec, batch_size=batch_size, max_examples=max_examples)
+            op = HessianOperator(model, batches, reader.loss or "cross_entropy")
+            cache[step] = float(lanczos_eigs(op, k=1, tol=1e-3, return_eigenvectors=False).eigenvalues[0])
+        return cache[step]
+
+    return sharpness

@@ -4,6 +4,7 @@ from lossatlas.probes import (  # noqa: F401
     collapse,
     connectivity,
     evaluate,
+    hessian,
     sharpness,
     surface,
     trajectory,

@@ -653,11 +653,23 @@ class Sharpness(Probe):
             value = getattr(self, field_name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{field_name} must be a positive integer or None, got {value!r}")
-        if self.lambda_max or self.trace:
-            raise ValueError(
-                "lambda_max/trace in the sharpness probe are not wired to the curvature engine yet; "
-                "set them to False and use the Hessian probes"
-            )
+
+    def _curvature(self, ctx: ProbeContext, batches, dtype, conventions: dict) -> dict[str, np.ndarray]:
+        """λ_max (Lanczos, tol 1e-4) and tr(H) (Hutch++, 99 matvecs) from the curvature engine (§3.1)."""
+        from lossatlas.probes.curvature import HessianOperator
+        from lossatlas.probes.estimators import hutchpp_trace, lanczos_eigs
+
+        op = HessianOperator(ctx.model, batches, ctx.loss, mode=self.mode, dtype=dtype)
+        out: dict[str, np.ndarray] = {}
+        if self.lambda_max:
+            eig = lanczos_eigs(op, k=1, which="LA", tol=1e-4, seed=self.seed, return_eigenvectors=False)
+            out["lambda_max"] = np.float64(eig.eigenvalues[0])
+            conventions["lambda_max"] = f"Lanczos top-1, rel. Ritz residual ≤ 1e-4, {eig.matvecs} HVPs ({op.path})"
+        if self.trace:
+            tr = hutchpp_trace(op, 99, seed=self.seed)
+            out["trace"], out["trace_stderr"] = np.float64(tr.value), np.float64(tr.stderr)
+            conventions["trace"] = "Hutch++ (Meyer et al. 2021), 99 matvecs"
+        return out
 
     def run(self, ctx: ProbeContext) -> Result:
         check_loss_name(ctx.loss)
@@ -716,6 +728,8 @@ class Sharpness(Probe):
                 values[name], values[f"{name}_stderr"] = np.float64(mean), np.float64(stderr)
                 dist = "N(0, ρ²c²)" if self.norm == "l2" else "ρc⊙U[-1,1]"
                 conventions[name] = f"δ ~ {dist}, ρ={rho}, {self.num_samples} samples" + self._scale_note(adaptive)
+        if self.lambda_max or self.trace:
+            values.update(self._curvature(ctx, batches, dtype, conventions))
         return Result(
             probe=self.name,
             config=self.config(),
