@@ -21,6 +21,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from lossatlas.errors import UserError
 from lossatlas.probes.curvature import (
+    AUTO_BATCHED_MIN_K,
     CURVATURES,
     EmpiricalFisherOperator,
     FisherOperator,
@@ -255,6 +256,11 @@ def test_paths_agree_and_auto_runs():
         assert op.path in PATHS
     close(outs["double_backward"], outs["forward_over_reverse"], rtol=1e-12)
     close(outs["auto"], outs["forward_over_reverse"], rtol=1e-12)
+    auto = HessianOperator(model, batches, loss)
+    auto @ V[:, 0]
+    assert auto.path == "double_backward"  # one vector: reused graph (AUTO_BATCHED_MIN_K rule)
+    auto @ vectors(51, K=AUTO_BATCHED_MIN_K)
+    assert auto.path == "forward_over_reverse"
 
 
 def test_graph_cache_off_gives_the_same_products():

@@ -286,7 +286,9 @@ def _logged(x: np.ndarray, upto: int) -> np.ndarray:
 
 
 def _verdict(spike: Spike, precursors: list[Precursor], lr_ev: dict | None, quick: int) -> tuple[str, str, list[str], list[str]]:
-    causal = [p for p in precursors if p.cause is not None]
+    # every named cause is a growth (attention logits, output logits, gradient norms); a signal that
+    # fell before the spike is reported as a precursor but never blamed (opposing signals: either way)
+    causal = [p for p in precursors if p.cause is not None and (p.direction == "up" or p.cause == "opposing_signals")]
     if causal and causal[0].cause == "gradient_norm_growth":  # prefer a named layer if one moved too
         layer = [p for p in causal if p.cause == "layer_gradient_explosion"]
         if layer:

@@ -197,6 +197,21 @@ def _result_item(probe: str, key: str, found: list, figures: list) -> ReportItem
     return ReportItem(title=f"{probe}", subtitle=subtitle, table=table, config=last.config, figures=figures)
 
 
+def _diagnosis_item(reader) -> ReportItem:
+    """The loss-spike diagnosis of the run's log (lossatlas diagnose, without curvature) as a report item."""
+    from lossatlas.analysis.diagnose import diagnose, render_text
+    from lossatlas.viz.dynamics import spikes_plotly
+
+    d = diagnose(reader)
+    data = d.to_dict()
+    table = {"spikes": len(data["spikes"]), "diverged": data["diverged"]}
+    for i, entry in enumerate(data["spikes"][:5]):
+        table[f"spike {i + 1} (step {entry['spike']['peak']})"] = entry["verdict"]
+    fig = spikes_plotly(data)
+    return ReportItem(title="Loss spikes and divergence", subtitle=render_text(d).splitlines()[0],
+                      table=table, figures=[fig] if fig is not None else [])
+
+
 def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool = False,
                    results_path: str | Path | None = None) -> Path:
     """Write ONE self-contained, offline HTML report of a run: overview (specs, training curves, telemetry) and
@@ -216,7 +231,7 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
             title="Per-tensor telemetry", figures=curves[1:],
             subtitle="gradient norm per parameter tensor (log colour scale): a layer whose norm jumps first "
                      "often starts a loss spike"))
-        sections["instabilities"].note = _EMPTY_NOTES["instabilities"]
+        sections["instabilities"].items.insert(0, _diagnosis_item(reader))
     else:
         overview.items.append(ReportItem(title="Training curves", subtitle="the run has no per-step log"))
     lr = _lr_series(reader) if log["step"].size else None

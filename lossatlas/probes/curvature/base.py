@@ -27,15 +27,18 @@ from lossatlas.probes.losses import batch_count, batch_loss, check_loss_name
 PATHS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse")
 MODES: tuple[str, ...] = ("eval", "train")
 
-# "auto" uses forward-over-reverse (torch.func, vmapped) from this many vectors per matmul on,
-# double backward with a reused gradient graph below it. Measured by benchmarks/bench_hvp.py
-# (load_digits, 1024 examples, 2 CPU threads, float32; cost per vector in gradients):
-#   MLP 64-128-128-10: double backward K=1 (graph reused) 0.68, torch.func K=1 1.51, K=8 0.64
-#   CNN 1-16-32 conv:  double backward K=1 (graph reused) 1.30, torch.func K=1 2.05, K=8 1.40
-# Double backward with a cached graph is the fastest at K=1 and at least on par with batched
-# torch.func per vector, so "auto" keeps it while graphs are cached; without a graph cache
-# (graphs too large), batched forward-over-reverse wins from K=2 on.
-AUTO_BATCHED_MIN_K = 2
+# "auto" uses forward-over-reverse (torch.func, vmapped) from AUTO_BATCHED_MIN_K vectors per
+# matmul on (from 2 once the gradient graphs no longer fit the cache and must be rebuilt), and
+# double backward with reused per-batch gradient graphs below it. Measured with
+# benchmarks/bench_hvp.py on this 2-core CPU (load_digits, 1024 examples in 4 batches of 256,
+# float32, 2 threads; cost per vector in full-data gradients; medians, shared machine, ±~30%):
+#   MLP 64-128-128-10: double backward, graph reused: K=1 1.71, K=8 1.79; graph rebuilt K=1 3.02;
+#                      forward-over-reverse K=1 6.41, K=2 1.56, K=4 0.83, K=8 0.44-1.30
+#   CNN conv 1-16-32:  double backward, graph reused: K=1 1.82, K=4 1.46, K=8 1.55-1.84;
+#                      forward-over-reverse K=1 3.52, K=2 2.95, K=4 2.18, K=8 1.60-2.28
+# A lone torch.func HVP is the slowest; batched torch.func wins on the MLP from K=2-4, while on the
+# CNN (forward-mode convolutions) it only catches up around K=8.
+AUTO_BATCHED_MIN_K = 8
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _PATH_ERRORS = (RuntimeError, NotImplementedError)
@@ -310,7 +313,7 @@ class CurvatureOperator:
     def _path_order(self, K: int) -> list[str]:
         if self.requested_path != "auto":
             first = self.requested_path
-        elif K >= AUTO_BATCHED_MIN_K and (self._graph_budget_hit or not self._graphs_possible()):
+        elif K >= AUTO_BATCHED_MIN_K or (K >= 2 and (self._graph_budget_hit or not self._graphs_possible())):
             first = "forward_over_reverse"
         else:
             first = "double_backward"
