@@ -1,0 +1,103 @@
+"""One conformance suite over every registered probe (STYLE.md "Tests"): constructible with defaults, rejects
+a bad value, deterministic under a seed, survives a store round-trip, leaves the user's model untouched."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import lossatlas.probes.registry  # noqa: F401  (registers every probe)
+from lossatlas import models
+from lossatlas.probes import PROBES, ProbeContext
+from lossatlas.probes.batches import as_batches
+from lossatlas.store import ResultsStore
+
+# Fast settings per probe, and one bad setting each; a new probe must add itself here.
+FAST = {
+    "loss": {},
+    "hessian": {"top_k": 2, "trace": True, "trace_matvecs": 12, "density": True, "num_steps": 12, "num_probes": 2},
+    "sharpness": {"measures": ("grad_norm", "sam", "average_case"), "num_samples": 4},
+    "surface": {"xrange": (-1.0, 1.0, 3), "yrange": (-1.0, 1.0, 3)},
+    "interpolate": {"to_step": 0, "alphas": (0.0, 1.0, 3)},
+    "trajectory": {},
+    "collapse": {},
+    "uniformity": {},
+}
+BAD = {
+    "loss": {"mode": "sideways"},
+    "hessian": {"top_k": -1},
+    "sharpness": {"measures": ("nonsense",)},
+    "surface": {"norm": "per-galaxy"},
+    "interpolate": {"dir_type": "everything"},
+    "trajectory": {"ignore": "nothing-at-all"},
+    "collapse": {"nc1_variant": "magic"},
+    "uniformity": {"t": -2.0},
+}
+SPEC = {"name": "mlp", "kwargs": {"widths": [64, 12, 10]}}
+
+
+def test_every_probe_has_conformance_settings():
+    assert set(PROBES) - {"test.counting"} <= set(FAST), "add the new probe to FAST and BAD"
+
+
+@pytest.fixture(scope="module")
+def context_parts():
+    model = models.build_model(SPEC)
+    x, y = models.build_data({"name": "digits"})
+    batches = as_batches((x[:120], y[:120]), 60)
+    states = {}
+    for step in (0, 1, 2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(step + p.numel())))
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, batches, states
+
+
+def _ctx(model, batches, states):
+    return ProbeContext(model=model, data=batches, loss="cross_entropy", step=2, lr=0.1, steps=(0, 1, 2),
+                        state_at=lambda s: states[s])
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_probe_conformance(name, context_parts, tmp_path):
+    model, batches, states = context_parts
+    cls = PROBES[name]
+    cls(**({"to_step": 0} if name == "interpolate" else {}))  # defaults (interpolate needs its target step)
+    with pytest.raises(ValueError):
+        cls(**{**FAST[name], **BAD[name]})
+    probe = cls(**FAST[name])
+    model.train()
+    next(iter(model.children())).eval()  # a mixed train/eval state must come back exactly
+    flags = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    first = probe.run(_ctx(model, batches, states))
+    second = probe.run(_ctx(model, batches, states))
+
+    # the user's model is untouched: parameters, buffers and every train/eval flag
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == flags
+    # deterministic under its seed
+    assert first.values.keys() == second.values.keys()
+    for k in first.values:
+        np.testing.assert_array_equal(first.values[k], second.values[k], err_msg=f"{name}: {k}")
+    # dims agree with shapes; coords label existing axes
+    for k, v in first.values.items():
+        assert len(first.dims[k]) == np.ndim(v)
+    for c, arr in first.coords.items():
+        assert any(c in d for d in first.dims.values()), f"{name}: coord {c} labels no axis"
+    # survives the results store
+    with ResultsStore(tmp_path / "r.results.h5", run_fingerprint="f" * 16) as store:
+        store.write(first, key=probe.config_hash(), data_fingerprint="d")
+        back, info = store.read(name, probe.config_hash(), 2)
+    assert info["status"] == "complete" and back.config == probe.config()
+    for k, v in first.values.items():
+        if np.asarray(v).dtype.kind in "fiub":
+            np.testing.assert_array_equal(np.asarray(back.values[k]), np.asarray(v), err_msg=f"{name}: {k}")
+        else:
+            assert list(np.asarray(back.values[k]).ravel()) == list(np.asarray(v).ravel())
+    # the config hash is stable and sensitive
+    assert probe.config_hash() == cls(**FAST[name]).config_hash()
+    assert dataclasses.is_dataclass(probe) and probe.__dataclass_params__.frozen
