@@ -266,12 +266,14 @@ def test_paths_agree_and_auto_runs():
 def test_graph_cache_off_gives_the_same_products():
     model, batches, loss, mode = make_case("mlp-ce")
     V = vectors(51, K=2)
-    cached = HessianOperator(model, batches, loss, path="double_backward")
-    rebuilt = HessianOperator(model, batches, loss, path="double_backward", graph_cache_bytes=0)
+    cached = HessianOperator(model, batches, loss, path="double_backward", coalesce_examples=0)
+    rebuilt = HessianOperator(model, batches, loss, path="double_backward", graph_cache_bytes=0, coalesce_examples=0)
+    merged = HessianOperator(model, batches, loss, path="double_backward")  # eval mode: one batch of 25
     for _ in range(2):  # second round reuses the cached graphs
         close(cached @ V, dense_case("mlp-ce", "hessian") @ V)
         close(rebuilt @ V, dense_case("mlp-ce", "hessian") @ V)
-    assert len(cached._graphs) == 3 and len(rebuilt._graphs) == 0
+        close(merged @ V, dense_case("mlp-ce", "hessian") @ V)
+    assert len(cached._graphs) == 3 and len(rebuilt._graphs) == 0 and len(merged._graphs) == 1
 
 
 # ------------------------------------------------------------------------------ ground truths
@@ -340,7 +342,9 @@ def test_T1_4_aggregation_over_unequal_batches(kind):
     assert whole[0][0].shape[0] == 25
     V = vectors(51)
     for path in PATHS:
-        close(make_operator(kind, model, batches, loss, path=path) @ V, make_operator(kind, model, whole, loss, path=path) @ V)
+        # coalesce_examples=0 keeps the three batches apart, so the n_b/N weighting itself is tested
+        split = make_operator(kind, model, batches, loss, path=path, coalesce_examples=0)
+        close(split @ V, make_operator(kind, model, whole, loss, path=path) @ V)
 
 
 # ------------------------------------------------------------------------- API surface

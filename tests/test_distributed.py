@@ -39,3 +39,77 @@ def test_surface_under_torchrun_equals_single_process(tiny_run, tmp_path):
     assert ra.values["loss"].shape == (4, 5)
     assert np.array_equal(ra.values["loss"], rb.values["loss"])  # bit for bit
     assert np.array_equal(ra.values["accuracy"], rb.values["accuracy"])
+
+
+def _torchrun(args, env, timeout=300):
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "lossatlas.cli", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_hessian_and_sweep_under_torchrun_equal_single_process(tiny_run, tmp_path):
+    """Data-parallel HVPs (all-reduced) give the single-process spectrum to reduction order; a checkpoint
+    sweep dealt out across ranks gives every step's result bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    hess = ["hessian", str(tiny_run), "--top-k", "3", "--trace", "--trace-matvecs", "30", "--density",
+            "--num-steps", "20", "--num-probes", "2", "--dtype", "float64", "--batch-size", "100"]
+    sweep = ["loss", str(tiny_run), "--steps", "all"]
+    single, multi = tmp_path / "single.h5", tmp_path / "multi.h5"
+    for args in (hess, sweep):
+        subprocess.run([sys.executable, "-m", "lossatlas.cli", *args, "--results", str(single)], check=True,
+                       env=env, capture_output=True, timeout=300)
+        proc = _torchrun([*args, "--results", str(multi)], env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    with ResultsStore(single, mode="r") as a, ResultsStore(multi, mode="r") as b:
+        (ha, _), (hb, _) = a.latest("hessian", 20), b.latest("hessian", 20)
+        np.testing.assert_allclose(hb.values["top_eigenvalues"], ha.values["top_eigenvalues"], rtol=1e-9)
+        np.testing.assert_allclose(hb.scalar("trace"), ha.scalar("trace"), rtol=1e-9)
+        np.testing.assert_allclose(hb.values["density"], ha.values["density"], rtol=1e-6, atol=1e-12)
+        for step in (0, 5, 10, 15, 20):
+            (la, _), (lb, _) = a.latest("loss", step), b.latest("loss", step)
+            assert la.scalar("loss") == lb.scalar("loss") and la.scalar("accuracy") == lb.scalar("accuracy")
+
+
+KILLER = '''
+import os
+import torch
+
+
+class Killer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        if os.environ.get("RANK") == "1":
+            os._exit(3)  # a rank that dies mid-computation
+        return self.fc(x.flatten(1))
+
+
+def build():
+    return Killer()
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_a_dying_rank_fails_the_command_and_leaves_results_as_they_were(tmp_path):
+    from lossatlas.train import TrainConfig, train
+
+    (tmp_path / "killer_model.py").write_text(KILLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    sys.path.insert(0, str(tmp_path))
+    try:
+        run = tmp_path / "run.h5"
+        train(TrainConfig(model={"factory": "killer_model:build"}, data={"name": "digits"}, steps=4,
+                          checkpoint_every=2), str(run))
+    finally:
+        sys.path.remove(str(tmp_path))
+    results = tmp_path / "run.results.h5"
+    subprocess.run([sys.executable, "-m", "lossatlas.cli", "loss", str(run), "--steps", "0"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    before = results.read_bytes()
+    proc = _torchrun(["hessian", str(run), "--steps", "all", "--top-k", "1"], env, timeout=180)
+    assert proc.returncode != 0
+    assert "FAILED" in proc.stderr or "exitcode" in proc.stderr
+    assert results.read_bytes() == before  # no half-written result marked complete

@@ -122,7 +122,9 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
     """Apply ``probe`` to the selected checkpoints of ``run_path`` and store each Result.
 
     Under ``torchrun`` every rank runs this; rank 0 alone reads and writes the results file and
-    tells the other ranks what it found, and probes that split work use ``ctx.dist``.
+    tells the other ranks what it found. A probe that splits its own work (``splits_work``: grid
+    points, data shards) runs every step on all ranks with ``ctx.dist``; any other probe gets the
+    checkpoints dealt out across ranks, and rank 0 stores each round's results.
     """
     options = options or RunOptions()
     dtype = _dtype(options.dtype)
@@ -140,56 +142,92 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
         results_path = Path(options.results_path) if options.results_path else default_results_path(run_path)
         report = RunReport(probe=probe.name, key=key, results_path=results_path)
         results = store.ResultsStore(results_path, run_fingerprint=reader.fingerprint()) if dist.rank == 0 else None
+        job = _StepJob(reader, results, probe, key, batches, data_fp, loss, dtype, options, dist)
         try:
-            for step in steps:
-                report.outcomes.append(
-                    _run_step(reader, results, probe, key, step, batches, data_fp, loss, dtype, options, dist))
+            found = dist.broadcast({s: job.lookup(s) for s in steps} if results is not None else None)
+            pending = [s for s in steps if not _is_cached(found[s], data_fp)]
+            cached = {s: StepOutcome(s, "cached", found[s][0]) for s in steps if s not in pending}
+            for s in cached:
+                _say(options, f"{probe.name} step {s}: cached")
+            computed: dict[int, StepOutcome] = {}
+            if not dist.active or getattr(probe, "splits_work", False):
+                for s in pending:
+                    computed[s] = job.compute(s, found[s], dist)
+                    job.store(computed[s])
+                    dist.barrier()
+            else:  # deal the checkpoints out: round r gives rank i the step pending[r·W + i]
+                for r in range(0, len(pending), dist.world_size):
+                    mine = pending[r + dist.rank] if r + dist.rank < len(pending) else None
+                    outcome = job.compute(mine, found[mine], Distributed()) if mine is not None else None
+                    gathered = dist.gather(outcome)
+                    for o in gathered or [outcome]:
+                        if o is not None:
+                            computed[o.step] = o
+                            job.store(o)
+                    dist.barrier()
+            report.outcomes = [cached.get(s) or computed[s] for s in steps if s in cached or s in computed]
         finally:
             if results is not None:
                 results.close()
     return report
 
 
-def _run_step(reader, results, probe: Probe, key: str, step: int, batches, data_fp: str, loss: str,
-              dtype, options: RunOptions, dist: Distributed) -> StepOutcome:
-    found = None if (options.force or results is None) else results.read(probe.name, key, step)
-    found = dist.broadcast(found)
-    partial = None
-    status = "computed"
-    if found is not None:
-        result, info = found
-        same_data = info.get("data_fingerprint") == data_fp
-        if same_data and info.get("status") == "complete":
-            _say(options, f"{probe.name} step {step}: cached")
-            return StepOutcome(step, "cached", result)
-        if same_data and info.get("status") == "partial":
-            partial, status = result, "resumed"
-        else:
-            status = "recomputed"
-    model = load_model(reader, step, dtype=dtype, device=options.device)
-    attrs = reader.checkpoint_attrs(step)
-    optimizer_state = None
-    if getattr(probe, "needs_optimizer_state", False):
-        optimizer_state = reader.checkpoint(step, optimizer_state=True).optimizer_state
+def _is_cached(found, data_fp: str) -> bool:
+    return found is not None and found[1].get("data_fingerprint") == data_fp and found[1].get("status") == "complete"
 
-    def save_partial(res: Result) -> None:
-        if results is not None and not dist.active:  # under torchrun no rank holds the whole picture
-            results.write(res, key=key, status="partial", data_fingerprint=data_fp)
 
-    ctx = ProbeContext(
-        model=model, data=batches, loss=loss, step=step,
-        lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
-        device=torch.device(options.device), dtype=dtype, partial=partial, save_partial=save_partial,
-        steps=tuple(reader.steps()), state_at=lambda s: reader.checkpoint(s).state_dict(), dist=dist,
-    )
-    _say(options, f"{probe.name} step {step}: {status}")
-    start = time.perf_counter()
-    result = probe.run(ctx)
-    elapsed = time.perf_counter() - start
-    if results is not None:
-        results.write(result, key=key, status="complete", data_fingerprint=data_fp, elapsed_s=elapsed)
-    dist.barrier()
-    return StepOutcome(step, status, result, elapsed)
+@dataclass
+class _StepJob:
+    """What every step of one ``run_probe`` call shares: the run, the store, the probe and the data."""
+
+    reader: Any
+    results: Any
+    probe: Probe
+    key: str
+    batches: list
+    data_fp: str
+    loss: str
+    dtype: Any
+    options: RunOptions
+    dist: Distributed
+
+    def lookup(self, step: int):
+        return None if self.options.force else self.results.read(self.probe.name, self.key, step)
+
+    def compute(self, step: int, found, dist: Distributed) -> StepOutcome:
+        partial, status = None, "computed"
+        if found is not None:
+            result, info = found
+            if info.get("data_fingerprint") == self.data_fp and info.get("status") == "partial":
+                partial, status = result, "resumed"
+            else:
+                status = "recomputed"
+        reader, options = self.reader, self.options
+        model = load_model(reader, step, dtype=self.dtype, device=options.device)
+        attrs = reader.checkpoint_attrs(step)
+        optimizer_state = None
+        if getattr(self.probe, "needs_optimizer_state", False):
+            optimizer_state = reader.checkpoint(step, optimizer_state=True).optimizer_state
+
+        def save_partial(res: Result) -> None:
+            if self.results is not None and not self.dist.active:  # under torchrun no rank holds the whole picture
+                self.results.write(res, key=self.key, status="partial", data_fingerprint=self.data_fp)
+
+        ctx = ProbeContext(
+            model=model, data=self.batches, loss=self.loss, step=step,
+            lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
+            device=torch.device(options.device), dtype=self.dtype, partial=partial, save_partial=save_partial,
+            steps=tuple(reader.steps()), state_at=lambda s: reader.checkpoint(s).state_dict(), dist=dist,
+        )
+        _say(options, f"{self.probe.name} step {step}: {status}")
+        start = time.perf_counter()
+        result = self.probe.run(ctx)
+        return StepOutcome(step, status, result, time.perf_counter() - start)
+
+    def store(self, outcome: StepOutcome) -> None:
+        if self.results is not None:
+            self.results.write(outcome.result, key=self.key, status="complete", data_fingerprint=self.data_fp,
+                               elapsed_s=outcome.elapsed_s)
 
 
 def distributed_from_env() -> Distributed:

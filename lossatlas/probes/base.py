@@ -93,6 +93,7 @@ class Probe:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    splits_work: ClassVar[bool] = False  # True: under torchrun the probe splits its work through ctx.dist
 
     def __post_init__(self) -> None:
         self.validate()

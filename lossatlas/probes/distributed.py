@@ -33,6 +33,24 @@ class Distributed:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t.numpy()
 
+    def all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ over ranks of ``t`` (in place where the backend allows; returned either way)."""
+        if self.active:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def shard(self, items: list) -> list[int]:
+        """Indices of ``items`` this rank owns: rank, rank + W, rank + 2W, ..."""
+        return list(range(self.rank, len(items), self.world_size))
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` as a list on rank 0 (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (in memory between our own processes)."""
         if not self.active:

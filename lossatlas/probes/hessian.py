@@ -328,6 +328,7 @@ class HessianProbe(Probe):
     """
 
     name: ClassVar[str] = "hessian"
+    splits_work: ClassVar[bool] = True  # under torchrun: ctx.dist splits its work
     summary: ClassVar[str] = "Hessian spectrum: top/bottom eigenvalues, trace, density, per-layer and class-wise spectra"
 
     curvature: str = "hessian"
@@ -417,6 +418,7 @@ class HessianProbe(Probe):
     # ---------------------------------------------------------------------------------------------------------------
     def _operator(self, ctx: ProbeContext, batches: Sequence[Batch], **kw: Any):
         dtype = DTYPES[self.dtype] if self.dtype is not None else ctx.dtype
+        kw.setdefault("dist", ctx.dist)  # under torchrun: data-parallel HVPs, all-reduced
         return make_operator(self.curvature, ctx.model, list(batches), ctx.loss, mode=self.mode, dtype=dtype,
                              device=ctx.device, path=self.path, **kw)
 

@@ -449,6 +449,7 @@ class Surface(Probe):
     """
 
     name: ClassVar[str] = "surface"
+    splits_work: ClassVar[bool] = True  # under torchrun: ctx.dist splits its work
     summary: ClassVar[str] = "loss/accuracy on a 1-D or 2-D slice through parameter space"
     dims: int = 2
     xrange: tuple[float, float, int] = (-1.0, 1.0, 51)
