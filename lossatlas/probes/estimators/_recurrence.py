@@ -79,7 +79,8 @@ class BlockLanczos:
         j0 = self.n
         Qj = self.V[:, j0 : j0 + b]  # (R, b, P)
         X = Qj.reshape(R * b, P).T.contiguous()  # (P, R·b)
-        W = apply(self.A, X).T.reshape(R, b, P).contiguous()  # (R, b, P)
+        # the basis may live elsewhere (CPU RAM) than the operator (GPU): only this block travels
+        W = apply(self.A, X.to(getattr(self.A, "device", X.device))).to(self.device).T.reshape(R, b, P).contiguous()
         self.matvecs += R * b
         ref = torch.linalg.vector_norm(W, dim=2)  # ‖A q‖: the DGKS reference
         if self._B_prev is not None:

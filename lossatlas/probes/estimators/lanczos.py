@@ -64,6 +64,7 @@ def lanczos_eigs(
     return_eigenvectors: bool = True,
     reorth: str = "full",
     progress: Callable[[int, int], None] | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigResult:
     """The k extreme eigenpairs of a symmetric operator by (block) Lanczos with full reorthogonalization.
 
@@ -97,6 +98,9 @@ def lanczos_eigs(
         reorth: ``"full"`` (default) or ``"none"`` (plain three-term recurrence; shows ghost
             eigenvalues, for demonstrations only).
         progress: called as ``progress(step, max_iter)`` after every block step.
+        basis_device: where the Krylov basis (max_iter·b vectors of length P) lives, e.g. ``"cpu"``
+            when the operator is on a GPU and k·P does not fit beside the model; only the current
+            block travels to the operator's device (default: the operator's device).
 
     Returns:
         An :class:`EigResult` with ``min(k, n)`` pairs.
@@ -130,6 +134,9 @@ def lanczos_eigs(
             f"max_iter={max_iter} block steps of size {b} give at most {max_iter * b} Ritz values < k={k}; raise max_iter"
         )
 
+    if basis_device is not None:
+        start = start.to(basis_device)
+        gen = make_generator(seed, start.device)
     run = BlockLanczos(A, start.T.unsqueeze(0), max_iter, reorth, gen)
     tiny_rel = float(torch.finfo(dtype).eps) ** (2 / 3)  # ARPACK-style floor for θ ≈ 0
     ritz = None
