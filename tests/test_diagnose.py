@@ -201,3 +201,26 @@ def test_phase_finder_on_a_synthetic_sharpness_curve():
     json.dumps(a.to_dict())
     with pytest.raises(ValueError, match="one per step"):
         eos.eos_phases(steps, lam, np.ones(3))
+
+
+def test_slow_sustained_attention_logit_growth_is_named_first():
+    """Exponential attention-logit growth that started long before the window (Wortsman et al. 2023): the
+    step-to-step changes look ordinary, the level does not; small logits growing from ~0 do not count."""
+    import numpy as np
+
+    from lossatlas.analysis.diagnose import diagnose_log
+
+    rng = np.random.default_rng(3)
+    steps = np.arange(1, 601)
+    loss = 3.0 * steps ** -0.2 * np.exp(rng.normal(0, 0.02, steps.size))
+    loss[400:420] *= 6.0
+    grow = 0.5 * np.exp(np.clip(steps - 50, 0, None) * 0.02) * np.exp(rng.normal(0, 0.05, steps.size))
+    small = 0.05 + 0.01 * steps / 60 * np.exp(rng.normal(0, 0.05, steps.size))  # 0.05 → 0.15: not large
+    gnorm = np.exp(rng.normal(0, 0.1, steps.size))
+    gnorm[330:] *= 3.0  # a later, ordinary-looking jump
+    d = diagnose_log({"step": steps, "loss": loss, "attn_logit_max/blocks.1": grow, "attn_logit_max/blocks.0": small,
+                      "grad_norm/blocks.1.mlp.weight": gnorm}).to_dict()
+    first = d["spikes"][0]
+    assert first["cause"] == "attention_logit_growth"
+    assert first["precursors"][0]["signal"] == "attn_logit_max/blocks.1"
+    assert all(p["signal"] != "attn_logit_max/blocks.0" for p in first["precursors"])

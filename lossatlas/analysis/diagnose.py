@@ -225,8 +225,46 @@ def find_precursors(steps: np.ndarray, signals: Mapping[str, np.ndarray], start:
         out.append(Precursor(signal=name, lead_steps=int(steps[start] - steps[onset_row]), onset_step=int(steps[onset_row]),
                              zscore=float(z[jb]), direction="up" if z[jb] > 0 else "down",
                              cause=signal_cause(name), layer=signal_layer(name)))
+    seen = {p.signal: i for i, p in enumerate(out)}
+    for name, raw in signals.items():  # slow, sustained growth that began before the window
+        grown = _sustained_growth(steps, name, np.asarray(raw, dtype=np.float64), start, min_history)
+        if grown is not None and (name not in seen or grown.lead_steps > out[seen[name]].lead_steps):
+            if name in seen:
+                out[seen[name]] = grown
+            else:
+                out.append(grown)
     out.sort(key=lambda p: (-p.lead_steps, -abs(p.zscore), p.signal))
     return out
+
+
+GROWTH_SIGNALS = ("attn_logit_max/", "output_logit_max")
+GROWTH_FACTOR = 10.0  # a logit scale that grew tenfold over its early level is an instability (Wortsman et al. 2023)
+GROWTH_FLOOR = 10.0  # ... once it is large in absolute terms: a logit gap of 10 makes softmax nearly one-hot
+
+
+def _sustained_growth(steps: np.ndarray, name: str, raw: np.ndarray, start: int, min_history: int) -> Precursor | None:
+    """Attention/output logits that grew ≥ GROWTH_FACTOR× over their early level (and past GROWTH_FLOOR).
+
+    A steady exponential climb (the attention-logit growth of Wortsman et al. 2023) has unremarkable
+    step-to-step changes, so the change-based z-score misses it; its level does not. The onset is the
+    first row above 3× the early level (median of the first ``min_history`` logged rows).
+    """
+    if not name.startswith(GROWTH_SIGNALS):
+        return None
+    x = np.abs(raw[:start])
+    fin = np.flatnonzero(np.isfinite(x))
+    if fin.size < 2 * min_history:
+        return None
+    early = float(np.median(x[fin[:min_history]]))
+    now = float(np.median(x[fin[-5:]]))
+    if not early > 0 or now < max(GROWTH_FACTOR * early, GROWTH_FLOOR):
+        return None
+    above = np.flatnonzero(np.isfinite(x) & (x > 3 * early))
+    onset = int(above[0])
+    spread = float(np.std(np.log(x[fin[:min_history]] + 1e-30)))
+    z = float(np.log(now / early) / max(spread, SIGMA_FLOOR))
+    return Precursor(signal=name, lead_steps=int(steps[start] - steps[onset]), onset_step=int(steps[onset]), zscore=z,
+                     direction="up", cause=signal_cause(name), layer=signal_layer(name))
 
 
 def lr_event(steps: np.ndarray, lr: np.ndarray | None, start: int, *, window: int = 50, rise: float = 0.05,
