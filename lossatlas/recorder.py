@@ -16,7 +16,6 @@ log-spaced, or an explicit list.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Iterable, Mapping, Sequence
 

@@ -2,7 +2,6 @@
 phase finder on synthetic sharpness curves (SCIENCE.md §5, T5.1-T5.2)."""
 
 import json
-import math
 
 import numpy as np
 import pytest

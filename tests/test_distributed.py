@@ -1,7 +1,6 @@
 """The same surface command under torchrun (2 ranks, gloo on loopback) gives the single-process surface bit for bit."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -78,6 +78,7 @@ def test_transformer_spikes_plain_vs_qk_layernorm(tmp_path):
     assert plain["n_spikes"] > qk["n_spikes"] and not qk["diverged"]
     assert math.isfinite(qk["final_loss"]) and qk["final_loss"] < plain["final_loss"] - 0.3
     assert (tmp_path / "diagnose.txt").read_text().count("==") >= 4
+    assert plain["first_spike_names_attention_first"], plain["first_spike_cause"]  # Wortsman et al.'s signature
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.batches import Batch, as_batches
-from lossatlas.probes.curvature import CURVATURES, PATHS, HessianOperator, make_operator, parameter_blocks
+from lossatlas.probes.curvature import CURVATURES, PATHS, make_operator, parameter_blocks
 from lossatlas.probes.estimators import (
     EigResult,
     count_outliers,

@@ -9,14 +9,24 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
-    """Run the block with ``model`` in ``mode`` ("eval" | "train"); restore each submodule's flag."""
+def evaluation_mode(model: nn.Module, mode: str = "eval", *, cumulative_bn: bool = False) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in ``mode`` ("eval" | "train"); restore each submodule's flag.
+
+    ``cumulative_bn`` also sets every BatchNorm's momentum to None for the block (running statistics
+    become the plain average over the batches seen, as when recomputing them at a new point).
+    """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(mode == "train")
+    saved = [(m, m.training, getattr(m, "momentum", None)) for m in model.modules()]
     try:
+        model.train(mode == "train")
+        if cumulative_bn:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = None
         yield model
     finally:
-        for m, flag in flags:
+        for m, flag, momentum in saved:
             m.training = flag
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = momentum

@@ -14,11 +14,10 @@ Perturbations are written in scaled coordinates u = δ / c with c = 1 (standard)
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator, Protocol, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 import scipy.optimize
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.batches import Batch, as_batches, num_examples, to_device
 from lossatlas.probes.losses import (
@@ -128,18 +128,6 @@ class FunctionObjective:
         return out.detach(), {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
 
 
-@contextlib.contextmanager
-def _module_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Set every submodule's train/eval flag to ``mode`` for the block; restore each flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 class DataObjective:
     """θ ↦ L_S(θ) = Σ_b (n_b/N) L_b(θ) of ``model`` on fixed batches (SCIENCE.md §0), via ``functional_call``.
 
@@ -177,7 +165,7 @@ class DataObjective:
 
     def value(self, params: Params) -> Tensor:
         total = 0.0
-        with torch.no_grad(), _module_mode(self.model, self.mode):
+        with torch.no_grad(), evaluation_mode(self.model, self.mode):
             for (x, y), n in zip(self.batches, self.counts):
                 total = total + batch_loss(self.loss, self.forward(params, x), y) * (n / self.total)
         return total.detach()
@@ -186,7 +174,7 @@ class DataObjective:
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
         total = 0.0
-        with torch.enable_grad(), _module_mode(self.model, self.mode):
+        with torch.enable_grad(), evaluation_mode(self.model, self.mode):
             for (x, y), n in zip(self.batches, self.counts):
                 lb = batch_loss(self.loss, self.forward(leaves, x), y) * (n / self.total)
                 gb = torch.autograd.grad(lb, list(leaves.values()), allow_unused=True)
@@ -562,7 +550,7 @@ def fisher_rao_norm(
     obj = DataObjective(model, batches, loss, mode=mode, dtype=next(iter(params.values())).dtype)
     tangent = {k: v.detach() for k, v in params.items()}
     total = 0.0
-    with _module_mode(model, mode):
+    with evaluation_mode(model, mode):
         for (x, y), n in zip(obj.batches, obj.counts):
             out, jv = _output_and_jvp(obj, tangent, x)  # f, Jθ: (n, C)
             if target == "empirical":

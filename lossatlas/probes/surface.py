@@ -16,11 +16,10 @@ points are already done: a resumed run recomputes whole chunks and gets the unin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from torch.func import functional_call, vmap
 
 from lossatlas.probes import losses as L
 from lossatlas.probes.distributed import chunks_for_rank
+from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import (
     DEFAULT_SEED,
@@ -48,25 +48,6 @@ from lossatlas.probes.directions import (
 
 BN_MODES: tuple[str, ...] = ("keep", "recompute")
 Metric = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> the batch mean of a per-example metric
-
-
-# ----------------------------------------------------------------------------------------- module mode
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module, *, train: bool = False, cumulative_bn: bool = False) -> Iterator[None]:
-    """Temporarily put ``model`` in train/eval mode (and BN momentum=None); restore every flag after."""
-    saved = [(m, m.training, getattr(m, "momentum", None)) for m in model.modules()]
-    try:
-        model.train(train)
-        if cumulative_bn:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = None
-        yield
-    finally:
-        for m, flag, momentum in saved:
-            m.training = flag
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = momentum
 
 
 def _bn_stat_names(model: nn.Module) -> list[str]:
@@ -93,7 +74,7 @@ def recompute_bn_stats(
         if name in fresh:
             t = fresh[name]
             t.fill_(1 if name.endswith("running_var") else 0)
-    with torch.no_grad(), evaluation_mode(model, train=True, cumulative_bn=True):
+    with torch.no_grad(), evaluation_mode(model, "train", cumulative_bn=True):
         for x, _ in batches:
             functional_call(model, (dict(params), fresh), (x,))  # updates `fresh` in place
     return fresh
@@ -189,7 +170,7 @@ class PointEvaluator:
         with torch.no_grad():
             states = [self.point_state(c) for c in coords]
             sums = {n: np.zeros(len(states)) for n in self.names}
-            with evaluation_mode(self.model, train=False):
+            with evaluation_mode(self.model, "eval"):
                 for x, y in self.data:
                     outs = self._forward(states, x)  # (C, B, ...)
                     n_b = L.batch_count(self.loss, y)
@@ -316,7 +297,7 @@ def directional_derivatives(
     buffers = dict(buffers) if buffers is not None else {k: b.detach() for k, b in model.named_buffers()}
     n_total = sum(L.batch_count(loss, y) for _, y in data)
     value = grad_d = curv = 0.0
-    with evaluation_mode(model, train=False):
+    with evaluation_mode(model, "eval"):
         for x, y in data:
             leaf = {k: params[k].detach().clone().requires_grad_(True) for k in names}
             rest = {k: v.detach() for k, v in params.items() if k not in leaf}
@@ -406,7 +387,7 @@ def _hvp(model: nn.Module, params: Mapping[str, Tensor], d: Mapping[str, Tensor]
     n_total = sum(L.batch_count(loss, y) for _, y in data)
     acc = {k: torch.zeros_like(params[k]) for k in names}
     buffers = {k: b.detach() for k, b in model.named_buffers()}
-    with evaluation_mode(model, train=False):
+    with evaluation_mode(model, "eval"):
         for x, y in data:
             leaf = {k: params[k].detach().clone().requires_grad_(True) for k in names}
             lb = L.batch_loss(loss, functional_call(model, (leaf, buffers), (x,)), y)
