@@ -418,3 +418,20 @@ def test_density_is_frozen(slq_case):
     assert isinstance(d, Density)
     with pytest.raises(AttributeError):
         d.bulk_edge = 0.0  # type: ignore[misc]
+
+
+def test_eigenvalue_criterion_meets_its_tolerance_with_fewer_matvecs():
+    """criterion="eigenvalue" stops on min(r, r²/gap) ≤ tol·|θ|: the eigenvalues still meet tol, sooner."""
+    g = torch.Generator().manual_seed(11)
+    P = 400
+    lam = torch.cat([torch.tensor([10.0, 9.3, 8.7, 8.2, 7.9]), torch.rand(P - 5, generator=g, dtype=torch.float64) * 6])
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    A = (Q * lam.double()) @ Q.T
+    exact = np.sort(lam.numpy())[::-1][:5]
+    res = lanczos_eigs(A, k=5, tol=1e-6, criterion="residual", seed=1)
+    eig = lanczos_eigs(A, k=5, tol=1e-6, criterion="eigenvalue", seed=1)
+    assert eig.matvecs < res.matvecs
+    assert np.all(np.abs(eig.eigenvalues - exact) <= 1e-6 * np.abs(exact))
+    assert np.all(eig.error_bounds <= eig.residuals) and eig.converged.all()
+    with pytest.raises(ValueError, match="criterion"):
+        lanczos_eigs(A, k=1, criterion="vibes")

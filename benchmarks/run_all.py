@@ -1,0 +1,23 @@
+"""Run every benchmark in turn and print its table (``make bench``); each also documents its own setup."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BENCHMARKS = ["bench_hvp.py", "bench_eigs.py", "bench_lanczos_overhead.py", "bench_surface.py", "bench_recorder.py",
+              "bench_distributed.py"]
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE.parent))
+    for name in BENCHMARKS:
+        print(f"\n=== {name} ===", flush=True)
+        runpy.run_path(str(HERE / name), run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
