@@ -25,6 +25,8 @@ from torch import nn
 
 from lossatlas import store
 
+FLUSH_EVERY = 500  # log rows buffered before a write (a checkpoint or close writes them too)
+
 
 def checkpoint_schedule(*, every: int | None = None, steps: Iterable[int] | None = None,
                         log_spaced: int | None = None, max_steps: int | None = None) -> set[int] | None:
@@ -103,6 +105,9 @@ class Recorder:
         self._params = [p for _, p in model.named_parameters() if p.requires_grad]
         self._previous: list[torch.Tensor] | None = None
         self._checkpointed: set[int] = set()
+        self._steps: list[int] = []  # buffered log rows (written by _flush)
+        self._rows: list[dict[str, float]] = []
+        self._norms: list[torch.Tensor] = []
         self._monitor = None
         if instability:  # attention-logit, output-logit, activation and Adam statistics (telemetry.py)
             from lossatlas.telemetry import InstabilityMonitor
@@ -119,7 +124,9 @@ class Recorder:
              **scalars: float) -> None:
         """Log telemetry for ``step`` (call after ``optimizer.step()``), and checkpoint on schedule.
 
-        ``group_losses`` (name → loss on that data group) is logged as ``group_loss/<name>``.
+        ``group_losses`` (name → loss on that data group) is logged as ``group_loss/<name>``. The
+        norms stay on the device until the buffered rows are written (every ``FLUSH_EVERY`` steps, at a
+        checkpoint and at ``close``), so a step costs one fused norm kernel and no host sync.
         """
         row: dict[str, float] = {}
         if loss is not None:
@@ -127,15 +134,18 @@ class Recorder:
         lr = self.learning_rate()
         if lr is not None:
             row["lr"] = lr
-        if self.telemetry:
-            row.update(self._telemetry())
         if self._monitor is not None:
             row.update(self._monitor.collect(group_losses=group_losses))
         elif group_losses:
             row.update({f"group_loss/{k}": float(v) for k, v in group_losses.items()})
         for k, v in scalars.items():
             row[k] = float(v)
-        self._writer.log(int(step), row)
+        self._steps.append(int(step))
+        self._rows.append(row)
+        if self.telemetry:
+            self._norms.append(self._telemetry())
+        if len(self._steps) >= FLUSH_EVERY:
+            self._flush()
         if self._due(int(step)):
             self.checkpoint(int(step), loss=loss)
 
@@ -143,6 +153,7 @@ class Recorder:
         """Write a checkpoint of the model (and optimizer state) at ``step`` now."""
         if step in self._checkpointed:
             return
+        self._flush()  # the log up to this checkpoint lands with it
         params = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
         # persistent buffers only: exactly the state_dict entries that are not parameters
         buffers = {n: b.detach().cpu() for n, b in self.model.state_dict(keep_vars=True).items() if n not in params}
@@ -169,6 +180,7 @@ class Recorder:
             self._monitor.close()
             self._monitor = None
         if self._writer is not None:
+            self._flush()
             self._writer.close()
             self._writer = None  # type: ignore[assignment]
 
@@ -194,27 +206,37 @@ class Recorder:
         return step in self._schedule
 
     @torch.no_grad()
-    def _telemetry(self) -> dict[str, float]:
-        """Gradient, weight and update norms, all norms fused and fetched with one device sync."""
+    def _telemetry(self) -> torch.Tensor:
+        """(3n,) norms on the device: ‖g_i‖, ‖w_i‖ and ‖w_i − w_i,prev‖ per tensor, one fused kernel."""
         params = self._params
         grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
-        parts = [torch.stack(torch._foreach_norm(grads)), torch.stack(torch._foreach_norm(params))]
-        first = self._previous is None
-        if first:
+        if self._previous is None:
             self._previous = [p.detach().clone() for p in params]
-        else:
-            parts.append(torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._previous))))
-            torch._foreach_copy_(self._previous, params)
-        host = torch.stack(parts).double().cpu().numpy()  # one sync: (2 or 3, n)
-        g, w = host[0], host[1]
-        wn = float(np.sqrt(w @ w))
-        row = {"grad_norm": float(np.sqrt(g @ g)), "weight_norm": wn}
-        if self.per_tensor:
-            row.update(zip(self._keys_g, g.tolist()))
-            row.update(zip(self._keys_w, w.tolist()))
-        if not first:
-            u = host[2]
-            row["update_ratio"] = float(np.sqrt(u @ u)) / max(wn, 1e-30)
+            norms = torch.stack(torch._foreach_norm([*grads, *params]))
+            return torch.cat([norms, torch.full((len(params),), float("nan"), device=norms.device)])
+        diffs = torch._foreach_sub(params, self._previous)
+        torch._foreach_copy_(self._previous, params)
+        return torch.stack(torch._foreach_norm([*grads, *params, *diffs]))
+
+    def _flush(self) -> None:
+        """Write the buffered rows: one host transfer for all norms, then columns in bulk."""
+        if not self._steps:
+            return
+        steps, rows, norms = self._steps, self._rows, self._norms
+        self._steps, self._rows, self._norms = [], [], []
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        cols = {k: np.array([row.get(k, np.nan) for row in rows], dtype=np.float64) for k in names}
+        if norms:
+            n = len(self._names)
+            arr = torch.stack(norms).double().cpu().numpy()  # (T, 3n)
+            g, w, u = arr[:, :n], arr[:, n : 2 * n], arr[:, 2 * n :]
+            wn = np.sqrt((w**2).sum(axis=1))
+            cols["grad_norm"] = np.sqrt((g**2).sum(axis=1))
+            cols["weight_norm"] = wn
+            cols["update_ratio"] = np.sqrt((u**2).sum(axis=1)) / np.maximum(wn, 1e-30)
             if self.per_tensor:
-                row.update(zip(self._keys_u, (u / np.maximum(w, 1e-30)).tolist()))
-        return row
+                for i in range(n):
+                    cols[self._keys_g[i]] = g[:, i]
+                    cols[self._keys_w[i]] = w[:, i]
+                    cols[self._keys_u[i]] = u[:, i] / np.maximum(w[:, i], 1e-30)
+        self._writer.log_block(steps, cols)

@@ -550,19 +550,44 @@ class RunWriter:
         if not self._rows:
             return
         names = list(dict.fromkeys(k for _, row in self._rows for k in row))
-        new = [n for n in names if n not in self._file["log"]]
+        cols = {n: np.array([row.get(n, np.nan) for _, row in self._rows], dtype=np.float64) for n in names}
+        steps = [s for s, _ in self._rows]
+        self._rows = []
+        self._write_columns(steps, cols)
+
+    def log_block(self, steps: Any, columns: Mapping[str, Any]) -> None:
+        """Append many log rows at once: ``steps`` (T,) and ``columns[name]`` (T,) float (NaN: not logged).
+
+        The bulk path of ``log`` for a caller that buffers its own telemetry (the Recorder).
+        """
+        steps = [int(s) for s in np.asarray(steps).reshape(-1)]
+        if not steps:
+            return
+        if any(s < 0 for s in steps):
+            raise ValueError("log steps must be non-negative ints")
+        cols = {}
+        for name, values in columns.items():
+            arr = np.asarray(values, dtype=np.float64).reshape(-1)
+            if arr.shape[0] != len(steps):
+                raise ValueError(f"log column {name!r} has {arr.shape[0]} rows for {len(steps)} steps")
+            cols[_escape(name)] = arr
+        self._file
+        self._flush_log()  # rows logged one by one come first
+        self._write_columns(steps, cols)
+
+    def _write_columns(self, steps: list[int], cols: Mapping[str, np.ndarray]) -> None:
+        new = [n for n in cols if n not in self._file["log"]]
         if new:
             with self._structure() as f:
                 for n in new:
                     ds = self._grow_dataset(f["log"], n, np.float64, fill=np.nan)
                     ds.attrs["first_row"] = self._n_log
-        log, n, rows = self._file["log"], self._n_log, self._rows
+        log, n = self._file["log"], self._n_log
         for name in log:
             if name != "step":
-                self._append(log[name], n, [row.get(name, np.nan) for _, row in rows])
-        self._append(log["step"], n, [s for s, _ in rows])  # the commit
-        self._n_log += len(rows)
-        self._rows = []
+                self._append(log[name], n, cols[name] if name in cols else np.full(len(steps), np.nan))
+        self._append(log["step"], n, steps)  # the commit
+        self._n_log += len(steps)
 
     def flush(self) -> None:
         """Write buffered log rows and flush the file."""
