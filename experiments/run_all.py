@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXPERIMENTS = ("hessian_outliers", "eos_gd", "transformer_spikes", "grokking")
+EXPERIMENTS = ("hessian_outliers", "eos_gd", "transformer_spikes", "neural_collapse", "grokking")
 
 
 def one_line(name: str, summary: dict) -> str:
