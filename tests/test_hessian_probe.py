@@ -439,3 +439,17 @@ def test_hessian_outliers_experiment_runs_and_reports_counts(tmp_path, monkeypat
     for case in summary["cases"]:
         assert case["final_loss"] < 0.5 and case["top_eigenvalues"][0] > case["bulk_edge"]
         assert 0 <= case["num_outliers"] <= 2 * case["C"]
+
+
+def test_eigenvalue_criterion_matches_dense_with_fewer_products():
+    model = _mlp()
+    x, y = _digits()
+    batches = [(x, y)]
+    dense = torch.linalg.eigvalsh(dense_hessian(model, batches, "cross_entropy")).flip(0)[:3].numpy()
+    ctx = ProbeContext(model=model, data=batches, loss="cross_entropy")
+    by_res = HessianProbe(top_k=3, tol=1e-8).run(ctx)
+    by_eig = HessianProbe(top_k=3, tol=1e-8, criterion="eigenvalue").run(ctx)
+    assert by_eig.meta["matvecs"] <= by_res.meta["matvecs"]
+    np.testing.assert_allclose(by_eig.values["top_eigenvalues"], dense, rtol=1e-7)
+    with pytest.raises(ValueError, match="criterion"):
+        HessianProbe(criterion="gut feeling")

@@ -310,6 +310,8 @@ class HessianProbe(Probe):
         curvature: "hessian", "ggn", "fisher" or "empirical_fisher".
         top_k / bottom_k: number of largest / smallest eigenpairs (0 skips).
         tol: relative Ritz residual ‖A y − θ y‖ ≤ tol·|θ|.
+        criterion: "residual" (the above, default) or "eigenvalue" (the error estimate min(r, r²/gap)
+            ≤ tol·|θ|: fewer products when only the eigenvalues are wanted).
         max_iter: most Lanczos steps (None: the estimator's default).
         block_size: Lanczos block size (> 1 sees multiple eigenvalues, e.g. clustered outliers).
         trace / trace_method / trace_matvecs: tr(A) by "hutchpp" (budget divisible by 3) or "hutchinson".
@@ -335,6 +337,7 @@ class HessianProbe(Probe):
     top_k: int = 5
     bottom_k: int = 0
     tol: float = 1e-4
+    criterion: str = "residual"  # or "eigenvalue": stop on min(r, r²/gap) ≤ tol·|θ| (lanczos_eigs)
     max_iter: int | None = None
     block_size: int = 1
     trace: bool = False
@@ -401,6 +404,7 @@ class HessianProbe(Probe):
                 raise ValueError(f"hessian: {exc}") from None
         _check_choice("mode", self.mode, MODES)
         _check_choice("path", self.path, PATHS)
+        _check_choice("criterion", self.criterion, ("residual", "eigenvalue"))
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_int("seed", self.seed, 0)
@@ -425,7 +429,7 @@ class HessianProbe(Probe):
     def _top(self, op: Any, k: int, which: str, **kw: Any) -> EigResult:
         k = min(k, op.shape[0])
         return lanczos_eigs(op, k, which=which, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
-                            block_size=min(self.block_size, op.shape[0]), **kw)
+                            block_size=min(self.block_size, op.shape[0]), criterion=self.criterion, **kw)
 
     def _trace(self, op: Any, seed: int):
         if self.trace_method == "hutchpp":
