@@ -358,47 +358,18 @@ def top_hessian_eigenvectors(
     *,
     seed: int = 0,
 ) -> list[Direction]:
-    """The top-k Hessian eigenvectors (unit norm) by scipy's ARPACK on double-backward HVPs.
+    """The top-k Hessian eigenvectors (unit norm) at ``params`` from the curvature engine.
 
-    A small self-contained fallback for the surface probe's ``directions="eigenvectors"``; meant for
-    small models (ARPACK in float64 on CPU).
+    Lanczos with full reorthogonalization (residual tol 1e-8) on float64 Hessian-vector products
+    (``lossatlas.probes.curvature`` and ``lossatlas.probes.estimators``, SCIENCE.md §1.2).
     """
-    import scipy.sparse.linalg as sla
+    from lossatlas.probes.curvature import HessianOperator
+    from lossatlas.probes.estimators import lanczos_eigs
 
-    names = list(params)
-    flat_like = {n: params[n] for n in names}
-    total = sum(t.numel() for t in flat_like.values())
-
-    def matvec(v: np.ndarray) -> np.ndarray:
-        d = unflatten(torch.as_tensor(np.asarray(v).ravel(), dtype=torch.float64), flat_like)
-        out = _hvp(model, params, d, data, loss)
-        return flatten(out, names).detach().double().cpu().numpy()
-
-    op = sla.LinearOperator((total, total), matvec=matvec, dtype=np.float64)
-    v0 = np.random.default_rng(seed).standard_normal(total)
-    vals, vecs = sla.eigsh(op, k=k, which="LA", v0=v0, tol=1e-10)
-    order = np.argsort(vals)[::-1]
-    vecs = vecs[:, order]
-    return eigenvector_directions(torch.as_tensor(vecs.copy()), params, label="eigenvector(unit)")
-
-
-def _hvp(model: nn.Module, params: Mapping[str, Tensor], d: Mapping[str, Tensor], data, loss: str) -> dict[str, Tensor]:
-    names = list(params)
-    n_total = sum(L.batch_count(loss, y) for _, y in data)
-    acc = {k: torch.zeros_like(params[k]) for k in names}
-    buffers = {k: b.detach() for k, b in model.named_buffers()}
-    with evaluation_mode(model, "eval"):
-        for x, y in data:
-            leaf = {k: params[k].detach().clone().requires_grad_(True) for k in names}
-            lb = L.batch_loss(loss, functional_call(model, (leaf, buffers), (x,)), y)
-            grads = torch.autograd.grad(lb, list(leaf.values()), create_graph=True)
-            gd = sum((g * d[k]).sum() for g, k in zip(grads, names))
-            hd = torch.autograd.grad(gd, list(leaf.values()), allow_unused=True)
-            w = L.batch_count(loss, y) / n_total
-            for k, h in zip(names, hd):
-                if h is not None:
-                    acc[k] += w * h.detach()
-    return acc
+    op = HessianOperator(model, list(data), loss, params=dict(params), dtype=torch.float64)
+    res = lanczos_eigs(op, k=k, which="LA", tol=1e-8, seed=seed)
+    ordered = {n: params[n] for n in op.param_names}
+    return eigenvector_directions(res.eigenvectors, ordered, label="eigenvector(unit)")
 
 
 # ----------------------------------------------------------------------------------------- the probe
