@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lossatlas import models, store
+from lossatlas.store import default_results_path  # noqa: F401  (re-exported for analysis and viz)
 from lossatlas.analysis.steps import select_steps
 from lossatlas.errors import UserError
 from lossatlas.probes.base import Probe, ProbeContext, Result
@@ -27,12 +28,6 @@ from lossatlas.probes.batches import as_batches, fingerprint, to_device
 from lossatlas.probes.losses import LOSSES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def default_results_path(run_path: str | Path) -> Path:
-    """``run.h5`` → ``run.results.h5`` next to the run."""
-    run_path = Path(run_path)
-    return run_path.with_name(run_path.stem + ".results.h5")
 
 
 def load_model(reader: "store.RunReader", step: int, *, dtype: torch.dtype | None = None,
