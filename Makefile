@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The peers we benchmark against. --no-deps: their optional dependencies (torchvision via
 # backpack) would otherwise replace the pinned CPU torch with another build.
-$(VENV)/.bench: $(VENV)/.bench
+$(VENV)/.bench: $(VENV)/.installed
 	$(PIP) install -q --no-deps hessian-eigenthings==1.0.0a5 curvlinops-for-pytorch backpack-for-pytorch einconv einops linear_operator opt-einsum
 	touch $@
 

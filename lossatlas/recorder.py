@@ -7,8 +7,8 @@
         rec.step(step, loss=loss.item())   # after optimizer.step(), before zero_grad()
     rec.close()                            # or use `with Recorder(...) as rec:`
 
-Per step it logs, cheaply (one fused ``torch._foreach_norm`` per quantity and one host sync):
-loss, learning rate, global gradient norm, per-tensor gradient norm, weight norm and
+Per step it logs, cheaply (two fused copies into a ring buffer reduced in blocks, ``norms.py``;
+no host sync): loss, learning rate, global gradient norm, per-tensor gradient norm, weight norm and
 update-to-weight ratio ‖w_t − w_{t−1}‖/‖w_t‖, plus any extra scalars passed to ``step``.
 Checkpoints (parameters, buffers and optimizer state) are written on a schedule: every k steps,
 log-spaced, or an explicit list.
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lossatlas import store
+from lossatlas.norms import NormRing
 
 FLUSH_EVERY = 500  # log rows buffered before a write (a checkpoint or close writes them too)
 
@@ -104,6 +105,7 @@ class Recorder:
         self._keys_u = [f"update_ratio/{n}" for n in self._names]
         self._params = [p for _, p in model.named_parameters() if p.requires_grad]
         self._previous: list[torch.Tensor] | None = None
+        self._ring = NormRing(self._params) if telemetry and NormRing.supports(self._params) else None
         self._checkpointed: set[int] = set()
         self._steps: list[int] = []  # buffered log rows (written by _flush)
         self._rows: list[dict[str, float]] = []
@@ -126,7 +128,7 @@ class Recorder:
 
         ``group_losses`` (name → loss on that data group) is logged as ``group_loss/<name>``. The
         norms stay on the device until the buffered rows are written (every ``FLUSH_EVERY`` steps, at a
-        checkpoint and at ``close``), so a step costs one fused norm kernel and no host sync.
+        checkpoint and at ``close``), so a step costs two fused copies and no host sync.
         """
         row: dict[str, float] = {}
         if loss is not None:
@@ -142,7 +144,9 @@ class Recorder:
             row[k] = float(v)
         self._steps.append(int(step))
         self._rows.append(row)
-        if self.telemetry:
+        if self._ring is not None:
+            self._ring.push([p.grad for p in self._params])
+        elif self.telemetry:
             self._norms.append(self._telemetry())
         if len(self._steps) >= FLUSH_EVERY:
             self._flush()
@@ -207,7 +211,7 @@ class Recorder:
 
     @torch.no_grad()
     def _telemetry(self) -> torch.Tensor:
-        """(3n,) norms on the device: ‖g_i‖, ‖w_i‖ and ‖w_i − w_i,prev‖ per tensor, one fused kernel."""
+        """(3n,) norms ‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖ by a per-tensor loop: parameters on several devices."""
         params = self._params
         grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
         if self._previous is None:
@@ -226,9 +230,10 @@ class Recorder:
         self._steps, self._rows, self._norms = [], [], []
         names = list(dict.fromkeys(k for row in rows for k in row))
         cols = {k: np.array([row.get(k, np.nan) for row in rows], dtype=np.float64) for k in names}
-        if norms:
-            n = len(self._names)
-            arr = torch.stack(norms).double().cpu().numpy()  # (T, 3n)
+        n = len(self._names)
+        block = self._ring.drain() if self._ring is not None else (torch.stack(norms) if norms else None)
+        if block is not None:
+            arr = block.reshape(len(steps), 3 * n).double().cpu().numpy()  # (T, 3n): g, w, update
             g, w, u = arr[:, :n], arr[:, n : 2 * n], arr[:, 2 * n :]
             wn = np.sqrt((w**2).sum(axis=1))
             cols["grad_norm"] = np.sqrt((g**2).sum(axis=1))

@@ -1,0 +1,106 @@
+"""Per-tensor gradient, weight and update norms for every training step, at a small fixed cost.
+
+A step only copies the gradients and the weights into a ring buffer (two fused
+``_foreach_copy_`` calls, no allocation, no host sync). Every ``depth`` steps one batched pass
+reduces the whole ring: the updates w_t − w_{t−1} are differences of consecutive rows, and every
+norm comes from one ``vector_norm`` over fixed-size chunks (each tensor is zero-padded to whole
+chunks), followed by a tiny chunk→tensor sum. The numbers are exact — the same ‖g_i‖, ‖w_i‖ and
+‖w_i − w_i,prev‖ as a per-tensor loop, up to float32 summation order — but the per-step kernel
+launches that dominate a small model's step disappear (benchmarks/bench_recorder.py).
+
+The ring holds ``depth`` gradient rows and ``depth + 1`` weight rows on the parameters' device,
+in float32 (float64 when a parameter is float64; bf16/fp16 weights are reduced in float32).
+``depth`` shrinks with the model so the ring stays under ``budget_bytes``: 4 MiB on the CPU (it
+stays in cache), 256 MiB on an accelerator (where kernel launches, not memory, are the cost).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+CHUNK = 256  # elements per chunk; tensors are padded to whole chunks
+MAX_DEPTH = 64  # steps per batched reduction
+BUDGET_BYTES = {"cpu": 4 * 2**20}  # a ring that stays in cache; accelerators: launches cost more than memory
+BUDGET_BYTES_ACCELERATOR = 256 * 2**20
+
+
+class NormRing:
+    """Buffers (g_t, w_t) per step and reduces them in blocks to (steps, 3, n_tensors) norms.
+
+    ``push()`` after each optimizer step; ``drain()`` returns the norms of every pushed step not
+    yet returned, rows in step order: [‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖] with NaN updates for the
+    first step (there is no previous weight).
+    """
+
+    def __init__(self, params: Sequence[Tensor], *, chunk: int = CHUNK, budget_bytes: int | None = None,
+                 max_depth: int = MAX_DEPTH) -> None:
+        self.params = list(params)  # the live tensors: copied under no_grad, never detached aliases
+        device = self.params[0].device
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        sizes = [p.numel() for p in self.params]
+        padded = [max(1, math.ceil(s / chunk)) * chunk for s in sizes]
+        self.width = sum(padded)
+        self.chunk = chunk
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if budget_bytes is None:
+            budget_bytes = BUDGET_BYTES.get(device.type, BUDGET_BYTES_ACCELERATOR)
+        self.depth = int(max(1, min(max_depth, budget_bytes // (2 * itemsize * self.width) - 1)))
+        # chunk j belongs to tensor owner[j]: a (n_chunks, n_tensors) 0/1 matrix sums chunks per tensor
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(padded) // chunk)
+        self._owner = torch.nn.functional.one_hot(owner, len(sizes)).to(device, dtype)
+        self._grads = torch.zeros(self.depth, self.width, device=device, dtype=dtype)
+        self._weights = torch.zeros(self.depth + 1, self.width, device=device, dtype=dtype)  # row 0: previous step
+        offsets = [0, *torch.tensor(padded).cumsum(0).tolist()]
+        self._g_views = [self._views(self._grads[r], offsets) for r in range(self.depth)]
+        self._w_views = [self._views(self._weights[r], offsets) for r in range(self.depth + 1)]
+        self._zeros = [torch.zeros_like(p) for p in self.params]  # stands in for a missing gradient
+        self._filled = 0
+        self._has_previous = False
+        self._done: list[Tensor] = []
+
+    def _views(self, row: Tensor, offsets: list[int]) -> list[Tensor]:
+        return [row[o : o + p.numel()].view_as(p) for o, p in zip(offsets, self.params)]
+
+    @staticmethod
+    def supports(params: Sequence[Tensor]) -> bool:
+        """One device, dense tensors: the layout the ring needs (else the Recorder loops per tensor)."""
+        return bool(params) and len({p.device for p in params}) == 1 and all(p.layout == torch.strided for p in params)
+
+    @torch.no_grad()
+    def push(self, grads: Sequence[Tensor | None]) -> None:
+        """Copy this step's gradients and weights into the ring (reduced when it is full)."""
+        r = self._filled
+        torch._foreach_copy_(self._g_views[r], [z if g is None else g for g, z in zip(grads, self._zeros)])
+        torch._foreach_copy_(self._w_views[r + 1], self.params)
+        self._filled += 1
+        if self._filled == self.depth:
+            self._reduce()
+
+    @torch.no_grad()
+    def drain(self) -> Tensor | None:
+        """(steps, 3, n_tensors) norms of every step pushed since the last drain, or None."""
+        if self._filled:
+            self._reduce()
+        if not self._done:
+            return None
+        out = torch.cat(self._done)
+        self._done = []
+        return out
+
+    def _reduce(self) -> None:
+        n, c = self._filled, self.chunk
+        g = self._grads[:n].view(n, -1, c)
+        w = self._weights[1 : n + 1].view(n, -1, c)
+        d = (self._weights[1 : n + 1] - self._weights[:n]).view(n, -1, c)
+        sq = torch.stack([torch.linalg.vector_norm(t, dim=-1) for t in (g, w, d)], dim=1).square_()
+        norms = (sq @ self._owner).sqrt_()  # (n, 3, n_tensors): Σ over a tensor's chunks
+        if not self._has_previous:
+            norms[0, 2] = float("nan")
+        self._done.append(norms)
+        self._weights[0].copy_(self._weights[n])
+        self._has_previous = True
+        self._filled = 0
