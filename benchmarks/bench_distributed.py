@@ -1,9 +1,12 @@
-"""Speed-up of 2 torchrun ranks over 1 process on this machine: data-parallel top-k eigenvalues and a surface.
+"""Speed-up of 2 torchrun ranks over 1 process on this machine: top-k eigenvalues, a density and a surface.
 
-Run: ``python benchmarks/bench_distributed.py``. The reference MLP (26k parameters) trained for 100 steps on
-digits; ``lossatlas hessian --top-k 5`` on 2048 examples (Hessian-vector products over the data shard of each
-rank, all-reduced) and ``lossatlas surface`` on a 31×31 grid over 1024 examples (whole chunks of grid points
-per rank). Each process uses one thread (OMP_NUM_THREADS=1), so 2 ranks use the machine's 2 cores. Reported:
+Run: ``python benchmarks/bench_distributed.py [JOB ...]`` (all jobs, or those whose name starts with a JOB
+argument, e.g. ``density``). The reference MLP (26k parameters) trained for 100 steps on digits;
+``lossatlas hessian --top-k 5`` on 2048 examples (Hessian-vector products over the data shard of each rank,
+all-reduced), ``lossatlas hessian --density`` with 4 SLQ probes × 40 Lanczos steps on 2048 examples (the
+probes split across ranks, each over the full data, no collective per step) and ``lossatlas surface`` on a
+31×31 grid over 1024 examples (whole chunks of grid points per rank). Each process uses one thread
+(OMP_NUM_THREADS=1), so 2 ranks use the machine's 2 cores. Reported:
 the probe's own compute time (stored with each result, rank 0's) and the whole command's wall time
 (interpreter start-up, torchrun's rendezvous and gloo set-up included), median of 3.
 """
@@ -26,6 +29,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 JOBS = {
     "hessian top-5": ["hessian", "--top-k", "5", "--batch-size", "256", "--max-examples", "2048"],
+    "density 4x40": ["hessian", "--top-k", "0", "--density", "--num-probes", "4", "--num-steps", "40",
+                     "--batch-size", "256", "--max-examples", "2048"],
     "surface 31x31": ["surface", "--xrange", "-1", "1", "31", "--yrange", "-1", "1", "31", "--max-examples", "1024",
                       "--no-quadratic-check"],
 }
@@ -43,13 +48,16 @@ def timed(cmd: list[str], results: Path, probe: str, step: int) -> tuple[float, 
     return float(info["elapsed_s"]), wall
 
 
-def main() -> list[dict]:
+def main(only: list[str] | None = None) -> list[dict]:
+    jobs = {n: a for n, a in JOBS.items() if not only or any(n.startswith(o) for o in only)}
+    if not jobs:
+        raise SystemExit(f"no job starts with {' or '.join(only)}; jobs: {', '.join(JOBS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run.h5"
         train(TrainConfig(model={"name": "mlp"}, data={"name": "digits", "kwargs": {"split": "all"}}, steps=100,
                           batch_size=128, checkpoint_every=100), str(run))
-        for name, args in JOBS.items():
+        for name, args in jobs.items():
             probe = args[0]
             single = [sys.executable, "-m", "lossatlas.cli", probe, str(run), *args[1:]]
             multi = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "lossatlas.cli", probe, str(run), *args[1:]]
@@ -66,4 +74,4 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

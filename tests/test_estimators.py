@@ -24,6 +24,7 @@ from lossatlas.probes.estimators import (
     slq_density,
     tridiag_quadrature,
 )
+from lossatlas.probes.estimators._checks import probe_vectors
 
 F64 = torch.float64
 
@@ -271,7 +272,7 @@ def test_slq_batched_equals_separate_probes():
     op = CountingOperator(A)
     d = slq_density(op, num_probes=3, num_steps=10, grid_len=100)
     assert op.calls == 10 and op.matvecs == 30  # one A @ (P, 3) per step
-    V0 = torch.randint(0, 2, (60, 3), generator=torch.Generator().manual_seed(0)).to(F64) * 2 - 1
+    V0 = probe_vectors(60, range(3), "rademacher", 0, F64, torch.device("cpu"))  # probe l from its own (seed, l)
     for l in range(3):
         nodes, weights = tridiag_quadrature(*lanczos_tridiagonal(A, V0[:, l], 10))
         np.testing.assert_allclose(d.nodes[l], nodes, atol=1e-10)

@@ -1,8 +1,9 @@
 """The few torch.distributed collectives a probe needs, behind one small object.
 
 Under ``torchrun`` every rank runs the same probe; a probe that can split its work (grid points of
-a surface, ...) asks ``ctx.dist`` for its share and combines the pieces with ``all_reduce_sum``.
-Probes that cannot split compute the same result on every rank; rank 0 alone writes.
+a surface, probe vectors of a trace or density, ...) asks ``ctx.dist`` for its share and combines the
+pieces with ``all_reduce_sum`` or ``all_gather_split``. Probes that cannot split compute the same
+result on every rank; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,29 @@ class Distributed:
         """Indices of ``items`` this rank owns: rank, rank + W, rank + 2W, ..."""
         return list(range(self.rank, len(items), self.world_size))
 
+    def split(self, n: int) -> range:
+        """This rank's contiguous share of ``n`` items, [⌈n·r/W⌉, ⌈n·(r+1)/W⌉): rank order is item order."""
+        return range(-(-n * self.rank // self.world_size), -(-n * (self.rank + 1) // self.world_size))
+
+    def all_gather_split(self, part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+        """Every rank's ``part`` (its ``split(n)`` slice along ``dim``) concatenated in rank order, on every rank.
+
+        The parts are padded to ⌈n/W⌉ for the collective (all_gather needs equal sizes) and trimmed after;
+        the result has the device and dtype of ``part``. Alone: ``part`` itself.
+        """
+        if not self.active:
+            return part
+        x = part.movedim(dim, 0)
+        size = -(-n // self.world_size)
+        comm = _comm_device()
+        buf = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=comm)
+        buf[: x.shape[0]] = x.to(comm)
+        parts = [torch.empty_like(buf) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, buf)
+        counts = [len(Distributed(r, self.world_size).split(n)) for r in range(self.world_size)]
+        out = torch.cat([p[:c] for p, c in zip(parts, counts)]).to(part.device)
+        return out.movedim(0, dim)
+
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` as a list on rank 0 (None elsewhere)."""
         if not self.active:
@@ -62,6 +86,13 @@ class Distributed:
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()
+
+
+def _comm_device() -> torch.device:
+    """Where a tensor must be for the collective: the current GPU under NCCL, the CPU under gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def chunks_for_rank(n_points: int, chunk_size: int, rank: int, world_size: int) -> np.ndarray:

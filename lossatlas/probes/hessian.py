@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.batches import Batch, as_batches
 from lossatlas.probes.curvature import CURVATURES, PATHS, make_operator, parameter_blocks
+from lossatlas.probes.distributed import Distributed
 from lossatlas.probes.estimators import (
     EigResult,
     count_outliers,
@@ -431,16 +432,21 @@ class HessianProbe(Probe):
         return lanczos_eigs(op, k, which=which, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
                             block_size=min(self.block_size, op.shape[0]), criterion=self.criterion, **kw)
 
-    def _trace(self, op: Any, seed: int):
+    def _trace(self, op: Any, seed: int, dist: Distributed | None = None):
         if self.trace_method == "hutchpp":
-            return hutchpp_trace(op, self.trace_matvecs, seed=seed)
-        return hutchinson_trace(op, self.trace_matvecs, seed=seed)
+            return hutchpp_trace(op, self.trace_matvecs, seed=seed, dist=dist)
+        return hutchinson_trace(op, self.trace_matvecs, seed=seed, dist=dist)
 
     def run(self, ctx: ProbeContext) -> Result:
         batches = list(ctx.data) if isinstance(ctx.data, (list, tuple)) else as_batches(ctx.data)
         if self.subset is not None:
             batches = class_subset(batches, parse_subset(self.subset))
         op = self._operator(ctx, batches)
+        # Under torchrun the trace and density split their probe vectors across ranks, each rank
+        # applying the operator over the full data (no all-reduce per product); eigenvalues shard the data.
+        split_probes = ctx.dist.active and (self.trace or self.density)
+        probe_op = self._operator(ctx, batches, dist=Distributed()) if split_probes else op
+        split_matvecs = 0  # the probe-split products of all ranks (probe_op counts this rank's only)
         values: dict[str, np.ndarray] = {}
         dims: dict[str, tuple[str, ...]] = {}
         coords: dict[str, np.ndarray] = {}
@@ -480,7 +486,8 @@ class HessianProbe(Probe):
             meta["bottom_matvecs"] = int(bot.matvecs)
         if self.trace:
             t0 = time.perf_counter()
-            tr = self._trace(op, self.seed)
+            tr = self._trace(probe_op, self.seed, dist=ctx.dist)
+            split_matvecs += tr.matvecs if split_probes else 0
             elapsed["trace"] = time.perf_counter() - t0
             values["trace"], dims["trace"] = np.asarray(tr.value), ()
             values["trace_stderr"], dims["trace_stderr"] = np.asarray(tr.stderr), ()
@@ -488,8 +495,9 @@ class HessianProbe(Probe):
             meta["trace_matvecs"] = int(tr.matvecs)
         if self.density:
             t0 = time.perf_counter()
-            dens = slq_density(op, num_probes=self.num_probes, num_steps=min(self.num_steps, op.shape[0]),
-                               sigma_squared=self.sigma_squared, seed=self.seed)
+            dens = slq_density(probe_op, num_probes=self.num_probes, num_steps=min(self.num_steps, op.shape[0]),
+                               sigma_squared=self.sigma_squared, seed=self.seed, dist=ctx.dist)
+            split_matvecs += dens.matvecs if split_probes else 0
             elapsed["density"] = time.perf_counter() - t0
             values["density"], dims["density"] = dens.density, ("grid",)
             coords["grid"] = dens.grid
@@ -526,8 +534,8 @@ class HessianProbe(Probe):
             meta["batch_scan_matvecs"] = int(scan.pop("matvecs"))
             for name, arr in scan.items():
                 values[name], dims[name] = arr, ("batch_size",)
-        meta["path"] = op.path
-        meta["matvecs"] = int(op.matvecs)
+        meta["path"] = op.path or probe_op.path
+        meta["matvecs"] = int(op.matvecs) + int(split_matvecs)
         meta["elapsed_s"] = elapsed
         return Result(probe=self.name, config=self.config(), step=ctx.step, values=values, dims=dims,
                       coords=coords, meta=meta)

@@ -6,7 +6,7 @@ An operator is anything with ``shape == (P, P)``, ``dtype``, ``device`` and ``A 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -75,8 +75,55 @@ def random_vectors(
     return torch.randn(P, n, generator=generator, dtype=dtype, device=device)
 
 
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One splitmix64 output for the state ``x`` (Steele, Lea & Flood 2014): a bijective 64-bit mix."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def probe_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The seed of global probe ``index``: splitmix64(splitmix64(splitmix64(seed) ⊕ stream) ⊕ index), 63 bits.
+
+    Probe k is then the same vector whichever process draws it, so a probe set split across ranks
+    is the single-process set (``stream`` separates e.g. start vectors from restart vectors).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    h = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ stream) ^ index)
+    return h >> 1
+
+
+def probe_vectors(
+    P: int, indices: Iterable[int], distribution: str, seed: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Probe vectors number ``indices`` as columns of a (P, n) tensor, each from its own generator (:func:`probe_seed`).
+
+    E[v vᵀ] = I (Rademacher ±1 or standard normal). Column j depends on (seed, indices[j]) only.
+    """
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    indices = list(indices)
+    rows = torch.empty(len(indices), P, dtype=dtype, device=device)  # (n, P): one contiguous row per probe
+    gen = torch.Generator(device=device)
+    for j, k in enumerate(indices):
+        gen.manual_seed(probe_seed(seed, k))
+        if distribution == "rademacher":
+            rows[j].bernoulli_(0.5, generator=gen)  # 0 or 1, mapped to ±1 below
+        else:
+            rows[j].normal_(generator=gen)
+    if distribution == "rademacher":
+        rows.mul_(2).sub_(1)
+    return rows.T
+
+
 def apply(A: Any, V: Tensor) -> Tensor:
-    """``A @ V`` for a (P, K) block, checked to come back with the same shape."""
+    """``A @ V`` for a (P, K) block, checked to come back with the same shape (K = 0: no product)."""
+    if V.ndim == 2 and V.shape[1] == 0:
+        return torch.zeros_like(V)
     out = A @ V
     if not isinstance(out, Tensor) or tuple(out.shape) != tuple(V.shape):
         got = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__

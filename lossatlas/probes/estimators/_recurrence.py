@@ -19,11 +19,15 @@ so no NaN appears and T_n stays a valid projection.
 
 Storage: the basis is kept as rows, ``V[r]`` of shape (n, P), so ``V[r, :n]`` is contiguous and
 the reorthogonalization is two batched GEMMs. The small matrices are kept in float64 NumPy.
+``on_disk=True`` keeps the basis in a ``numpy.memmap`` over an anonymous temporary file (under
+``tempfile.gettempdir()``, i.e. $TMPDIR), for when max_iter·b·P floats fit neither the device nor RAM;
+the file has no name in the directory and its space is freed when the basis is.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -45,19 +49,26 @@ class BlockLanczos:
             deficiency is filled with random orthogonal vectors).
         max_iter: most block steps any run will take (the basis holds ``max_iter·b`` rows, ≤ P).
         reorth: ``"full"`` (reorthogonalize against the whole basis) or ``"none"``.
-        generator: the seeded generator for restart vectors.
+        generator: the seeded generator for restart vectors, or one per run (then each run's
+            restarts do not depend on which other runs share the batch).
+        on_disk: keep the basis in a memory-mapped temporary file (CPU; float32/float64 only).
     """
 
-    def __init__(self, A: Any, start: Tensor, max_iter: int, reorth: str, generator: torch.Generator):
+    def __init__(self, A: Any, start: Tensor, max_iter: int, reorth: str,
+                 generator: torch.Generator | Sequence[torch.Generator], on_disk: bool = False):
         R, b, P = start.shape
         self.A, self.R, self.b, self.P = A, R, b, P
         self.reorth = reorth
-        self.generator = generator
+        self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * R
+        if len(self.generators) != R:
+            raise ValueError(f"got {len(self.generators)} generators for {R} Lanczos runs; pass one per run")
         self.dtype, self.device = start.dtype, start.device
         self.eps = float(torch.finfo(self.dtype).eps)
         self.cap = min(max_iter * b, P)
-        # The basis grows by doubling, so a run that converges early never touches max_iter rows.
-        self.V = torch.empty(R, min(self.cap, max(2 * b, _INITIAL_ROWS)), P, dtype=self.dtype, device=self.device)
+        if on_disk:  # all rows at once: the file is sparse, untouched rows cost no disk
+            self.V = _disk_tensor((R, self.cap, P), self.dtype)
+        else:  # the basis grows by doubling, so a run that converges early never touches max_iter rows
+            self.V = torch.empty(R, min(self.cap, max(2 * b, _INITIAL_ROWS)), P, dtype=self.dtype, device=self.device)
         self.alphas: list[np.ndarray] = []  # A_j, each (R, b, b)
         self.betas: list[np.ndarray] = []  # B_j, each (R, b, b), upper triangular
         self.anorm = np.zeros(R)  # running estimate of ‖T‖ per run (for breakdown thresholds)
@@ -202,7 +213,7 @@ class BlockLanczos:
 
     def _random_orthogonal(self, r: int, basis_len: int, others: Tensor) -> Tensor:
         """A random unit vector orthogonal to V[r, :basis_len] and the rows of ``others`` (restart)."""
-        z = torch.randn(self.P, generator=self.generator, dtype=self.dtype, device=self.device)
+        z = torch.randn(self.P, generator=self.generators[r], dtype=self.dtype, device=self.device)
         V = torch.cat([self.V[r, :basis_len], others.reshape(-1, self.P)], dim=0)
         for _ in range(2):
             z = z - V.T @ (V @ z)
@@ -211,3 +222,13 @@ class BlockLanczos:
             self.exhausted = True  # no room left: P directions already used
             return torch.zeros_like(z)
         return z / nrm
+
+
+def _disk_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero-filled CPU tensor of ``shape`` backed by a numpy.memmap over an anonymous temporary file."""
+    try:
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        raise ValueError(f"an on-disk Lanczos basis needs a float32 or float64 operator, got {dtype}") from None
+    with tempfile.TemporaryFile(prefix="lossatlas-lanczos-") as f:  # the mapping outlives the descriptor
+        return torch.from_numpy(np.memmap(f, dtype=np_dtype, mode="w+", shape=shape))

@@ -13,14 +13,16 @@ from typing import Any, Callable
 
 import numpy as np
 import scipy.linalg
+import torch
 
+from lossatlas.probes.distributed import Distributed
 from lossatlas.probes.estimators._checks import (
     check_choice,
     check_operator,
     check_positive_float,
     check_positive_int,
-    make_generator,
-    random_vectors,
+    probe_seed,
+    probe_vectors,
 )
 from lossatlas.probes.estimators.lanczos import lanczos_tridiagonal
 
@@ -91,6 +93,7 @@ def slq_density(
     distribution: str = "rademacher",
     log_epsilon: float = 1e-5,
     progress: Callable[[int, int], None] | None = None,
+    dist: Distributed | None = None,
 ) -> Density:
     """Spectral density φ(t) = (1/P) Σ_i δ(t − λ_i) smoothed by a Gaussian, by stochastic Lanczos quadrature.
 
@@ -104,6 +107,12 @@ def slq_density(
     u = ln(|θ| + ε) (Papyan 2020's log-spectrum, ε = ``log_epsilon``): grid = exp(u-grid), density
     with respect to u, so outliers separated by orders of magnitude stay visible. Signs are folded.
 
+    Start vector l (and its restart vectors) comes from its own generator seeded by (seed, l), so the
+    probe set does not depend on how it is split. With an active ``dist`` (torchrun) each rank runs
+    its contiguous share of the n_v runs with ``A`` over the full data (no collective per product)
+    and the nodes and weights are all-gathered: every rank gets the single-process result, identical
+    up to floating-point reduction order (the products of a share are batched differently).
+
     Args:
         A: symmetric operator (``shape``, ``dtype``, ``device``, ``A @ V``).
         num_probes: n_v, independent start vectors.
@@ -116,6 +125,7 @@ def slq_density(
         distribution: ``"rademacher"`` or ``"normal"`` start vectors.
         log_epsilon: the shift ε of the log scale.
         progress: called as ``progress(step, num_steps)``.
+        dist: the torchrun job to split the runs over (None or one process: all runs here).
 
     Returns:
         A :class:`Density`; ``bulk_edge`` and ``outliers`` as in :func:`find_bulk_edge`.
@@ -133,10 +143,16 @@ def slq_density(
         raise ValueError(f"grid_expand must be a finite number >= 0, got {grid_expand!r}")
     check_choice("scale", scale, SCALES)
     check_choice("distribution", distribution, ("rademacher", "normal"))
-    gen = make_generator(seed, device)
-    V0 = random_vectors(P, n_v, distribution, gen, dtype, device)  # (P, n_v), normalized inside
-    alpha, beta = lanczos_tridiagonal(A, V0, m, seed=seed + 1, progress=progress)
-    nodes, weights = tridiag_quadrature(alpha, beta)  # (n_v, m) each
+    dist = dist if dist is not None else Distributed()
+    mine = dist.split(n_v)  # this rank's runs
+    nodes = weights = np.zeros((0, m))
+    if len(mine):
+        V0 = probe_vectors(P, mine, distribution, seed, dtype, device)  # (P, n_mine), normalized inside
+        restarts = [probe_seed(seed, l, stream=1) for l in mine]
+        alpha, beta = lanczos_tridiagonal(A, V0, m, seed=restarts, progress=progress)
+        nodes, weights = tridiag_quadrature(alpha, beta)  # (n_mine, m) each
+    nodes = dist.all_gather_split(torch.from_numpy(nodes), n_v).numpy()  # (n_v, m)
+    weights = dist.all_gather_split(torch.from_numpy(weights), n_v).numpy()
 
     x = nodes if scale == "linear" else np.log(np.abs(nodes) + log_epsilon)
     lo = float(np.mean(x.min(axis=1))) - grid_expand

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -104,8 +104,10 @@ def lanczos_eigs(
             eigenvalues, for demonstrations only).
         progress: called as ``progress(step, max_iter)`` after every block step.
         basis_device: where the Krylov basis (max_iter·b vectors of length P) lives, e.g. ``"cpu"``
-            when the operator is on a GPU and k·P does not fit beside the model; only the current
-            block travels to the operator's device (default: the operator's device).
+            when the operator is on a GPU and k·P does not fit beside the model, or ``"disk"``: a
+            numpy.memmap over an anonymous temporary file in $TMPDIR (freed with the basis) when it
+            fits in no memory; only the current block travels to the operator's device (default:
+            the operator's device).
         criterion: ``"residual"`` stops when every wanted residual r_i ≤ tol·|θ_i| (a guaranteed
             eigenvalue error ≤ r_i); ``"eigenvalue"`` stops when the eigenvalue error estimate
             min(r_i, r_i²/gap_i) ≤ tol·|θ_i|, gap_i the distance from θ_i to the nearest other Ritz
@@ -146,10 +148,11 @@ def lanczos_eigs(
             f"max_iter={max_iter} block steps of size {b} give at most {max_iter * b} Ritz values < k={k}; raise max_iter"
         )
 
+    on_disk = basis_device == "disk"
     if basis_device is not None:
-        start = start.to(basis_device)
+        start = start.to("cpu" if on_disk else basis_device)
         gen = make_generator(seed, start.device)
-    run = BlockLanczos(A, start.T.unsqueeze(0), max_iter, reorth, gen)
+    run = BlockLanczos(A, start.T.unsqueeze(0), max_iter, reorth, gen, on_disk=on_disk)
     tiny_rel = float(torch.finfo(dtype).eps) ** (2 / 3)  # ARPACK-style floor for θ ≈ 0
     ritz = None
     while run.steps < max_iter and not run.exhausted:
@@ -170,7 +173,7 @@ def lanczos_eigs(
     bounds = _error(run, theta, res, "eigenvalue")
     vecs = None
     if return_eigenvectors:
-        S_t = torch.as_tensor(S, dtype=dtype, device=device)  # (n, k)
+        S_t = torch.as_tensor(S, dtype=dtype, device=run.device)  # (n, k), beside the basis
         vecs = (S_t.T @ run.basis(0)).T.contiguous()  # (P, k)
     return EigResult(
         eigenvalues=theta,
@@ -218,7 +221,7 @@ def lanczos_tridiagonal(
     num_steps: int,
     *,
     reorth: str = "full",
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The Lanczos tridiagonal T_m = tridiag(β, α, β) of A for a start vector, or for n at once.
@@ -227,8 +230,9 @@ def lanczos_tridiagonal(
     recurrences, one per normalized column, with one ``A @ (P, n)`` product per step, and gives
     (n, m) and (n, m−1). Gauss quadrature with T_m is exact for polynomials of degree ≤ 2m−1:
     Σ_k τ_k² θ_k^j = vᵀA^j v (SCIENCE.md §1.2 T1.6, §1.3). A breakdown (β ≈ 0) is recorded as 0
-    and the run continues from a random orthogonal vector (``seed``), which leaves the quadrature
-    unchanged. Float64 in the small problem, the operator's dtype in the basis.
+    and the run continues from a random orthogonal vector (``seed``; a sequence gives each run its
+    own restart seed), which leaves the quadrature unchanged. Float64 in the small problem, the
+    operator's dtype in the basis.
     """
     P, dtype, device = check_operator(A)
     check_choice("reorth", reorth, REORTH)
@@ -246,7 +250,13 @@ def lanczos_tridiagonal(
         raise ValueError("v0 columns must be finite and non-zero; draw them with a random generator")
     n = V.shape[1]
     start = (V / norms).T.reshape(n, 1, P)  # n runs of block size 1
-    run = BlockLanczos(A, start, m, reorth, make_generator(seed, device))
+    if isinstance(seed, (list, tuple, range)):
+        if len(seed) != n:
+            raise ValueError(f"seed: got {len(seed)} restart seeds for {n} start vectors; pass one per column or an int")
+        gens = [make_generator(s, device) for s in seed]
+    else:
+        gens = make_generator(seed, device)
+    run = BlockLanczos(A, start, m, reorth, gens)
     for i in range(m):
         run.step(need_next=i + 1 < m)
         if progress is not None:

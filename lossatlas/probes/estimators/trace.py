@@ -1,4 +1,11 @@
-"""Trace estimators: Hutchinson and Hutch++, and a bootstrap interval (SCIENCE.md §1.4)."""
+"""Trace estimators: Hutchinson and Hutch++, and a bootstrap interval (SCIENCE.md §1.4).
+
+Probe vector k comes from its own generator seeded by (seed, k), so the probe set does not depend on
+how it is split. With an active ``dist`` (torchrun) each rank applies ``A`` (over the full data, no
+collective per product) to its contiguous share of the columns of every block and the pieces are
+all-gathered: every rank gets the single-process estimate, identical up to floating-point reduction
+order (a share's products are batched differently).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from lossatlas.probes.distributed import Distributed
 from lossatlas.probes.estimators._checks import (
     DISTRIBUTIONS,
     apply,
@@ -17,7 +25,7 @@ from lossatlas.probes.estimators._checks import (
     check_positive_float,
     check_positive_int,
     make_generator,
-    random_vectors,
+    probe_vectors,
 )
 
 MIN_SAMPLES_FOR_STOP = 8  # never trust a standard error from fewer samples
@@ -47,6 +55,7 @@ def hutchinson_trace(
     seed: int = 0,
     block: int = 16,
     target_stderr: float | None = None,
+    dist: Distributed | None = None,
 ) -> TraceEstimate:
     """tr(A) ≈ (1/K) Σ_k v_kᵀ A v_k with E[v vᵀ] = I (Hutchinson 1989; SCIENCE.md §1.4).
 
@@ -54,7 +63,8 @@ def hutchinson_trace(
     on a diagonal matrix). Vectors are applied ``block`` at a time, ``A @ (P, block)``. With
     ``target_stderr`` the run stops after the first block at which the standard error is ≤ the
     target and at least 8 samples exist (PyHessian stops on a relative change of the mean instead,
-    which can stop after 2 samples); ``num_matvecs`` stays the budget.
+    which can stop after 2 samples); ``num_matvecs`` stays the budget. Under torchrun (``dist``) the
+    columns of each block are split across ranks, so the stopping point is the single-process one.
 
     Example:
         >>> import torch
@@ -68,14 +78,15 @@ def hutchinson_trace(
     check_choice("distribution", distribution, DISTRIBUTIONS)
     if target_stderr is not None:
         target_stderr = check_positive_float("target_stderr", target_stderr)
-    gen = make_generator(seed, device)
+    dist = dist if dist is not None else Distributed()
     samples: list[np.ndarray] = []
     done = 0
     while done < K:
         size = min(block, K - done)
-        V = random_vectors(P, size, distribution, gen, dtype, device)  # (P, size)
-        s = (V * apply(A, V)).sum(dim=0)  # (size,): v_kᵀ A v_k
-        samples.append(s.detach().to("cpu", torch.float64).numpy())
+        mine = dist.split(size)
+        V = probe_vectors(P, range(done + mine.start, done + mine.stop), distribution, seed, dtype, device)
+        s = dist.all_gather_split((V * apply(A, V)).sum(dim=0).detach(), size)  # (size,): v_kᵀ A v_k
+        samples.append(s.to("cpu", torch.float64).numpy())
         done += size
         if target_stderr is not None and done >= MIN_SAMPLES_FOR_STOP:
             if _stderr(np.concatenate(samples)) <= target_stderr:
@@ -84,27 +95,36 @@ def hutchinson_trace(
     return TraceEstimate(value=float(x.mean()), stderr=_stderr(x), matvecs=done, samples=x, method="hutchinson")
 
 
-def hutchpp_trace(A: Any, num_matvecs: int = 99, *, seed: int = 0, distribution: str = "rademacher") -> TraceEstimate:
+def hutchpp_trace(
+    A: Any, num_matvecs: int = 99, *, seed: int = 0, distribution: str = "rademacher", dist: Distributed | None = None
+) -> TraceEstimate:
     """tr(A) by Hutch++: exact trace on a sketched top subspace plus Hutchinson on the rest.
 
     With m matvecs (m divisible by 3) and S, G ∈ {±1}^{P×m/3}: Q = orth(A S),
     tr(A) ≈ tr(Qᵀ A Q) + (3/m)·tr(Gᵀ(I − QQᵀ) A (I − QQᵀ) G) (Meyer, Musco, Musco & Woodruff 2021;
     SCIENCE.md §1.4). Unbiased; error O(1/m) for PSD A instead of Hutchinson's O(1/√m). The
-    standard error comes from the sample variance of the m/3 residual Hutchinson terms.
+    standard error comes from the sample variance of the m/3 residual Hutchinson terms. S holds
+    probes 0 … m/3−1 and G probes m/3 … 2m/3−1; under torchrun (``dist``) the columns of each of
+    the three products A S, A Q, A G are split across ranks and all-gathered (Q = orth(A S) is
+    then computed alike on every rank).
     """
     P, dtype, device = check_operator(A)
     m = check_positive_int("num_matvecs", num_matvecs, minimum=3)
     if m % 3:
         raise ValueError(f"num_matvecs must be divisible by 3 for Hutch++, got {m}; use {3 * round(m / 3) or 3}")
     check_choice("distribution", distribution, DISTRIBUTIONS)
-    gen = make_generator(seed, device)
+    dist = dist if dist is not None else Distributed()
     third = m // 3
-    S = random_vectors(P, third, distribution, gen, dtype, device)  # (P, m/3)
-    G = random_vectors(P, third, distribution, gen, dtype, device)  # (P, m/3)
-    Q, _ = torch.linalg.qr(apply(A, S))  # (P, min(P, m/3))
-    low_rank = float((Q * apply(A, Q)).sum()) if Q.shape[1] else 0.0
+    mine = dist.split(third)
+    S = probe_vectors(P, mine, distribution, seed, dtype, device)  # (P, my share of m/3)
+    Q, _ = torch.linalg.qr(dist.all_gather_split(apply(A, S), third, dim=1))  # (P, min(P, m/3))
+    q = dist.split(Q.shape[1])
+    AQ = dist.all_gather_split(apply(A, Q[:, q.start : q.stop]), Q.shape[1], dim=1)
+    low_rank = float((Q * AQ).sum()) if Q.shape[1] else 0.0
+    G = probe_vectors(P, range(third + mine.start, third + mine.stop), distribution, seed, dtype, device)
     G = G - Q @ (Q.T @ G)
-    s = (G * apply(A, G)).sum(dim=0).detach().to("cpu", torch.float64).numpy()  # (m/3,)
+    s = dist.all_gather_split((G * apply(A, G)).sum(dim=0).detach(), third)
+    s = s.to("cpu", torch.float64).numpy()  # (m/3,)
     return TraceEstimate(value=low_rank + float(s.mean()), stderr=_stderr(s), matvecs=m, samples=s, method="hutch++")
 
 
