@@ -10,6 +10,10 @@ fresh operator (graph building included) and the median is reported: allocator b
 on the large CNN activations) moved single timings by up to 3×. Set ``MALLOC_ARENA_MAX=2`` in the
 environment for steadier numbers. Matvecs are counted by wrapping each peer's Hessian-vector product.
 
+Peers that the issue asks to reach ≤ 1e-4 ("tightened" PyHessian, hessian-eigenthings, curvlinops)
+get the cheapest of their own settings that reaches it (searched untimed beforehand: PyHessian's
+tolerance, eigenthings' number of Lanczos steps, eigsh's tolerance); the note column names it.
+
 Peers: PyHessian 0.1 (``density`` calls ``torch.eig``, removed from torch; patched here to
 ``torch.linalg.eigh``), ``hessian-eigenthings==1.0.0a5``, ``curvlinops-for-pytorch`` (v3) with
 ``scipy.sparse.linalg.eigsh``. A peer that fails to run is reported as a row with its error.
@@ -208,6 +212,24 @@ def curvlinops_top(model, batches, k, tol):
 
 
 # ---------------------------------------------------------------------------------------------------- table
+TARGET = 1e-4  # the accuracy every tuned peer must reach (the issue's "set through its own options")
+TOLS = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7)  # PyHessian: relative change of the eigenvalue estimate
+STEPS = (20, 25, 30, 35, 40, 50, 60, 80, 100)  # hessian-eigenthings: Lanczos steps
+EIGSH_TOLS = (1e-2, 3e-3, 1e-3, 1e-4)  # curvlinops + eigsh: ARPACK's residual tolerance
+
+
+def cheapest(run, settings, ref):
+    """The first (cheapest) of a peer's ``settings`` whose eigenvalues reach TARGET (untimed search)."""
+    for setting in settings:
+        try:
+            vals, _ = run(setting)
+        except Exception:
+            return setting
+        if rel_err(vals, ref) <= TARGET:
+            return setting
+    return settings[-1]
+
+
 def bench_model(name: str) -> list[dict]:
     model, batches, full = setup(name)
     ref_op = HessianOperator(model, batches, "cross_entropy", dtype=torch.float64)
@@ -230,14 +252,18 @@ def bench_model(name: str) -> list[dict]:
         "power iteration, tol 1e-3, maxIter 100")
     row("top5", "PyHessian single batch (defaults)", lambda: pyhessian_top(model, batches, full, 5, "single"), ref,
         "one batch of 1024")
-    row("top5", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 5, "single", tol=1e-6,
-                                                             max_iter=1000), ref, "single batch, tol 1e-6")
-    row("top5", "hessian-eigenthings Lanczos", lambda: eigenthings_top(model, batches, 5, max_iter=40), ref,
-        "LA, full reorth, 40 steps")
-    row("top5", "curvlinops + scipy eigsh", lambda: curvlinops_top(model, batches, 5, tol=1e-4), ref, "eigsh LA tol 1e-4")
+    ph5 = cheapest(lambda t: pyhessian_top(model, batches, full, 5, "single", tol=t, max_iter=1000), TOLS, ref)
+    row("top5", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 5, "single", tol=ph5,
+                                                             max_iter=1000), ref, f"single batch, tol {ph5:g}")
+    he5 = cheapest(lambda m: eigenthings_top(model, batches, 5, max_iter=m), STEPS, ref)
+    row("top5", "hessian-eigenthings Lanczos", lambda: eigenthings_top(model, batches, 5, max_iter=he5), ref,
+        f"LA, full reorth, {he5} steps")
+    cl5 = cheapest(lambda t: curvlinops_top(model, batches, 5, tol=t), EIGSH_TOLS, ref)
+    row("top5", "curvlinops + scipy eigsh", lambda: curvlinops_top(model, batches, 5, tol=cl5), ref, f"eigsh LA tol {cl5:g}")
     row("top1", "lossatlas Lanczos (tol 1e-4)", lambda: ours_top(model, batches, 1), ref[:1])
-    row("top1", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 1, "single", tol=1e-5,
-                                                             max_iter=1000), ref[:1], "single batch, tol 1e-5")
+    ph1 = cheapest(lambda t: pyhessian_top(model, batches, full, 1, "single", tol=t, max_iter=1000), TOLS, ref[:1])
+    row("top1", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 1, "single", tol=ph1,
+                                                             max_iter=1000), ref[:1], f"single batch, tol {ph1:g}")
     row("density", f"lossatlas SLQ ({DENSITY_PROBES}x{DENSITY_STEPS})", lambda: ours_density(model, batches), None)
     row("density", "PyHessian density (patched)", lambda: pyhessian_density(model, batches), None, "torch.eig -> eigh")
     row("density", "hessian-eigenthings SLQ", lambda: eigenthings_density(model, batches), None)
