@@ -1,7 +1,7 @@
 """Per-tensor gradient, weight and update norms for every training step, at a small fixed cost.
 
-A step only copies the gradients and the weights into a ring buffer (two fused
-``_foreach_copy_`` calls, no allocation, no host sync). Every ``depth`` steps one batched pass
+A step only copies the gradients and the weights into a ring buffer (one fused
+``_foreach_copy_``, no allocation, no host sync). Every ``depth`` steps one batched pass
 reduces the whole ring: the updates w_t − w_{t−1} are differences of consecutive rows, and every
 norm comes from one ``vector_norm`` over fixed-size chunks (each tensor is zero-padded to whole
 chunks), followed by a tiny chunk→tensor sum. The numbers are exact — the same ‖g_i‖, ‖w_i‖ and
@@ -31,8 +31,8 @@ BUDGET_BYTES_ACCELERATOR = 256 * 2**20
 class NormRing:
     """Buffers (g_t, w_t) per step and reduces them in blocks to (steps, 3, n_tensors) norms.
 
-    ``push()`` after each optimizer step; ``drain()`` returns the norms of every pushed step not
-    yet returned, rows in step order: [‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖] with NaN updates for the
+    ``push()`` after each optimizer step (a missing ``.grad`` counts as zero); ``drain()`` returns
+    the norms of every pushed step not yet returned, rows in step order: [‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖] with NaN updates for the
     first step (there is no previous weight).
     """
 
@@ -55,9 +55,10 @@ class NormRing:
         self._grads = torch.zeros(self.depth, self.width, device=device, dtype=dtype)
         self._weights = torch.zeros(self.depth + 1, self.width, device=device, dtype=dtype)  # row 0: previous step
         offsets = [0, *torch.tensor(padded).cumsum(0).tolist()]
-        self._g_views = [self._views(self._grads[r], offsets) for r in range(self.depth)]
-        self._w_views = [self._views(self._weights[r], offsets) for r in range(self.depth + 1)]
-        self._zeros = [torch.zeros_like(p) for p in self.params]  # stands in for a missing gradient
+        # slot r: this step's gradient row r and weight row r + 1, as views shaped like the parameters
+        self._slots = [self._views(self._grads[r], offsets) + self._views(self._weights[r + 1], offsets)
+                       for r in range(self.depth)]
+        self._zeros: dict[int, Tensor] = {}  # stand-ins for missing gradients, made when first needed
         self._filled = 0
         self._has_previous = False
         self._done: list[Tensor] = []
@@ -71,14 +72,20 @@ class NormRing:
         return bool(params) and len({p.device for p in params}) == 1 and all(p.layout == torch.strided for p in params)
 
     @torch.no_grad()
-    def push(self, grads: Sequence[Tensor | None]) -> None:
-        """Copy this step's gradients and weights into the ring (reduced when it is full)."""
-        r = self._filled
-        torch._foreach_copy_(self._g_views[r], [z if g is None else g for g, z in zip(grads, self._zeros)])
-        torch._foreach_copy_(self._w_views[r + 1], self.params)
+    def push(self) -> None:
+        """Copy the parameters' current gradients and weights into the ring (reduced when it is full)."""
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            grads = [self._zero(i) if g is None else g for i, g in enumerate(grads)]
+        torch._foreach_copy_(self._slots[self._filled], grads + self.params)  # one fused copy
         self._filled += 1
         if self._filled == self.depth:
             self._reduce()
+
+    def _zero(self, i: int) -> Tensor:
+        if i not in self._zeros:
+            self._zeros[i] = torch.zeros_like(self.params[i])
+        return self._zeros[i]
 
     @torch.no_grad()
     def drain(self) -> Tensor | None:

@@ -7,7 +7,7 @@
         rec.step(step, loss=loss.item())   # after optimizer.step(), before zero_grad()
     rec.close()                            # or use `with Recorder(...) as rec:`
 
-Per step it logs, cheaply (two fused copies into a ring buffer reduced in blocks, ``norms.py``;
+Per step it logs, cheaply (one fused copy into a ring buffer reduced in blocks, ``norms.py``;
 no host sync): loss, learning rate, global gradient norm, per-tensor gradient norm, weight norm and
 update-to-weight ratio ‖w_t − w_{t−1}‖/‖w_t‖, plus any extra scalars passed to ``step``.
 Checkpoints (parameters, buffers and optimizer state) are written on a schedule: every k steps,
@@ -128,7 +128,7 @@ class Recorder:
 
         ``group_losses`` (name → loss on that data group) is logged as ``group_loss/<name>``. The
         norms stay on the device until the buffered rows are written (every ``FLUSH_EVERY`` steps, at a
-        checkpoint and at ``close``), so a step costs two fused copies and no host sync.
+        checkpoint and at ``close``), so a step costs one fused copy and no host sync.
         """
         row: dict[str, float] = {}
         if loss is not None:
@@ -145,7 +145,7 @@ class Recorder:
         self._steps.append(int(step))
         self._rows.append(row)
         if self._ring is not None:
-            self._ring.push([p.grad for p in self._params])
+            self._ring.push()
         elif self.telemetry:
             self._norms.append(self._telemetry())
         if len(self._steps) >= FLUSH_EVERY:

@@ -27,8 +27,8 @@ def test_ring_norms_equal_a_per_tensor_loop_across_wraps():
             params[3].grad = None  # a parameter without a gradient this step counts as zero
         opt.step()
         grads = [p.grad for p in params]
-        ring.push(grads)
-        ring_deep.push(grads)
+        ring.push()
+        ring_deep.push()
         now = [p.detach().clone() for p in params]
         rows = [[0.0 if g is None else float(g.norm()) for g in grads], [float(w.norm()) for w in now],
                 [math.nan] * len(now) if prev is None else [float((a - b).norm()) for a, b in zip(now, prev)]]
@@ -52,7 +52,7 @@ def test_ring_keeps_float32_for_low_precision_weights_and_caps_memory():
     assert ring._weights.dtype == torch.float32
     assert ring._weights.numel() * 4 + ring._grads.numel() * 4 <= 4 * 2**20 + 2 * ring.width * 4
     params[0].grad = torch.ones_like(params[0])
-    ring.push([params[0].grad])
+    ring.push()
     out = ring.drain()
     assert abs(float(out[0, 0, 0]) - math.sqrt(1000 * 100)) < 1e-3 * math.sqrt(1e5)
     assert abs(float(out[0, 1, 0]) - float(params[0].detach().float().norm())) < 1e-4 * float(params[0].detach().float().norm())
