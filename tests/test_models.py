@@ -39,6 +39,7 @@ MATCHING_DATA = {
     "cnn": {"name": "digits"},
     "resnet": {"name": "digits"},
     "gpt": {"name": "token_stream"},
+    "modular_mlp": {"name": "modular_arithmetic"},
 }
 
 
@@ -125,6 +126,7 @@ SMOOTH_CASES = {
     "cnn": {"name": "cnn", "kwargs": {"channels": [3, 4], "activation": "gelu"}},
     "resnet": {"name": "resnet", "kwargs": {"widths": [4, 6], "activation": "gelu"}},
     "gpt": {"name": "gpt", "kwargs": {"n_layer": 1, "n_embd": 16, "n_head": 2, "qk_layernorm": True}},
+    "modular_mlp": {"name": "modular_mlp", "kwargs": {"p": 113, "width": 6}},
 }
 # Default (ReLU) activations: forward-over-reverse and reverse-over-reverse agree exactly.
 GRAD_CASES = {
@@ -132,6 +134,7 @@ GRAD_CASES = {
     "cnn": {"name": "cnn", "kwargs": {"channels": [3, 4]}},
     "resnet": {"name": "resnet", "kwargs": {"widths": [4, 6]}},
     "gpt": {"name": "gpt", "kwargs": {"n_layer": 1, "n_embd": 16, "n_head": 2, "qk_layernorm": True}},
+    "modular_mlp": {"name": "modular_mlp", "kwargs": {"p": 113, "width": 6}},
 }
 
 
@@ -295,6 +298,38 @@ def test_gpt_z_loss_and_last_token_only():
     assert torch.isfinite(batch_loss("cross_entropy", last(x[:5]), y[:5]))
     with pytest.raises(ValueError, match="block_size"):
         full(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_modular_mlp_shapes_formula_and_output_scale():
+    """f(a, b) = (α/√N) W_out (E_a[a] + E_b[b])² (Gromov 2023); α scales the output (Kumar et al. 2024)."""
+    x, y = build_data({"name": "modular_arithmetic", "kwargs": {"p": 11}})
+    model = build_model({"name": "modular_mlp", "kwargs": {"p": 11, "width": 7}}).double()
+    scaled = build_model({"name": "modular_mlp", "kwargs": {"p": 11, "width": 7, "alpha": 3.0}}).double()
+    assert x.shape[1] == 3 and model(x).shape == (x.shape[0], 11)
+    assert _count(model) == 2 * 11 * 7 + 7 * 11
+    h = model.embed_a.weight[x[:, 0]] + model.embed_b.weight[x[:, 1]]
+    assert torch.allclose(model(x), (h**2) @ model.readout.weight.T / math.sqrt(7), rtol=1e-12)
+    assert torch.allclose(scaled(x), 3.0 * model(x), rtol=1e-12)  # same seed ⇒ same weights
+    assert torch.equal(model(x), model(x[:, :2]))  # the "=" token is ignored
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UserError, match="activation"):
+        build_model({"name": "modular_mlp", "kwargs": {"activation": "tanh"}})
+
+
+@pytest.mark.parametrize("activation", ["quadratic", "relu"])
+def test_modular_mlp_trace_ntk_matches_autograd(activation):
+    """ModularMLP.trace_ntk equals Σ_c J_c J_cᵀ from per-logit autograd gradients (float64)."""
+    x, _ = build_data({"name": "modular_arithmetic", "kwargs": {"p": 7, "split": "all"}})
+    x = x[::5][:9]  # some pairs share a or b
+    model = build_model({"name": "modular_mlp", "kwargs": {"p": 7, "width": 5, "alpha": 1.7,
+                                                           "activation": activation}}).double()
+    params = list(model.parameters())
+    J = torch.stack([torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x[i:i + 1])[0, c], params)])
+                                  for c in range(7)]) for i in range(x.shape[0])])  # (n, p, P)
+    K = torch.einsum("icp,jcp->ij", J, J)
+    assert K.abs().max() > 1.0
+    assert torch.allclose(model.trace_ntk(x), K, rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +530,7 @@ BAD_MODEL_SPECS = [
     ({"name": "mlp", "seed": 1.5}, r"'seed' must be a non-negative integer"),
     ({"name": "mlp", "seed": 1, "kwargs": {"seed": 2}}, r"two seeds .* keep one"),
     ({"name": ""}, r"'name' must be a non-empty string"),
-    ({"name": "mpl"}, r"unknown model 'mpl' \(did you mean 'mlp'\?\); known model names: cnn, gpt, mlp, resnet"),
+    ({"name": "mpl"}, r"unknown model 'mpl' \(did you mean 'mlp'\?\); known model names: cnn, gpt, mlp, modular_mlp, resnet"),
     ({"name": "mlp", "kwargs": {"width": [3, 2]}}, r"bad kwargs for model 'mlp': .*'width'.*accepted kwargs: widths, activation, bias"),
     ({"name": "mlp", "kwargs": {"activation": "swish"}}, r"model 'mlp' rejected its kwargs: unknown activation 'swish'; choose one of"),
     ({"factory": "no_colon_here"}, r"'factory' must look like 'package.module:function'"),

@@ -16,6 +16,7 @@ from lossatlas.models.mlp import MLP  # noqa: E402
 from lossatlas.models.cnn import CNN  # noqa: E402
 from lossatlas.models.resnet import ResNet  # noqa: E402
 from lossatlas.models.gpt import GPT, GPTConfig  # noqa: E402
+from lossatlas.models.modular_mlp import ModularMLP  # noqa: E402
 from lossatlas.models import datasets  # noqa: E402,F401
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "MLP",
+    "ModularMLP",
     "ResNet",
 ]
