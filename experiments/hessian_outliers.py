@@ -164,10 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-steps", type=int, default=2000)
     ap.add_argument("--slq-steps", type=int, default=80)
     ap.add_argument("--quick", action="store_true", help="the Gaussian mixtures only, 50 SLQ steps")
+    ap.add_argument("--cases", type=int, default=None, help="run only the first N cases (smoke tests)")
     args = ap.parse_args(argv)
     setup_threads()
     out = out_dir(NAME, args.out)
-    cases_in = CASES[:4] if args.quick else CASES
+    cases_in = (CASES[:4] if args.quick else CASES)[: args.cases]
     slq_steps = 50 if args.quick else args.slq_steps
     t0 = time.time()
     cases, curves = [], []
