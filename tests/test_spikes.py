@@ -109,3 +109,15 @@ def test_llm_foundry_and_megatron_rules():
     warm = np.abs(np.random.default_rng(0).standard_normal(100)) + 0.1
     m = warm.max()
     assert megatron_spikes(np.concatenate([warm, [10 * m, 9.99 * m]])) == [100]
+
+
+def test_no_false_positive_where_a_steep_first_drop_bends_into_a_plateau():
+    """The extrapolated trend undershoots where the decay slows; a loss below its recent level is no spike."""
+    t = np.arange(1, 601)
+    found = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        for tau in (10, 20, 40):
+            loss = (0.8 + 3 * np.exp(-t / tau)) * np.exp(0.01 * rng.standard_normal(t.size))
+            found += len(detect_spikes(t, loss))
+    assert found == 0

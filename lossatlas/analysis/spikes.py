@@ -6,7 +6,11 @@ additive noise), each step is compared with a robust local trend of the previous
 accepted steps (the line through the medians of their older and newer halves, so that a decaying
 curve does not lag), in units of the robust standard deviation σ̂ = 1.4826·MAD of the residuals:
 
-    r_t = (log ℓ_t − trend_t) / σ̂,   flagged when r_t > sensitivity.
+    r_t = (log ℓ_t − trend_t) / σ̂,   flagged when r_t > sensitivity
+
+and log ℓ_t is above the recent level (the median of the window's newer half): a spike is a rise,
+so a curve that merely decays more slowly than the extrapolated trend (the steep first drop
+bending into a plateau) is not flagged.
 
 Flagged steps are kept out of the window (no "masking" of a second spike by the first), the first
 ``warmup`` steps are never flagged, and a spike lasts from its first flagged step until the
@@ -186,7 +190,7 @@ def detect_spikes(
                     hist.append(j, y[j])
                 since_fit = refit
             continue
-        if r > sensitivity:
+        if r > sensitivity and y[i] > line[0]:  # above the trend, and a rise over the recent level
             current = {"start": i, "peak": i, "end": i}
             continue
         hist.append(i, y[i])
