@@ -18,6 +18,7 @@ SMOKE = {
     "hessian_outliers": ["--quick", "--cases", "1", "--max-steps", "20", "--slq-steps", "8"],
     "transformer_spikes": ["--quick", "--steps", "60", "--warmup", "20", "--batch", "8"],
     "grokking": ["--quick", "--steps", "60", "--eval-every", "20"],
+    "neural_collapse": ["--quick", "--steps", "60"],
 }
 
 

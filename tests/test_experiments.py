@@ -67,41 +67,58 @@ def test_hessian_outliers_count_near_num_classes(tmp_path):
 def test_transformer_spikes_plain_vs_qk_layernorm(tmp_path):
     """SCIENCE.md §8.1: without qk-layernorm attention logits blow up and the loss spikes; qk-layernorm bounds them.
 
-    Measured here (lr 0.2): qk-layernorm keeps the logits < 100 and ends far lower, with fewer spikes than the
-    plain run — but not zero (it spikes as the warm-up ends), so "no spikes with qk-layernorm" is not asserted.
+    Measured here (lr 0.15, warm-up 250, clip 1.0): the plain run's max attention logit reaches ~1.6e5 and the
+    detector finds 3 spikes, each diagnosed as attention-logit growth; the qk-layernorm run stays below 20
+    with no spike and a lower loss.
     """
     s = load("transformer_spikes").main(["--quick", "--out", str(tmp_path)])
-    plain, qk = s["ours"]["plain"], s["ours"]["qk_layernorm"]
+    plain, qk, v = s["ours"]["plain"], s["ours"]["qk_layernorm"], s["verdict"]
     assert plain["attn_logit_max"] > 100 * qk["attn_logit_max"], (plain["attn_logit_max"], qk["attn_logit_max"])
     assert qk["attn_logit_max"] < 100
     assert plain["n_spikes"] >= 1 or plain["diverged"]
-    assert plain["n_spikes"] > qk["n_spikes"] and not qk["diverged"]
-    assert math.isfinite(qk["final_loss"]) and qk["final_loss"] < plain["final_loss"] - 0.3
+    assert qk["n_spikes"] == 0 and not qk["diverged"], qk["spike_starts"]
+    assert math.isfinite(qk["final_loss_last20"]) and qk["final_loss_last20"] < plain["final_loss_last20"] - 0.1
     assert (tmp_path / "diagnose.txt").read_text().count("==") >= 4
     assert plain["first_spike_names_attention_first"], plain["first_spike_cause"]  # Wortsman et al.'s signature
+    assert v["claim_reproduced"] and v["lr_sensitivity_plain"] is None  # --quick: no sweep
 
 
 @pytest.mark.slow
-def test_grokking_fits_train_set_and_weights_move(tmp_path):
-    """SCIENCE.md §9: the train set is fitted before the test set (memorisation first); the weights leave init."""
+def test_grokking_test_accuracy_jumps_long_after_the_fit(tmp_path):
+    """SCIENCE.md §9: the train set is fitted first, test accuracy jumps ≥ 3× later, as the NTK moves and aligns.
+
+    Measured here (quick: p = 31, width 256, ≈1,100 steps): train ≥ 0.99 at step 125, test ≥ 0.95 at 975;
+    the NTK distance at the fit is ~1/5 of its value at the jump; CKA(K, YYᵀ) rises from 0.13 to 0.40.
+    """
     s = load("grokking").main(["--quick", "--out", str(tmp_path)])
     v, h = s["verdict"], s["ours"]["history"]
-    assert v["final_train_accuracy"] >= 0.9, v["final_train_accuracy"]
-    assert v["final_test_accuracy"] < v["final_train_accuracy"] - 0.3  # generalisation lags (no grokking yet)
-    assert v["final_rel_change"] > 0.1 and v["final_ntk_distance"] > 1e-3
-    assert len(h["step"]) >= 3
+    assert v["grokked"] and v["final_train_accuracy"] == 1.0 and v["final_test_accuracy"] >= 0.95
+    assert v["test_over_train_step_ratio"] >= 3.0, (v["train_acc_99_step"], v["test_acc_95_step"])
+    assert v["ntk_distance_at_fit"] < 0.5 * v["ntk_distance_at_jump"]
+    assert v["cka_target_at_jump"] > 1.5 * v["cka_target_at_fit"]
+    assert v["claim_reproduced"]
+    assert h["step"][0] == 0 and abs(h["ntk_distance"][0]) < 1e-12 and len(h["step"]) >= 10
+    assert (tmp_path / "grokking.png").exists() and (tmp_path / "run.h5").exists()
 
 
 @pytest.mark.slow
 def test_neural_collapse_terminal_phase(tmp_path):
     """SCIENCE.md §6 / Papyan et al.: past zero training error NC1 keeps falling and NC2–NC4 approach 0.
 
-    Measured here (Gaussian mixture, 5 classes, full-batch SGD, quick run): NC1 falls ~4× (not the
-    paper's orders of magnitude within this CPU budget); NC2/NC3 reach ~0.02, NC4 = 0.
+    Quick run (mixture only, 2,000 full-batch steps, squared error, wd 1e-3): NC1 falls 0.29 → 0.0055
+    (53× from init, 20× after the first zero-error checkpoint at step 19), monotonically after zero error;
+    NC3 0.57 → 0.22, NC4 = 0. The full run's ≥ 100× fall is in experiments/results/neural_collapse.
     """
     s = load("neural_collapse").main(["--quick", "--out", str(tmp_path)])
-    mix = s["ours"][0]
-    assert mix["first_zero_error_step"] is not None
-    assert mix["nc1_final"] < 0.5 * mix["series"]["nc1"][0]
-    assert mix["final"]["nc4_ncc_mismatch"] <= 0.01
-    assert mix["final"]["nc2_equinorm_means"] < 0.1 and mix["final"]["nc3_self_duality"] < 0.1
+    (mix,) = s["ours"]
+    nc1 = mix["series"]["nc1"]
+    z = mix["steps"].index(mix["first_zero_error_step"])
+    assert mix["first_zero_error_step"] <= 100
+    assert all(b < a for a, b in zip(nc1[z:], nc1[z + 1:]))  # keeps falling in the terminal phase
+    assert mix["nc1_fold_from_init"] > 30 and mix["nc1_fold_after_zero_error"] > 10
+    assert mix["final"]["nc4_ncc_mismatch"] == 0.0
+    assert max(mix["final"][k] for k in ("nc2_equinorm_means", "nc2_equiangular_means", "nc2_max_angle_means")) < 0.1
+    assert mix["final"]["nc3_self_duality"] < 0.5 * mix["at_zero_error"]["nc3_self_duality"]
+    v = mix["verdict"]
+    assert v["zero_training_error"] and v["nc2_below_small"] and v["nc4_near_zero"]
+    assert s["claim_reproduced"] == v["all"] == all(x for k, x in v.items() if k != "all")
