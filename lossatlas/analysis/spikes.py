@@ -8,9 +8,9 @@ curve does not lag), in units of the robust standard deviation σ̂ = 1.4826·MA
 
     r_t = (log ℓ_t − trend_t) / σ̂,   flagged when r_t > sensitivity
 
-and log ℓ_t is above the recent level (the median of the window's newer half): a spike is a rise,
-so a curve that merely decays more slowly than the extrapolated trend (the steep first drop
-bending into a plateau) is not flagged.
+and log ℓ_t is also k/2·σ̂ above the median of the last 10 accepted steps: a spike is a rise, so
+a curve that merely decays more slowly than its extrapolated trend (a steep first drop bending
+into a plateau) is not flagged.
 
 Flagged steps are kept out of the window (no "masking" of a second spike by the first), the first
 ``warmup`` steps are never flagged, and a spike lasts from its first flagged step until the
@@ -32,6 +32,7 @@ import numpy as np
 MAD_TO_SIGMA = 1.4826  # σ = 1.4826·MAD for Gaussian noise
 SIGMA_FLOOR = 1e-3  # in log-loss units (0.1 %): a perfectly flat curve still needs a real jump
 SpikeKind = Literal["spike", "divergence"]
+RECENT = 10  # a spike must also rise k/2·σ̂ above the median of this many last accepted steps
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def detect_spikes(
                     hist.append(j, y[j])
                 since_fit = refit
             continue
-        if r > sensitivity and y[i] > line[0]:  # above the trend, and a rise over the recent level
+        if r > sensitivity and y[i] > hist.recent_median(RECENT) + 0.5 * sensitivity * sig:  # and a rise
             current = {"start": i, "peak": i, "end": i}
             continue
         hist.append(i, y[i])
@@ -223,6 +224,12 @@ class _History:
 
     def clear(self) -> None:
         self.size = self.head = 0
+
+    def recent_median(self, m: int) -> float:
+        """Median of the last ``m`` accepted values."""
+        m = min(m, self.size)
+        idx = (self.head - 1 - np.arange(m)) % self.window
+        return float(np.median(self.val[idx]))
 
     def robust_line(self) -> tuple[tuple[float, float, float], float]:
         """A robust local trend and noise: ((level at c, slope, c), σ̂ of the residuals).
