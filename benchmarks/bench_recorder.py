@@ -5,7 +5,7 @@ digits, batch 128 and 1024, SGD with momentum, CPU float32, 2 threads (``BENCH_T
 Two telemetry paths: the ring buffer the Recorder uses (one fused copy a step, norms reduced in
 blocks of steps that fit a 4 MiB ring, ``lossatlas/norms.py``) and, for comparison, the per-tensor path (fused
 ``_foreach_norm``/``_foreach_sub`` every step, the fallback for parameters on several devices).
-Checkpoint writes are excluded (no checkpoint schedule); the log is written to HDF5 every 500 rows
+Checkpoint writes are excluded (no checkpoint schedule); the log is written to HDF5 every 4096 rows
 as in a real run. Bare and recorded blocks are interleaved and the median block time is compared,
 since absolute times drift; run it on an otherwise idle machine.
 """

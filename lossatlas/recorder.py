@@ -17,6 +17,7 @@ log-spaced, or an explicit list.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -26,7 +27,8 @@ from torch import nn
 from lossatlas import store
 from lossatlas.norms import NormRing
 
-FLUSH_EVERY = 500  # log rows buffered before a write (a checkpoint or close writes them too)
+FLUSH_EVERY = 4096  # log rows buffered before a write (a checkpoint or close writes them too) ...
+FLUSH_SECONDS = 10.0  # ... or after this long, so that `lossatlas info` on a live run lags at most this much
 
 
 def checkpoint_schedule(*, every: int | None = None, steps: Iterable[int] | None = None,
@@ -110,6 +112,7 @@ class Recorder:
         self._steps: list[int] = []  # buffered log rows (written by _flush)
         self._rows: list[dict[str, float]] = []
         self._norms: list[torch.Tensor] = []
+        self._flushed_at = time.monotonic()
         self._monitor = None
         if instability:  # attention-logit, output-logit, activation and Adam statistics (telemetry.py)
             from lossatlas.telemetry import InstabilityMonitor
@@ -127,8 +130,8 @@ class Recorder:
         """Log telemetry for ``step`` (call after ``optimizer.step()``), and checkpoint on schedule.
 
         ``group_losses`` (name → loss on that data group) is logged as ``group_loss/<name>``. The
-        norms stay on the device until the buffered rows are written (every ``FLUSH_EVERY`` steps, at a
-        checkpoint and at ``close``), so a step costs one fused copy and no host sync.
+        norms stay on the device until the buffered rows are written (every ``FLUSH_EVERY`` steps or
+        ``FLUSH_SECONDS``, at a checkpoint and at ``close``), so a step costs one fused copy and no host sync.
         """
         row: dict[str, float] = {}
         if loss is not None:
@@ -148,7 +151,7 @@ class Recorder:
             self._ring.push()
         elif self.telemetry:
             self._norms.append(self._telemetry())
-        if len(self._steps) >= FLUSH_EVERY:
+        if len(self._steps) >= FLUSH_EVERY or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
             self._flush()
         if self._due(int(step)):
             self.checkpoint(int(step), loss=loss)
@@ -227,6 +230,7 @@ class Recorder:
         if not self._steps:
             return
         steps, rows, norms = self._steps, self._rows, self._norms
+        self._flushed_at = time.monotonic()
         self._steps, self._rows, self._norms = [], [], []
         names = list(dict.fromkeys(k for row in rows for k in row))
         cols = {k: np.array([row.get(k, np.nan) for row in rows], dtype=np.float64) for k in names}
