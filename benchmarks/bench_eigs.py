@@ -252,9 +252,10 @@ def bench_model(name: str) -> list[dict]:
         "power iteration, tol 1e-3, maxIter 100")
     row("top5", "PyHessian single batch (defaults)", lambda: pyhessian_top(model, batches, full, 5, "single"), ref,
         "one batch of 1024")
-    ph5 = cheapest(lambda t: pyhessian_top(model, batches, full, 5, "single", tol=t, max_iter=1000), TOLS, ref)
-    row("top5", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 5, "single", tol=ph5,
-                                                             max_iter=1000), ref, f"single batch, tol {ph5:g}")
+    if name != "cnn":  # no floor on this row, and on the CNN its search alone takes a quarter of an hour
+        ph5 = cheapest(lambda t: pyhessian_top(model, batches, full, 5, "single", tol=t, max_iter=1000), TOLS, ref)
+        row("top5", "PyHessian tightened", lambda: pyhessian_top(model, batches, full, 5, "single", tol=ph5,
+                                                                 max_iter=1000), ref, f"single batch, tol {ph5:g}")
     he5 = cheapest(lambda m: eigenthings_top(model, batches, 5, max_iter=m), STEPS, ref)
     row("top5", "hessian-eigenthings Lanczos", lambda: eigenthings_top(model, batches, 5, max_iter=he5), ref,
         f"LA, full reorth, {he5} steps")
