@@ -436,3 +436,18 @@ def test_eigenvalue_criterion_meets_its_tolerance_with_fewer_matvecs():
     assert np.all(eig.error_bounds <= eig.residuals) and eig.converged.all()
     with pytest.raises(ValueError, match="criterion"):
         lanczos_eigs(A, k=1, criterion="vibes")
+
+
+def test_eigenvalue_criterion_bounds_a_tight_cluster_of_wanted_eigenvalues():
+    """Five close top eigenvalues far from the bulk: the cluster bound ‖R‖²/δ holds and stops early."""
+    gen = torch.Generator().manual_seed(3)
+    top = torch.tensor([10.0, 9.99, 9.98, 9.97, 9.96], dtype=torch.float64)
+    spectrum = torch.cat([top, 5 * torch.rand(395, generator=gen, dtype=torch.float64)])
+    Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=gen, dtype=torch.float64))
+    A = (Q * spectrum) @ Q.T
+    res = lanczos_eigs(A, 5, tol=1e-8, criterion="eigenvalue", return_eigenvectors=False)
+    err = np.abs(res.eigenvalues - top.numpy())
+    assert np.all(err <= res.error_bounds + 1e-12), (err, res.error_bounds)
+    assert np.all(err <= 1e-8 * top.numpy()) and res.converged.all()
+    resid = lanczos_eigs(A, 5, tol=1e-8, criterion="residual", return_eigenvectors=False)
+    assert res.matvecs < resid.matvecs  # the quadratic bound stops before the residual does

@@ -189,15 +189,27 @@ def lanczos_eigs(
 
 
 def _error(theta: np.ndarray, res: np.ndarray, every: np.ndarray, criterion: str) -> np.ndarray:
-    """The residual, or the eigenvalue error estimate min(r, r²/gap), gaps to all other Ritz values ``every``."""
+    """The residual, or the eigenvalue error estimate min(r_i, r_i²/gap_i, ‖R‖²/δ) from the Ritz values.
+
+    r_i²/gap_i (gap to the nearest other Ritz value) is Kato–Temple's bound for an isolated Ritz
+    value; ‖R‖²/δ, with ‖R‖² = Σ_wanted r_j² and δ the gap between the wanted Ritz values and every
+    other one, is the quadratic residual bound for the wanted cluster as a whole (Mathias 1998;
+    Parlett, The Symmetric Eigenvalue Problem, §11.7), which stays small when the wanted
+    eigenvalues are close to each other but apart from the rest of the spectrum.
+    """
     if criterion == "residual":
         return res
     out = res.copy()
+    tiny = 1e-12 * max(float(np.max(np.abs(theta))), 1e-300)
+    others = every[np.min(np.abs(every[:, None] - theta[None, :]), axis=1) > tiny]  # the unwanted Ritz values
     for i, t in enumerate(theta):
         d = np.abs(every - t)
         d = d[d > 1e-12 * max(abs(t), 1e-300)]  # the Ritz value itself
         if d.size:
             out[i] = min(res[i], res[i] ** 2 / d.min())
+    if others.size:
+        delta = float(np.min(np.abs(others[:, None] - theta[None, :])))
+        out = np.minimum(out, float(np.sum(res**2)) / max(delta, np.finfo(float).tiny))
     return out
 
 
