@@ -92,12 +92,28 @@ def bench(name: str, model: nn.Module, batches, repeats: int) -> list[tuple[str,
         ("auto K=1", dict(path="auto"), v1),
         ("auto K=8", dict(path="auto"), v8),
     ]
-    for label, kw, V in cases:
+    for label, kw, V in cases:  # (PyHessian's own product follows, for reference)
         op = HessianOperator(model, batches, "cross_entropy", **kw)
         t, ratio = median_ratio(lambda: op @ V, grad_fn, repeats)
         K = 1 if V.ndim == 1 else V.shape[1]
         rows.append((name, f"{label} [{op.path}]", t / K, ratio / K))
+    t, ratio = median_ratio(pyhessian_product(model, batches), grad_fn, repeats)
+    rows.append((name, "PyHessian hessian_vector_product (one batch)", t, ratio))
     return rows
+
+
+def pyhessian_product(model: nn.Module, batches):
+    """PyHessian's HVP on the same data as one batch, its gradient graph built once (as its eigensolver does)."""
+    import copy
+    import sys
+
+    import pyhessian  # noqa: F401  (its __init__ shadows the submodule name with the class)
+
+    ph = sys.modules["pyhessian.hessian"]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    h = ph.hessian(copy.deepcopy(model), nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+    v = [torch.randn_like(p) for p in h.params]
+    return lambda: ph.hessian_vector_product(h.gradsH, h.params, v)
 
 
 def main() -> None:

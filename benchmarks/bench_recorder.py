@@ -4,7 +4,8 @@ Run: ``python benchmarks/bench_recorder.py``. Reference MLP (64-128-128-10, 26k 
 digits, batch 128 and 1024, SGD with momentum, CPU float32, 2 threads (``BENCH_THREADS``).
 Two telemetry paths: the ring buffer the Recorder uses (one fused copy a step, norms reduced in
 blocks of steps that fit a 4 MiB ring, ``lossatlas/norms.py``) and, for comparison, the per-tensor path (fused
-``_foreach_norm``/``_foreach_sub`` every step, the fallback for parameters on several devices).
+``_foreach_norm``/``_foreach_sub`` every step, the fallback for parameters on several devices),
+and the Recorder with telemetry off (loss and learning rate only).
 Checkpoint writes are excluded (no checkpoint schedule); the log is written to HDF5 every 4096 rows
 as in a real run. Bare and recorded blocks are interleaved and the median block time is compared,
 since absolute times drift; run it on an otherwise idle machine.
@@ -26,9 +27,10 @@ from lossatlas import models  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+PATHS = ("ring buffer", "per-tensor", "off")  # "off": loss and lr only (telemetry=False)
 
 
-def measure(batch_size: int, blocks: int, steps_per_block: int, ring: bool = True) -> dict:
+def measure(batch_size: int, blocks: int, steps_per_block: int, path: str = "ring buffer") -> dict:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     model = models.build_model({"name": "mlp"})
@@ -45,8 +47,9 @@ def measure(batch_size: int, blocks: int, steps_per_block: int, ring: bool = Tru
         return loss
 
     with tempfile.TemporaryDirectory() as tmp:
-        rec = Recorder(str(Path(tmp) / "bench.h5"), model, opt, model_spec={"name": "mlp"}, loss="cross_entropy")
-        if not ring:
+        rec = Recorder(str(Path(tmp) / "bench.h5"), model, opt, model_spec={"name": "mlp"}, loss="cross_entropy",
+                       telemetry=path != "off")
+        if path == "per-tensor":
             rec._ring = None  # the per-tensor fallback path, for comparison
         for i in range(100):  # warm-up of both paths
             train_step(i)
@@ -65,11 +68,11 @@ def measure(batch_size: int, blocks: int, steps_per_block: int, ring: bool = Tru
             recorded.append(time.perf_counter() - t)
         rec.close()
     b, r = statistics.median(bare) / steps_per_block, statistics.median(recorded) / steps_per_block
-    return {"batch": batch_size, "path": "ring buffer" if ring else "per-tensor", "bare_ms": b * 1e3, "recorded_ms": r * 1e3, "overhead": r / b - 1}
+    return {"batch": batch_size, "path": path, "bare_ms": b * 1e3, "recorded_ms": r * 1e3, "overhead": r / b - 1}
 
 
 def main(blocks: int = 15, steps_per_block: int = 200) -> list[dict]:
-    rows = [measure(bs, blocks, steps_per_block, ring) for bs in (128, 1024) for ring in (True, False)]
+    rows = [measure(bs, blocks, steps_per_block, path) for bs in (128, 1024) for path in PATHS]
     print(f"{'batch':>6} {'telemetry path':>15} {'bare step (ms)':>15} {'with telemetry (ms)':>20} {'overhead':>9}")
     for r in rows:
         verdict = "PASS" if r["overhead"] <= 0.05 else "FAIL"

@@ -32,8 +32,8 @@ class NormRing:
     """Buffers (g_t, w_t) per step and reduces them in blocks to (steps, 3, n_tensors) norms.
 
     ``push()`` after each optimizer step (a missing ``.grad`` counts as zero); ``drain()`` returns
-    the norms of every pushed step not yet returned, rows in step order: [‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖] with NaN updates for the
-    first step (there is no previous weight).
+    the norms of every pushed step not yet returned, rows in step order: [‖g_i‖, ‖w_i‖,
+    ‖w_i − w_i,prev‖], with NaN updates for the first step (there is no previous weight).
     """
 
     def __init__(self, params: Sequence[Tensor], *, chunk: int = CHUNK, budget_bytes: int | None = None,

@@ -214,16 +214,18 @@ class Recorder:
 
     @torch.no_grad()
     def _telemetry(self) -> torch.Tensor:
-        """(3n,) norms ‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖ by a per-tensor loop: parameters on several devices."""
+        """(3n,) norms ‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖ by a per-tensor loop (parameters on several devices)."""
         params = self._params
         grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
         if self._previous is None:
             self._previous = [p.detach().clone() for p in params]
-            norms = torch.stack(torch._foreach_norm([*grads, *params]))
-            return torch.cat([norms, torch.full((len(params),), float("nan"), device=norms.device)])
-        diffs = torch._foreach_sub(params, self._previous)
-        torch._foreach_copy_(self._previous, params)
-        return torch.stack(torch._foreach_norm([*grads, *params, *diffs]))
+            diffs = [torch.full((), float("nan"), device=p.device) for p in params]
+        else:
+            diffs = [p - q for p, q in zip(params, self._previous)]
+            for q, p in zip(self._previous, params):
+                q.copy_(p)
+        home = params[0].device  # each norm on its tensor's device, gathered on one
+        return torch.stack([torch.linalg.vector_norm(t).to(home) for t in (*grads, *params, *diffs)])
 
     def _flush(self) -> None:
         """Write the buffered rows: one host transfer for all norms, then columns in bulk."""

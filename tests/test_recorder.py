@@ -83,3 +83,20 @@ def test_explicit_steps(tmp_path):
     _train(tmp_path / "r.h5", steps=6, checkpoint_steps=[2, 5])
     with RunReader(tmp_path / "r.h5") as r:
         assert r.steps() == [2, 5]
+
+
+def test_per_tensor_fallback_logs_the_same_norms_as_the_ring(tmp_path, monkeypatch):
+    """Parameters the ring cannot hold (several devices) take the per-tensor loop: same numbers."""
+    logs = []
+    for name, ring in (("ring", True), ("loop", False)):
+        if not ring:
+            monkeypatch.setattr("lossatlas.recorder.NormRing.supports", staticmethod(lambda params: False))
+        torch.manual_seed(0)
+        _train(tmp_path / f"{name}.h5", steps=6)
+        with RunReader(tmp_path / f"{name}.h5") as r:
+            logs.append(r.log())
+    ring_log, loop_log = logs
+    keys = [k for k in ring_log if "norm" in k or "ratio" in k]
+    assert len(keys) > 6
+    for k in keys:
+        np.testing.assert_allclose(loop_log[k], ring_log[k], rtol=1e-5, equal_nan=True, err_msg=k)

@@ -50,7 +50,7 @@ class EigResult:
     matvecs: int
     iterations: int
     which: str
-    error_bounds: np.ndarray | None = None  # min(r, r²/gap): the eigenvalue error estimate (criterion docs)
+    error_bounds: np.ndarray | None = None  # min(r, r²/gap, ‖R‖²/δ): the eigenvalue error estimate (``_error``)
 
 
 CRITERIA = ("residual", "eigenvalue")
@@ -111,9 +111,10 @@ def lanczos_eigs(
             the operator's device).
         criterion: ``"residual"`` stops when every wanted residual r_i ≤ tol·|θ_i| (a guaranteed
             eigenvalue error ≤ r_i); ``"eigenvalue"`` stops when the eigenvalue error estimate
-            min(r_i, r_i²/gap_i) ≤ tol·|θ_i|, gap_i the distance from θ_i to the nearest other Ritz
-            value (the Kato–Temple bound with Ritz values for the unknown gap; Parlett, *The Symmetric
-            Eigenvalue Problem*, §11-7). Eigenvalues converge quadratically faster than vectors, so
+            min(r_i, r_i²/gap_i, ‖R‖²/δ) ≤ tol·|θ_i|, gap_i the distance from θ_i to the nearest other
+            Ritz value and δ that of the wanted Ritz values to the rest (Kato–Temple and the cluster
+            quadratic residual bound with Ritz values for the unknown gaps; Parlett, *The Symmetric
+            Eigenvalue Problem*, §11-7; Mathias 1998). Eigenvalues converge quadratically faster than vectors, so
             "eigenvalue" needs far fewer products when only λ is wanted; ``converged`` follows it too.
 
     Returns:
