@@ -10,7 +10,7 @@ OUT ?= demo_out
 
 .PHONY: demo test bench experiments clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py lossatlas/_fastnorms.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/lossatlas demo --out $(OUT) --force
 
 test: $(VENV)/.installed
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=2 LOSSATLAS_REQUIRE_FASTNORMS=1 $(PY) -m pytest -q tests
 
 bench: $(VENV)/.bench
 	OMP_NUM_THREADS=2 $(PY) benchmarks/run_all.py

@@ -1,13 +1,21 @@
 """Per-tensor gradient, weight and update norms for every training step, at a small fixed cost.
 
-A step only copies the gradients and the weights into a ring buffer (one fused
-``_foreach_copy_``, no allocation, no host sync). Every ``depth`` steps one batched pass
-reduces the whole ring: the updates w_t − w_{t−1} are differences of consecutive rows, and every
-norm comes from one ``vector_norm`` over fixed-size chunks (each tensor is zero-padded to whole
-chunks), followed by a tiny chunk→tensor sum. The numbers are exact — the same ‖g_i‖, ‖w_i‖ and
-‖w_i − w_i,prev‖ as a per-tensor loop, up to float32 summation order — but the per-step kernel
-launches that dominate a small model's step disappear (benchmarks/bench_recorder.py).
+Two implementations with one interface (``push()`` after each optimizer step, ``drain()`` for the
+(steps, 3, n_tensors) norms [‖g_i‖, ‖w_i‖, ‖w_i − w_i,prev‖] of every step not yet returned):
 
+``StepNorms`` (CPU, float32/float64, the C helper ``lossatlas._fastnorms`` built at install):
+one pass in C per step reads each gradient and weight once, while they are still in cache,
+accumulates the three squared norms in float64 and keeps the previous weights for the update.
+A step costs one C call and no PyTorch kernel launch — on a small CPU model each launch costs
+microseconds, which is what made the telemetry expensive (benchmarks/bench_recorder.py).
+
+``NormRing`` (accelerators, other dtypes, or no C helper): a step only copies the gradients and the
+weights into a ring buffer (one fused ``_foreach_copy_``, no allocation, no host sync). Every
+``depth`` steps one batched pass reduces the whole ring: the updates w_t − w_{t−1} are differences
+of consecutive rows, and every norm comes from one ``vector_norm`` over fixed-size chunks (each
+tensor is zero-padded to whole chunks), followed by a tiny chunk→tensor sum.
+
+Both give the same ‖g_i‖, ‖w_i‖ and ‖w_i − w_i,prev‖ as a per-tensor loop, up to summation order.
 The ring holds ``depth`` gradient rows and ``depth + 1`` weight rows on the parameters' device,
 in float32 (float64 when a parameter is float64; bf16/fp16 weights are reduced in float32).
 ``depth`` shrinks with the model so the ring stays under ``budget_bytes``: 4 MiB on the CPU (it
@@ -19,8 +27,14 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+try:  # the optional C helper (setup.py); without it the ring buffer serves every case
+    from lossatlas import _fastnorms
+except ImportError:  # pragma: no cover - depends on the install
+    _fastnorms = None
 
 CHUNK = 256  # elements per chunk; tensors are padded to whole chunks
 MAX_DEPTH = 64  # steps per batched reduction
@@ -111,3 +125,94 @@ class NormRing:
         self._weights[0].copy_(self._weights[n])
         self._has_previous = True
         self._filled = 0
+
+
+def norm_tracker(params: Sequence[Tensor]) -> "StepNorms | NormRing | None":
+    """The fastest tracker for these parameters: StepNorms (CPU, C helper), else NormRing (one device), else None."""
+    if StepNorms.supports(params):
+        return StepNorms(params)
+    if NormRing.supports(params):
+        return NormRing(params)
+    return None
+
+
+_ROWS = 256  # rows of the host buffer that StepNorms fills before it grows
+
+
+class StepNorms:
+    """Per-step norms of CPU float32/float64 parameters by one C pass (``lossatlas._fastnorms``).
+
+    Each ``push()`` hands the parameters to the C helper, which checks that every weight and
+    gradient is a dense contiguous CPU tensor of the expected dtype and size, writes
+    [‖g_i‖², ‖w_i‖², ‖w_i − w_i,prev‖²] into the next row of a float64 host buffer and overwrites its
+    copy of the previous weights. A step where a tensor is not such a tensor (a sparse or strided
+    gradient, a weight moved to another device) is done by a per-tensor PyTorch loop instead, with
+    the same numbers. A missing gradient counts as zero; the first step's updates are NaN.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        if not self.supports(params):
+            raise ValueError("StepNorms needs the C helper and dense contiguous CPU float32/float64 parameters "
+                             "of one dtype; use NormRing")
+        self.params = tuple(params)
+        self.dtype = self.params[0].dtype
+        self.sizes = tuple(p.numel() for p in self.params)
+        self._itemsize = self.params[0].element_size()
+        self._prev = torch.cat([p.detach().reshape(-1) for p in self.params])  # w_{t-1}, flat
+        self._prev_address = self._prev.data_ptr()
+        self._checked = [0] * len(self.params)  # weight addresses the C helper has checked (it fills them)
+        self._buf = np.empty((_ROWS, len(self.params), 3))  # squared norms, one (n, 3) row per step, as C writes
+        self._buf_address = self._buf.ctypes.data  # row r starts r·row_bytes further
+        self._row_bytes = self._buf[0].nbytes
+        self._filled = 0
+        self._first_row: int | None = 0  # the row whose updates are NaN (the first push), if not drained
+
+    @staticmethod
+    def supports(params: Sequence[Tensor]) -> bool:
+        """The C helper is built and every parameter is a dense contiguous CPU tensor of one float32/64 dtype."""
+        params = list(params)
+        return (_fastnorms is not None and bool(params)
+                and params[0].dtype in (torch.float32, torch.float64)
+                and all(p.layout == torch.strided and p.is_cpu and p.dtype == params[0].dtype and p.is_contiguous()
+                        for p in params))
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """Norms of the parameters' current gradients and weights, and of the update since the last push."""
+        if self._filled == self._buf.shape[0]:
+            self._buf = np.concatenate([self._buf, np.empty_like(self._buf)])
+            self._buf_address = self._buf.ctypes.data
+        done = _fastnorms.step_norms(self.params, self.sizes, self._checked, self._prev_address,
+                                     self._buf_address + self._filled * self._row_bytes, self._itemsize, self.dtype)
+        if not done:
+            self._buf[self._filled] = np.square(self._torch_pass()).T
+        self._filled += 1
+
+    def _torch_pass(self) -> np.ndarray:
+        """The same (3, n) norms by a PyTorch loop (any layout), updating the previous weights."""
+        out = np.empty((3, len(self.params)))
+        start = 0
+        for i, (p, m) in enumerate(zip(self.params, self.sizes)):
+            w = p.detach().reshape(-1).to("cpu", torch.float64)
+            g = p.grad
+            if g is not None and g.layout != torch.strided:
+                g = g.to_dense()
+            out[0, i] = 0.0 if g is None else float(torch.linalg.vector_norm(g.detach().to("cpu", torch.float64)))
+            out[1, i] = float(torch.linalg.vector_norm(w))
+            prev = self._prev[start : start + m]
+            out[2, i] = float(torch.linalg.vector_norm(w - prev.to(torch.float64))) if w.numel() == m else float("nan")
+            if w.numel() == m:
+                prev.copy_(w)
+            start += m
+        return out
+
+    def drain(self) -> Tensor | None:
+        """(steps, 3, n_tensors) float64 norms of every step pushed since the last drain, or None."""
+        if not self._filled:
+            return None
+        out = torch.from_numpy(np.sqrt(self._buf[: self._filled]).transpose(0, 2, 1).copy())  # (steps, 3, n)
+        if self._first_row is not None:
+            out[self._first_row, 2] = float("nan")
+            self._first_row = None
+        self._filled = 0
+        return out

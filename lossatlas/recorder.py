@@ -7,9 +7,9 @@
         rec.step(step, loss=loss.item())   # after optimizer.step(), before zero_grad()
     rec.close()                            # or use `with Recorder(...) as rec:`
 
-Per step it logs, cheaply (one fused copy into a ring buffer reduced in blocks, ``norms.py``;
-no host sync): loss, learning rate, global gradient norm, per-tensor gradient norm, weight norm and
-update-to-weight ratio ‖w_t − w_{t−1}‖/‖w_t‖, plus any extra scalars passed to ``step``.
+Per step it logs, cheaply (on the CPU one C pass over gradients and weights; on an accelerator
+one fused copy into a ring buffer reduced in blocks, no host sync; ``norms.py``): loss, learning
+rate, global gradient norm, per-tensor gradient norm, weight norm and update-to-weight ratio ‖w_t − w_{t−1}‖/‖w_t‖, plus any extra scalars passed to ``step``.
 Checkpoints (parameters, buffers and optimizer state) are written on a schedule: every k steps,
 log-spaced, or an explicit list.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lossatlas import store
-from lossatlas.norms import NormRing
+from lossatlas.norms import norm_tracker
 
 FLUSH_EVERY = 4096  # log rows buffered before a write (a checkpoint or close writes them too) ...
 FLUSH_SECONDS = 10.0  # ... or after this long, so that `lossatlas info` on a live run lags at most this much
@@ -107,7 +107,7 @@ class Recorder:
         self._keys_u = [f"update_ratio/{n}" for n in self._names]
         self._params = [p for _, p in model.named_parameters() if p.requires_grad]
         self._previous: list[torch.Tensor] | None = None
-        self._ring = NormRing(self._params) if telemetry and NormRing.supports(self._params) else None
+        self._ring = norm_tracker(self._params) if telemetry else None  # None: the per-tensor loop below
         self._checkpointed: set[int] = set()
         self._steps: list[int] = []  # buffered log rows (written by _flush)
         self._rows: list[dict[str, float]] = []
@@ -131,7 +131,8 @@ class Recorder:
 
         ``group_losses`` (name → loss on that data group) is logged as ``group_loss/<name>``. The
         norms stay on the device until the buffered rows are written (every ``FLUSH_EVERY`` steps or
-        ``FLUSH_SECONDS``, at a checkpoint and at ``close``), so a step costs one fused copy and no host sync.
+        ``FLUSH_SECONDS``, at a checkpoint and at ``close``), so a step costs one C pass (CPU) or one
+        fused copy and no host sync (accelerators).
         """
         row: dict[str, float] = {}
         if loss is not None:

@@ -85,18 +85,21 @@ def test_explicit_steps(tmp_path):
         assert r.steps() == [2, 5]
 
 
-def test_per_tensor_fallback_logs_the_same_norms_as_the_ring(tmp_path, monkeypatch):
-    """Parameters the ring cannot hold (several devices) take the per-tensor loop: same numbers."""
-    logs = []
-    for name, ring in (("ring", True), ("loop", False)):
-        if not ring:
-            monkeypatch.setattr("lossatlas.recorder.NormRing.supports", staticmethod(lambda params: False))
-        torch.manual_seed(0)
-        _train(tmp_path / f"{name}.h5", steps=6)
-        with RunReader(tmp_path / f"{name}.h5") as r:
-            logs.append(r.log())
-    ring_log, loop_log = logs
-    keys = [k for k in ring_log if "norm" in k or "ratio" in k]
+@pytest.mark.parametrize("path", ["ring", "loop"])
+def test_every_telemetry_path_logs_the_same_norms(tmp_path, monkeypatch, path):
+    """The C pass (the CPU default), the ring buffer (accelerators) and the per-tensor loop (several
+    devices) log the same numbers."""
+    from lossatlas.norms import NormRing
+
+    torch.manual_seed(0)
+    _train(tmp_path / "default.h5", steps=6)
+    tracker = {"ring": lambda params: NormRing(params), "loop": lambda params: None}[path]
+    monkeypatch.setattr("lossatlas.recorder.norm_tracker", tracker)
+    torch.manual_seed(0)
+    _train(tmp_path / f"{path}.h5", steps=6)
+    with RunReader(tmp_path / "default.h5") as a, RunReader(tmp_path / f"{path}.h5") as b:
+        default_log, other_log = a.log(), b.log()
+    keys = [k for k in default_log if "norm" in k or "ratio" in k]
     assert len(keys) > 6
     for k in keys:
-        np.testing.assert_allclose(loop_log[k], ring_log[k], rtol=1e-5, equal_nan=True, err_msg=k)
+        np.testing.assert_allclose(other_log[k], default_log[k], rtol=1e-5, equal_nan=True, err_msg=k)
