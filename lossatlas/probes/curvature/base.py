@@ -40,6 +40,7 @@ MODES: tuple[str, ...] = ("eval", "train")
 # A lone torch.func HVP is the slowest; batched torch.func wins on the MLP from K=2-4, while on the
 # CNN (forward-mode convolutions) it only catches up around K=8.
 AUTO_BATCHED_MIN_K = 8
+DETERMINISM_EXAMPLES = 64  # examples evaluated twice by the dropout check
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _PATH_ERRORS = (RuntimeError, NotImplementedError)
@@ -62,8 +63,8 @@ class CurvatureOperator:
             (an op without forward-mode or double-backward support) falls back to the other one,
             and ``op.path`` reports what ran.
         chunk_size: vectors per vmap call on the forward-over-reverse path (None: all at once).
-        check_deterministic: evaluate the first batch twice before the first product and raise
-            ValueError if the outputs differ (dropout or another stochastic layer is active).
+        check_deterministic: evaluate the first 64 examples twice before the first product and
+            raise ValueError if the outputs differ (dropout or another stochastic layer is active).
         graph_cache_bytes: keep per-batch gradient graphs alive across matmuls while their
             saved tensors total at most this many bytes; rebuild them otherwise.
 
@@ -189,9 +190,15 @@ class CurvatureOperator:
         return self._state
 
     def _check_deterministic(self) -> None:
+        """Two evaluations of the first ``DETERMINISM_EXAMPLES`` examples must agree bit for bit.
+
+        Dropout draws a fresh mask per element, so a few dozen examples expose it with certainty;
+        the check costs two small forward passes, not two over a whole (coalesced) batch.
+        """
         if not self._state["batches"]:
             return  # a rank without a data shard
         x, _ = self._state["batches"][0]
+        x = x[:DETERMINISM_EXAMPLES]
         with torch.no_grad(), self._modes(), torch.random.fork_rng(devices=[]):
             a = self._forward(self._state["point"], x)
             b = self._forward(self._state["point"], x)
@@ -203,14 +210,20 @@ class CurvatureOperator:
 
     @contextlib.contextmanager
     def _modes(self):
-        """Put the model in ``self.mode`` and restore every submodule's own flag afterwards."""
-        flags = [(m, m.training) for m in self._model.modules()]
-        self._model.train(self.mode == "train")
+        """Put the model in ``self.mode`` and restore every submodule's own flag afterwards.
+
+        Only the modules whose flag differs are touched (a product on a model already in the right
+        mode costs no attribute writes).
+        """
+        want = self.mode == "train"
+        changed = [m for m in self._model.modules() if m.training != want]
+        for m in changed:
+            m.training = want
         try:
             yield
         finally:
-            for m, flag in flags:
-                m.training = flag
+            for m in changed:
+                m.training = not want
 
     # ------------------------------------------------------------------ evaluation helpers
     def _forward(self, theta: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -412,7 +425,7 @@ class CurvatureOperator:
         st = self._state
         leaves = self._leaves()
         cols = [self.unflatten(M[:, k]) for k in range(M.shape[1])]
-        out = torch.zeros_like(M)
+        out = torch.empty_like(M.T)  # (K, P): row k is the product with column k, written in place
         for b, ((x, y), n_b, w) in enumerate(zip(st["batches"], st["counts"], st["weights"])):
             graph = self._graphs.get(b)
             keep = graph is not None
@@ -426,8 +439,14 @@ class CurvatureOperator:
                     self._graph_budget_hit = True
             for k, v in enumerate(cols):
                 retain = keep or k < len(cols) - 1
-                out[:, k] += w * self._graph_batch_product(graph, leaves, x, y, n_b, v, retain)
-        return out
+                parts = self._graph_batch_product(graph, leaves, x, y, n_b, v, retain)
+                if b == 0:
+                    self._flat_grads(parts, out=out[k])
+                    if w != 1.0:
+                        out[k].mul_(w)
+                else:
+                    out[k].add_(self._flat_grads(parts), alpha=w)
+        return out.T
 
     def _build_counted(self, leaves, x, y, n_b) -> tuple[Any, int]:
         """Build a batch's graph, counting the bytes of the tensors autograd saves for it."""
@@ -448,14 +467,13 @@ class CurvatureOperator:
             graph = self._build_graph(leaves, x, y, n_b)
         return graph, total[0]
 
-    def _flat_grads(self, grads: Sequence[Tensor | None]) -> Tensor:
+    def _flat_grads(self, grads: Sequence[Tensor | None], out: Tensor | None = None) -> Tensor:
+        """Per-parameter tensors (None: zero) concatenated to (P,), into ``out`` when given."""
         leaves = self._state["point"]
-        return torch.cat(
-            [
-                (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1)
-                for n, g in zip(self.param_names, grads)
-            ]
-        )
+        parts = [
+            (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1) for n, g in zip(self.param_names, grads)
+        ]
+        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
     # ------------------------------------------------------------------ what a subclass writes
     def _functional_batch_product(self, theta, x, y, n_b):
@@ -466,8 +484,8 @@ class CurvatureOperator:
         """Build (with create_graph) what the double-backward product of batch b reuses."""
         raise NotImplementedError
 
-    def _graph_batch_product(self, graph, leaves, x, y, n_b, v, retain: bool) -> Tensor:
-        """M_b v (flat, (P,)) from the batch's graph; keep the graph when ``retain``."""
+    def _graph_batch_product(self, graph, leaves, x, y, n_b, v, retain: bool) -> Sequence[Tensor | None]:
+        """M_b v per parameter (None: zero) from the batch's graph; keep the graph when ``retain``."""
         raise NotImplementedError
 
 

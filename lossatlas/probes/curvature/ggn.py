@@ -58,5 +58,4 @@ class GGNOperator(CurvatureOperator):
         if u is None:
             u = torch.zeros_like(out)
         hu = output_hessian_product(self.loss, out.detach(), y, u) / n_b
-        (g,) = [grad_or_zeros([out], list(leaves.values()), [hu], retain)]
-        return self._flat_grads(g)
+        return grad_or_zeros([out], list(leaves.values()), [hu], retain)

@@ -46,5 +46,4 @@ class HessianOperator(CurvatureOperator):
 
     def _graph_batch_product(self, graph, leaves, x, y, n_b, v, retain):
         vs = [v[n] for n in self.param_names]
-        hv = grad_or_zeros(graph, list(leaves.values()), vs, retain)
-        return self._flat_grads(hv)
+        return grad_or_zeros(graph, list(leaves.values()), vs, retain)

@@ -86,6 +86,8 @@ class BlockLanczos:
 
     def step(self, need_next: bool = True) -> None:
         """One block step: one ``A @ (P, R·b)`` product, extending T by A_j and B_j."""
+        if self.R == 1 and self.b == 1:
+            return self._step_single(need_next)
         R, b, P = self.R, self.b, self.P
         j0 = self.n
         Qj = self.V[:, j0 : j0 + b]  # (R, b, P)
@@ -114,6 +116,52 @@ class BlockLanczos:
         if room:
             self.V[:, j0 + b : j0 + 2 * b] = Qn
             self._B_prev = torch.as_tensor(Bn, dtype=self.dtype, device=self.device)
+
+    def _step_single(self, need_next: bool) -> None:
+        """``step`` for one run of block size 1: the classical three-term recurrence
+
+            w = A q_j − β_{j−1} q_{j−1},  α_j = q_jᵀ w,  w ← w − α_j q_j,  w ← w − V (Vᵀ w) (DGKS, twice
+            if needed),  β_j = ‖w‖,  q_{j+1} = w / β_j,
+
+        with the scalars on the host and every vector operation one kernel writing in place — the
+        same numbers as the block code, in about a third of its kernel launches (which dominate
+        the bookkeeping on a CPU).
+        """
+        P, j = self.P, self.n
+        q = self.V[0, j]
+        w = apply(self.A, q.reshape(P, 1).to(getattr(self.A, "device", q.device))).to(self.device).reshape(P)
+        w = w.clone() if w.data_ptr() == q.data_ptr() else w  # never update the basis through an alias
+        self.matvecs += 1
+        ref = float(torch.linalg.vector_norm(w))  # ‖A q‖: the DGKS reference
+        beta_prev = float(self.betas[-1][0, 0, 0]) if self.betas else 0.0
+        if beta_prev != 0.0:
+            w.sub_(self.V[0, j - 1], alpha=beta_prev)
+        alpha = float(torch.dot(q, w))
+        w.sub_(q, alpha=alpha)
+        if self.reorth == "full":
+            V = self.V[0, : j + 1]
+            w = torch.addmv(w, V.T, V @ w, alpha=-1)
+            nrm = float(torch.linalg.vector_norm(w))
+            if nrm < _DGKS_ETA * ref:
+                w = torch.addmv(w, V.T, V @ w, alpha=-1)
+                nrm = float(torch.linalg.vector_norm(w))
+        else:
+            nrm = float(torch.linalg.vector_norm(w))
+        self.anorm = np.maximum(self.anorm, abs(alpha))
+        broken = nrm <= _BREAKDOWN_FACTOR * self.eps * max(float(self.anorm[0]), np.finfo(float).tiny)
+        beta = 0.0 if broken else nrm
+        room = need_next and j + 2 <= self.cap
+        if room and j + 2 > self.V.shape[1]:
+            self._grow()
+        self.alphas.append(np.full((1, 1, 1), alpha))
+        self.betas.append(np.full((1, 1, 1), beta))
+        self.anorm = np.maximum(self.anorm, beta)
+        self.steps += 1
+        if room:
+            if broken:
+                self.V[0, j + 1] = self._random_orthogonal(0, j + 1, q[:0])
+            else:
+                torch.div(w, nrm, out=self.V[0, j + 1])
 
     def basis(self, r: int = 0) -> Tensor:
         """The orthonormal basis rows V_n of run ``r``, (n, P)."""

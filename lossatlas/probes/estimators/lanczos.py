@@ -200,16 +200,15 @@ def _error(theta: np.ndarray, res: np.ndarray, every: np.ndarray, criterion: str
     """
     if criterion == "residual":
         return res
-    out = res.copy()
+    D = np.abs(every[:, None] - theta[None, :])  # (n, k): every Ritz value against each wanted one
+    itself = D <= 1e-12 * np.maximum(np.abs(theta), 1e-300)[None, :]  # the Ritz value θ_i itself
+    gaps = np.where(itself, np.inf, D).min(axis=0)  # gap_i to the nearest other Ritz value
+    with np.errstate(divide="ignore"):
+        out = np.minimum(res, np.where(np.isfinite(gaps), res**2 / gaps, np.inf))
     tiny = 1e-12 * max(float(np.max(np.abs(theta))), 1e-300)
-    others = every[np.min(np.abs(every[:, None] - theta[None, :]), axis=1) > tiny]  # the unwanted Ritz values
-    for i, t in enumerate(theta):
-        d = np.abs(every - t)
-        d = d[d > 1e-12 * max(abs(t), 1e-300)]  # the Ritz value itself
-        if d.size:
-            out[i] = min(res[i], res[i] ** 2 / d.min())
-    if others.size:
-        delta = float(np.min(np.abs(others[:, None] - theta[None, :])))
+    others = D.min(axis=1) > tiny  # the unwanted Ritz values
+    if others.any():
+        delta = float(D[others].min())
         out = np.minimum(out, float(np.sum(res**2)) / max(delta, np.finfo(float).tiny))
     return out
 
