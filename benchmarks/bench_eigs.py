@@ -47,6 +47,7 @@ from lossatlas.probes.estimators import lanczos_eigs, slq_density
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 TRAIN_STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "0"))
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+PAUSE = float(os.environ.get("BENCH_PAUSE", "0.3"))  # seconds of idle before every timed run
 ONLY = [o for o in os.environ.get("BENCH_ONLY", "").split(",") if o]  # peer rows to run (substrings); ours always
 DENSITY_PROBES, DENSITY_STEPS = 1, 90
 FLOORS = {  # (task, peer row) -> minimum speed-up of ours
@@ -81,7 +82,10 @@ def run_interleaved(name: str, plan: list[tuple]) -> list[dict]:
     """Time every planned method: a warm-up each, then REPEATS rounds in which every method runs once.
 
     Round-robin rather than one method's repeats back to back: on a shared machine the speed drifts
-    by tens of percent over minutes, and interleaving lets every method see the same drift.
+    by tens of percent over minutes, and interleaving lets every method see the same drift. A pause
+    before every timed run keeps a method from paying for the threads its predecessor left spinning
+    (scipy's BLAS and torch's OpenMP pools busy-wait after a call; on 2 cores they slowed the next
+    method by up to 2×).
     """
     times: dict[int, list[float]] = {i: [] for i in range(len(plan))}
     outputs: dict[int, Any] = {}
@@ -95,6 +99,7 @@ def run_interleaved(name: str, plan: list[tuple]) -> list[dict]:
         for i, (_, _, fn, _, _) in enumerate(plan):
             if i in failed:
                 continue
+            time.sleep(PAUSE)  # let the previous method's spinning BLAS/OpenMP threads go idle
             t0 = time.perf_counter()
             outputs[i] = fn()
             times[i].append(time.perf_counter() - t0)

@@ -134,9 +134,8 @@ class Recorder:
         ``FLUSH_SECONDS``, at a checkpoint and at ``close``), so a step costs one C pass (CPU) or one
         fused copy and no host sync (accelerators).
         """
-        row: dict[str, float] = {}
-        if loss is not None:
-            row["loss"] = float(loss)
+        step = int(step)
+        row: dict[str, float] = {} if loss is None else {"loss": float(loss)}
         lr = self.learning_rate()
         if lr is not None:
             row["lr"] = lr
@@ -146,7 +145,7 @@ class Recorder:
             row.update({f"group_loss/{k}": float(v) for k, v in group_losses.items()})
         for k, v in scalars.items():
             row[k] = float(v)
-        self._steps.append(int(step))
+        self._steps.append(step)
         self._rows.append(row)
         if self._ring is not None:
             self._ring.push()
@@ -154,8 +153,8 @@ class Recorder:
             self._norms.append(self._telemetry())
         if len(self._steps) >= FLUSH_EVERY or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
             self._flush()
-        if self._due(int(step)):
-            self.checkpoint(int(step), loss=loss)
+        if self._due(step):
+            self.checkpoint(step, loss=loss)
 
     def checkpoint(self, step: int, **attrs: float | None) -> None:
         """Write a checkpoint of the model (and optimizer state) at ``step`` now."""

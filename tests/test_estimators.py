@@ -451,3 +451,30 @@ def test_eigenvalue_criterion_bounds_a_tight_cluster_of_wanted_eigenvalues():
     assert np.all(err <= 1e-8 * top.numpy()) and res.converged.all()
     resid = lanczos_eigs(A, 5, tol=1e-8, criterion="residual", return_eigenvectors=False)
     assert res.matvecs < resid.matvecs  # the quadratic bound stops before the residual does
+
+
+def test_single_vector_recurrence_equals_the_block_code(t15, monkeypatch):
+    """The lean b = 1 recurrence (scalars on the host) builds the same T and basis as the block code,
+    breakdown restarts included (A = diag(5, 5, 5, 1, …) breaks down after two steps)."""
+    from lossatlas.probes.estimators import _recurrence
+
+    degenerate = torch.diag(torch.tensor([5.0, 5.0, 5.0] + [1.0] * 17, dtype=F64))
+    for A in (t15[0], degenerate):
+        P = A.shape[0]
+        start = torch.randn(1, 1, P, dtype=F64, generator=torch.Generator().manual_seed(3))
+        runs = []
+        for lean in (True, False):
+            if not lean:
+                monkeypatch.setattr(_recurrence.BlockLanczos, "_step_single",
+                                    lambda self, need_next: _recurrence.BlockLanczos._step_block(self, need_next))
+            run = _recurrence.BlockLanczos(A, start, 12, "full", torch.Generator().manual_seed(0))
+            for _ in range(12):
+                run.step(need_next=True)
+            runs.append(run)
+        (a1, b1), (a2, b2) = runs[0].tridiagonal(0), runs[1].tridiagonal(0)
+        np.testing.assert_allclose(a1, a2, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(b1, b2, rtol=0, atol=1e-12)
+        V = runs[0].basis(0)
+        torch.testing.assert_close(V @ V.T, torch.eye(V.shape[0], dtype=F64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(V, runs[1].basis(0), rtol=0, atol=1e-10)
+        assert runs[0].matvecs == runs[1].matvecs == 12

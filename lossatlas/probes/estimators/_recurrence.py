@@ -88,6 +88,10 @@ class BlockLanczos:
         """One block step: one ``A @ (P, R·b)`` product, extending T by A_j and B_j."""
         if self.R == 1 and self.b == 1:
             return self._step_single(need_next)
+        return self._step_block(need_next)
+
+    def _step_block(self, need_next: bool) -> None:
+        """``step`` for R runs of block size b (batched tensor code)."""
         R, b, P = self.R, self.b, self.P
         j0 = self.n
         Qj = self.V[:, j0 : j0 + b]  # (R, b, P)
