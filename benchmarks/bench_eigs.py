@@ -9,7 +9,8 @@ Every method is warmed up once, then timed ``REPEATS`` (default 3, env ``BENCH_R
 fresh operator (graph building included), in round-robin order (every method once per round, so all
 see the same drift of this shared machine), and the median is reported: allocator behaviour (page
 faults on the large CNN activations) moved single timings by up to 3×. Set ``MALLOC_ARENA_MAX=2`` in the
-environment for steadier numbers. Matvecs are counted by wrapping each peer's Hessian-vector product.
+environment for steadier numbers. glibc's malloc is pinned (``pin_malloc``: no mmap/munmap of large
+blocks, no trimming) for every method alike; ``BENCH_MALLOC=default`` leaves it as it is. Matvecs are counted by wrapping each peer's Hessian-vector product.
 
 Peers that the issue asks to reach ≤ 1e-4 ("tightened" PyHessian, hessian-eigenthings, curvlinops)
 get the cheapest of their own settings that reaches it (searched untimed beforehand: PyHessian's
@@ -29,6 +30,7 @@ Run: ``python benchmarks/bench_eigs.py`` (prints the table, writes benchmarks/re
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 import statistics
 import sys
@@ -59,6 +61,22 @@ FLOORS = {  # (task, peer row) -> minimum speed-up of ours
     ("density", "PyHessian density (patched)"): 1.5,
     ("density", "hessian-eigenthings SLQ"): 1.3,
 }
+
+
+def pin_malloc() -> bool:
+    """glibc: serve every allocation up to 32 MiB from the heap and never trim it.
+
+    By default glibc maps each large block (an activation, a gradient) with mmap and unmaps it when
+    freed, so every product page-faults its buffers in again, and the threshold that decides moves
+    with the history of the process: the same method ran up to 3× slower depending on what ran
+    before it. Pinned, every method (ours and the peers alike) reuses warm heap memory.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers (malloc.h)
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def setup(name: str):
@@ -319,6 +337,8 @@ def bench_model(name: str) -> list[dict]:
 
 def main() -> None:
     torch.set_num_threads(THREADS)
+    if os.environ.get("BENCH_MALLOC", "pin") == "pin" and not pin_malloc():
+        print("note: could not pin glibc malloc (not glibc?); timings may vary more", file=sys.stderr)
     rows = []
     for name in os.environ.get("BENCH_MODELS", "mlp,cnn").split(","):
         rows += bench_model(name)
