@@ -3,7 +3,8 @@
 Setup: the reference MLP (64-128-128-10) and CNN on the first 1024 digits examples in 4 batches of 256,
 cross-entropy, CPU float32, ``torch.set_num_threads(BENCH_THREADS)`` (default 2). The models are
 measured at initialization, the state in which the issue's peer timings were taken (λ₂/λ₁ ≈ 0.93 on
-the MLP, where power iteration crawls); ``BENCH_TRAIN_STEPS=200`` trains them first (SGD, lr 0.1); ``BENCH_MODELS=mlp`` runs one model. Reference eigenvalues: our Lanczos in float64 to 1e-10.
+the MLP, where power iteration crawls); ``BENCH_TRAIN_STEPS=200`` trains them first (SGD, lr 0.1); ``BENCH_MODELS=mlp`` runs one model;
+``BENCH_SEED`` picks another initialization (default 0). Reference eigenvalues: our Lanczos in float64 to 1e-10.
 
 Every method is warmed up once, then timed ``REPEATS`` (default 3, env ``BENCH_REPEATS``) times from a
 fresh operator (graph building included), in round-robin order (every method once per round, so all
@@ -48,6 +49,7 @@ from lossatlas.probes.estimators import lanczos_eigs, slq_density
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 TRAIN_STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "0"))
+SEED = int(os.environ.get("BENCH_SEED", "0"))  # the models' initialization
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 PAUSE = float(os.environ.get("BENCH_PAUSE", "0.3"))  # seconds of idle before every timed run
 ONLY = [o for o in os.environ.get("BENCH_ONLY", "").split(",") if o]  # peer rows to run (substrings); ours always
@@ -80,7 +82,7 @@ def pin_malloc() -> bool:
 
 
 def setup(name: str):
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = build_model({"name": name})
     x, y = build_data({"name": "digits", "kwargs": {"split": "all"}})
     x, y = x[:1024], y[:1024]
@@ -352,7 +354,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "bench_eigs.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# bench_eigs (torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
-                   f"{REPEATS} after a warm-up, {TRAIN_STEPS} training steps)\n\n{table}\n")
+                   f"{REPEATS} after a warm-up, {TRAIN_STEPS} training steps, seed {SEED})\n\n{table}\n")
 
 
 if __name__ == "__main__":
