@@ -83,7 +83,7 @@ def pin_malloc() -> bool:
 
 def setup(name: str):
     torch.manual_seed(SEED)
-    model = build_model({"name": name})
+    model = build_model({"name": name, "seed": SEED})
     x, y = build_data({"name": "digits", "kwargs": {"split": "all"}})
     x, y = x[:1024], y[:1024]
     batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, 1024, 256)]
