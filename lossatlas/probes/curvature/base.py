@@ -425,7 +425,9 @@ class CurvatureOperator:
         st = self._state
         leaves = self._leaves()
         cols = [self.unflatten(M[:, k]) for k in range(M.shape[1])]
-        out = torch.empty_like(M.T)  # (K, P): row k is the product with column k, written in place
+        # (K, P): row k is the product with column k, written in place by the first batch (zeros on a
+        # rank without a data shard, whose part of the all-reduced sum is zero)
+        out = torch.empty_like(M.T) if st["batches"] else torch.zeros_like(M.T)
         for b, ((x, y), n_b, w) in enumerate(zip(st["batches"], st["counts"], st["weights"])):
             graph = self._graphs.get(b)
             keep = graph is not None
