@@ -164,6 +164,7 @@ class StepNorms:
         self._buf = np.empty((_ROWS, len(self.params), 3))  # squared norms, one (n, 3) row per step, as C writes
         self._buf_address = self._buf.ctypes.data  # row r starts r·row_bytes further
         self._row_bytes = self._buf[0].nbytes
+        self._capacity = _ROWS
         self._filled = 0
         self._first_row: int | None = 0  # the row whose updates are NaN (the first push), if not drained
 
@@ -179,14 +180,14 @@ class StepNorms:
     @torch.no_grad()
     def push(self) -> None:
         """Norms of the parameters' current gradients and weights, and of the update since the last push."""
-        if self._filled == self._buf.shape[0]:
+        row = self._filled
+        if row == self._capacity:
             self._buf = np.concatenate([self._buf, np.empty_like(self._buf)])
-            self._buf_address = self._buf.ctypes.data
-        done = _fastnorms.step_norms(self.params, self.sizes, self._checked, self._prev_address,
-                                     self._buf_address + self._filled * self._row_bytes, self._itemsize, self.dtype)
-        if not done:
-            self._buf[self._filled] = np.square(self._torch_pass()).T
-        self._filled += 1
+            self._buf_address, self._capacity = self._buf.ctypes.data, self._buf.shape[0]
+        if not _fastnorms.step_norms(self.params, self.sizes, self._checked, self._prev_address,
+                                     self._buf_address + row * self._row_bytes, self._itemsize, self.dtype):
+            self._buf[row] = np.square(self._torch_pass()).T
+        self._filled = row + 1
 
     def _torch_pass(self) -> np.ndarray:
         """The same (3, n) norms by a PyTorch loop (any layout), updating the previous weights."""

@@ -136,9 +136,10 @@ class Recorder:
         """
         step = int(step)
         row: dict[str, float] = {} if loss is None else {"loss": float(loss)}
-        lr = self.learning_rate()
-        if lr is not None:
-            row["lr"] = lr
+        if self.optimizer is not None:
+            lr = self.learning_rate()
+            if lr is not None:
+                row["lr"] = lr
         if self._monitor is not None:
             row.update(self._monitor.collect(group_losses=group_losses))
         elif group_losses:
