@@ -6,7 +6,7 @@ Telemetry paths (``lossatlas/norms.py``): the C pass the Recorder uses on the CP
 step reads every gradient and weight once), the ring buffer it uses on accelerators (one fused
 copy a step, norms reduced in blocks), the per-tensor PyTorch loop (parameters on several
 devices), and telemetry off (loss and learning rate only). Checkpoint writes are excluded (no
-checkpoint schedule); the log is written to HDF5 every 4096 rows as in a real run.
+checkpoint schedule); the log is written to HDF5 every 16384 rows or 10 s as in a real run.
 
 Absolute times drift by tens of percent on a shared machine, so every path is measured against
 the bare loop in ``ROUNDS`` rounds of two short blocks (``STEPS`` steps bare, ``STEPS`` steps

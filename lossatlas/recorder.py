@@ -27,7 +27,7 @@ from torch import nn
 from lossatlas import store
 from lossatlas.norms import norm_tracker
 
-FLUSH_EVERY = 4096  # log rows buffered before a write (a checkpoint or close writes them too) ...
+FLUSH_EVERY = 16384  # log rows buffered before a write (a checkpoint or close writes them too) ...
 FLUSH_SECONDS = 10.0  # ... or after this long, so that `lossatlas info` on a live run lags at most this much
 
 
