@@ -43,10 +43,10 @@ def _recorder(path: str, tmp: str, model, opt) -> Recorder:
     rec = Recorder(str(Path(tmp) / f"{path}.h5"), model, opt, model_spec={"name": "mlp"}, loss="cross_entropy",
                    telemetry=path != "off")
     if path == "ring buffer":
-        rec._ring = NormRing(rec._params)
+        rec._tracker = NormRing(rec._params)
     elif path == "per-tensor":
-        rec._ring = None  # the per-tensor fallback
-    elif path == "C pass" and not isinstance(rec._ring, StepNorms):
+        rec._tracker = None  # the per-tensor fallback
+    elif path == "C pass" and not isinstance(rec._tracker, StepNorms):
         raise SystemExit("the C helper lossatlas._fastnorms is not built: reinstall lossatlas with a C compiler")
     return rec
 

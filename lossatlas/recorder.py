@@ -9,7 +9,8 @@
 
 Per step it logs, cheaply (on the CPU one C pass over gradients and weights; on an accelerator
 one fused copy into a ring buffer reduced in blocks, no host sync; ``norms.py``): loss, learning
-rate, global gradient norm, per-tensor gradient norm, weight norm and update-to-weight ratio ‖w_t − w_{t−1}‖/‖w_t‖, plus any extra scalars passed to ``step``.
+rate, global gradient norm, per-tensor gradient norm, weight norm and update-to-weight ratio
+‖w_t − w_{t−1}‖/‖w_t‖, plus any extra scalars passed to ``step``.
 Checkpoints (parameters, buffers and optimizer state) are written on a schedule: every k steps,
 log-spaced, or an explicit list.
 """
@@ -107,7 +108,7 @@ class Recorder:
         self._keys_u = [f"update_ratio/{n}" for n in self._names]
         self._params = [p for _, p in model.named_parameters() if p.requires_grad]
         self._previous: list[torch.Tensor] | None = None
-        self._ring = norm_tracker(self._params) if telemetry else None  # None: the per-tensor loop below
+        self._tracker = norm_tracker(self._params) if telemetry else None  # None: the per-tensor loop below
         self._checkpointed: set[int] = set()
         self._steps: list[int] = []  # buffered log rows (written by _flush)
         self._rows: list[dict[str, float]] = []
@@ -148,8 +149,8 @@ class Recorder:
             row[k] = float(v)
         self._steps.append(step)
         self._rows.append(row)
-        if self._ring is not None:
-            self._ring.push()
+        if self._tracker is not None:
+            self._tracker.push()
         elif self.telemetry:
             self._norms.append(self._telemetry())
         if len(self._steps) >= FLUSH_EVERY or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
@@ -238,7 +239,7 @@ class Recorder:
         names = list(dict.fromkeys(k for row in rows for k in row))
         cols = {k: np.array([row.get(k, np.nan) for row in rows], dtype=np.float64) for k in names}
         n = len(self._names)
-        block = self._ring.drain() if self._ring is not None else (torch.stack(norms) if norms else None)
+        block = self._tracker.drain() if self._tracker is not None else (torch.stack(norms) if norms else None)
         if block is not None:
             arr = block.reshape(len(steps), 3 * n).double().cpu().numpy()  # (T, 3n): g, w, update
             g, w, u = arr[:, :n], arr[:, n : 2 * n], arr[:, 2 * n :]
