@@ -116,22 +116,32 @@ static int attr_is(PyObject *obj, PyObject *name, PyObject *expected) {
     return same;
 }
 
-static int call_is(PyObject *obj, PyObject *name, PyObject *expected_long_or_true, Py_ssize_t expected_m) {
+/* obj.name() is True */
+static int call_true(PyObject *obj, PyObject *name) {
     PyObject *v = PyObject_CallMethodNoArgs(obj, name);
     if (!v) {
         PyErr_Clear();
         return 0;
     }
-    int ok;
-    if (expected_long_or_true == Py_True) {
-        ok = v == Py_True;
-    } else {
-        Py_ssize_t got = PyLong_AsSsize_t(v);
-        if (got == -1 && PyErr_Occurred()) PyErr_Clear();
-        ok = got == expected_m;
-    }
+    int ok = v == Py_True;
     Py_DECREF(v);
     return ok;
+}
+
+/* obj.name() == m */
+static int call_equals(PyObject *obj, PyObject *name, Py_ssize_t m) {
+    PyObject *v = PyObject_CallMethodNoArgs(obj, name);
+    if (!v) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_ssize_t got = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    if (got == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return got == m;
 }
 
 static const void *address_of(PyObject *t, int *ok) {
@@ -155,8 +165,8 @@ static const void *address_of(PyObject *t, int *ok) {
  * set. ``is_contiguous()`` is False (sparse COO) or raises (other layouts) for every non-strided tensor. */
 static const void *plain_address(PyObject *t, PyObject *dtype, Py_ssize_t m, int *ok) {
     *ok = 0;
-    if (!attr_is(t, s_is_cpu, Py_True) || !attr_is(t, s_dtype, dtype) || !call_is(t, s_is_contiguous, Py_True, 0) ||
-        !call_is(t, s_numel, NULL, m))
+    if (!attr_is(t, s_is_cpu, Py_True) || !attr_is(t, s_dtype, dtype) || !call_true(t, s_is_contiguous) ||
+        !call_equals(t, s_numel, m))
         return NULL;
     *ok = 1;
     const void *addr = address_of(t, ok);

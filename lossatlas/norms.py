@@ -5,7 +5,8 @@ Two implementations with one interface (``push()`` after each optimizer step, ``
 
 ``StepNorms`` (CPU, float32/float64, the C helper ``lossatlas._fastnorms`` built at install):
 one pass in C per step reads each gradient and weight once, while they are still in cache,
-accumulates the three squared norms in float64 and keeps the previous weights for the update.
+accumulates the three squared norms (float32 weights: float32 partial sums over blocks of 256
+elements, float64 across blocks; float64 weights: float64) and keeps the previous weights for the update.
 A step costs one C call and no PyTorch kernel launch — on a small CPU model each launch costs
 microseconds, which is what made the telemetry expensive (benchmarks/bench_recorder.py).
 
@@ -166,7 +167,7 @@ class StepNorms:
         self._row_bytes = self._buf[0].nbytes
         self._capacity = _ROWS
         self._filled = 0
-        self._first_row: int | None = 0  # the row whose updates are NaN (the first push), if not drained
+        self._has_previous = False  # the first pushed step has no previous weights: its updates are NaN
 
     @staticmethod
     def supports(params: Sequence[Tensor]) -> bool:
@@ -177,7 +178,6 @@ class StepNorms:
                 and all(p.layout == torch.strided and p.is_cpu and p.dtype == params[0].dtype and p.is_contiguous()
                         for p in params))
 
-    @torch.no_grad()
     def push(self) -> None:
         """Norms of the parameters' current gradients and weights, and of the update since the last push."""
         row = self._filled
@@ -189,6 +189,7 @@ class StepNorms:
             self._buf[row] = np.square(self._torch_pass()).T
         self._filled = row + 1
 
+    @torch.no_grad()
     def _torch_pass(self) -> np.ndarray:
         """The same (3, n) norms by a PyTorch loop (any layout), updating the previous weights."""
         out = np.empty((3, len(self.params)))
@@ -212,8 +213,8 @@ class StepNorms:
         if not self._filled:
             return None
         out = torch.from_numpy(np.sqrt(self._buf[: self._filled]).transpose(0, 2, 1).copy())  # (steps, 3, n)
-        if self._first_row is not None:
-            out[self._first_row, 2] = float("nan")
-            self._first_row = None
+        if not self._has_previous:
+            out[0, 2] = float("nan")
+            self._has_previous = True
         self._filled = 0
         return out

@@ -203,8 +203,7 @@ def _error(theta: np.ndarray, res: np.ndarray, every: np.ndarray, criterion: str
     D = np.abs(every[:, None] - theta[None, :])  # (n, k): every Ritz value against each wanted one
     itself = D <= 1e-12 * np.maximum(np.abs(theta), 1e-300)[None, :]  # the Ritz value θ_i itself
     gaps = np.where(itself, np.inf, D).min(axis=0)  # gap_i to the nearest other Ritz value
-    with np.errstate(divide="ignore"):
-        out = np.minimum(res, np.where(np.isfinite(gaps), res**2 / gaps, np.inf))
+    out = np.minimum(res, np.where(np.isfinite(gaps), res**2 / gaps, np.inf))  # no other Ritz value: r
     tiny = 1e-12 * max(float(np.max(np.abs(theta))), 1e-300)
     others = D.min(axis=1) > tiny  # the unwanted Ritz values
     if others.any():
