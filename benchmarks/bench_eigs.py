@@ -299,6 +299,8 @@ def bench_model(name: str) -> list[dict]:
     model, batches, full = setup(name)
     ref_op = HessianOperator(model, batches, "cross_entropy", dtype=torch.float64)
     ref = lanczos_eigs(ref_op, 5, tol=1e-10, return_eigenvectors=False).eigenvalues
+    print(f"  {name}: reference top-5 {np.round(ref, 6).tolist()}, lambda2/lambda1 = {ref[1] / ref[0]:.3f}",
+          file=sys.stderr)
     plan: list[tuple] = []  # (task, method, fn, reference, note), timed below in interleaved rounds
 
     def row(task, method, fn, ref_vals, note=""):

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ["bench_hvp.py", "bench_eigs.py", "bench_lanczos_overhead.py", "bench_surface.py", "bench_recorder.py",
-              "bench_distributed.py"]
+BENCHMARKS = ["bench_hvp.py", "bench_eigs.py", "bench_top1.py", "bench_lanczos_overhead.py", "bench_surface.py",
+              "bench_recorder.py", "bench_distributed.py"]
 
 
 def main() -> int:
