@@ -1,4 +1,4 @@
-"""Speed-up of 2 torchrun ranks over 1 process on this machine: top-k eigenvalues, a density and a surface.
+"""Speed-up of 2 torchrun ranks over 1 process on the machine it runs on: top-k eigenvalues, a density and a surface.
 
 Run: ``python benchmarks/bench_distributed.py [JOB ...]`` (all jobs, or those whose name starts with a JOB
 argument, e.g. ``density``). The reference MLP (26k parameters) trained for 100 steps on digits;

@@ -2,7 +2,7 @@
 
 Setup: the reference MLP (64-128-128-10) and CNN on the first 1024 digits examples in 4 batches of 256,
 cross-entropy, CPU float32, ``torch.set_num_threads(BENCH_THREADS)`` (default 2). The models are
-measured at initialization, the state in which the issue's peer timings were taken (λ₂/λ₁ ≈ 0.93 on
+measured at initialization, the hard case for power iteration (λ₂/λ₁ ≈ 0.93 on
 the MLP, where power iteration crawls); ``BENCH_TRAIN_STEPS=200`` trains them first (SGD, lr 0.1); ``BENCH_MODELS=mlp`` runs one model;
 ``BENCH_SEED`` picks another initialization (default 0). Reference eigenvalues: our Lanczos in float64 to 1e-10.
 
@@ -13,7 +13,7 @@ faults on the large CNN activations) moved single timings by up to 3×. Set ``MA
 environment for steadier numbers. glibc's malloc is pinned (``pin_malloc``: no mmap/munmap of large
 blocks, no trimming) for every method alike; ``BENCH_MALLOC=default`` leaves it as it is. Matvecs are counted by wrapping each peer's Hessian-vector product.
 
-Peers that the issue asks to reach ≤ 1e-4 ("tightened" PyHessian, hessian-eigenthings, curvlinops)
+Peers set to reach ≤ 1e-4 ("tightened" PyHessian, hessian-eigenthings, curvlinops)
 get the cheapest of their own settings that reaches it (searched untimed beforehand: PyHessian's
 tolerance, eigenthings' number of Lanczos steps, eigsh's tolerance); the note column names it.
 
@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from lossatlas.models import build_data, build_model
-from lossatlas.probes.curvature import HessianOperator
-from lossatlas.probes.estimators import lanczos_eigs, slq_density
+from lossatlas.curvature import HessianOperator
+from lossatlas.estimators import lanczos_eigs, slq_density
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 TRAIN_STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "0"))
@@ -272,7 +272,7 @@ def curvlinops_top(model, batches, k, tol):
 
 
 # ---------------------------------------------------------------------------------------------------- table
-TARGET = 1e-4  # the accuracy every tuned peer must reach (the issue's "set through its own options")
+TARGET = 1e-4  # the accuracy every tuned peer must reach, each through its own options
 TOLS = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7)  # PyHessian: relative change of the eigenvalue estimate
 STEPS = (20, 25, 30, 35, 40, 50, 60, 80, 100)  # hessian-eigenthings: Lanczos steps
 EIGSH_TOLS = (1e-2, 3e-3, 1e-3, 1e-4)  # curvlinops + eigsh: ARPACK's residual tolerance

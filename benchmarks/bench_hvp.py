@@ -20,8 +20,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from lossatlas.probes.curvature import HessianOperator
-from lossatlas.probes.losses import batch_loss
+from lossatlas.curvature import HessianOperator
+from lossatlas.losses import batch_loss
 
 
 def digits_batches(image: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:

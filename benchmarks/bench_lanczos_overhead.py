@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from lossatlas.probes.estimators import lanczos_eigs, slq_density
+from lossatlas.estimators import lanczos_eigs, slq_density
 
 P = 26000
 EXAMPLES = (1024, 4096)  # data-set sizes of the real HVP

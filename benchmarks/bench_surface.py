@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lossatlas.probes import losses as L
+from lossatlas import losses as L
 from lossatlas.probes.directions import random_direction
-from lossatlas.probes.surface import PointEvaluator, evaluate_grid, grid_points
+from lossatlas.probes.grid import PointEvaluator, evaluate_grid, grid_points
 
 
 def build(kind: str, device: str) -> tuple[nn.Module, list]:

@@ -18,7 +18,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def setup_threads() -> int:
     """One torch thread unless LOSSATLAS_THREADS says otherwise.
 
-    Two threads with a busy second core are catastrophically slow for torch on this shared 2-core CPU.
+    Torch's thread pool slows down badly when another process keeps one of its cores busy.
     """
     import torch
 

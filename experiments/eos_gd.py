@@ -1,6 +1,9 @@
-"""Edge of stability at CPU scale: λ_max·η/2 → 1 under full-batch GD (Cohen et al. 2021; SCIENCE.md §5).
+"""Edge of stability at CPU scale: λ_max·η/2 → 1 under full-batch GD.
 
-Claim (SCIENCE.md §5, "Reproduced here"): full-batch GD on a tanh MLP 16-64-64-4, 500 Gaussian-blob
+Cohen, Kaur, Li, Kolter, Talwalkar, "Gradient descent on neural networks typically occurs at the edge of
+stability" (ICLR 2021).
+
+Claim: full-batch GD on a tanh MLP 16-64-64-4, 500 Gaussian-blob
 points in 4 classes, one-hot targets, loss ((f − y)²).mean() over all entries (lossatlas "mse"),
 float64: the sharpness λ_max first rises (progressive sharpening) and then hovers at the stability
 threshold 2/η, λ_max·η/2 = 1 ± 0.05 for η = 0.8 and 1.6.
@@ -9,9 +12,7 @@ Method: λ_max every ``eig_every`` steps by Lanczos (k = 1, warm-started from th
 eigenvector) on ``HessianOperator``; phases by ``lossatlas.analysis.eos.eos_phases``; the ratio
 statistics over the last half of training. Each run is logged through the Recorder
 (``run_eta<η>.h5``, λ_max in the log as ``lambda_max``). A run that diverges stops at the first
-non-finite loss and is reported as diverged (the earlier draft's η = 1.6 run overflowed to NaN
-silently, and its 2-thread setting made the whole sweep outlast a 10-minute shell limit before the
-summary, written only at the very end, existed).
+non-finite loss and is reported as diverged, rather than overflowing to NaN silently.
 
     .venv/bin/python experiments/eos_gd.py [--quick] [--etas 0.4,0.8,1.6] [--steps 3000]
 """
@@ -33,14 +34,14 @@ from _common import out_dir, pyplot, save_figure, setup_threads, write_summary  
 
 from lossatlas.analysis.eos import eos_phases  # noqa: E402
 from lossatlas.models import build_model  # noqa: E402
-from lossatlas.probes.curvature import HessianOperator  # noqa: E402
-from lossatlas.probes.estimators import lanczos_eigs  # noqa: E402
-from lossatlas.probes.losses import batch_loss  # noqa: E402
+from lossatlas.curvature import HessianOperator  # noqa: E402
+from lossatlas.estimators import lanczos_eigs  # noqa: E402
+from lossatlas.losses import batch_loss  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
 
 NAME = "eos_gd"
 MODEL = {"name": "mlp", "kwargs": {"widths": [16, 64, 64, 4], "activation": "tanh"}}
-CLAIM = ("Cohen et al. 2021 (SCIENCE.md §5, reproduced here): under full-batch GD the sharpness rises "
+CLAIM = ("Cohen et al. 2021 (ICLR): under full-batch GD the sharpness rises "
          "(progressive sharpening) and then hovers at 2/η: λ_max·η/2 = 1 ± 0.05 for η = 0.8 and 1.6")
 TOLERANCE = 0.05
 

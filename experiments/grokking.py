@@ -1,8 +1,10 @@
-"""Grokking on modular addition: delayed test accuracy and the lazy→rich statistics (SCIENCE.md §9).
+"""Grokking on modular addition: delayed test accuracy and the lazy→rich statistics.
 
-Claims: Power et al. 2022 / Nanda et al. 2023 (§9.1): the training set is fitted early and test
+Claims: Power, Burda, Edwards, Babuschkin & Misra 2022 / Nanda, Chan, Lieberum, Smith & Steinhardt
+2023 (ICLR): the training set is fitted early and test
 accuracy jumps much later; Gromov 2023: a two-layer MLP with quadratic activation groks modular
-addition in a few thousand full-batch steps; Kumar et al. 2024 (§9.2): the delay is a transition
+addition in a few thousand full-batch steps; Kumar, Bordelon, Gershman & Pehlevan 2024 (ICLR, arXiv
+2310.06110): the delay is a transition
 from lazy (kernel) to rich (feature-learning) dynamics, seen in the relative weight change
 Δ_t = ‖θ_t − θ₀‖/‖θ₀‖, the weight norm, the empirical-NTK distance
 D(K₀, K_t) = 1 − ⟨K₀, K_t⟩_F/(‖K₀‖_F‖K_t‖_F) (Fort et al. 2020) and the kernel–target alignment
@@ -32,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import out_dir, pyplot, save_figure, setup_threads, write_summary  # noqa: E402
 
 from lossatlas.models import build_data, build_model  # noqa: E402
-from lossatlas.probes.losses import batch_loss  # noqa: E402
+from lossatlas.losses import batch_loss  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
 
 NAME = "grokking"
 LOSS = "half_sse"
-CLAIM = ("Power et al. 2022 / Nanda et al. 2023 (SCIENCE.md §9.1), Gromov 2023: train accuracy reaches 1 early, "
-         "test accuracy jumps much later; Kumar et al. 2024 (§9.2): the jump coincides with a lazy→rich "
+CLAIM = ("Power et al. 2022 / Nanda et al. 2023, Gromov 2023: train accuracy reaches 1 early, "
+         "test accuracy jumps much later; Kumar et al. 2024: the jump coincides with a lazy→rich "
          "transition (the NTK starts to move and aligns with the target)")
 FULL = {"p": 97, "train_fraction": 0.3, "width": 512, "alpha": 1.0, "lr": 1e-3, "weight_decay": 0.5}
 QUICK = {"p": 31, "train_fraction": 0.5, "width": 256, "alpha": 1.0, "lr": 3e-3, "weight_decay": 1.0}
@@ -51,12 +53,12 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
 
 
 def kernel_distance(K0: np.ndarray, K: np.ndarray) -> float:
-    """D(K₀, K) = 1 − ⟨K₀, K⟩_F/(‖K₀‖_F‖K‖_F) (Fort et al. 2020; SCIENCE.md §9.2)."""
+    """D(K₀, K) = 1 − ⟨K₀, K⟩_F/(‖K₀‖_F‖K‖_F) (Fort et al. 2020)."""
     return float(1.0 - np.sum(K0 * K) / (np.linalg.norm(K0) * np.linalg.norm(K)))
 
 
 def cka(K: np.ndarray, T: np.ndarray) -> float:
-    """Centred kernel alignment ⟨HKH, HTH⟩_F/(‖HKH‖_F‖HTH‖_F), H = I − 11ᵀ/n (SCIENCE.md §9.2, T9.1)."""
+    """Centred kernel alignment ⟨HKH, HTH⟩_F/(‖HKH‖_F‖HTH‖_F), H = I − 11ᵀ/n; CKA(yyᵀ, yyᵀ) = 1."""
     n = K.shape[0]
     H = np.eye(n) - 1.0 / n
     a, b = H @ K @ H, H @ T @ H

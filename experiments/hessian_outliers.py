@@ -1,6 +1,7 @@
 """Bulk + outliers of the Hessian spectrum: the number of top outliers ≈ the number of classes C.
 
-Claim (SCIENCE.md §2; Sagun, Bottou & LeCun 2017; Sagun et al. 2018; Papyan 2019/2020): the Hessian
+Claim (Sagun, Bottou & LeCun 2017; Sagun, Evci, Güney, Dauphin & Bottou 2018; Papyan 2019 ICML,
+2020 JMLR): the Hessian
 of a trained classifier is a bulk near zero plus outliers, and the number of top outliers is ≈ C
 (not C − 1); the outliers come from the Gauss–Newton term G (class means of logit gradients).
 
@@ -11,7 +12,7 @@ train loss (first step with cross-entropy ≤ ``target_loss`` = 0.1; training to
 spectrum so that ≈ 2C values leave the bulk). At that point, float64, for the Hessian and the GGN:
 
 - the top 3C eigenvalues by block Lanczos (block size C, so that a cluster of C close outliers is
-  resolved, SCIENCE.md §1.2 pitfall);
+  resolved: a single start vector sees each distinct eigenvalue once);
 - count by the **gap**: the position of the largest ratio λ_i/λ_{i+1} among the top 3C positive
   Ritz values (i ≤ 2C) — our primary count;
 - count by the **SLQ bulk edge**: a log-scale SLQ density (4 probes × 80 steps), its bulk edge, and
@@ -37,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import out_dir, pyplot, save_figure, setup_threads, write_summary  # noqa: E402
 
 from lossatlas.models import build_data, build_model  # noqa: E402
-from lossatlas.probes.curvature import GGNOperator, HessianOperator  # noqa: E402
-from lossatlas.probes.estimators import count_outliers, lanczos_eigs, slq_density  # noqa: E402
-from lossatlas.probes.losses import batch_loss  # noqa: E402
+from lossatlas.curvature import GGNOperator, HessianOperator  # noqa: E402
+from lossatlas.estimators import count_outliers, lanczos_eigs, slq_density  # noqa: E402
+from lossatlas.losses import batch_loss  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
 
 NAME = "hessian_outliers"
-CLAIM = ("number of top Hessian outliers ≈ number of classes C (Sagun et al. 2017/2018; Papyan 2019/2020; "
-         "SCIENCE.md §2), not C − 1")
+CLAIM = ("number of top Hessian outliers ≈ number of classes C (Sagun et al. 2017/2018; Papyan 2019/2020), "
+         "not C − 1")
 
 
 def mixture_spec(C: int) -> dict:

@@ -1,4 +1,4 @@
-"""Neural collapse in the terminal phase of training (Papyan, Han & Donoho 2020, PNAS; SCIENCE.md §6).
+"""Neural collapse in the terminal phase of training (Papyan, Han & Donoho 2020, PNAS).
 
 The reference-style MLP is trained with full-batch SGD + momentum and weight decay on a balanced
 Gaussian mixture and on digits far past zero training error, through the Recorder; the ``collapse``

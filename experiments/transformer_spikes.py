@@ -1,5 +1,5 @@
 """Attention-logit growth and loss spikes in a small GPT at a high learning rate, without and with
-qk-layernorm (Wortsman et al. 2023, arXiv 2309.14322; SCIENCE.md §8.1), diagnosed by
+qk-layernorm (Wortsman et al. 2023, arXiv 2309.14322), diagnosed by
 ``lossatlas.analysis.diagnose``.
 
 Claim: at a high learning rate the max attention logit z = ⟨q, k⟩/√d_h of a Transformer without
@@ -13,7 +13,7 @@ Setup: the reference GPT (2 layers, n_embd 64, 4 heads, block 32, vocab 64) on t
 attention-logit, output-logit, activation and Adam statistics), once plain and once with
 ``qk_layernorm=True``, same seed, at each LR of a sweep (Wortsman et al. plot final loss against LR for
 both). The showcase LR (0.15: the plain run spikes, the qk-layernorm run does not) gets ``diagnose``'s
-report and the figure. LR sensitivity (SCIENCE.md §8.1): LRS = mean over the sweep of
+report and the figure. LR sensitivity (Wortsman et al. 2023): LRS = mean over the sweep of
 min(ℓ(η), ℓ₀) − min_η ℓ(η), ℓ(η) the final loss (mean of the last 20 steps), ℓ₀ the initial loss.
 
     .venv/bin/python experiments/transformer_spikes.py [--quick] [--lr 0.15] [--lrs 0.03,0.1,0.15,0.3]
@@ -39,10 +39,11 @@ from lossatlas.train import TrainConfig, train  # noqa: E402
 NAME = "transformer_spikes"
 GPT = {"vocab_size": 64, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 64}
 DATA = {"name": "token_stream", "kwargs": {"vocab_size": 64, "block_size": 32, "n_sequences": 512}}
-CLAIM = ("Wortsman et al. 2023 (SCIENCE.md §8.1): at high LR, without qk-layernorm the max attention logit grows "
+CLAIM = ("Wortsman et al. 2023: at high LR, without qk-layernorm the max attention logit grows "
          "and the loss spikes or diverges; with qk-layernorm it does not, and the final loss is less sensitive to "
          "the LR. diagnose should name attention-logit growth as the first precursor of the plain run's spike")
-LOGIT_BOUND = 100.0  # "bounded": with qk-layernorm |z| ≤ √d_h·max|gain|² (T8.5); 4 at init, well below 100 here
+# "bounded": with qk-layernorm the normalised q, k have norm √d_h, so |z| ≤ √d_h·max|gain|²: 4 at init, well below 100
+LOGIT_BOUND = 100.0
 
 
 def config(qk: bool, lr: float, args: argparse.Namespace) -> TrainConfig:
@@ -104,7 +105,7 @@ def figure(out: Path, runs: dict[str, Path], spikes: dict[str, list], sweep: dic
 
 
 def lr_sensitivity(final: list[float], initial: float) -> float:
-    """LRS = mean_η [min(ℓ(η), ℓ₀) − ℓ*], ℓ* = min_η ℓ(η) over the sweep (Wortsman et al. 2023; SCIENCE.md §8.1)."""
+    """LRS = mean_η [min(ℓ(η), ℓ₀) − ℓ*], ℓ* = min_η ℓ(η) over the sweep (Wortsman et al. 2023)."""
     capped = np.minimum(np.asarray(final, dtype=np.float64), initial)
     capped[~np.isfinite(capped)] = initial  # a diverged run counts as the initial loss
     return float(np.mean(capped - capped.min()))

@@ -17,18 +17,20 @@ from lossatlas.errors import UserError
 def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool = False) -> dict[str, Path]:
     """Write the demo's run, results, figures and report into ``out``; returns their paths."""
     from lossatlas.analysis.diagnose import diagnose_command
+    from lossatlas.analysis.kinds import plot_kinds
     from lossatlas.analysis.reporting import plot_command, report_command
     from lossatlas.analysis.runner import RunOptions, run_probe
     from lossatlas.analysis.tracking import track_eigenspaces
     from lossatlas.probes.collapse import NeuralCollapse
     from lossatlas.probes.connectivity import Interpolate
-    from lossatlas.probes.evaluate import LossAccuracy
+    from lossatlas.probes.loss import Loss
     from lossatlas.probes.hessian import HessianProbe
     from lossatlas.probes.sharpness import Sharpness
     from lossatlas.probes.surface import Surface
     from lossatlas.probes.trajectory import Trajectory
     from lossatlas.probes.uniformity import Uniformity
     from lossatlas.progress import status
+    from lossatlas.store import ResultsStore
     from lossatlas.train import TrainConfig, train
 
     out = Path(out)
@@ -53,7 +55,7 @@ def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool 
         status(f"[demo] {p.name} at steps {steps_sel}")
         run_probe(run_path, p, RunOptions(steps=steps_sel, progress=status, **kw))
 
-    probe(LossAccuracy(), "all")
+    probe(Loss(), "all")
     probe(HessianProbe(top_k=5, tol=1e-4), "all", max_examples=1024)
     probe(HessianProbe(top_k=5, bottom_k=3, tol=1e-4, trace=True, density=True, num_steps=60, blocks="layers"),
           last, max_examples=1024)
@@ -77,8 +79,12 @@ def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool 
     for ext in ("png", "pdf"):
         paths[f"spikes.{ext}"] = save_figure(spikes_figure(diagnosis), figures / f"spikes.{ext}")
 
-    for kind in ("training", "loss", "hessian", "sharpness", "surface", "interpolate", "trajectory",
-                 "collapse", "uniformity"):
+    with ResultsStore(results_path, mode="r") as stored:
+        probes_run = {e["probe"] for e in stored.entries()}
+    for kind in plot_kinds():
+        if kind != "training" and kind not in probes_run:
+            status(f"[demo] no {kind} result: the demo does not run that probe, so it draws no {kind} figure")
+            continue
         for ext in ("png", "pdf"):
             paths[f"{kind}.{ext}"] = plot_command(run_path, kind, output=figures / f"{kind}.{ext}", overwrite=True)
     paths["surface.html"] = plot_command(run_path, "surface", output=figures / "surface.html", overwrite=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -19,6 +20,8 @@ import torch
 
 from lossatlas import models, store
 from lossatlas.errors import UserError
+from lossatlas.finite import NonFiniteWarning, describe_nonfinite, nonfinite_counts
+from lossatlas.losses import LOSSES
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 PREFIXES = ("_orig_mod.", "module.")
@@ -29,25 +32,34 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file; check the path")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty (0 bytes); copy or save the checkpoint again")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             raw: object = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types, which differ across versions
-            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise UserError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     else:
         try:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0][:160]
+            first = _first_line(exc)
             raise UserError(
                 f"{path}: refused — the file needs arbitrary Python objects unpickled, which could run code "
                 f"({first}); re-save only the tensors (torch.save(model.state_dict(), ...)) or convert it to .safetensors"
             ) from None
         except Exception as exc:  # torch raises many types on a corrupt or foreign file
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); check that the file is "
+                            "complete (an empty or cut-off copy fails like this)") from None
     return strip_prefixes(unwrap(raw, path))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty), at most 160 characters."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:
@@ -101,6 +113,19 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
     paths = [Path(p) for p in paths]
     if not paths:
         raise UserError("no checkpoint files given; pass one or more .pt/.pth/.safetensors files")
+    if loss is not None and loss not in LOSSES:
+        raise UserError(f"unknown loss {loss!r} (--loss); choose one of {', '.join(LOSSES)}")
+    output = Path(output)
+    for p in paths:  # --force or not: the output must never replace a checkpoint it is made from
+        if store.same_file(p, output):
+            raise UserError(f"{output}: the output is also an input checkpoint ({p}); writing it would destroy the "
+                            "checkpoint before it is read; choose another output path (e.g. -o run.h5)")
+    if output.is_dir():
+        raise UserError(f"{output}: is a directory; pass a file path for the run")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output}: already exists; pass --force (overwrite=True) to replace it")
+    if store.writer_attached(output):
+        raise UserError(f"{output}: another process is writing this run; stop it or write to another file")
     spec = models.normalize_spec(model_spec)
     dspec = models.normalize_spec(data_spec) if data_spec is not None else None
     model = models.build_model(spec)
@@ -114,19 +139,20 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
         by_step[step] = p
     from lossatlas.analysis.runner import load_state  # the key/shape check with a clear message
 
-    output = Path(output)
-    existed = output.exists()
-    try:
-        with store.RunWriter(output, model_spec=spec, data_spec=dspec, loss=loss, overwrite=overwrite,
+    # built under a temporary name and renamed when complete: a failed import leaves no half-written run,
+    # and --force replaces an existing output only with the finished new one
+    with store.written_aside(output, overwrite=overwrite) as staging:
+        with store.RunWriter(staging, model_spec=spec, data_spec=dspec, loss=loss,
                              attrs={"imported_from": json.dumps([str(p) for p in paths][:50])}) as writer:
             for step in sorted(by_step):
                 state = load_state_dict(by_step[step])
                 load_state(model, state, source=str(by_step[step]))  # validates keys and shapes
+                bad = nonfinite_counts(state)
+                if bad:  # imported all the same: a diverged checkpoint is worth keeping; probes refuse it
+                    warnings.warn(f"{by_step[step]}: checkpoint at step {step} holds {describe_nonfinite(bad)}; "
+                                  "imported; probes refuse it unless given --allow-nonfinite",
+                                  NonFiniteWarning, stacklevel=2)
                 params = {k: v for k, v in state.items() if k in param_names}
                 buffers = {k: v for k, v in state.items() if k in buffer_names and k not in param_names}
                 writer.write_checkpoint(step, params, buffers)
-    except BaseException:
-        if not existed and output.exists():
-            output.unlink()  # our own half-written file, never a user's
-        raise
     return sorted(by_step)

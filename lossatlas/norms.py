@@ -8,7 +8,7 @@ one pass in C per step reads each gradient and weight once, while they are still
 accumulates the three squared norms (float32 weights: float32 partial sums over blocks of 256
 elements, float64 across blocks; float64 weights: float64) and keeps the previous weights for the update.
 A step costs one C call and no PyTorch kernel launch — on a small CPU model each launch costs
-microseconds, which is what made the telemetry expensive (benchmarks/bench_recorder.py).
+microseconds, which makes a per-tensor loop of telemetry expensive (benchmarks/bench_recorder.py).
 
 ``NormRing`` (accelerators, other dtypes, or no C helper): a step only copies the gradients and the
 weights into a ring buffer (one fused ``_foreach_copy_``, no allocation, no host sync). Every

@@ -1,4 +1,4 @@
-"""Instability telemetry: cheap per-step scalars that precede loss spikes (SCIENCE.md §8).
+"""Instability telemetry: cheap per-step scalars that precede loss spikes.
 
 ``InstabilityMonitor`` puts forward hooks on a model and reduces what they see to scalar
 tensors inside the hook (one ``amax`` or ``logsumexp`` each, no host sync); ``collect()`` stacks
@@ -7,17 +7,19 @@ them with Adam's second-moment statistics and fetches everything with one device
 - ``attn_logit_max/<layer>``: max |z_ij| over the causal lower triangle of the pre-softmax
   attention logits z = q kᵀ/√d_h, for every module named ``*.logits_hook`` (the reference GPT's
   ``blocks.<i>.attn.logits_hook``; the layer is ``blocks.<i>``). Attention-logit growth
-  (Wortsman et al. 2023, SCIENCE.md §8.1; T8.5).
+  (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities",
+  arXiv 2309.14322): q_i = k_j = s·u (unit u) gives s²/√d_h.
 - ``output_logz_mean``, ``output_logit_max``: mean over tokens of log Z = logsumexp of the model's
-  output logits, and their largest entry. Output-logit divergence (§8.1, PaLM z-loss §8.4).
+  output logits, and their largest entry. Output-logit divergence (Wortsman et al. 2023;
+  PaLM's z-loss 1e-4·log²Z, Chowdhery et al. 2022).
 - ``act_max/<block>``: max |activation| at the output of each block (the children of the model's
-  ``nn.ModuleList``s by default). Residual-stream growth (Takase et al., "Spike No More", §8.2).
+  ``nn.ModuleList``s by default). Residual-stream growth (Takase et al., "Spike No More", arXiv 2312.16903).
 - ``adam_v_max``, ``adam_v_mean``: max and mean of Adam's second moment v over all parameters;
   ``adam_update_rms``, ``adam_update_max``: RMS and max |u| of the preconditioned update
   u = m̂/(√v̂ + ε) (bias-corrected, before the learning rate); ``adam_eps_frac``: fraction of
   entries with √v̂ < ε (ε comparable to the gradient RMS shrinks updates, Wortsman et al. 2023).
 - ``group_loss/<name>``: losses per data group passed to ``collect`` (opposing signals,
-  Rosenfeld & Risteski 2023, §8.3).
+  Rosenfeld & Risteski 2023, arXiv 2311.04163).
 
 Hook values are the extremes (and the mean) over every forward since the last ``collect()``.
 The monitor never changes the model's outputs, parameters or train/eval flag.
@@ -55,7 +57,7 @@ def default_blocks(model: nn.Module) -> list[str]:
 
 
 class InstabilityMonitor:
-    """Per-step instability telemetry from forward hooks and the optimizer state (SCIENCE.md §8).
+    """Per-step instability telemetry from forward hooks and the optimizer state.
 
     Args:
         model: the network (hooks are added now and removed by ``close()``).
@@ -215,7 +217,7 @@ class InstabilityMonitor:
 
 
 def z_loss(logits: Tensor, coefficient: float = 1e-4) -> Tensor:
-    """z-loss = coefficient · mean over tokens of (log Z)², Z = Σ_v exp(logit_v) (PaLM; SCIENCE.md §8.1, T8.4)."""
+    """z-loss = coefficient · mean over tokens of (log Z)², Z = Σ_v exp(logit_v) (PaLM, Chowdhery et al. 2022)."""
     if coefficient < 0 or not math.isfinite(coefficient):
         raise ValueError(f"z-loss coefficient must be a non-negative number (PaLM uses 1e-4), got {coefficient}")
     return coefficient * torch.logsumexp(logits, dim=-1).pow(2).mean()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from lossatlas import models
+from lossatlas.batches import as_batches
 from lossatlas.errors import UserError
-from lossatlas.probes.batches import as_batches
-from lossatlas.probes.losses import LOSSES, batch_loss
+from lossatlas.finite import NonFiniteWarning
+from lossatlas.losses import LOSSES, batch_loss
 from lossatlas.progress import progress
 from lossatlas.recorder import Recorder
 
@@ -41,16 +44,65 @@ class TrainConfig:
     instability: bool = False  # log attention/output-logit, activation and Adam statistics
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise UserError naming the first bad setting."""
-        if self.loss not in LOSSES:
-            raise UserError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.steps < 1 or self.lr <= 0 or self.batch_size < 0:
-            raise UserError("steps and lr must be positive and batch_size ≥ 0 (0 means full batch)")
+        """Raise UserError naming the first bad setting (and its ``lossatlas train`` flag)."""
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), (dict, str)):
+                raise UserError(f"{name} (--{name}) must be a spec like {{\"name\": ..., \"kwargs\": {{...}}}} or a "
+                                f"registered name, got {getattr(self, name)!r}")
+        for name, known in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in known:
+                raise UserError(f"unknown {name} {value!r} (--{name}); choose one of {', '.join(known)}")
+        _number(self, "lr", minimum=0.0, strict=True)
+        _number(self, "momentum", minimum=0.0)
+        _number(self, "weight_decay", minimum=0.0)
+        betas = self.betas
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            raise UserError(f"betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
+        _integer(self, "steps", minimum=1)
+        _integer(self, "warmup", minimum=0)
+        _integer(self, "batch_size", minimum=0, hint="0 means full-batch gradient descent")
+        _integer(self, "checkpoint_every", minimum=1, optional=True, hint="leave it out for no periodic checkpoints")
+        _integer(self, "log_spaced", minimum=1, optional=True)
+        _number(self, "grad_clip", minimum=0.0, strict=True, optional=True, hint="leave it out for no clipping")
+        _integer(self, "seed", minimum=0)
+        if not isinstance(self.instability, bool):
+            raise UserError(f"instability must be true or false, got {self.instability!r}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _number(cfg: TrainConfig, name: str, *, minimum: float, strict: bool = False, optional: bool = False,
+            hint: str = "") -> None:
+    """A finite number above (``strict``) or at least ``minimum``; None too when ``optional``."""
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    if not _is_number(value) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f"≥ {minimum:g}"
+        raise UserError(f"{name} ({_flag(name)}) must be a finite number {bound}, got {value!r}"
+                        + (f"; {hint}" if hint else ""))
+
+
+def _integer(cfg: TrainConfig, name: str, *, minimum: int, optional: bool = False, hint: str = "") -> None:
+    """An integer ≥ ``minimum``; None too when ``optional``."""
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} ({_flag(name)}) must be an integer ≥ {minimum}, got {value!r}"
+                        + (f"; {hint}" if hint else ""))
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -73,7 +125,10 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def train(cfg: TrainConfig, output: str, *, overwrite: bool = False, recorder_kwargs: dict | None = None) -> str:
-    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.steps`` steps, writing ``output`` through the Recorder."""
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.steps`` steps, writing ``output`` through the Recorder.
+
+    The first non-finite training loss gives one ``NonFiniteWarning``; training goes on and records it.
+    """
     cfg.validate()
     model_spec = models.normalize_spec(cfg.model)
     data_spec = models.normalize_spec(cfg.data)
@@ -90,7 +145,10 @@ def train(cfg: TrainConfig, output: str, *, overwrite: bool = False, recorder_kw
               log_spaced=cfg.log_spaced, max_steps=cfg.steps, overwrite=overwrite, attrs=attrs,
               instability=cfg.instability)
     kw.update(recorder_kwargs or {})
-    with Recorder(output, model, opt, model_spec=model_spec, data_spec=data_spec, loss=cfg.loss, **kw) as rec:
+    diverged = False
+    # after a divergence the telemetry divides NaN by NaN: the one warning below says it plainly instead
+    with np.errstate(invalid="ignore", divide="ignore"), \
+            Recorder(output, model, opt, model_spec=model_spec, data_spec=data_spec, loss=cfg.loss, **kw) as rec:
         rec.checkpoint(0)
         order = torch.randperm(n, generator=gen)
         cursor = 0
@@ -117,6 +175,11 @@ def train(cfg: TrainConfig, output: str, *, overwrite: bool = False, recorder_kw
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             rec.step(step, loss=loss.item())
+            if not diverged and not math.isfinite(loss.item()):
+                diverged = True  # training goes on and records the divergence; say it once
+                warnings.warn(f"{output}: the training loss became {loss.item()} at step {step}: the run diverged; "
+                              "lower --lr, or add --grad-clip or --warmup; `lossatlas diagnose` shows what moved "
+                              "first", NonFiniteWarning, stacklevel=2)
     return output
 
 

@@ -1,5 +1,6 @@
-"""One conformance suite over every registered probe (STYLE.md "Tests"): constructible with defaults, rejects
-a bad value, deterministic under a seed, survives a store round-trip, leaves the user's model untouched."""
+"""One conformance suite over every registered probe: constructible with defaults, rejects a bad value,
+deterministic under a seed, survives a store round-trip, leaves the user's model untouched, and declares a
+report section and a figure that exist."""
 
 import dataclasses
 
@@ -10,7 +11,7 @@ import torch
 import lossatlas.probes.registry  # noqa: F401  (registers every probe)
 from lossatlas import models
 from lossatlas.probes import PROBES, ProbeContext
-from lossatlas.probes.batches import as_batches
+from lossatlas.batches import as_batches
 from lossatlas.store import ResultsStore
 
 # Fast settings per probe, and one bad setting each; a new probe must add itself here.
@@ -101,3 +102,51 @@ def test_probe_conformance(name, context_parts, tmp_path):
     # the config hash is stable and sensitive
     assert probe.config_hash() == cls(**FAST[name]).config_hash()
     assert dataclasses.is_dataclass(probe) and probe.__dataclass_params__.frozen
+
+
+# -- declarations: report section, figure, plot kinds ------------------------------------------------------------
+def _lossatlas_probes() -> dict:
+    return {name: cls for name, cls in PROBES.items() if cls.__module__.startswith("lossatlas.")}
+
+
+def test_every_probe_declares_a_known_section_and_figure():
+    from lossatlas.viz.registry import PAPER, PLOTLY, TRAINING
+    from lossatlas.viz.report import SECTIONS
+
+    probes = _lossatlas_probes()
+    assert set(probes) >= set(FAST)
+    for name, cls in probes.items():
+        assert "section" in vars(cls) and cls.section in SECTIONS, f"{name}: section {cls.section!r}"
+        assert "figure" in vars(cls), f"{name} declares no figure (None if it has none)"
+        assert cls.figure is None or (cls.figure in PAPER and cls.figure in PLOTLY), f"{name}: figure {cls.figure!r}"
+    # every figure viz draws belongs to a probe (or to the run's log), as matplotlib and as plotly figures
+    assert set(PAPER) == set(PLOTLY) == {cls.figure for cls in probes.values() if cls.figure} | {TRAINING}
+
+
+def test_plot_kinds_and_report_places_come_from_the_declarations(monkeypatch):
+    from lossatlas.analysis import kinds
+    from lossatlas.probes.base import Probe
+
+    drawn = [n for n, c in _lossatlas_probes().items() if c.figure is not None]
+    got = kinds.plot_kinds()
+    assert got[0] == "training" and sorted(got[1:]) == sorted(drawn)
+    with pytest.raises(ValueError, match="known kinds: training, "):
+        kinds.check_kind("no-such-kind")
+
+    class Curvy(Probe):
+        name = "test.curvy"
+        section = "curvature"
+        title = "A curvy test probe"
+        figure = "hessian"
+        usage = "--step 3"
+
+    monkeypatch.setitem(PROBES, Curvy.name, Curvy)
+    got = kinds.plot_kinds()
+    assert got.index("test.curvy") == got.index("hessian") + 1  # section order, then registration order
+    assert kinds.check_kind("test.curvy") == "test.curvy"
+    assert kinds.figure_of("test.curvy") == "hessian" and kinds.section_of("test.curvy") == "curvature"
+    assert kinds.title_of("test.curvy") == "A curvy test probe" and kinds.title_of("hessian") == "hessian"
+    assert kinds.command_of("test.curvy") == "lossatlas test.curvy RUN --step 3"
+    assert kinds.command_of("trajectory") == "lossatlas trajectory RUN"
+    # a probe nobody registered: the "other" section, drawn as its stored scalars
+    assert kinds.section_of("unregistered") == "other" and kinds.figure_of("unregistered") == "unregistered"

@@ -1,10 +1,14 @@
-"""Curvature operators against dense float64 brute force (SCIENCE.md §1.1, tests T1.1–T1.4).
+"""Curvature operators against dense float64 brute force.
 
-References are computed independently of the operators: the Hessian by ``torch.func.hessian`` of
-a flat-parameter loss, the GGN from output Jacobians and ``torch.func.hessian`` of the loss in the
-outputs, the true Fisher as the explicit expectation over labels, the empirical Fisher from the
-Jacobian of the per-example losses. BatchNorm in train mode is referenced on a copy whose layers
-use batch statistics without running stats.
+Ground truths: a quadratic (Hv = Av), linear softmax regression (H = GGN = Fisher ≠ empirical
+Fisher), zero-residual MSE (H = GGN), and aggregation over unequal batches (7, 13, 5) equal to the
+HVP on the 25 examples concatenated.
+
+References come from reference.py, independent of the operators: the Hessian row by row of a
+flat-parameter loss, the GGN from output Jacobians and the loss's Hessian in the outputs, the true
+Fisher as the explicit expectation over labels, the empirical Fisher from the Jacobian of the
+per-example losses. BatchNorm in train mode is referenced on a copy whose layers use batch
+statistics without running stats.
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
 
 from lossatlas.errors import UserError
-from lossatlas.probes.curvature import (
+from lossatlas.curvature import (
     AUTO_BATCHED_MIN_K,
     CURVATURES,
     EmpiricalFisherOperator,
@@ -30,7 +33,8 @@ from lossatlas.probes.curvature import (
     make_operator,
     parameter_blocks,
 )
-from lossatlas.probes.losses import per_example_loss
+
+import reference
 
 DT = torch.float64
 PATHS = ("double_backward", "forward_over_reverse")
@@ -87,7 +91,7 @@ def _labels(n, c, g):
 
 
 def make_case(name):
-    """(model, batches, loss, mode) for a named case; batch sizes 7, 13, 5 (T1.4's loader)."""
+    """(model, batches, loss, mode) for a named case; batch sizes 7, 13, 5 (unequal on purpose)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     sizes = (7, 13, 5)
@@ -118,97 +122,30 @@ CASES = ("mlp-ce", "mlp-mse", "mlp-half_sse", "bn-eval", "bn-train", "transforme
 
 
 # ---------------------------------------------------------------------------- dense references
-class Flat:
-    """A flat-parameter view of a reference copy of the model (selected names, the rest fixed)."""
-
-    def __init__(self, model, mode, names=None, point=None):
-        self.ref = copy.deepcopy(model)
-        self.ref.train(mode == "train")
-        if mode == "train":  # batch statistics only: a BN that keeps no running stats
-            for m in self.ref.modules():
-                if isinstance(m, nn.BatchNorm1d):
-                    m.track_running_stats = False
-                    m.running_mean = None
-                    m.running_var = None
-                    m.num_batches_tracked = None
-        named = {n: p.detach().clone() for n, p in self.ref.named_parameters()}
-        if point:
-            named.update({n: t.detach().clone() for n, t in point.items()})
-        self.names = names or list(named)
-        self.fixed = {n: t for n, t in named.items() if n not in self.names}
-        self.shapes = [named[n].shape for n in self.names]
-        self.theta = torch.cat([named[n].reshape(-1) for n in self.names])
-
-    def params(self, flat):
-        out, i = {}, 0
-        for n, s in zip(self.names, self.shapes):
-            k = math.prod(s)
-            out[n] = flat[i : i + k].reshape(s).clone()
-            i += k
-        return out
-
-    def out(self, flat, x):
-        return functional_call(self.ref, {**self.fixed, **self.params(flat)}, (x,))
-
-
-def n_terms(loss, y):
-    return y.numel() if (loss == "cross_entropy" and y.ndim == 2) else y.shape[0]
+DENSE = {"hessian": reference.hessian, "ggn": reference.ggn, "fisher": reference.fisher,
+         "empirical_fisher": reference.empirical_fisher}
 
 
 def dense(kind, model, batches, loss, mode, names=None, point=None):
-    """The dense P×P matrix of ``kind`` by brute force."""
-    F = Flat(model, mode, names, point)
-    N = sum(n_terms(loss, y) for _, y in batches)
-    P = F.theta.numel()
-    M = torch.zeros(P, P, dtype=DT)
-    if kind == "hessian":
-        # row by row, ∂g_i/∂θ of a flat-θ gradient built with create_graph: in torch 2.13 the vmapped
-        # torch.func.hessian (and jacrev(jacrev), jacfwd(jacfwd)) return wrong rows for BatchNorm
-        # (train) and LayerNorm weights; test_hessian_reference_matches_finite_differences guards this.
-        theta = F.theta.clone().requires_grad_(True)
-        total = sum(per_example_loss(loss, F.out(theta, x), y).sum() for x, y in batches) / N
-        (g,) = torch.autograd.grad(total, theta, create_graph=True)
-        return torch.stack([torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(P)]).detach()
-    for x, y in batches:
-        if kind in ("ggn", "fisher_ggn"):
-            out = F.out(F.theta, x)
-            C = out.shape[-1]
-            J = jacrev(lambda flat, x=x: F.out(flat, x))(F.theta).reshape(-1, C, P)  # (n, C, P)
-            o, t = out.detach().reshape(-1, C), y.reshape(o_shape(y, loss))
-            for i in range(o.shape[0]):
-                Hi = hessian(lambda oi, i=i: per_example_loss(loss, oi[None], t[i : i + 1]).sum())(o[i])
-                M += J[i].T @ Hi @ J[i] / N
-        elif kind == "fisher":  # E_{y~p}[∇ℓ ∇ℓᵀ] for softmax cross-entropy, summed explicitly over labels
-            logp = F.out(F.theta, x).detach().reshape(-1, F.out(F.theta, x).shape[-1]).log_softmax(-1)
-            Jc = jacrev(lambda flat, x=x: -F.out(flat, x).reshape(logp.shape).log_softmax(-1))(F.theta)  # (n, C, P)
-            for i in range(logp.shape[0]):
-                M += (Jc[i].T * logp[i].exp()) @ Jc[i] / N
-        elif kind == "empirical_fisher":
-            G = jacrev(lambda flat, x=x, y=y: per_example_loss(loss, F.out(flat, x), y))(F.theta)  # (n, P)
-            M += G.T @ G / N
-    return M
-
-
-def o_shape(y, loss):
-    return (-1,) if (y.ndim == 2 and loss == "cross_entropy") or y.ndim == 1 else (-1, y.shape[-1])
+    """The dense P×P matrix of ``kind`` by brute force (reference.py)."""
+    return DENSE[kind](model, batches, loss, mode, names=names, point=point)
 
 
 @functools.lru_cache(maxsize=None)
 def dense_case(case, kind):
     model, batches, loss, mode = make_case(case)
-    ref_kind = "ggn" if kind == "fisher" else kind  # Fisher = GGN (SCIENCE §1.1); checked separately below
+    ref_kind = "ggn" if kind == "fisher" else kind  # Fisher = GGN (canonical link); checked below
     return dense(ref_kind, model, batches, loss, mode)
 
 
 @pytest.mark.parametrize("case", ["bn-train", "transformer-ce"])
 def test_hessian_reference_matches_finite_differences(case):
-    """The dense reference itself against central differences of the gradient (§1.1 method 3)."""
+    """The dense reference itself against central differences of the gradient."""
     model, batches, loss, mode = make_case(case)
-    F = Flat(model, mode)
-    N = sum(n_terms(loss, y) for _, y in batches)
-    grad_total = torch.func.grad(lambda flat: sum(per_example_loss(loss, F.out(flat, x), y).sum() for x, y in batches) / N)
-    V, eps = vectors(F.theta.numel(), K=3), 1e-5
-    Hv_fd = torch.stack([(grad_total(F.theta + eps * v) - grad_total(F.theta - eps * v)) / (2 * eps) for v in V.T], dim=1)
+    total, theta = reference.loss_function(model, batches, loss, mode)
+    grad_total = torch.func.grad(total)
+    V, eps = vectors(theta.numel(), K=3), 1e-5
+    Hv_fd = torch.stack([(grad_total(theta + eps * v) - grad_total(theta - eps * v)) / (2 * eps) for v in V.T], dim=1)
     close(dense_case(case, "hessian") @ V, Hv_fd, rtol=1e-6)
 
 
@@ -236,7 +173,7 @@ def test_matvec_and_matmat_equal_dense(case, kind, path):
 
 @pytest.mark.parametrize("case", ["mlp-ce", "bn-eval", "transformer-ce"])
 def test_fisher_is_the_expectation_over_model_labels(case):
-    """Softmax CE: the explicit E_{y~p}[∇ℓ∇ℓᵀ] equals the Fisher operator (canonical link, §1.1)."""
+    """Softmax CE: the explicit E_{y~p}[∇ℓ∇ℓᵀ] equals the Fisher operator (canonical link)."""
     model, batches, loss, mode = make_case(case)
     F_dense = dense("fisher", model, batches, loss, mode)
     op = FisherOperator(model, batches, loss, mode=mode)
@@ -247,7 +184,7 @@ def test_fisher_is_the_expectation_over_model_labels(case):
 
 
 def test_paths_agree_and_auto_runs():
-    model, batches, loss, mode = make_case("mlp-mse")  # MSE through forward-over-reverse (§1 pitfall)
+    model, batches, loss, mode = make_case("mlp-mse")  # MSE through forward-over-reverse
     V = vectors(51, K=3)
     outs = {}
     for path in ("double_backward", "forward_over_reverse", "auto"):
@@ -277,8 +214,8 @@ def test_graph_cache_off_gives_the_same_products():
 
 
 # ------------------------------------------------------------------------------ ground truths
-def test_T1_1_quadratic_hvp_is_Av_and_matches_finite_differences():
-    """L = (1/2N)||Xθ − y||² = ½θᵀAθ + bᵀθ + c with A = XᵀX/N of a chosen spectrum (T1.1)."""
+def test_quadratic_hvp_is_Av_and_matches_finite_differences():
+    """L = (1/2N)||Xθ − y||² = ½θᵀAθ + bᵀθ + c with A = XᵀX/N of a chosen spectrum."""
     P = 20
     g = torch.Generator().manual_seed(3)
     Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=DT))
@@ -290,7 +227,7 @@ def test_T1_1_quadratic_hvp_is_Av_and_matches_finite_differences():
     for path in PATHS:
         op = HessianOperator(model, [(X[:8], y[:8]), (X[8:], y[8:])], "half_sse", path=path)
         close(op @ V, A @ V)
-    # central finite difference of the gradient (cross-check, SCIENCE §1.1 method 3)
+    # central finite difference of the gradient (cross-check)
     v = V[:, 0]
     theta = model.weight.detach()
     eps = 1e-5
@@ -301,8 +238,8 @@ def test_T1_1_quadratic_hvp_is_Av_and_matches_finite_differences():
     close((grads[0] - grads[1]) / (2 * eps), A @ v, rtol=1e-6)
 
 
-def test_T1_2_linear_softmax_regression_closed_form():
-    """f = Wx: H = (1/N) Σ (diag p − p pᵀ) ⊗ x xᵀ = GGN = Fisher ≠ empirical Fisher (T1.2)."""
+def test_linear_softmax_regression_closed_form():
+    """f = Wx: H = (1/N) Σ (diag p − p pᵀ) ⊗ x xᵀ = GGN = Fisher ≠ empirical Fisher."""
     g = torch.Generator().manual_seed(4)
     C, d, N = 3, 5, 12
     model = nn.Linear(d, C, bias=False).to(DT)
@@ -319,7 +256,7 @@ def test_T1_2_linear_softmax_regression_closed_form():
     assert float((EF - H @ V).abs().max()) > 1e-2 * float((H @ V).abs().max())
 
 
-def test_T1_3_zero_residual_mse_hessian_equals_ggn():
+def test_zero_residual_mse_hessian_equals_ggn():
     model, batches, _, _ = make_case("mlp-ce")
     with torch.no_grad():
         fit = [(x, model(x)) for x, _ in batches]  # targets := f(x; θ)
@@ -336,7 +273,7 @@ def test_T1_3_zero_residual_mse_hessian_equals_ggn():
 
 
 @pytest.mark.parametrize("kind", CURVATURES)
-def test_T1_4_aggregation_over_unequal_batches(kind):
+def test_aggregation_over_unequal_batches_equals_concatenated_data(kind):
     model, batches, loss, mode = make_case("mlp-ce")
     whole = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
     assert whole[0][0].shape[0] == 25
@@ -368,11 +305,9 @@ def test_flatten_unflatten_point_and_loss_and_gradient():
     assert torch.equal(op.flatten(parts), v) and torch.equal(op.flatten(list(parts.values())), v)
     pt = op.point()
     assert all(torch.equal(pt[n], p.detach()) for n, p in model.named_parameters())
-    F = Flat(model, "eval")
-    total = lambda flat: sum(per_example_loss(loss, F.out(flat, x), y).sum() for x, y in batches) / 25  # noqa: E731
     L, gvec = op.loss_and_gradient()
-    assert abs(L - float(total(F.theta))) <= 1e-12 * abs(L)
-    close(gvec, torch.func.grad(total)(F.theta), rtol=1e-12)
+    assert abs(L - reference.loss_value(model, batches, loss)) <= 1e-12 * abs(L)
+    close(gvec, reference.gradient(model, batches, loss), rtol=1e-12)
 
 
 @pytest.mark.parametrize("how", ["list", "regex", "block"])

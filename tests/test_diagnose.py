@@ -1,5 +1,5 @@
-"""``diagnose`` on synthetic run files with a planted cause (SCIENCE.md §8), and the edge-of-stability
-phase finder on synthetic sharpness curves (SCIENCE.md §5, T5.1-T5.2)."""
+"""``diagnose`` on synthetic run files with a planted cause, and the edge-of-stability
+phase finder on synthetic sharpness curves (thresholds 2/η for GD, 38/η for Adam at β₁ = 0.9)."""
 
 import json
 
@@ -153,18 +153,18 @@ def test_diagnose_rejects_a_log_without_loss():
     assert signal_layer("attn_logit_max/blocks.3") == "blocks.3" and signal_layer("grad_norm") is None
 
 
-# -- edge of stability (SCIENCE.md §5) -----------------------------------------------------------------
+# -- edge of stability (Cohen et al. 2021) -----------------------------------------------------------------
 def test_thresholds_match_closed_forms_and_simulation():
     assert eos.stability_threshold(0.01) == pytest.approx(200.0)
     assert eos.stability_threshold(1.0, optimizer="adam", beta=0.9) == pytest.approx(38.0)  # Cohen et al. 2022
     assert eos.stability_threshold(1.0, optimizer="heavy_ball", beta=0.9) == pytest.approx(3.8)
     assert eos.stability_threshold(1.0, optimizer="nesterov", beta=0.9) == pytest.approx(3.8 / 2.8)
-    # T5.1: GD on ½λx² diverges iff ηλ > 2
+    # GD on ½λx² diverges iff ηλ > 2
     lam = 7.0
     assert not eos.gd_diverges_on_quadratic(lam, 1.9 / lam)
     assert eos.gd_diverges_on_quadratic(lam, 2.1 / lam)
 
-    # T5.2: EMA momentum with frozen P = I diverges iff λ > (2+2β₁)/((1−β₁)η) = 38/η
+    # EMA momentum with frozen P = I diverges iff λ > (2+2β₁)/((1−β₁)η) = 38/η
     def ema_diverges(lam, eta=1.0, b=0.9, steps=3000):
         x, m = 1.0, 0.0
         for _ in range(steps):
@@ -223,3 +223,51 @@ def test_slow_sustained_attention_logit_growth_is_named_first():
     assert first["cause"] == "attention_logit_growth"
     assert first["precursors"][0]["signal"] == "attn_logit_max/blocks.1"
     assert all(p["signal"] != "attn_logit_max/blocks.0" for p in first["precursors"])
+
+
+def test_checkpoint_sharpness_is_the_cached_hessian_probe(tmp_path):
+    """λ_max around a spike is the ``hessian`` probe at top_k=1 through the runner: the dense float64 Hessian's
+    largest eigenvalue (to the Lanczos tolerance 1e-4), stored in the results file and found there by a later
+    ``hessian`` run with the same data settings; a checkpoint holding NaN, or a run without data, gives None."""
+    from torch.func import functional_call
+
+    from lossatlas import models
+    from lossatlas.analysis.diagnose import checkpoint_sharpness
+    from lossatlas.analysis.runner import RunOptions, load_batches, run_probe
+    from lossatlas.batches import to_device
+    from lossatlas.probes.hessian import HessianProbe
+    from lossatlas.losses import data_loss
+    from lossatlas.probes.paramdicts import flatten, unflatten
+
+    spec, digits = {"name": "mlp", "kwargs": {"widths": [64, 4, 10]}}, {"name": "digits"}
+    state = models.build_model(spec).state_dict()
+    broken = {k: v.clone() for k, v in state.items()}
+    broken["layers.0.weight"].view(-1)[3] = float("nan")
+    path = tmp_path / "run.h5"
+    w = RunWriter(path, model_spec=spec, data_spec=digits, loss="cross_entropy")
+    w.write_checkpoint(0, state)
+    w.write_checkpoint(1, broken)
+    w.close()
+
+    lam = checkpoint_sharpness(path, max_examples=300, batch_size=128)
+    got = lam(0)
+    ref = models.build_model(spec).double().eval()
+    ref.load_state_dict(state)
+    like = {n: p.detach() for n, p in ref.named_parameters()}
+    batches = to_device(load_batches(digits, batch_size=128, max_examples=300), "cpu", torch.float64)
+    H = torch.autograd.functional.hessian(
+        lambda flat: data_loss("cross_entropy", lambda x: functional_call(ref, unflatten(flat, like), (x,)), batches),
+        flatten(like, list(like)))
+    assert got == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=2e-4)
+
+    again = run_probe(path, HessianProbe(top_k=1), RunOptions(steps=[0], batch_size=128, max_examples=300))
+    assert [o.status for o in again.outcomes] == ["cached"]
+    assert float(again.results[0].values["top_eigenvalues"][0]) == got
+    assert checkpoint_sharpness(path, max_examples=300, batch_size=128)(0) == got  # read back, not recomputed
+    assert lam(1) is None and lam(7) is None  # NaN checkpoint; no checkpoint at that step
+
+    bare = tmp_path / "bare.h5"
+    w = RunWriter(bare, model_spec=spec, loss="cross_entropy")
+    w.write_checkpoint(0, state)
+    w.close()
+    assert checkpoint_sharpness(bare)(0) is None

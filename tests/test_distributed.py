@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lossatlas.probes.distributed import chunks_for_rank
-from lossatlas.probes.estimators import hutchinson_trace
-from lossatlas.probes.estimators._checks import probe_vectors
+from lossatlas.distributed import chunks_for_rank
+from lossatlas.estimators import hutchinson_trace
+from lossatlas.estimators._checks import probe_vectors
 from lossatlas.store import ResultsStore
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -138,9 +138,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lossatlas.probes.curvature import HessianOperator
-from lossatlas.probes.distributed import Distributed
-from lossatlas.probes.estimators import hutchinson_trace, hutchpp_trace, slq_density
+from lossatlas.curvature import HessianOperator
+from lossatlas.distributed import Distributed
+from lossatlas.estimators import hutchinson_trace, hutchpp_trace, slq_density
 
 
 def estimates(dist):
@@ -180,7 +180,7 @@ def test_density_and_trace_with_probes_split_across_ranks_equal_single_process(t
     spec = importlib.util.spec_from_file_location("estimates", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from lossatlas.probes.distributed import Distributed
+    from lossatlas.distributed import Distributed
 
     single = module.estimates(Distributed())
     for rank in (0, 1):  # every rank assembles the whole answer

@@ -1,4 +1,4 @@
-"""Eigensolvers and stochastic estimators against dense float64 references (SCIENCE.md §1.2–§1.4, §2).
+"""Eigensolvers and stochastic estimators against dense float64 references.
 
 Inputs are dense matrices with known spectra, Q diag(λ) Qᵀ for a random orthogonal Q, so every
 expected number is computed here from λ, never hard-coded.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lossatlas.probes.estimators import (
+from lossatlas.estimators import (
     Density,
     bootstrap_ci,
     count_outliers,
@@ -24,7 +24,7 @@ from lossatlas.probes.estimators import (
     slq_density,
     tridiag_quadrature,
 )
-from lossatlas.probes.estimators._checks import probe_vectors
+from lossatlas.estimators._checks import probe_vectors
 
 F64 = torch.float64
 
@@ -37,8 +37,8 @@ def rotated(evals, seed: int = 0, dtype=F64) -> torch.Tensor:
     return ((Q * evals) @ Q.T).to(dtype)
 
 
-def t15_spectrum() -> np.ndarray:
-    """SCIENCE.md T1.5: {20,15,10,8,6,5,4,3,2,1.5} ∪ 40 × U(−0.1, 0.1) ∪ 450 zeros (P = 500)."""
+def spiked500_spectrum() -> np.ndarray:
+    """{20,15,10,8,6,5,4,3,2,1.5} ∪ 40 × U(−0.1, 0.1) ∪ 450 zeros (P = 500): ten outliers over a bulk."""
     rng = np.random.default_rng(15)
     return np.concatenate([[20, 15, 10, 8, 6, 5, 4, 3, 2, 1.5], rng.uniform(-0.1, 0.1, 40), np.zeros(450)])
 
@@ -58,22 +58,22 @@ class CountingOperator:
 
 
 @pytest.fixture(scope="module")
-def t15():
-    ev = t15_spectrum()
+def spiked500():
+    ev = spiked500_spectrum()
     return rotated(ev), ev
 
 
-# ---- Lanczos (SCIENCE.md §1.2) ----------------------------------------------------------------
-def test_t15_top5_with_30_steps(t15):
-    A, ev = t15
+# ---- Lanczos ----------------------------------------------------------------------------------
+def test_lanczos_top5_within_30_steps_to_1e_8(spiked500):
+    A, ev = spiked500
     res = lanczos_eigs(A, 5, max_iter=30, tol=1e-12)
     assert res.matvecs <= 30
     np.testing.assert_allclose(res.eigenvalues, np.sort(ev)[::-1][:5], rtol=0, atol=1e-8)
     assert res.converged.all()
 
 
-def test_t15_block_lanczos_same_answer(t15):
-    A, ev = t15
+def test_block_lanczos_top5_matches_spectrum(spiked500):
+    A, ev = spiked500
     res = lanczos_eigs(A, 5, block_size=4, tol=1e-10)
     np.testing.assert_allclose(res.eigenvalues, np.sort(ev)[::-1][:5], rtol=0, atol=1e-8)
 
@@ -85,7 +85,7 @@ def test_bottom3_of_indefinite_matrix():
     np.testing.assert_allclose(res.eigenvalues, np.sort(ev)[:3], rtol=0, atol=1e-8)  # ascending for SA
 
 
-def test_t16_gauss_quadrature_exact_to_degree_2m_minus_1():
+def test_gauss_quadrature_exact_to_degree_2m_minus_1():
     rng = np.random.default_rng(16)
     A = rotated(rng.uniform(-2, 3, 60), 2)
     v = torch.randn(60, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -100,7 +100,7 @@ def test_t16_gauss_quadrature_exact_to_degree_2m_minus_1():
     assert abs(np.sum(weights * nodes ** (2 * m)) - moments[2 * m]) > 1e-6  # degree 2m: not exact
 
 
-def test_t17_degenerate_single_vector_sees_5_once_without_nan():
+def test_single_vector_lanczos_sees_repeated_5_once_without_nan():
     A = torch.diag(torch.tensor([5.0, 5, 5] + [1.0] * 47, dtype=F64))
     res = lanczos_eigs(A, 1)
     assert res.eigenvalues.tolist() == pytest.approx([5.0], abs=1e-12)
@@ -109,7 +109,7 @@ def test_t17_degenerate_single_vector_sees_5_once_without_nan():
     assert torch.isfinite(res.eigenvectors).all()
 
 
-def test_t17_block_lanczos_sees_multiplicity_3():
+def test_block_lanczos_sees_multiplicity_3():
     A = torch.diag(torch.tensor([5.0, 5, 5] + [1.0] * 47, dtype=F64))
     res = lanczos_eigs(A, 4, block_size=3)
     np.testing.assert_allclose(res.eigenvalues, [5, 5, 5, 1], atol=1e-10)
@@ -125,7 +125,7 @@ def test_multiplicity_pitfall_with_bulk():
     np.testing.assert_allclose(block.eigenvalues, [5, 5, 5], atol=1e-8)
 
 
-def test_t18_la_vs_lm_on_indefinite():
+def test_la_returns_largest_algebraic_lm_largest_magnitude():
     rng = np.random.default_rng(18)
     A = rotated(np.concatenate([[20.0, -30.0], rng.uniform(-1, 1, 98)]), 4)
     assert lanczos_eigs(A, 1, which="LA").eigenvalues[0] == pytest.approx(20, abs=1e-8)
@@ -135,8 +135,8 @@ def test_t18_la_vs_lm_on_indefinite():
     assert top.eigenvalues[0] == pytest.approx(20, abs=1e-8) and bottom.eigenvalues[0] == pytest.approx(-30, abs=1e-8)
 
 
-def test_reported_residuals_and_eigenvectors_are_true(t15):
-    A, ev = t15
+def test_reported_residuals_and_eigenvectors_are_true(spiked500):
+    A, ev = spiked500
     res = lanczos_eigs(A, 5, tol=1e-4)
     Y, theta = res.eigenvectors, torch.as_tensor(res.eigenvalues)
     true_res = torch.linalg.vector_norm(A @ Y - Y * theta, dim=0).numpy()
@@ -147,8 +147,8 @@ def test_reported_residuals_and_eigenvectors_are_true(t15):
     np.testing.assert_allclose(Y.T @ Y, np.eye(5), atol=1e-10)
 
 
-def test_warm_start_needs_fewer_matvecs(t15):
-    A, _ = t15
+def test_warm_start_needs_fewer_matvecs(spiked500):
+    A, _ = spiked500
     cold = lanczos_eigs(A, 5, tol=1e-8)
     noise = 1e-7 * torch.randn(500, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
     v0 = cold.eigenvectors + noise
@@ -161,24 +161,24 @@ def test_warm_start_needs_fewer_matvecs(t15):
     assert warm1.matvecs < cold.matvecs
 
 
-def test_float32_matrix_reaches_1e_5(t15):
-    A, ev = t15
+def test_float32_matrix_reaches_1e_5(spiked500):
+    A, ev = spiked500
     res = lanczos_eigs(A.float(), 5, tol=1e-5)
     top = np.sort(ev)[::-1][:5]
     assert np.max(np.abs(res.eigenvalues - top) / top) < 1e-5
     assert res.eigenvectors.dtype == torch.float32
 
 
-def test_block_products_and_matvec_count(t15):
-    A, _ = t15
+def test_block_products_and_matvec_count(spiked500):
+    A, _ = spiked500
     op = CountingOperator(A)
     res = lanczos_eigs(op, 5, block_size=3, tol=1e-8)
     assert op.matvecs == res.matvecs == 3 * res.iterations
     assert op.calls == res.iterations  # one `A @ (P, 3)` per step
 
 
-def test_seeded_and_progress(t15):
-    A, _ = t15
+def test_seeded_and_progress(spiked500):
+    A, _ = spiked500
     calls = []
     r1 = lanczos_eigs(A, 3, seed=5, progress=lambda i, n: calls.append((i, n)))
     r2 = lanczos_eigs(A, 3, seed=5)
@@ -187,7 +187,7 @@ def test_seeded_and_progress(t15):
 
 
 def test_reorth_none_shows_ghosts_full_does_not():
-    # Without reorthogonalization, converged outliers reappear as spurious copies (SCIENCE.md §1.2).
+    # Without reorthogonalization, converged outliers reappear as spurious copies.
     rng = np.random.default_rng(9)
     ev = np.concatenate([[10.0, 8.0], rng.uniform(0, 1, 298)])
     A = rotated(ev, 5)
@@ -208,14 +208,14 @@ def test_batched_tridiagonal_equals_separate_runs():
         np.testing.assert_allclose(beta[i], b_i, atol=1e-12)
 
 
-# ---- SLQ (SCIENCE.md §1.3) --------------------------------------------------------------------
+# ---- SLQ --------------------------------------------------------------------------------------
 def smoothed_density(grid: np.ndarray, evals: np.ndarray, var: float) -> np.ndarray:
     """Exact (1/P) Σ_i g_σ(t − λ_i)."""
     d = np.exp(-((grid[:, None] - evals[None, :]) ** 2) / (2 * var)).sum(1)
     return d / (evals.size * np.sqrt(2 * np.pi * var))
 
 
-def test_t19_full_lanczos_nodes_are_the_eigenvalues():
+def test_full_lanczos_slq_nodes_are_the_eigenvalues():
     ev = np.linspace(-1, 3, 40) + np.random.default_rng(0).uniform(0, 0.01, 40)
     d = slq_density(rotated(ev, 7), num_probes=2, num_steps=40, grid_len=500)
     for l in range(2):
@@ -231,7 +231,7 @@ def slq_case():
     return A, ev, slq_density(A, num_probes=20, num_steps=80, sigma_squared=1e-4, grid_len=4000)
 
 
-def test_t19_slq_converges_to_smoothed_density(slq_case):
+def test_slq_converges_to_smoothed_density(slq_case):
     A, ev, d = slq_case
     exact = smoothed_density(d.grid, ev, d.sigma_squared_abs)
     dx = d.grid[1] - d.grid[0]
@@ -249,7 +249,7 @@ def test_slq_moments_match_traces(slq_case):
         assert abs(per_run.mean() - truth) < 4 * se + 1e-12
 
 
-def test_t110_quadrature_mean_is_hutchinson_on_diagonal():
+def test_slq_quadrature_mean_is_hutchinson_on_diagonal():
     # Diagonal A with Rademacher starts: vᵀAv = tr(A)/P exactly, so Σ_k w θ = tr(A)/P per run.
     ev = np.random.default_rng(10).uniform(-1, 4, 200)
     d = slq_density(torch.diag(torch.as_tensor(ev)), num_probes=3, num_steps=20, grid_len=200)
@@ -257,7 +257,7 @@ def test_t110_quadrature_mean_is_hutchinson_on_diagonal():
 
 
 @pytest.mark.parametrize("scale", ["linear", "log"])
-def test_t111_density_integrates_to_one(slq_case, scale):
+def test_slq_density_integrates_to_one(slq_case, scale):
     A, ev, _ = slq_case
     d = slq_density(A, num_probes=2, num_steps=30, scale=scale, grid_len=3000)
     x = d.grid if scale == "linear" else np.log(d.grid)
@@ -279,9 +279,9 @@ def test_slq_batched_equals_separate_probes():
         np.testing.assert_allclose(d.weights[l], weights, atol=1e-10)
 
 
-# ---- bulk + outliers (SCIENCE.md §2) ----------------------------------------------------------
+# ---- bulk + outliers ---------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", ["linear", "log"])
-def test_t22_outlier_count_is_10(scale):
+def test_outlier_count_is_10_for_10_outliers_over_bulk(scale):
     rng = np.random.default_rng(22)
     ev = np.concatenate([rng.uniform(0, 0.5, 290), rng.uniform(5, 10, 10)])
     d = slq_density(torch.diag(torch.as_tensor(ev)), num_probes=3, num_steps=60, scale=scale, grid_len=4000)
@@ -291,7 +291,7 @@ def test_t22_outlier_count_is_10(scale):
     np.testing.assert_allclose(d.outliers, np.sort(ev)[::-1][:10], atol=1e-6)
 
 
-def test_t21_outliers_with_multiplicity_need_a_block_method():
+def test_outliers_with_multiplicity_need_a_block_method():
     # Linear softmax at W = 0, all inputs x₀: H = (1/C)(I − 11ᵀ/C) ⊗ x₀x₀ᵀ, eigenvalue ‖x₀‖²/C × (C−1).
     C, d = 10, 30
     x0 = torch.randn(d, generator=torch.Generator().manual_seed(21), dtype=F64)
@@ -312,15 +312,15 @@ def test_find_bulk_edge_on_a_known_density():
     assert find_bulk_edge(grid, dens) == pytest.approx(2.0, abs=2e-3)
 
 
-# ---- trace (SCIENCE.md §1.4) ------------------------------------------------------------------
-def test_t112_rademacher_exact_on_diagonal():
+# ---- trace ------------------------------------------------------------------------------------
+def test_rademacher_hutchinson_exact_on_diagonal():
     ev = np.random.default_rng(12).uniform(-3, 5, 100)
     est = hutchinson_trace(torch.diag(torch.as_tensor(ev)), 20)
     np.testing.assert_allclose(est.samples, ev.sum(), rtol=1e-12)
     assert est.stderr == pytest.approx(0, abs=1e-10) and est.matvecs == 20
 
 
-def test_t113_hutchpp_exact_on_rank10_psd():
+def test_hutchpp_exact_on_rank10_psd():
     Z = torch.randn(300, 10, generator=torch.Generator().manual_seed(13), dtype=F64)
     A = Z @ Z.T
     est = hutchpp_trace(A, 33)
@@ -329,7 +329,7 @@ def test_t113_hutchpp_exact_on_rank10_psd():
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "normal"])
-def test_t114_per_sample_variance(distribution):
+def test_hutchinson_per_sample_variance_matches_formula(distribution):
     A = rotated(np.random.default_rng(14).uniform(-1, 2, 40), 10)
     est = hutchinson_trace(A, 60000, distribution=distribution, block=20000, seed=1)
     fro2 = float((A**2).sum())
@@ -453,13 +453,13 @@ def test_eigenvalue_criterion_bounds_a_tight_cluster_of_wanted_eigenvalues():
     assert res.matvecs < resid.matvecs  # the quadratic bound stops before the residual does
 
 
-def test_single_vector_recurrence_equals_the_block_code(t15, monkeypatch):
+def test_single_vector_recurrence_equals_the_block_code(spiked500, monkeypatch):
     """The lean b = 1 recurrence (scalars on the host) builds the same T and basis as the block code,
     breakdown restarts included (A = diag(5, 5, 5, 1, …) breaks down after two steps)."""
-    from lossatlas.probes.estimators import _recurrence
+    from lossatlas.estimators import _recurrence
 
     degenerate = torch.diag(torch.tensor([5.0, 5.0, 5.0] + [1.0] * 17, dtype=F64))
-    for A in (t15[0], degenerate):
+    for A in (spiked500[0], degenerate):
         P = A.shape[0]
         start = torch.randn(1, 1, P, dtype=F64, generator=torch.Generator().manual_seed(3))
         runs = []

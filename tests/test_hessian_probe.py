@@ -1,8 +1,8 @@
-"""The ``hessian`` probe and eigenspace tracking against dense float64 references (SCIENCE.md §1, §2, §5).
+"""The ``hessian`` probe and eigenspace tracking against dense float64 references.
 
-References: the full Hessian by ``torch.autograd.functional.hessian`` of the flat-parameter mean loss, the dense GGN
-J ᵀ H_out J / N (§1.1), dense diagonal blocks, the subset loss's Hessian, and λ_max(P^{-1/2} H P^{-1/2})
-solved as the generalized problem H u = λ P u (§5, T5.4).
+References (reference.py): the full Hessian of the example-weighted mean loss, the dense GGN
+J ᵀ H_out J / N, dense diagonal blocks, the subset loss's Hessian, and λ_max(P^{-1/2} H P^{-1/2})
+solved as the generalized problem H u = λ P u (Adam's preconditioned sharpness, λ_max(P⁻¹H)).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import pytest
 import scipy.linalg
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from lossatlas.models import build_data, build_model
 from lossatlas.probes.base import ProbeContext
@@ -28,7 +27,10 @@ from lossatlas.probes.hessian import (
     last_linear_parameters,
     parse_subset,
 )
-from lossatlas.probes.losses import batch_count, batch_loss
+from lossatlas.losses import batch_loss
+
+from reference import ggn as dense_ggn
+from reference import hessian as dense_hessian
 
 F64 = torch.float64
 
@@ -36,62 +38,6 @@ F64 = torch.float64
 # ------------------------------------------------------------------------------------------------ dense references
 def _names(model):
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _unflat(model, theta, names):
-    shapes = dict(model.named_parameters())
-    out, i = {}, 0
-    for n in names:
-        k = shapes[n].numel()
-        out[n] = theta[i : i + k].reshape(shapes[n].shape)
-        i += k
-    return out
-
-
-def _mean_loss(model, batches, loss, names=None):
-    """θ_flat ↦ Σ_b (n_b/N) L_b(θ) with the other parameters and buffers fixed (SCIENCE.md §0)."""
-    names = names or _names(model)
-    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-    counts = [batch_count(loss, y) for _, y in batches]
-    total = sum(counts)
-
-    def f(theta):
-        params = _unflat(model, theta, names)
-        return sum(
-            (c / total) * batch_loss(loss, functional_call(model, {**fixed, **buffers, **params}, (x,)), y)
-            for (x, y), c in zip(batches, counts)
-        )
-
-    theta0 = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
-    return f, theta0
-
-
-def dense_hessian(model, batches, loss, names=None):
-    was = model.training
-    model.eval()
-    try:
-        f, theta0 = _mean_loss(model, batches, loss, names)
-        # row by row with plain autograd: 4x faster than torch.func.hessian here, and for the
-        # tiny GPT torch.func.hessian (jacfwd/jacrev, vmapped) disagrees with finite differences
-        # by ~4e-3 while this and our HVPs agree with them (torch 2.13 CPU)
-        H = torch.autograd.functional.hessian(f, theta0, vectorize=True)
-    finally:
-        model.train(was)
-    return 0.5 * (H + H.T)
-
-
-def dense_ggn(model, batches, loss):
-    """G = (1/N) Σ_i J_iᵀ (∂²ℓ_i/∂f²) J_i by explicit Jacobians (SCIENCE.md §1.1); cross-entropy only."""
-    names = _names(model)
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    x = torch.cat([b[0] for b in batches])
-    model.eval()
-    out = lambda th: functional_call(model, _unflat(model, th, names), (x,))  # noqa: E731
-    J = torch.func.jacrev(out)(theta0)  # (N, C, P)
-    p = torch.softmax(out(theta0), dim=-1)  # (N, C)
-    Hout = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C)
-    return torch.einsum("ncp,ncd,ndq->pq", J, Hout, J) / x.shape[0]
 
 
 def eig_check(res, H, top_k=5, bottom_k=3, rtol=1e-6):
@@ -192,7 +138,7 @@ def test_ggn_curvature_matches_dense_ggn():
     G = dense_ggn(model, [(x, y)], "cross_entropy")
     top = torch.linalg.eigvalsh(G).numpy()[::-1][:5]
     np.testing.assert_allclose(res.values["top_eigenvalues"], top, rtol=1e-6)
-    # the GGN differs from the Hessian of a nonlinear net (SCIENCE.md §1.1): not a vacuous check
+    # the GGN differs from the Hessian of a nonlinear net (the residual term Σ r ∇²f): not a vacuous check
     H = dense_hessian(model, [(x, y)], "cross_entropy")
     assert not np.allclose(torch.linalg.eigvalsh(H).numpy()[::-1][:5], top, rtol=1e-3)
 
@@ -216,7 +162,7 @@ def test_density_integrates_to_one_and_counts_outliers():
     res = hessian_spectrum(model, (x, y), "cross_entropy", top_k=3, density=True, num_probes=2, num_steps=40)
     grid, dens = res.coords["grid"], res.values["density"]
     assert res.dims["density"] == ("grid",) and res.dims["density_nodes"] == ("probe", "node")
-    assert abs(dens.sum() * (grid[1] - grid[0]) - 1) < 1e-6  # T1.11
+    assert abs(dens.sum() * (grid[1] - grid[0]) - 1) < 1e-6  # the density integrates to 1
     np.testing.assert_allclose(res.values["density_weights"].sum(axis=1), 1.0, atol=1e-10)
     assert np.all(res.values["outliers"] > res.meta["bulk_edge"])
     assert res.meta["num_outliers"] >= 0 and grid[0] <= res.values["top_eigenvalues"][0] + 0.05
@@ -265,7 +211,7 @@ def test_head_hessian_distance_equals_dense_spectral_norm():
     head = last_linear_parameters(model)
     assert head == ["layers.2.weight", "layers.2.bias"] or head[-1].endswith("bias")
     dist = head_hessian_distance(model, a, b, "cross_entropy", tol=1e-12)
-    D = dense_hessian(model, [a], "cross_entropy", head) - dense_hessian(model, [b], "cross_entropy", head)
+    D = dense_hessian(model, [a], "cross_entropy", names=head) - dense_hessian(model, [b], "cross_entropy", names=head)
     assert dist == pytest.approx(float(torch.linalg.matrix_norm(D, ord=2)), rel=1e-6)
 
 
@@ -312,7 +258,7 @@ def test_preconditioned_sharpness_equals_dense_generalized_eigenvalue():
     t = 3
     P = np.concatenate([((1 - 0.9**t) * (np.sqrt(s["exp_avg_sq"].numpy() / (1 - 0.99**t)) + 1e-6)).ravel()
                         for s in state.values()])
-    ref = scipy.linalg.eigh(H, np.diag(P), eigvals_only=True)[-1]  # λ_max(P⁻¹H), SCIENCE.md §5 T5.4
+    ref = scipy.linalg.eigh(H, np.diag(P), eigvals_only=True)[-1]  # λ_max(P⁻¹H)
     assert res.scalar("preconditioned_lambda_max") == pytest.approx(ref, rel=1e-6)
     assert res.meta["adam_threshold"] == pytest.approx(38 / 0.01 * (1.9 / 1.9))
     P2 = adam_preconditioner(state, list(state), betas=(0.9, 0.99), eps=1e-6)
@@ -424,7 +370,8 @@ def test_tracking_warm_start_saves_matvecs_and_overlaps_in_unit_interval(tiny_ru
 
 @pytest.mark.slow
 def test_hessian_outliers_experiment_runs_and_reports_counts(tmp_path, monkeypatch):
-    """experiments/hessian_outliers.py end to end (a few minutes): counts next to the claim ≈ C (SCIENCE.md §2)."""
+    """experiments/hessian_outliers.py end to end (a few minutes): counts next to the claim ≈ C
+    (Sagun et al. 2017; Papyan 2020)."""
     import importlib.util
     from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""The Lanczos basis kept on disk (issue 9 point 2: k·P floats that fit in no memory) gives the in-memory result."""
+"""The Lanczos basis kept on disk (for k·P floats that fit in no memory) gives the in-memory result."""
 
 import tempfile
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lossatlas.probes.estimators import lanczos_eigs
+from lossatlas.estimators import lanczos_eigs
 
 MAPS = Path("/proc/self/maps")
 

@@ -1,4 +1,4 @@
-"""Landscape probes: directions, surfaces, interpolation/barriers, trajectory PCA (SCIENCE.md §4, T4.1–T4.5)."""
+"""Landscape probes: directions, surfaces, interpolation/barriers, trajectory PCA."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from lossatlas.probes import losses as L
 from lossatlas.probes.base import ProbeContext, get_probe
 from lossatlas.probes.connectivity import Interpolate, barriers, interpolation_curve, layerwise_barriers
 from lossatlas.probes.directions import (
@@ -20,17 +19,13 @@ from lossatlas.probes.directions import (
     flatten,
     normalize_direction,
     random_direction,
+    trajectory_pca,
 )
-from lossatlas.probes.surface import (
-    PointEvaluator,
-    Surface,
-    directional_derivatives,
-    evaluate_grid,
-    grid_points,
-    points_for_rank,
-    quadratic_regime,
-)
-from lossatlas.probes.trajectory import Trajectory, trajectory_pca
+from lossatlas.probes.grid import PointEvaluator, evaluate_grid, grid_points, points_for_rank
+from lossatlas.probes.surface import Surface, directional_derivatives, quadratic_regime
+from lossatlas.probes.trajectory import Trajectory
+
+import reference
 
 DT = torch.float64
 
@@ -70,9 +65,9 @@ def _cls_data(n: int = 30, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tens
     return [(x[:12], y[:12]), (x[12:], y[12:])]  # unequal batches
 
 
-# ---------------------------------------------------------------------------------------------- T4.1
+# ---------------------------------------------------------------------------------------------- filter normalisation
 def test_filter_normalization_per_filter_and_rules():
-    """T4.1: ‖d_i‖ = ‖w_i‖ per filter; the rule names the axis; biasbn zero; ConvTranspose on dim 1."""
+    """Li et al. 2018: ‖d_i‖ = ‖w_i‖ per filter; the rule names the axis; biasbn zero; ConvTranspose on dim 1."""
     m = Zoo().to(DT)
     d = random_direction(m)
     w = dict(m.named_parameters())
@@ -135,7 +130,7 @@ def test_checkpoint_directions_cosine_and_given_vectors():
         eigenvector_directions(torch.zeros(9), params)
 
 
-# ---------------------------------------------------------------------------------------------- T4.2
+# ---------------------------------------------------------------------------------------------- surface of a quadratic
 def _quadratic_problem():
     """Linear model without bias, half_sse, y = 0: L(w) = ½ wᵀAw with A = XᵀX/N (exact quadratic)."""
     g = torch.Generator().manual_seed(3)
@@ -149,7 +144,7 @@ def _quadratic_problem():
 
 
 def test_quadratic_surface_exact_and_xy_indexing():
-    """T4.2: surface = ½(a₁x² + a₂y²) with raw orthonormal eigen-directions; Z[i, j] = L(x_j, y_i), nx=5, ny=7."""
+    """Surface = ½(a₁x² + a₂y²) with raw orthonormal eigen-directions; Z[i, j] = L(x_j, y_i), nx=5, ny=7."""
     model, data, a, u = _quadratic_problem()
     params = dict(model.named_parameters())
     d1, d2 = eigenvector_directions(torch.as_tensor(u[:, :2].copy()), params)
@@ -188,20 +183,11 @@ def test_directional_derivatives_match_dense_hessian():
     data = _cls_data()
     params = {k: v.detach() for k, v in model.named_parameters()}
     d = random_direction(model, ignore="none", norm="none", seed=2).tensors
-    names = list(params)
-    sizes = [params[k].numel() for k in names]
-
-    def f(flat):
-        ps = dict(zip(names, [t.reshape(params[k].shape) for t, k in zip(flat.split(sizes), names)]))
-        n = sum(y.shape[0] for _, y in data)
-        return sum(L.batch_loss("cross_entropy", torch.func.functional_call(model, ps, (x,)), y) * y.shape[0] / n for x, y in data)
-
-    theta = torch.cat([params[k].reshape(-1) for k in names])
-    v = torch.cat([d[k].reshape(-1) for k in names])
-    H = torch.autograd.functional.hessian(f, theta)
-    g = torch.autograd.functional.jacobian(f, theta)
+    v = torch.cat([d[k].reshape(-1) for k in params])
+    H = reference.hessian(model, data, "cross_entropy")
+    g = reference.gradient(model, data, "cross_entropy")
     val, gd, dhd = directional_derivatives(model, params, d, data, "cross_entropy")
-    assert val == pytest.approx(float(f(theta)), rel=1e-12)
+    assert val == pytest.approx(reference.loss_value(model, data, "cross_entropy"), rel=1e-12)
     assert gd == pytest.approx(float(g @ v), rel=1e-10)
     assert dhd == pytest.approx(float(v @ H @ v), rel=1e-10)
 
@@ -225,7 +211,7 @@ def test_vmapped_chunks_equal_per_point_and_are_reproducible():
     with torch.no_grad():
         for k, p in ref.named_parameters():
             p.copy_(p + pts[5, 0] * dirs[0].tensors[k] + pts[5, 1] * dirs[1].tensors[k])
-        want = sum(float(L.batch_loss("cross_entropy", ref(x), y)) * len(y) for x, y in data) / 30
+        want = reference.loss_value(ref, data, "cross_entropy")
     assert loop["loss"][5] == pytest.approx(want, rel=1e-13)
 
 
@@ -254,7 +240,7 @@ def test_bn_recompute_equals_deepcopy_brute_force():
             ref.train()
             ref(data[0][0])
             ref.eval()
-            want = sum(float(L.batch_loss("cross_entropy", ref(x), y)) * len(y) for x, y in data) / 30
+            want = reference.loss_value(ref, data, "cross_entropy")
         assert rec["loss"][i] == pytest.approx(want, rel=1e-12)
 
 
@@ -326,7 +312,7 @@ def test_probe_settings_are_validated():
         Trajectory(grid=1)
 
 
-# ---------------------------------------------------------------------------------------------- T4.3
+# ---------------------------------------------------------------------------------------------- barriers
 class Scalar(nn.Module):
     """f(x) = θ² − 1 for every example, so mse against 0 gives L(θ) = (θ² − 1)²."""
 
@@ -339,7 +325,7 @@ class Scalar(nn.Module):
 
 
 def test_double_well_barrier_is_one_at_half():
-    """T4.3: L = (θ² − 1)², θ₁ = −1, θ₂ = 1: barrier 1 at α = ½ under both definitions."""
+    """L = (θ² − 1)², θ₁ = −1, θ₂ = 1: barrier 1 at α = ½ under both definitions."""
     model = Scalar(-1.0)
     data = [(torch.zeros(4, 1, dtype=DT), torch.zeros(4, 1, dtype=DT))]
     alphas = np.linspace(0, 1, 31)
@@ -353,7 +339,7 @@ def test_double_well_barrier_is_one_at_half():
 
 
 def test_convex_regression_has_no_linear_barrier_and_probe_stores_both():
-    """T4.3: linear regression (convex L): Entezari barrier ≤ 0; the probe stores both definitions."""
+    """Linear regression (convex L): Entezari barrier ≤ 0; the probe stores both definitions."""
     torch.manual_seed(5)
     model = nn.Linear(3, 2).to(DT)
     x = torch.randn(25, 3, dtype=DT)
@@ -374,9 +360,9 @@ def test_convex_regression_has_no_linear_barrier_and_probe_stores_both():
     assert "loss_barrier" not in no_ends.values and no_ends.values["loss"].shape == (8,)
 
 
-# ---------------------------------------------------------------------------------------------- T4.5
+# ---------------------------------------------------------------------------------------------- layer-wise barriers
 def test_deep_linear_layerwise_barriers():
-    """T4.5: 3-layer linear net, MSE: every single-layer barrier ≤ 1e-10, the full path's barrier > 0."""
+    """3-layer linear net, MSE: every single-layer barrier ≤ 1e-10, the full path's barrier > 0."""
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False)).to(DT)
     x = torch.randn(30, 3, dtype=DT)
@@ -398,7 +384,7 @@ def test_deep_linear_layerwise_barriers():
     assert r.dims["single_loss"] == ("group", "alpha") and r.meta["groups"] == ["0", "1", "2"]
 
 
-# ---------------------------------------------------------------------------------------------- T4.4
+# ---------------------------------------------------------------------------------------------- trajectory PCA
 def _synthetic_trajectory():
     g = torch.Generator().manual_seed(8)
     q, _ = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=DT))
@@ -411,7 +397,7 @@ def _synthetic_trajectory():
 
 
 def test_trajectory_pca_recovers_the_plane():
-    """T4.4: pcs span {u, v}; projections = (a, b) up to sign; θ_T → (0, 0); variance ratios 0.8, 0.2."""
+    """PCs span {u, v}; projections = (a, b) up to sign; θ_T → (0, 0); variance ratios 0.8, 0.2."""
     states, final, u, v, a, b = _synthetic_trajectory()
     pca = trajectory_pca(states, final)  # the 1-D "b" is biasbn: zeroed
     pc = torch.stack([flatten(d, ["w"]) for d in pca.directions])

@@ -1,8 +1,9 @@
 """lossatlas.models: the spec registry, the reference architectures and the no-download data sets.
 
 References: dense float64 finite differences for double backward, closed forms for parameter
-counts, modular arithmetic (SCIENCE.md §9.1, T9.4) and mixture means, exact module structure
-for the ResNet skip switch (SCIENCE.md §4.1) and GPT's qk-layernorm / z-loss (SCIENCE.md §8.1).
+counts, modular arithmetic (p² equations, each (a, b) once; division drops b = 0) and mixture means,
+exact module structure for the ResNet skip switch (Li et al. 2018) and GPT's qk-layernorm / z-loss
+(Wortsman et al. 2023).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from lossatlas.models import (
     spec_fingerprint,
 )
 from lossatlas.models.datasets import markov_transitions, mixture_means
-from lossatlas.probes.batches import as_batches
-from lossatlas.probes.losses import batch_loss
+from lossatlas.batches import as_batches
+from lossatlas.losses import batch_loss
 
 # Every registered model with data its defaults fit (a new model must be added here).
 MATCHING_DATA = {
@@ -204,7 +205,7 @@ def test_mlp_and_cnn_accept_flat_and_image_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
-# ResNet skip switch (Li et al. 2018, SCIENCE.md §4.1)
+# ResNet skip switch (Li et al. 2018, "Visualizing the loss landscape of neural nets")
 
 
 def test_resnet_skip_false_has_no_shortcut_modules():
@@ -238,7 +239,7 @@ def test_resnet_block_with_zeroed_residual_branch(skip):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPT: causality, qk-layernorm, z-loss, last-token logits (Wortsman et al. 2023, SCIENCE.md §8.1)
+# GPT: causality, qk-layernorm, z-loss, last-token logits (Wortsman et al. 2023, arXiv 2309.14322)
 
 
 def test_gpt_is_causal():
@@ -392,7 +393,7 @@ def test_modular_arithmetic_equations(p, operation, expected_n):
 def test_modular_arithmetic_split_and_sequence_targets():
     train = build_data({"name": "modular_arithmetic"})
     test = build_data({"name": "modular_arithmetic", "kwargs": {"split": "test"}})
-    assert train[0].shape[0] == 3830  # Nanda et al.: p = 113, frac_train 0.3 (SCIENCE.md §9.1)
+    assert train[0].shape[0] == 3830  # Nanda et al. 2023: p = 113, frac_train 0.3
     code = lambda x: set((x[:, 0] * 113 + x[:, 1]).tolist())  # noqa: E731
     assert not code(train[0]) & code(test[0]) and len(code(train[0]) | code(test[0])) == 113**2
     assert torch.equal(train[1], (train[0][:, 0] + train[0][:, 1]) % 113)

@@ -5,8 +5,8 @@ import torch
 
 from lossatlas import models
 from lossatlas.analysis.runner import load_model
-from lossatlas.probes.batches import as_batches
-from lossatlas.probes.losses import batch_loss
+from lossatlas.batches import as_batches
+from lossatlas.losses import batch_loss
 from lossatlas.recorder import Recorder
 from lossatlas.store import RunReader
 

@@ -54,7 +54,7 @@ def report(tmp_path_factory):
     from lossatlas.analysis.runner import RunOptions, default_results_path, run_probe
     from lossatlas.probes.collapse import NeuralCollapse
     from lossatlas.probes.connectivity import Interpolate
-    from lossatlas.probes.evaluate import LossAccuracy
+    from lossatlas.probes.loss import Loss
     from lossatlas.probes.surface import Surface
     from lossatlas.store import ResultsStore, RunReader
     from lossatlas.train import TrainConfig, train
@@ -64,7 +64,7 @@ def report(tmp_path_factory):
     train(TrainConfig(model=TINY_MLP, data={"name": "digits"}, lr=LR, steps=20, batch_size=64, checkpoint_every=5),
           str(run))
     opts = RunOptions(steps="all", max_examples=256)
-    run_probe(run, LossAccuracy(), opts)
+    run_probe(run, Loss(), opts)
     run_probe(run, NeuralCollapse(), opts)
     run_probe(run, Surface(dims=2, xrange=(-1.0, 1.0, 7), quadratic_check=False), RunOptions(steps="last", max_examples=256))
     run_probe(run, Interpolate(to_step=20, alphas=(0.0, 1.0, 9)), RunOptions(steps=[0], max_examples=256))

@@ -6,7 +6,7 @@ import pytest
 
 from lossatlas.analysis.runner import RunOptions, default_results_path, run_probe
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
-from lossatlas.probes.evaluate import LossAccuracy, evaluate_loss
+from lossatlas.probes.loss import Loss, evaluate_loss
 from lossatlas.store import ResultsStore
 
 
@@ -38,7 +38,7 @@ class CountingProbe(Probe):
 
 
 def test_loss_probe_caches_and_recomputes(tiny_run):
-    probe = LossAccuracy()
+    probe = Loss()
     first = run_probe(tiny_run, probe, RunOptions(steps="all"))
     assert [o.status for o in first.outcomes] == ["computed"] * 5
     assert first.results_path == default_results_path(tiny_run)
@@ -50,7 +50,7 @@ def test_loss_probe_caches_and_recomputes(tiny_run):
     assert [o.status for o in forced.outcomes] == ["computed"]
     other_data = run_probe(tiny_run, probe, RunOptions(steps="last", max_examples=100))
     assert [o.status for o in other_data.outcomes] == ["recomputed"]
-    other_cfg = run_probe(tiny_run, LossAccuracy(mode="train"), RunOptions(steps="last"))
+    other_cfg = run_probe(tiny_run, Loss(mode="train"), RunOptions(steps="last"))
     assert other_cfg.key != first.key and other_cfg.outcomes[0].status == "computed"
     with ResultsStore(first.results_path, mode="r") as store:
         entries = store.entries("loss")
@@ -61,7 +61,7 @@ def test_loss_value_matches_direct_evaluation(tiny_run):
     from lossatlas import store
     from lossatlas.analysis.runner import load_batches, load_model
 
-    report = run_probe(tiny_run, LossAccuracy(), RunOptions(steps="last", batch_size=100))
+    report = run_probe(tiny_run, Loss(), RunOptions(steps="last", batch_size=100))
     with store.RunReader(tiny_run) as r:
         model = load_model(r, r.steps()[-1])
         batches = load_batches(r.data_spec, batch_size=None)

@@ -1,12 +1,12 @@
-"""Memory at scale (SCIENCE.md §1.1): finite-difference HVPs within their stated error, bf16 models analysed
+"""Memory at scale: finite-difference HVPs within their stated error, bf16 models analysed
 in float32, the Lanczos basis kept on another device than the operator."""
 
 import pytest
 import torch
 from torch import nn
 
-from lossatlas.probes.curvature import HessianOperator, GGNOperator
-from lossatlas.probes.estimators import lanczos_eigs
+from lossatlas.curvature import HessianOperator, GGNOperator
+from lossatlas.estimators import lanczos_eigs
 
 
 def _case(dtype=torch.float64):

@@ -1,8 +1,13 @@
-"""Sharpness measures against closed forms and brute force in float64 (SCIENCE.md §3, tests T3.1–T3.3)."""
+"""Sharpness measures against closed forms and brute force in float64.
+
+Quadratic f(w) = ½(w − w*)ᵀ diag(a) (w − w*) at w*: SAM l2 ½ρ²·max a_i, standard linf ½ρ²Σa_i,
+adaptive linf ½ρ²Σa_i w*_i², average case (std ρ per coordinate) ½ρ²Σa_i, Keskar (A = I)
+100·½ε²Σa_i(|w*_i| + 1)²; 2-layer bias-free ReLU nets under (αW₁, W₂/α) (Dinh et al. 2017); Euler's
+θᵀ∇_θ f = (L+1) f behind the Fisher–Rao closed form (Liang et al. 2019).
+"""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -11,7 +16,7 @@ import torch
 from torch import nn
 
 from lossatlas.probes.base import ProbeContext, get_probe
-from lossatlas.probes.losses import batch_loss, per_example_loss
+from lossatlas.losses import per_example_loss
 from lossatlas.probes.sharpness import (
     MEASURES,
     DataObjective,
@@ -25,6 +30,8 @@ from lossatlas.probes.sharpness import (
     trainable_params,
     worst_case_sharpness,
 )
+
+import reference
 
 DT = torch.float64
 
@@ -63,7 +70,7 @@ def _data(n=30, d=4, c=3, seed=1, sizes=None):
     return out
 
 
-# ---------------------------------------------------------------------------------------------- SAM one step (§3.3)
+# ---------------------------------------------------------------------------------- SAM one step (Foret et al. 2021)
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
@@ -88,7 +95,7 @@ def test_adaptive_sam_one_step_is_asam_perturbation():
     rho, eta = 0.5, 0.01
     g = A @ theta0
     T = theta0.abs() + eta
-    eps = rho * T**2 * g / (T * g).norm()  # Kwon et al. 2021, SCIENCE.md §3.4
+    eps = rho * T**2 * g / (T * g).norm()  # ASAM, Kwon et al. 2021
     expected = g @ eps + 0.5 * eps @ A @ eps
     assert sam_sharpness(f, {"w": theta0}, rho, adaptive=True, eta=eta) == pytest.approx(float(expected), rel=1e-11)
 
@@ -98,13 +105,13 @@ def test_sam_at_stationary_point_is_zero():
     assert sam_sharpness(f, {"w": torch.zeros(4, dtype=DT)}, 0.1) == 0.0
 
 
-# ---------------------------------------------------------------------------------------------- worst case (T3.1)
+# -------------------------------------------------------------------------------- worst case: quadratic closed forms
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["standard", "adaptive"])
 def test_worst_case_quadratic_closed_forms(norm, adaptive):
-    # T3.1: f = ½(w − w*)ᵀ diag(a) (w − w*) at w*; a separated top eigenvalue so 20 APGD iterations converge.
+    # f = ½(w − w*)ᵀ diag(a) (w − w*) at w*; a separated top eigenvalue so 20 APGD iterations converge.
     n = 12
     gen = torch.Generator().manual_seed(5)
     a = torch.cat([torch.tensor([4.0], dtype=DT), torch.rand(n - 1, generator=gen, dtype=DT) * 2])
@@ -141,7 +148,7 @@ def test_worst_case_at_least_one_step_and_feasible():
     assert many > one * (1 + 1e-4)  # the ascent improves on the first-order step for this curvature
 
 
-# ---------------------------------------------------------------------------------------------- average case (T3.1)
+# ------------------------------------------------------------------------------ average case: quadratic closed forms
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
@@ -161,7 +168,7 @@ def test_average_case_quadratic_within_three_stderr(norm, adaptive):
     assert abs(mean - expected) <= 3 * se
 
 
-# ---------------------------------------------------------------------------------------------- Keskar (§3.2)
+# --------------------------------------------------------------------------------------- Keskar (Keskar et al. 2017)
 
 
 def test_keskar_full_space_closed_form():
@@ -193,7 +200,7 @@ def test_keskar_random_subspace_closed_form():
         keskar_sharpness(_quadratic(torch.diag(a), wstar), {"w": wstar}, eps, subspace=torch.ones(3, 1, dtype=DT))
 
 
-# ---------------------------------------------------------------------------------------------- Dinh (§3.6, T3.2)
+# ------------------------------------------------------------------------------ reparametrisation (Dinh et al. 2017)
 
 
 def _rescaled(params, alpha):
@@ -250,16 +257,7 @@ def test_asam_invariant_under_per_coordinate_rescaling_of_a_linear_model():
     assert abs(a - b) > 0.05 * abs(a)
 
 
-# ---------------------------------------------------------------------------------------------- Fisher–Rao (T3.3)
-
-
-def _per_example_grads(model, params, x, y, loss):
-    rows = []
-    for i in range(x.shape[0]):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        li = batch_loss(loss, torch.func.functional_call(model, leaves, (x[i : i + 1],)), y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, list(leaves.values()))]))
-    return torch.stack(rows)  # (N, P)
+# ------------------------------------------------------------------------------------ Fisher–Rao (Liang et al. 2019)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "half_sse"])
@@ -278,8 +276,8 @@ def test_fisher_rao_closed_form_bias_free_relu(loss):
         leaf = out.detach().requires_grad_(True)
         dl = torch.autograd.grad(per_example_loss(loss, leaf, y).sum(), leaf)[0]
         closed += float(((num_hidden + 1) ** 2 * (dl * out).sum(1) ** 2).sum())
-        G = _per_example_grads(model, params, x, y, loss)
-        brute += float(((G @ theta) ** 2).sum())  # θᵀ F_emp θ with F_emp = (1/N) Σ g_i g_iᵀ
+        # n_b θᵀ F_emp θ = Σ_i (g_iᵀθ)² with F_emp = (1/n_b) Σ g_i g_iᵀ over the batch
+        brute += x.shape[0] * float(theta @ reference.empirical_fisher(model, [(x, y)], loss) @ theta)
         count += x.shape[0]
     got = fisher_rao_norm(model, params, batches, loss)
     assert got == pytest.approx(math.sqrt(closed / count), rel=1e-10)
@@ -291,12 +289,8 @@ def test_fisher_rao_model_target_matches_true_fisher_with_biases():
     params = trainable_params(model)
     x, y = _data(n=9, sizes=(9,))[0]
     theta = torch.cat([v.reshape(-1) for v in params.values()])
-    total = 0.0
-    for i in range(x.shape[0]):  # F = E_x Σ_c p_c ∇log p_c ∇log p_cᵀ (true Fisher of the softmax model)
-        xi = x[i : i + 1]
-        p = torch.softmax(torch.func.functional_call(model, params, (xi,)), -1)[0]
-        G = _per_example_grads(model, params, xi.expand(3, -1), torch.arange(3), "cross_entropy")  # −∇log p_c
-        total += float((p * (G @ theta) ** 2).sum())
+    # N θᵀFθ with F = E_x Σ_c p_c ∇log p_c ∇log p_cᵀ (true Fisher of the softmax model)
+    total = x.shape[0] * float(theta @ reference.fisher(model, [(x, y)], "cross_entropy") @ theta)
     got = fisher_rao_norm(model, params, [(x, y)], "cross_entropy", target="model")
     assert got == pytest.approx(math.sqrt(total / x.shape[0]), rel=1e-10)
     with pytest.raises(ValueError, match="target must be one of"):
@@ -309,11 +303,7 @@ def test_fisher_rao_model_target_matches_true_fisher_with_biases():
 def test_gradient_norm_equals_autograd_over_unequal_batches():
     model = _mlp(seed=7)
     batches = _data(n=25, sizes=(7, 13, 5))
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    ref = copy.deepcopy(model)
-    batch_loss("cross_entropy", ref(x), y).backward()
-    expected = math.sqrt(sum(float((p.grad**2).sum()) for p in ref.parameters()))
+    expected = float(reference.gradient(model, batches, "cross_entropy").norm())  # ‖∇ Σ_b n_b L_b / N‖
     got = gradient_norm(DataObjective(model, batches, "cross_entropy"), trainable_params(model))
     assert got == pytest.approx(expected, rel=1e-12)
 
@@ -379,10 +369,7 @@ def test_probe_eval_mode_by_default_and_matches_functions():
     data = _data(n=24, d=4, sizes=(24,))
     result = _fast(measures=("sam", "grad_norm", "average_case"), max_examples=None, seed=5).run(
         ProbeContext(model=model, data=data, loss="cross_entropy"))
-    ref = copy.deepcopy(model).eval()
-    x, y = data[0]
-    with torch.no_grad():
-        assert result.scalar("loss") == pytest.approx(float(batch_loss("cross_entropy", ref(x), y)), rel=1e-12)
+    assert result.scalar("loss") == pytest.approx(reference.loss_value(model, data, "cross_entropy"), rel=1e-12)
     obj = DataObjective(model, data, "cross_entropy")  # eval mode
     params = trainable_params(model)
     assert result.scalar("sam") == pytest.approx(sam_sharpness(obj, params, 0.05), rel=1e-12)
@@ -413,25 +400,12 @@ def test_probe_registered_and_validates():
 
 
 def test_lambda_max_and_trace_from_curvature_engine_match_dense_hessian():
-    """§3.1: λ_max and tr(H) in the sharpness probe equal the dense float64 Hessian's."""
-    from torch.func import functional_call
-
+    """λ_max and tr(H) in the sharpness probe equal the dense float64 Hessian's."""
     model = _mlp(bias=True).double()
     batches = _data()
     res = Sharpness(measures=("grad_norm",), lambda_max=True, trace=True).run(
         ProbeContext(model=model, data=batches, loss="cross_entropy"))
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(flat):
-        params, i = {}, 0
-        for n, sh in zip(names, shapes):
-            params[n] = flat[i : i + sh.numel()].reshape(sh)
-            i += sh.numel()
-        return torch.nn.functional.cross_entropy(functional_call(model, params, (batches[0][0],)), batches[0][1])
-
-    H = torch.autograd.functional.hessian(f, theta)
-    evals = torch.linalg.eigvalsh(0.5 * (H + H.T))
+    H = reference.hessian(model, batches, "cross_entropy")
+    evals = reference.eigenvalues(H)
     assert res.scalar("lambda_max") == pytest.approx(float(evals[-1]), rel=1e-4)
-    assert abs(res.scalar("trace") - float(torch.trace(H))) <= 4 * res.scalar("trace_stderr") + 1e-10
+    assert abs(res.scalar("trace") - reference.trace(H)) <= 4 * res.scalar("trace_stderr") + 1e-10

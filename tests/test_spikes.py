@@ -1,5 +1,5 @@
 """Spike detector: no false positives on noisy power-law curves, measured recall on planted spikes,
-divergence handling, and the llm-foundry / Megatron rules (SCIENCE.md §8.6, T8.1-T8.2)."""
+divergence handling, and the llm-foundry / Megatron rules."""
 
 import numpy as np
 import pytest
@@ -65,7 +65,7 @@ def test_recall_on_planted_spikes():
 
 
 def test_two_spikes_inside_one_window_are_both_caught():
-    """T8.1: 3e^{−t/2000} + 0.01ε with +0.5 spikes 30 steps apart; exclusion prevents masking."""
+    """3e^{−t/2000} + 0.01ε with +0.5 spikes 30 steps apart; exclusion prevents masking."""
     rng = np.random.default_rng(7)
     t = np.arange(10_000)
     loss = 3 * np.exp(-t / 2000) + 0.01 * rng.standard_normal(t.size)
@@ -103,7 +103,8 @@ def test_bad_inputs_raise():
 
 
 def test_llm_foundry_and_megatron_rules():
-    """T8.2 semantics."""
+    """llm-foundry KillLossSpike (window 100, ×2, patience 4; outliers enter the window) and
+    Megatron (flag ≥ 10× the max of the first 100 values)."""
     assert llm_foundry_spikes([1.0] * 100 + [3.0] * 20)[0] == 104
     assert llm_foundry_spikes([1.0] * 100 + [2.0] * 50) == []
     warm = np.abs(np.random.default_rng(0).standard_normal(100)) + 0.1

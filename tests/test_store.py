@@ -1,5 +1,5 @@
 """The run file and the results file (lossatlas/store.py): exact round trips, live reading,
-crash safety under SIGKILL, refusals, and labelled results (dimension scales, SCIENCE.md §4.4)."""
+crash safety under SIGKILL, refusals, and labelled results (dimension scales)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""InstabilityMonitor against brute-force recomputation on the reference GPT (SCIENCE.md §8.1, T8.4-T8.5),
-and the gradient noise scale against closed forms (SCIENCE.md §8.5, T8.3)."""
+"""InstabilityMonitor against brute-force recomputation on the reference GPT,
+and the gradient noise scale (McCandlish et al. 2018) against closed forms."""
 
 import math
 
@@ -78,7 +78,7 @@ def test_causal_mask_excludes_future_logits():
     upper = torch.triu(torch.ones(8, 8, dtype=torch.bool), diagonal=1)
     lower = z.abs()[..., ~upper].max().item()
     assert row["attn_logit_max/blocks.0"] == pytest.approx(lower, rel=1e-12)
-    # T8.5 closed form: q_i = k_j = s·u gives max logit s²/√d_h
+    # closed form: q_i = k_j = s·u gives max logit s²/√d_h
     d_h = 8
     s = 3.0
     u = torch.ones(d_h, dtype=torch.float64) / math.sqrt(d_h)
@@ -165,7 +165,7 @@ def test_hooks_removed_on_close_and_model_untouched():
 
 
 def test_z_loss_closed_form():
-    """T8.4: logits with logsumexp c give 1e-4·c²; a constant shift moves log Z by that constant."""
+    """z-loss: logits with logsumexp c give 1e-4·c²; a constant shift moves log Z by that constant."""
     logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)) + 2.5  # log Z = 2.5
     assert z_loss(logits).item() == pytest.approx(1e-4 * 2.5**2, rel=1e-12)
     assert z_loss(logits + 1.0).item() == pytest.approx(1e-4 * 3.5**2, rel=1e-12)
@@ -173,9 +173,9 @@ def test_z_loss_closed_form():
         z_loss(logits, -1.0)
 
 
-# -- gradient noise scale (SCIENCE.md §8.5) ----------------------------------------------------------
+# -- gradient noise scale ----------------------------------------------------------
 def test_two_batch_estimator_recovers_known_noise():
-    """T8.3: g_i = G + ξ_i, ξ_i ~ N(0, (T/D) I), D = 20, T = tr Σ = 30; B_small 8, B_big 128, 2·10⁴ reps."""
+    """g_i = G + ξ_i, ξ_i ~ N(0, (T/D) I), D = 20, T = tr Σ = 30; B_small 8, B_big 128, 2·10⁴ reps."""
     rng = np.random.default_rng(0)
     D, T, reps, bs, bb = 20, 30.0, 20000, 8, 128
     G = rng.standard_normal(D)

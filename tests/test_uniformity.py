@@ -1,4 +1,4 @@
-"""Alignment, uniformity, W2 uniformity, tolerance, RankMe and the ``uniformity`` probe (SCIENCE.md §7)."""
+"""Alignment, uniformity, W2 uniformity, tolerance, RankMe and the ``uniformity`` probe."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def regular_simplex(n: int) -> torch.Tensor:
     return z / z.norm(dim=1, keepdim=True)
 
 
-# ---- Wang & Isola (§7.1) ---------------------------------------------------------------------------
+# ---- Wang & Isola 2020 ---------------------------------------------------------------------------
 @pytest.mark.parametrize("n,expected", [(2, -8.0), (3, -6.0), (4, -16.0 / 3.0)])
 def test_uniformity_regular_simplex(n, expected):
     assert uniformity_loss(regular_simplex(n), t=2.0) == pytest.approx(expected, abs=1e-12)
@@ -57,7 +57,7 @@ def test_uniformity_all_equal_is_zero_and_matches_reference_formula():
 
 
 def test_uniformity_uniform_on_sphere_d3():
-    # population value −4 + log(sinh 4 / 4) = −2.079777 (§7.1)
+    # population value −4 + log(sinh 4 / 4) = −2.079777
     assert -4 + math.log(math.sinh(4) / 4) == pytest.approx(-2.079777, abs=1e-6)
     assert uniformity_loss(sphere(4000, 3, seed=0)) == pytest.approx(-2.0798, abs=0.01)
 
@@ -82,7 +82,7 @@ def test_normalize_rows_reports_change():
         normalize_rows(torch.zeros(2, 3))
 
 
-# ---- W2 uniformity (§7.2) ---------------------------------------------------------------------------
+# ---- W2 uniformity (Fang et al. 2024) ---------------------------------------------------------------------------
 def test_w2_uniform_on_sphere_is_small():
     assert w2_uniformity(sphere(10_000, 32, seed=1)) < 0.1
 
@@ -118,7 +118,7 @@ def test_tolerance_closed_form_and_brute_force():
     assert tolerance(z, labels) == pytest.approx(float(cos[same].mean()), abs=1e-13)
 
 
-# ---- RankMe (§7.3) --------------------------------------------------------------------------------------
+# ---- RankMe (Garrido et al. 2023) ---------------------------------------------------------------------
 def orthonormal(n: int, k: int, seed: int = 0) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=DT))
     return q
@@ -135,7 +135,7 @@ def test_rankme_includes_epsilon():
     z = orthonormal(200, 16)  # 16 equal singular values: p_k = 1/16 + ε
     q = 1 / 16 + 1e-7
     assert rankme(z) == pytest.approx(math.exp(-16 * q * math.log(q)), rel=1e-10)
-    assert rankme(z) == pytest.approx(16.000045, abs=1e-6)  # SCIENCE.md §7.3
+    assert rankme(z) == pytest.approx(16.000045, abs=1e-6)  # k = K = 16 with ε = 1e-7
 
 
 def test_rankme_two_one_one():

@@ -52,7 +52,7 @@ def make_run(directory, *, probes: bool = True):
     from lossatlas.analysis.runner import RunOptions, default_results_path, run_probe
     from lossatlas.probes.collapse import NeuralCollapse
     from lossatlas.probes.connectivity import Interpolate
-    from lossatlas.probes.evaluate import LossAccuracy
+    from lossatlas.probes.loss import Loss
     from lossatlas.probes.sharpness import Sharpness
     from lossatlas.probes.surface import Surface
     from lossatlas.probes.trajectory import Trajectory
@@ -60,7 +60,7 @@ def make_run(directory, *, probes: bool = True):
     from lossatlas.store import ResultsStore, RunReader
 
     for probe, steps in [
-        (LossAccuracy(), "all"),
+        (Loss(), "all"),
         (Sharpness(measures=("grad_norm", "sam", "average_case"), num_samples=4, max_examples=256), "all"),
         (NeuralCollapse(layers="depth"), "all"),
         (Uniformity(), "all"),
@@ -203,10 +203,10 @@ def test_spectrum_survives_missing_optional_values():
 
 def test_interpolation_marks_the_stored_barrier_where_the_reference_puts_it(stored):
     from lossatlas.probes.connectivity import barriers
-    from lossatlas.viz import interpolation_figure
+    from lossatlas.viz import interpolate_figure
 
     r = stored[0]["interpolate"][-1]
-    ax = interpolation_figure(r).axes[0]
+    ax = interpolate_figure(r).axes[0]
     ref = barriers(r.coords["alpha"], r.values["loss"])
     assert abs(ref["linear"] - float(r.values["loss_barrier"])) < 1e-12
     arrow = ax.texts[0]  # the annotate arrow sits at the barrier's α

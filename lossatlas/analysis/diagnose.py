@@ -1,4 +1,4 @@
-"""Why did a run spike or diverge? Precursor ranking and a verdict with the literature's fixes (SCIENCE.md §8).
+"""Why did a run spike or diverge? Precursor ranking and a verdict with the literature's fixes.
 
 For every loss spike (``lossatlas.analysis.spikes.detect_spikes``) and for a divergence (the first
 non-finite logged value), each logged signal x (log-transformed when positive) is tested for a
@@ -10,12 +10,13 @@ over lags ℓ ≤ P (``precursor_window``). The signal moved if max_ℓ |z_ℓ| 
 time is the smallest lag reaching 90 % of that maximum (the change point). Precursors are ranked by
 lead time, then |z|, and the earliest one of a known kind names the likely cause:
 
-- ``attn_logit_max/<layer>``: attention-logit growth → qk-layernorm (Wortsman et al. 2023, §8.1);
-- ``output_logz_mean`` / ``output_logit_max``: output-logit divergence → z-loss 1e-4·log²Z (PaLM, §8.1);
+- ``attn_logit_max/<layer>``: attention-logit growth → qk-layernorm (Wortsman et al. 2023; Dehghani et al. 2023);
+- ``output_logz_mean`` / ``output_logit_max``: output-logit divergence → z-loss 1e-4·log²Z (PaLM, Chowdhery
+  et al. 2022; Wortsman et al. 2023);
 - ``grad_norm/<param>`` / ``act_max/<block>``: one layer's gradient explosion → gradient clipping,
-  lower LR; embedding scaling / small sub-layer init (Takase et al., "Spike No More", §8.2);
+  lower LR; embedding scaling / small sub-layer init (Takase et al., "Spike No More");
 - the learning rate rose or warm-up ended just before → lower peak LR / longer warm-up;
-- no precursor and a quick recovery: a data batch → skip batches from an earlier checkpoint (PaLM, §8.4).
+- no precursor and a quick recovery: a data batch → restart ~100 steps earlier and skip ~200–500 batches (PaLM).
 
 Figures belong to ``lossatlas.viz``: each spike carries the arrays to draw (``figure``).
 """
@@ -31,6 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from lossatlas.analysis.spikes import MAD_TO_SIGMA, Spike, detect_spikes
+from lossatlas.errors import UserError
+from lossatlas.finite import strict
 
 CAUSES = ("attention_logit_growth", "output_logit_divergence", "layer_gradient_explosion", "gradient_norm_growth",
           "adam_second_moment", "opposing_signals", "lr_schedule", "data_batch", "unknown")
@@ -153,21 +156,11 @@ class Diagnosis:
     summary: str
 
     def to_dict(self) -> dict:
-        """A strict-JSON dict: NaN and inf become None."""
-        return _clean(asdict(self))
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+        """A strict-JSON dict: NaN and ±inf become None, and ``"nonfinite"`` maps the JSON Pointer of each
+        to "nan", "inf" or "-inf" (``lossatlas.finite.strict``)."""
+        clean, found = strict(asdict(self))
+        clean["nonfinite"] = found
+        return clean
 
 
 # -- the computation ----------------------------------------------------------------------------------
@@ -302,24 +295,30 @@ def _first_nonfinite(steps: np.ndarray, cols: Mapping[str, np.ndarray], upto: in
     """The first row ≤ ``upto`` with a NaN/inf value, the signals non-finite there, and the primary one."""
     first = None
     for name, x in cols.items():
-        bad = np.flatnonzero(~np.isfinite(x[: upto + 1]) & _logged(x, upto))
+        bad = np.flatnonzero(~np.isfinite(x[: upto + 1]) & _logged(x, upto, name == "loss"))
         if bad.size and (first is None or bad[0] < first):
             first = int(bad[0])
     if first is None:
         return None
-    names = sorted(n for n, x in cols.items() if not np.isfinite(x[first]) and _logged(x, upto)[first])
+    names = sorted(n for n, x in cols.items() if not np.isfinite(x[first]) and _logged(x, upto, n == "loss")[first])
     rank = {"layer_gradient_explosion": 0, "attention_logit_growth": 1, "output_logit_divergence": 2}
     primary = min(names, key=lambda n: (rank.get(signal_cause(n) or "", 3), n == "loss", n))
     return {"step": int(steps[first]), "row": first, "signal": primary, "layer": signal_layer(primary),
             "value": float(cols[primary][first]), "signals": names}
 
 
-def _logged(x: np.ndarray, upto: int) -> np.ndarray:
-    """Rows where a column was logged: NaN before its first finite value means 'not logged yet'."""
-    fin = np.flatnonzero(np.isfinite(x[: upto + 1]))
+def _logged(x: np.ndarray, upto: int, always: bool = False) -> np.ndarray:
+    """Rows where a column was logged: NaN before its first number (finite or ±inf) means 'not logged yet'.
+
+    With ``always`` (the loss, which the log holds only because it was logged) a column that is NaN
+    throughout counts as logged from the first row: every loss it recorded was NaN.
+    """
+    fin = np.flatnonzero(~np.isnan(x[: upto + 1]))
     mask = np.zeros(upto + 1, dtype=bool)
     if fin.size:
         mask[fin[0]:] = True
+    elif always:
+        mask[:] = True
     return mask
 
 
@@ -373,6 +372,10 @@ def diagnose_log(log: Mapping[str, Any], *, run: str = "", checkpoint_steps: Seq
     """``diagnose`` on an in-memory log ``{"step": (N,), "loss": (N,), name: (N,), ...}``."""
     if "step" not in log or "loss" not in log:
         raise ValueError("the log needs 'step' and 'loss' columns; record the loss with Recorder.step(step, loss=...)")
+    if isinstance(sensitivity, bool) or not isinstance(sensitivity, (int, float)) or not 0 < sensitivity < math.inf:
+        raise ValueError(f"sensitivity must be a positive finite number of robust standard deviations, got {sensitivity!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 5:
+        raise ValueError(f"window must be an integer ≥ 5 (steps of history), got {window!r}")
     steps = np.asarray(log["step"], dtype=np.int64)
     order = np.argsort(steps, kind="stable")
     keep = np.ones(steps.size, dtype=bool)  # the last row of a repeated step wins (a resumed run)
@@ -425,7 +428,7 @@ def diagnose_log(log: Mapping[str, Any], *, run: str = "", checkpoint_steps: Seq
         hi_row = row_of.get(sp.recovery, r) if sp.recovery is not None else row_of[sp.peak]
         lo = max(0, r - precursor_window - 10)
         hi = min(n, max(hi_row, r) + 20)
-        out.append(SpikeDiagnosis(spike=sp.to_dict(), precursors=pre[: max(top, 1) * 4], cause=cause, verdict=verdict,
+        out.append(SpikeDiagnosis(spike=asdict(sp), precursors=pre[: max(top, 1) * 4], cause=cause, verdict=verdict,
                                   mitigations=fixes, citations=cites, lr_event=ev, first_nonfinite=first_bad,
                                   checkpoints=checkpoints, curvature=curvature,
                                   figure=_figure(steps, loss, signals, lo, hi, pre, top)))
@@ -445,7 +448,7 @@ def diagnose_log(log: Mapping[str, Any], *, run: str = "", checkpoint_steps: Seq
 
 
 def diagnose(run_path: Any, **kwargs: Any) -> Diagnosis:
-    """Diagnose a run file's loss spikes and divergence from its per-step log (SCIENCE.md §8).
+    """Diagnose a run file's loss spikes and divergence from its per-step log.
 
     Args:
         run_path: a run file path or a ``lossatlas.store.RunReader``.
@@ -458,6 +461,9 @@ def diagnose(run_path: Any, **kwargs: Any) -> Diagnosis:
 
     reader = run_path if isinstance(run_path, store.RunReader) else store.RunReader(run_path)
     log = reader.log()
+    if "loss" not in log:
+        raise UserError(f"{reader.path}: the run logged no loss (an imported run has no training log); diagnose "
+                        "reads the per-step log written by Recorder.step(step, loss=...)")
     return diagnose_log(log, run=str(reader.path), checkpoint_steps=reader.steps(), **kwargs)
 
 
@@ -501,33 +507,46 @@ def diagnose_command(run_path: str | Path, *, as_json: bool = False, **kwargs: A
     return text, data
 
 
-def checkpoint_sharpness(run_path: str | Path, *, max_examples: int = 1024, batch_size: int = 256) -> Callable[[int], float | None]:
-    """``step ↦ λ_max`` of the loss at a stored checkpoint (Lanczos, tol 1e-3), for ``curvature_fn``.
+def checkpoint_sharpness(run_path: str | Path, *, max_examples: int = 1024, batch_size: int = 256,
+                         trust_factory: bool = False, model: dict | str | None = None,
+                         data: dict | str | None = None) -> Callable[[int], float | None]:
+    """``step ↦ λ_max`` of the loss at a stored checkpoint, for ``curvature_fn``.
 
-    Returns None for a checkpoint that is not finite or when the run has no data spec.
+    λ_max is the ``hessian`` probe at ``top_k=1`` (its defaults otherwise: Lanczos to a relative Ritz
+    residual of 1e-4) on the first ``max_examples`` examples in batches of ``batch_size``, run by
+    ``lossatlas.analysis.runner.run_probe``: it is stored in the run's results file and reused there,
+    also by a later ``lossatlas hessian RUN --top-k 1`` with the same data settings.
+
+    Returns None for a checkpoint holding NaN/inf or when the run has no data spec. ``model`` and
+    ``data`` replace the run's specs; a factory the run's specs name is imported only when this user
+    signed the file or ``trust_factory`` is set, and a refusal comes here, before any spike is looked at.
     """
-    import torch
+    from lossatlas import store, trust
+    from lossatlas.analysis.runner import RunOptions, checkpoint_state, run_probe
+    from lossatlas.finite import nonfinite_counts
+    from lossatlas.probes.hessian import HessianProbe
 
-    from lossatlas import store
-    from lossatlas.analysis.runner import load_batches, load_model
-    from lossatlas.probes.curvature import HessianOperator
-    from lossatlas.probes.estimators import lanczos_eigs
-
+    with store.RunReader(run_path) as reader:
+        for spec in (model if model is not None else reader.model_spec, data if data is not None else reader.data_spec):
+            trust.require_trusted(spec, trust_factory=trust_factory, hint=" (or skip curvature with --no-curvature)")
+    probe = HessianProbe(top_k=1)
+    options = dict(data=data, model=model, trust_factory=trust_factory, batch_size=batch_size,
+                   max_examples=max_examples)
     cache: dict[int, float | None] = {}
 
     def sharpness(step: int) -> float | None:
         if step in cache:
             return cache[step]
         with store.RunReader(run_path) as reader:
-            if reader.data_spec is None or step not in reader.steps():
+            if (data if data is not None else reader.data_spec) is None or step not in reader.steps():
                 return None
-            model = load_model(reader, step)
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                cache[step] = None
-                return None
-            batches = load_batches(reader.data_spec, batch_size=batch_size, max_examples=max_examples)
-            op = HessianOperator(model, batches, reader.loss or "cross_entropy")
-            cache[step] = float(lanczos_eigs(op, k=1, tol=1e-3, return_eigenvectors=False).eigenvalues[0])
+            # a diverged checkpoint has no λ_max
+            finite = not nonfinite_counts(checkpoint_state(reader, step, allow_nonfinite=True))
+        if not finite:
+            cache[step] = None
+            return None
+        report = run_probe(run_path, probe, RunOptions(steps=[step], **options))
+        cache[step] = float(report.results[0].values["top_eigenvalues"][0])
         return cache[step]
 
     return sharpness

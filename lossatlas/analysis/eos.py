@@ -1,8 +1,9 @@
-"""Edge of stability: sharpness against the stability threshold along a run (SCIENCE.md §5).
+"""Edge of stability: sharpness against the stability threshold along a run.
 
-Cohen et al. (ICLR 2021): under full-batch GD with step η the sharpness S = λ_max(∇²L) first rises
+Cohen, Kaur, Li, Kolter, Talwalkar (ICLR 2021): under full-batch GD with step η the sharpness S = λ_max(∇²L) first rises
 (*progressive sharpening*) and then hovers at the threshold 2/η (*edge of stability*, EoS), where a
-quadratic model would diverge. Thresholds for other optimizers (SCIENCE.md §5, T5.2):
+quadratic model would diverge. Thresholds for other optimizers (the divergence bound of a
+quadratic under each update rule):
 
 - ``gd``: 2/η
 - ``heavy_ball`` (Polyak momentum β): (2 + 2β)/η
@@ -24,7 +25,7 @@ Optimizer = Literal["gd", "heavy_ball", "nesterov", "adam"]
 
 
 def stability_threshold(lr: Any, *, optimizer: Optimizer = "gd", beta: float = 0.9) -> Any:
-    """The sharpness at which a quadratic becomes unstable for step size ``lr`` (SCIENCE.md §5).
+    """The sharpness at which a quadratic becomes unstable for step size ``lr``.
 
     2/η (GD), (2+2β)/η (heavy ball), (2+2β)/(η(1+2β)) (Nesterov), (2+2β₁)/((1−β₁)η) (Adam's
     preconditioned sharpness; 38/η at β₁ = 0.9). ``beta`` is ignored for ``gd``. Works on arrays.
@@ -86,7 +87,7 @@ class EoSAnalysis:
 def eos_phases(steps: Sequence[int], sharpness: Sequence[float], lr: float | Sequence[float], *,
                optimizer: Optimizer = "gd", beta: float = 0.9, band: float = 0.9, sustain: int = 3,
                rise: float = 0.1) -> EoSAnalysis:
-    """Progressive sharpening and edge-of-stability phases of a sharpness curve (SCIENCE.md §5).
+    """Progressive sharpening and edge-of-stability phases of a sharpness curve (Cohen et al. 2021).
 
     ratio_t = S_t / threshold(η_t). The EoS onset is the first step from which ``sustain``
     consecutive measurements have ratio ≥ ``band`` (default 0.9); the EoS phase runs from there to
@@ -153,7 +154,7 @@ def eos_phases(steps: Sequence[int], sharpness: Sequence[float], lr: float | Seq
 
 
 def gd_diverges_on_quadratic(curvature: float, lr: float, steps: int = 200) -> bool:
-    """Whether GD x ← x − η λ x on L = ½λx² blows up from x = 1 (T5.1: iff ηλ > 2)."""
+    """Whether GD x ← x − η λ x on L = ½λx² blows up from x = 1 (it does iff ηλ > 2)."""
     x = 1.0
     for _ in range(steps):
         x -= lr * curvature * x

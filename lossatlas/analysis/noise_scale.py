@@ -1,4 +1,5 @@
-"""Gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish, Kaplan, Amodei et al. 2018; SCIENCE.md §8.5).
+"""Gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish, Kaplan, Amodei et al. 2018,
+"An empirical model of large-batch training", arXiv 1812.06162).
 
 G is the true (data-set mean) gradient and Σ the per-example gradient covariance, so that
 E|G_B|² = |G|² + tr(Σ)/B for a batch mean gradient G_B. Two estimators:
@@ -10,7 +11,7 @@ E|G_B|² = |G|² + tr(Σ)/B for a batch mean gradient G_B. Two estimators:
   tr Σ ≈ (|G_small|² − |G_big|²)/(1/B_small − 1/B_big), and B_simple = mean(tr Σ)/mean(|G|²) —
   the ratio of averages, never the average of per-step ratios (single estimates can be negative).
 
-Pitfalls (SCIENCE.md §8.5): measure before clipping; for language models an "example" here is one
+Pitfalls: measure before clipping; for language models an "example" here is one
 sequence (the per-example loss averages its tokens); Adam's preconditioning is not included.
 """
 
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from lossatlas.probes.batches import as_batches
-from lossatlas.probes.losses import batch_loss, check_loss_name
+from lossatlas.batches import as_batches
+from lossatlas.losses import batch_loss, check_loss_name
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: int, b_bi
 
 def noise_scale_from_norms(sq_norm_small: Any, sq_norm_big: Any, b_small: int, b_big: int, *,
                            ema: float | None = None) -> NoiseScale:
-    """B_simple from paired squared norms of small- and big-batch gradients (SCIENCE.md §8.5).
+    """B_simple from paired squared norms of small- and big-batch gradients.
 
     Args:
         sq_norm_small, sq_norm_big: |G_Bsmall|² and |G_Bbig|² per measurement (same length).
@@ -118,8 +119,8 @@ def gradient_noise_scale(model: nn.Module, data: Any, loss: str = "cross_entropy
 
     Args:
         model: the network.
-        data: (inputs, targets) batches, anything ``lossatlas.probes.batches.as_batches`` accepts.
-        loss: a name from ``lossatlas.probes.losses.LOSSES``.
+        data: (inputs, targets) batches, anything ``lossatlas.batches.as_batches`` accepts.
+        loss: a name from ``lossatlas.losses.LOSSES``.
         params: parameters to evaluate at (default: the model's trainable parameters).
         max_examples: stop after this many examples.
         chunk_size: examples per vmap call (None: a whole batch at once).

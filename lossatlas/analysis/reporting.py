@@ -12,26 +12,14 @@ from typing import Any
 import numpy as np
 
 from lossatlas import store
+from lossatlas.analysis import kinds
 from lossatlas.analysis.runner import default_results_path
 from lossatlas.errors import UserError
 from lossatlas.viz import figures as vizfig
-from lossatlas.viz.report import ReportItem, ReportSection, figures_page, render_report
+from lossatlas.viz.report import SECTIONS, ReportItem, ReportSection, figures_page, render_report
 from lossatlas.viz.style import MATPLOTLIB_FORMATS, save_figure
 
 PLOT_FORMATS: tuple[str, ...] = (*MATPLOTLIB_FORMATS, ".html")
-REPORT_SECTIONS: tuple[str, ...] = ("overview", "instabilities", "curvature", "sharpness", "landscape",
-                                    "representations")
-_EMPTY_NOTES: dict[str, str] = {
-    "instabilities": "Loss spikes and divergence are diagnosed from the per-step telemetry above; "
-                     "run `lossatlas diagnose RUN` to add the spike diagnosis here.",
-    "curvature": "No Hessian results yet: run `lossatlas hessian RUN --steps all` "
-                 "(top-k eigenvalues, trace, spectral density, per-layer spectra).",
-    "sharpness": "No sharpness results yet: run `lossatlas sharpness RUN --steps all`.",
-    "landscape": "No landscape results yet: run `lossatlas surface RUN`, `lossatlas interpolate RUN --to-step STEP` "
-                 "or `lossatlas trajectory RUN`.",
-    "representations": "No representation results yet: run `lossatlas collapse RUN --steps all` "
-                       "or `lossatlas uniformity RUN --steps all`.",
-}
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -82,8 +70,14 @@ def _lr_series(reader: store.RunReader) -> tuple[np.ndarray, np.ndarray] | None:
     return (log["step"], log["lr"]) if np.isfinite(log["lr"]).any() else None
 
 
-def _check_output(output: str | Path, overwrite: bool, formats: tuple[str, ...]) -> Path:
+def _check_output(output: str | Path, overwrite: bool, formats: tuple[str, ...], run_path: str | Path,
+                  results_path: str | Path | None) -> Path:
     output = Path(output)
+    results = Path(results_path) if results_path is not None else default_results_path(run_path)
+    for what, path in (("run file", Path(run_path)), ("results file", results)):
+        if store.same_file(output, path):  # --force or not: an output never replaces what it is drawn from
+            raise UserError(f"{output}: that is the {what} this command reads; write the output to another "
+                            "path (e.g. -o report.html)")
     if output.suffix.lower() not in formats:
         raise UserError(f"{output}: unsupported output format {output.suffix or '(none)'!r}; "
                         f"use one of {', '.join(formats)}")
@@ -116,10 +110,10 @@ def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, ou
     """Draw ``kind`` ("training" or a probe name) of a run to ``output`` (.pdf/.png/.svg via matplotlib, .html
     via plotly, self-contained). Returns the written path."""
     try:
-        vizfig.check_kind(kind)
+        kinds.check_kind(kind)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    output = _check_output(output, overwrite, PLOT_FORMATS)
+    output = _check_output(output, overwrite, PLOT_FORMATS, run_path, results_path)
     run_path = Path(run_path)
     reader = _open_run(run_path)
     log, results, lr = None, None, None
@@ -131,21 +125,22 @@ def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, ou
     else:
         results = latest_results(_results_store(run_path, results_path), kind)
         if not results:
-            cmd = vizfig.COMMANDS[kind].replace("RUN", str(run_path))
+            cmd = kinds.command_of(kind).replace("RUN", str(run_path))
             raise UserError(f"no {kind!r} result stored for {run_path} yet; compute it with `{cmd}`")
         if step is not None and all(r.step != step for r in results):
             have = ", ".join(str(r.step) for r in results)
             raise UserError(f"no {kind!r} result at step {step}; stored steps: {have} "
-                            f"(or compute it with `{vizfig.COMMANDS[kind].split(' RUN')[0]} {run_path} --step {step}`)")
-        lr = _lr_series(reader) if kind == "hessian" else None
+                            f"(or compute it with `lossatlas {kind} {run_path} --step {step}`)")
+        lr = _lr_series(reader)
+    figure = kinds.figure_of(kind)
     if output.suffix.lower() == ".html":
-        figs = vizfig.interactive_figures(kind, results, log=log, step=step, lr=lr)
+        figs = vizfig.interactive_figures(figure, results, log=log, step=step, lr=lr)
         if not figs:
             raise UserError(f"the stored {kind!r} result holds nothing to draw; recompute it with "
-                            f"`{vizfig.COMMANDS[kind].replace('RUN', str(run_path))} --force`")
+                            f"`{kinds.command_of(kind).replace('RUN', str(run_path))} --force`")
         page = figures_page(f"{kind} — {run_path.name}", figs, subtitle=_subtitle(reader, run_path))
         return _write_atomically(output, lambda p: p.write_text(page, encoding="utf-8"))
-    fig = vizfig.paper_figure(kind, results, log=log, step=step, lr=lr)
+    fig = vizfig.paper_figure(figure, results, log=log, step=step, lr=lr)
     return _write_atomically(output, lambda p: save_figure(fig, p))
 
 
@@ -194,7 +189,7 @@ def _result_item(probe: str, key: str, found: list, figures: list) -> ReportItem
     subtitle = (f"config key {key} · steps {', '.join(map(str, steps))} · values of step {last.step} below"
                 + (f" · {partial} partial (rerun the command to finish)" if partial else "")
                 + f" · {sum(i['elapsed_s'] for i in infos):.1f} s compute")
-    return ReportItem(title=f"{probe}", subtitle=subtitle, table=table, config=last.config, figures=figures)
+    return ReportItem(title=kinds.title_of(probe), subtitle=subtitle, table=table, config=last.config, figures=figures)
 
 
 def _diagnosis_item(reader) -> ReportItem:
@@ -216,10 +211,10 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
                    results_path: str | Path | None = None) -> Path:
     """Write ONE self-contained, offline HTML report of a run: overview (specs, training curves, telemetry) and
     every stored result with its figures and config, in sections. Returns the written path."""
-    output = _check_output(output, overwrite, (".html",))
+    output = _check_output(output, overwrite, (".html",), run_path, results_path)
     run_path = Path(run_path)
     reader = _open_run(run_path)
-    sections = {name: ReportSection(name) for name in REPORT_SECTIONS}
+    sections = {name: ReportSection(name) for name in SECTIONS}
     overview = sections["overview"]
     overview.items.append(_overview_item(reader))
     log = reader.log()
@@ -242,12 +237,15 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
             if not found:
                 continue
             rs = [f[0] for f, _ in found]
-            figs = vizfig.interactive_figures(probe, rs, lr=lr if probe == "hessian" else None)
-            section = vizfig.SECTIONS.get(probe, "other")
+            figs = vizfig.interactive_figures(kinds.figure_of(probe), rs, lr=lr)
+            section = kinds.section_of(probe)
             sections.setdefault(section, ReportSection(section)).items.append(_result_item(probe, key, found, figs))
-    for name, s in sections.items():
-        if not s.items:
-            s.note = _EMPTY_NOTES.get(name, "")
+    for name, spec in SECTIONS.items():
+        if not sections[name].items:
+            if spec.shown_empty:
+                sections[name].note = spec.empty_note
+            else:
+                del sections[name]
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     page = render_report(f"lossatlas report — {run_path.name}", list(sections.values()),
                          subtitle=_subtitle(reader, run_path) + f" · report written {stamp}")

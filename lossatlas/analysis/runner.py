@@ -18,29 +18,45 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from lossatlas import models, store
+from lossatlas import models, store, trust
 from lossatlas.store import default_results_path  # noqa: F401  (re-exported for analysis and viz)
 from lossatlas.analysis.steps import select_steps
+from lossatlas.batches import as_batches, fingerprint, to_device
+from lossatlas.distributed import Distributed
 from lossatlas.errors import UserError
+from lossatlas.finite import check_finite
+from lossatlas.losses import LOSSES
 from lossatlas.probes.base import Probe, ProbeContext, Result
-from lossatlas.probes.distributed import Distributed
-from lossatlas.probes.batches import as_batches, fingerprint, to_device
-from lossatlas.probes.losses import LOSSES
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from lossatlas.probes.settings import DTYPES  # every dtype a checkpoint can be loaded in
 
 
 def load_model(reader: "store.RunReader", step: int, *, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the run's model from its spec and load the checkpoint at ``step`` (strict, with a clear error)."""
-    if reader.model_spec is None:
-        raise UserError(f"{reader.path}: the run has no model spec; re-import it with --model SPEC")
-    model = models.build_model(reader.model_spec)
-    ckpt = reader.checkpoint(step)
-    load_state(model, ckpt.state_dict(), source=f"{reader.path} step {step}")
+               device: str | torch.device = "cpu", trust_factory: bool = False,
+               model_spec: dict | str | None = None, allow_nonfinite: bool = False) -> nn.Module:
+    """Rebuild the run's model from its spec and load the checkpoint at ``step`` (strict, with a clear error).
+
+    A checkpoint holding NaN/inf raises ``NonFiniteError`` naming the tensors, unless ``allow_nonfinite``.
+
+    ``model_spec`` (the caller's own, so trusted) replaces the run's spec. A factory named by the
+    run's spec is imported only when this user signed the file or ``trust_factory`` is set.
+    """
+    spec = model_spec if model_spec is not None else reader.model_spec
+    if spec is None:
+        raise UserError(f"{reader.path}: the run has no model spec; pass one with --model SPEC")
+    model = models.build_model(spec, trust_factory=trust_factory)
+    load_state(model, checkpoint_state(reader, step, allow_nonfinite=allow_nonfinite),
+               source=f"{reader.path} step {step}")
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device)
+
+
+def checkpoint_state(reader: "store.RunReader", step: int, *, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict stored at ``step``; ``NonFiniteError`` if it holds NaN/inf, unless ``allow_nonfinite``."""
+    state = reader.checkpoint(step).state_dict()
+    if not allow_nonfinite:
+        check_finite(state, f"{reader.path}: checkpoint at step {step}")
+    return state
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
@@ -66,11 +82,18 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str)
 
 
 def load_batches(data_spec: dict | str | None, *, batch_size: int | None = 256, max_examples: int | None = None,
-                 what: str = "run") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Build the data set from its spec and split it into fixed batches."""
+                 what: str = "run", trust_factory: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Build the data set from its spec and split it into fixed batches.
+
+    A factory named by a spec read from a file (``reader.data_spec``) is imported only when this
+    user signed the file or ``trust_factory`` is set.
+    """
     if data_spec is None:
         raise UserError(f"the {what} has no data spec; pass --data '{{\"name\": \"digits\"}}' or another data spec")
-    data = models.build_data(data_spec)
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
+        raise UserError(f"max_examples must be a positive number of examples, got {max_examples!r}; "
+                        "leave it out to use every example")
+    data = models.build_data(data_spec, trust_factory=trust_factory)
     try:
         return as_batches(data, batch_size, limit=max_examples)
     except ValueError as exc:
@@ -84,12 +107,15 @@ class RunOptions:
     steps: str | Sequence[int] | None = "last"
     results_path: str | Path | None = None
     data: dict | str | None = None  # data spec override (default: the run's own)
+    model: dict | str | None = None  # model spec override (default: the run's own)
+    trust_factory: bool = False  # import a factory named by the run's specs even if this user did not sign them
     batch_size: int | None = 256
     max_examples: int | None = None
     dtype: str | None = None
     device: str = "cpu"
     force: bool = False
     progress: Callable[[str], None] | None = None  # called with a status line per step
+    allow_nonfinite: bool = False  # compute on checkpoints holding NaN/inf instead of refusing them
 
 
 @dataclass
@@ -124,12 +150,15 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
     dtype = _dtype(options.dtype)
     dist = distributed_from_env()
     with store.RunReader(run_path) as reader:
+        data_spec = options.data if options.data is not None else reader.data_spec
+        for spec in (options.model if options.model is not None else reader.model_spec, data_spec):
+            trust.require_trusted(spec, trust_factory=options.trust_factory)  # before any work or import
         steps = select_steps(options.steps, reader.steps())
         loss = reader.loss or "cross_entropy"
         if loss not in LOSSES:
             raise UserError(f"{run_path}: unknown loss {loss!r} in the run; supported: {', '.join(LOSSES)}")
-        data_spec = options.data if options.data is not None else reader.data_spec
-        batches = load_batches(data_spec, batch_size=options.batch_size, max_examples=options.max_examples)
+        batches = load_batches(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
+                               trust_factory=options.trust_factory)
         data_fp = fingerprint(batches)
         batches = to_device(batches, options.device, dtype)
         key = probe.config_hash()
@@ -197,7 +226,9 @@ class _StepJob:
             else:
                 status = "recomputed"
         reader, options = self.reader, self.options
-        model = load_model(reader, step, dtype=self.dtype, device=options.device)
+        model = load_model(reader, step, dtype=self.dtype, device=options.device,
+                           trust_factory=options.trust_factory, model_spec=options.model,
+                           allow_nonfinite=options.allow_nonfinite)
         attrs = reader.checkpoint_attrs(step)
         optimizer_state = None
         if getattr(self.probe, "needs_optimizer_state", False):
@@ -211,7 +242,8 @@ class _StepJob:
             model=model, data=self.batches, loss=self.loss, step=step,
             lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
             device=torch.device(options.device), dtype=self.dtype, partial=partial, save_partial=save_partial,
-            steps=tuple(reader.steps()), state_at=lambda s: reader.checkpoint(s).state_dict(), dist=dist,
+            steps=tuple(reader.steps()), dist=dist,
+            state_at=lambda s: checkpoint_state(reader, s, allow_nonfinite=options.allow_nonfinite),
         )
         _say(options, f"{self.probe.name} step {step}: {status}")
         start = time.perf_counter()

@@ -1,6 +1,7 @@
-"""Loss-spike and divergence detection on a logged training curve (SCIENCE.md §8.6).
+"""Loss-spike and divergence detection on a logged training curve.
 
-The detector is the robust variant of "Our detector spec" in SCIENCE.md §8.6: on the log of the
+The detector is a robust z-score (median and 1.4826·MAD instead of mean and standard deviation, so a
+spike cannot inflate its own yardstick) over a window of past steps: on the log of the
 loss (which turns the decaying trend and multiplicative noise into a slowly moving level with
 additive noise), each step is compared with a robust local trend of the previous ``window``
 accepted steps (the line through the medians of their older and newer halves, so that a decaying
@@ -16,8 +17,8 @@ Flagged steps are kept out of the window (no "masking" of a second spike by the 
 ``warmup`` steps are never flagged, and a spike lasts from its first flagged step until the
 loss is back near the baseline. The first non-finite loss ends the curve: it is reported as a ``"divergence"`` event.
 
-The llm-foundry ``KillLossSpike`` and Megatron-LM "spiky loss" rules (SCIENCE.md §8.6) are
-exposed too, for comparison with what those codebases would have flagged.
+The llm-foundry ``KillLossSpike`` and Megatron-LM "spiky loss" rules are exposed too, for
+comparison with what those codebases would have flagged.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def detect_spikes(
     """Loss spikes: runs of steps whose log-loss exceeds its robust local trend by ``sensitivity`` σ̂.
 
     r_t = (y_t − trend_t(W_t)) / (1.4826·MAD(residuals of W_t)), y = log ℓ, W_t = the last
-    ``window`` unflagged steps; flag r_t > k = ``sensitivity`` (SCIENCE.md §8.6, robust detector
-    (b) with exclusion and detrending). The nominal threshold is a jump of k·σ̂ in log-loss, i.e. a
+    ``window`` unflagged steps; flag r_t > k = ``sensitivity`` (flagged steps stay out of the window, and
+    the trend is removed). The nominal threshold is a jump of k·σ̂ in log-loss, i.e. a
     height ratio exp(k·σ̂) over the trend (σ̂ is reported with each spike). Measured on a noisy
     power-law curve (tests/test_spikes.py): recall ≈ 0.65–0.8 for heights 1–1.5× nominal, 1.0
     from 1.5×, and no false positive in 9·10⁴ steps at k = 6.
@@ -132,8 +133,8 @@ def detect_spikes(
         non-finite.
     """
     s, x = _check_curve(steps, loss, "loss")
-    if not (isinstance(sensitivity, (int, float)) and sensitivity > 0):
-        raise ValueError(f"sensitivity must be a positive number of robust standard deviations, got {sensitivity!r}")
+    if isinstance(sensitivity, bool) or not isinstance(sensitivity, (int, float)) or not 0 < sensitivity < math.inf:
+        raise ValueError(f"sensitivity must be a positive finite number of robust standard deviations, got {sensitivity!r}")
     if not isinstance(window, int) or window < 5:
         raise ValueError(f"window must be an int ≥ 5 (steps of history), got {window!r}")
     if warmup is None:
@@ -263,7 +264,8 @@ def _close(cur: dict, s: np.ndarray, x: np.ndarray, y: np.ndarray, rec: int | No
 
 def llm_foundry_spikes(loss: Sequence[float], *, window: int = 100, outlier_multiplier: float = 2.0,
                        patience: int = 4) -> list[int]:
-    """Indices where llm-foundry's ``KillLossSpike`` would fire (SCIENCE.md §8.6, T8.2).
+    """Indices where llm-foundry's ``KillLossSpike`` callback would fire (mosaicml/llm-foundry, defaults window 100,
+    outlier_multiplier 2, patience 4).
 
     Once ``window`` losses are held, a loss ≥ multiplier·mean(window) is an outlier; the rule fires
     when more than ``patience`` consecutive outliers occur (outliers still enter the window).
@@ -284,7 +286,8 @@ def llm_foundry_spikes(loss: Sequence[float], *, window: int = 100, outlier_mult
 
 def megatron_spikes(loss: Sequence[float], *, num_samples: int = 100, threshold: float = 10.0) -> list[int]:
     """Indices Megatron-LM's rerun machine flags as "spiky loss": |ℓ| ≥ threshold·max|ℓ| of the first
-    ``num_samples`` values (SCIENCE.md §8.6); non-finite values are left to the divergence check."""
+    ``num_samples`` values (megatron/core/rerun_state_machine.py, threshold 10 for a spiky loss); non-finite
+    values are left to the divergence check."""
     x = np.asarray(loss, dtype=np.float64)
     if x.size <= num_samples:
         return []

@@ -1,7 +1,8 @@
 """Top Hessian eigenspaces tracked across a run's checkpoints, warm-started from the previous checkpoint.
 
 At each selected checkpoint t the top-k eigenpairs (λ_t, V_t) of the curvature operator are computed
-by Lanczos (SCIENCE.md §1.2), started from the previous checkpoint's eigenvectors: a start vector in
+by Lanczos with full reorthogonalization (``lossatlas.probes.spectrum.top_eigenpairs``, relative Ritz
+residual ≤ 1e-4 by default), started from the previous checkpoint's eigenvectors: a start vector in
 span(V_{t−1}) already holds most of the top eigenspace when the curvature changes slowly, so far fewer
 matvecs are needed than from a random start. The overlap of consecutive top eigenspaces,
 ‖V_{t−1}ᵀ V_t‖_F² / k ∈ [0, 1] (1: the same subspace), measures how fast the top subspace rotates
@@ -19,13 +20,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lossatlas import store
+from lossatlas import store, trust
 from lossatlas.analysis.runner import _dtype, default_results_path, load_batches, load_model
 from lossatlas.analysis.steps import select_steps
+from lossatlas.finite import nonfinite_counts
 from lossatlas.probes.base import Result
-from lossatlas.probes.batches import fingerprint, to_device
-from lossatlas.probes.curvature import CURVATURES, make_operator
-from lossatlas.probes.estimators import lanczos_eigs
+from lossatlas.batches import fingerprint, to_device
+from lossatlas.curvature import CURVATURES, make_operator
+from lossatlas.probes.spectrum import TOL, top_eigenpairs
 
 PROBE_NAME = "hessian_tracking"
 WARM_STARTS: tuple[str, ...] = ("sum", "block", "none")
@@ -53,7 +55,7 @@ def track_eigenspaces(
     steps: str | Sequence[int] | None = "all",
     k: int = 5,
     curvature: str = "hessian",
-    tol: float = 1e-4,
+    tol: float = TOL,
     max_iter: int | None = None,
     warm_start: str = "sum",
     compare_cold: bool = False,
@@ -66,6 +68,9 @@ def track_eigenspaces(
     seed: int = 0,
     results_path: str | Path | None = None,
     save: bool = True,
+    model: dict | str | None = None,
+    trust_factory: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Result:
     """Top-k eigenpairs at successive checkpoints, warm-started, with the overlap of consecutive eigenspaces.
 
@@ -84,6 +89,10 @@ def track_eigenspaces(
         dtype, device, mode, seed: operator settings and the seed of the random starts.
         results_path: the results file (default: ``run.results.h5`` next to the run).
         save: write the Result to the results file (probe "hessian_tracking", key = hash of the settings).
+        model: model spec override (the caller's own; default: the run's).
+        trust_factory: import a factory named by the run's specs even if this user did not sign the file.
+        allow_nonfinite: accept checkpoints holding NaN/inf, each giving a NaN row (0 matvecs) after which
+            the next checkpoint starts cold (default: refuse them, naming the tensors).
 
     Returns:
         A Result with values "steps" ("step",), "top_eigenvalues" ("step", "k"), "overlap" ("step",)
@@ -96,35 +105,52 @@ def track_eigenspaces(
         raise ValueError(f"unknown warm_start {warm_start!r}; choose one of {', '.join(WARM_STARTS)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     config = {"k": k, "curvature": curvature, "tol": tol, "max_iter": max_iter, "warm_start": warm_start,
               "compare_cold": compare_cold, "data": data, "batch_size": batch_size, "max_examples": max_examples,
               "dtype": dtype, "mode": mode, "seed": seed}
     torch_dtype = _dtype(dtype)
     with store.RunReader(run_path) as reader:
+        data_spec = data if data is not None else reader.data_spec
+        for spec in (model if model is not None else reader.model_spec, data_spec):
+            trust.require_trusted(spec, trust_factory=trust_factory)  # before any work or import
         chosen = select_steps(steps, reader.steps())
         loss = reader.loss or "cross_entropy"
-        batches = load_batches(data if data is not None else reader.data_spec, batch_size=batch_size,
-                               max_examples=max_examples)
+        batches = load_batches(data_spec, batch_size=batch_size, max_examples=max_examples,
+                               trust_factory=trust_factory)
         data_fp = fingerprint(batches)
         batches = to_device(batches, device, torch_dtype)
         eigs, overlaps, matvecs, cold, lrs = [], [], [], [], []
         prev: torch.Tensor | None = None
         for step in chosen:
-            model = load_model(reader, step, dtype=torch_dtype, device=device)
-            op = make_operator(curvature, model, batches, loss, mode=mode, dtype=torch_dtype, device=device)
+            net = load_model(reader, step, dtype=torch_dtype, device=device, trust_factory=trust_factory,
+                             model_spec=model, allow_nonfinite=allow_nonfinite)
+            num_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+            if k > num_params:  # there are only P eigenpairs: refuse before any Hessian product
+                raise ValueError(f"k={k} eigenpairs asked for, but the model has only {num_params} parameters; "
+                                 f"use k ≤ {num_params}")
+            lr = reader.checkpoint_attrs(step).get("lr")
+            lrs.append(float(lr) if lr is not None and math.isfinite(float(lr)) else float("nan"))
+            if nonfinite_counts(dict(net.named_parameters())):  # only with allow_nonfinite
+                # the curvature at a NaN/inf point is undefined: a NaN row, and the next checkpoint starts cold
+                eigs.append(np.full(k, np.nan))
+                overlaps.append(float("nan"))
+                matvecs.append(0)
+                cold.extend([0] if compare_cold else [])
+                prev = None
+                continue
+            op = make_operator(curvature, net, batches, loss, mode=mode, dtype=torch_dtype, device=device)
             v0 = _warm_vector(prev, warm_start, None)
-            res = lanczos_eigs(op, min(k, op.shape[0]), which="LA", tol=tol, max_iter=max_iter, v0=v0, seed=seed)
+            res = top_eigenpairs(op, k, tol=tol, max_iter=max_iter, v0=v0, seed=seed)
             V = res.eigenvectors  # (P, k)
             V = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)
             overlaps.append(float("nan") if prev is None else subspace_overlap(prev, V))
             eigs.append(res.eigenvalues)
             matvecs.append(res.matvecs)
             if compare_cold:
-                cold_res = lanczos_eigs(op, min(k, op.shape[0]), which="LA", tol=tol, max_iter=max_iter, seed=seed,
-                                        return_eigenvectors=False)
+                cold_res = top_eigenpairs(op, k, tol=tol, max_iter=max_iter, seed=seed, return_eigenvectors=False)
                 cold.append(cold_res.matvecs)
-            lr = reader.checkpoint_attrs(step).get("lr")
-            lrs.append(float(lr) if lr is not None and math.isfinite(float(lr)) else float("nan"))
             prev = V
         results_file = Path(results_path) if results_path else default_results_path(run_path)
         run_fp = reader.fingerprint()

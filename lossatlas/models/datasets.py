@@ -178,7 +178,8 @@ def modular_arithmetic(
 ) -> tuple[Tensor, Tensor]:
     """Equations a ∘ b = c over Z_p as tokens [a, b, "="] with "=" the token p (vocab p + 1).
 
-    Power et al. 2022 / Nanda et al. 2023 (SCIENCE.md §9.1): every pair (a, b) once (p² of them;
+    Power, Burda, Edwards, Babuschkin, Misra 2022 (p = 97) / Nanda, Chan, Lieberum, Smith,
+    Steinhardt 2023 (p = 113, train fraction 0.3): every pair (a, b) once (p² of them;
     ``div`` drops b = 0 and needs a prime p: c = a·b⁻¹), train = the first int(train_fraction·N)
     of a seeded permutation, test = the rest (p = 113, 0.3 → 3,830 train pairs).
     ``target="class"``: inputs (N, 3), targets c (N,) — use ``gpt`` with ``last_token_only=True``

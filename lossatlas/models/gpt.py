@@ -6,7 +6,8 @@ pre-softmax attention logits can be observed: every attention module applies
 ``logits_hook = nn.Identity()`` to its logits, so a forward hook on ``blocks.<i>.attn.logits_hook``
 sees them (B, n_head, T, T) at no cost when no hook is set.
 
-Instability switches (Wortsman et al. 2023, SCIENCE.md §8.1): ``qk_layernorm`` puts a LayerNorm
+Instability switches (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training
+instabilities", arXiv 2309.14322): ``qk_layernorm`` puts a LayerNorm
 on every head's queries and keys before the dot product; ``z_loss`` is the coefficient of the
 auxiliary loss z_loss·(log Z)² per token (1e-4 in PaLM), which a training loop adds via
 :meth:`GPT.z_loss_penalty`. Pre-LN blocks, learned position embeddings, no weight tying.
@@ -121,7 +122,7 @@ class GPT(nn.Module):
     """Token + position embeddings → n_layer pre-LN blocks → final LayerNorm → LM head.
 
     forward(idx (B, T) long) → logits (B, T, V), or (B, V) for the last position when
-    ``last_token_only`` (classification tasks such as modular arithmetic, SCIENCE.md §9.1).
+    ``last_token_only`` (classification tasks such as modular arithmetic, whose answer follows the last token "=").
     Init as nanoGPT: N(0, 0.02), residual output projections N(0, 0.02/√(2·n_layer)).
     """
 
@@ -164,7 +165,7 @@ class GPT(nn.Module):
         return self.lm_head(x)  # (B, T, V) or (B, V)
 
     def z_loss_penalty(self, logits: Tensor) -> Tensor:
-        """z_loss · mean over tokens of (log Z)², Z = Σ_v exp(logit_v) (PaLM; SCIENCE.md §8.1)."""
+        """z_loss · mean over tokens of (log Z)², Z = Σ_v exp(logit_v) (PaLM, Chowdhery et al. 2022)."""
         log_z = torch.logsumexp(logits, dim=-1)
         return self.z_loss * (log_z**2).mean()
 

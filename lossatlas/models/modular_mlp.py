@@ -3,8 +3,8 @@
 f(a, b) = (α/√N) · W_out σ(E_a[a] + E_b[b]): the embeddings E_a, E_b (p × N) are the first layer
 applied to one-hot a and b, σ is the hidden activation (``quadratic``: σ(h) = h², Gromov 2023,
 arXiv 2301.02679; or ``relu``), N the width. The readout is scaled by α/√N (mean-field
-normalisation) with α the output scale that controls laziness (Kumar et al. 2024, arXiv 2310.06110,
-SCIENCE.md §9.2: larger α, lazier training, later generalisation). Init: E ~ N(0, 1/2) so that the
+normalisation) with α the output scale that controls laziness (Kumar, Bordelon, Gershman, Pehlevan,
+ICLR 2024, arXiv 2310.06110: larger α, lazier training, later generalisation). Init: E ~ N(0, 1/2) so that the
 pre-activation has unit variance; W_out ~ N(0, 1/N).
 """
 

@@ -1,4 +1,4 @@
-"""Rebuild a model or a data set from a JSON spec (DESIGN.md, "The run file").
+"""Rebuild a model or a data set from a JSON spec: files are data, a spec in a file is configuration.
 
 A spec names a registered builder or a user's own factory, plus its keyword arguments::
 
@@ -8,6 +8,10 @@ A spec names a registered builder or a user's own factory, plus its keyword argu
 Keys: exactly one of ``name``/``factory``; optional ``kwargs`` (a dict of JSON values) and
 ``seed`` (int ≥ 0, default 0; may also be given as ``kwargs["seed"]``). The canonical form from
 :func:`normalize_spec` always holds ``kwargs`` and a top-level ``seed`` and never ``kwargs["seed"]``.
+
+A spec read from a run file comes as a :class:`lossatlas.trust.StoredSpec`; one that names a
+factory is built only when this user signed it or the caller passes ``trust_factory=True``
+(checked before anything is imported). A spec the caller writes is the caller's own and trusted.
 
 Building is deterministic: the factory runs with torch's (and numpy's and Python's) global RNG
 seeded with ``seed`` inside a fork, so the same spec gives identical initial weights and the
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lossatlas import trust
 from lossatlas.errors import UserError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -128,8 +133,12 @@ def spec_fingerprint(spec: Mapping[str, Any] | str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_model(spec: Mapping[str, Any] | str) -> nn.Module:
-    """The model a spec describes, with initial weights fixed by its seed (global RNG untouched)."""
+def build_model(spec: Mapping[str, Any] | str, *, trust_factory: bool = False) -> nn.Module:
+    """The model a spec describes, with initial weights fixed by its seed (global RNG untouched).
+
+    A factory spec read from a file that this user did not sign is refused unless ``trust_factory``.
+    """
+    trust.require_trusted(spec, trust_factory=trust_factory)
     canon = normalize_spec(spec)
     model = _call(canon, MODELS, "model")
     if not isinstance(model, nn.Module):
@@ -137,8 +146,12 @@ def build_model(spec: Mapping[str, Any] | str) -> nn.Module:
     return model
 
 
-def build_data(spec: Mapping[str, Any] | str) -> Any:
-    """The data a spec describes: an (inputs, targets) pair, a Dataset or an iterable of batches."""
+def build_data(spec: Mapping[str, Any] | str, *, trust_factory: bool = False) -> Any:
+    """The data a spec describes: an (inputs, targets) pair, a Dataset or an iterable of batches.
+
+    A factory spec read from a file that this user did not sign is refused unless ``trust_factory``.
+    """
+    trust.require_trusted(spec, trust_factory=trust_factory)
     canon = normalize_spec(spec)
     data = _call(canon, DATASETS, "data")
     is_pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
@@ -205,8 +218,14 @@ def _call(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kin
     with _seeded(seed):
         try:
             return fn(**kwargs)
+        except UserError:
+            raise  # the factory's own one-line message
         except (TypeError, ValueError) as err:
             raise UserError(f"{kind} {_label(canon)} rejected its kwargs: {err}") from err
+        except Exception as err:  # a factory is the user's code: name it and what it raised, in one line
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{kind} {_label(canon)} failed while building: {type(err).__name__}"
+                            f"{': ' + first if first else ''}; fix the factory or its kwargs") from err
 
 
 @contextlib.contextmanager

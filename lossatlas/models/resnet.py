@@ -1,7 +1,7 @@
 """A small ResNet with BasicBlocks and a switch that removes the skip connections.
 
 Li, Xu, Taylor, Studer, Goldstein 2018 ("Visualizing the loss landscape of neural nets",
-SCIENCE.md §4.1) compare ResNets with their "no-short" variants: the same blocks without the
+NeurIPS 2018) compare ResNets with their "no-short" variants: the same blocks without the
 shortcut, whose landscapes turn chaotic with depth. ``skip=False`` builds that variant.
 """
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lossatlas.probes.distributed import Distributed
+from lossatlas.distributed import Distributed
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class ProbeContext:
     """Everything a probe may use: the model, a fixed data set and the loss, at one checkpoint.
 
     ``data`` is a fixed, ordered sequence of ``(inputs, targets)`` batches; the loss over the data
-    set is the example-weighted mean of the per-batch mean losses (SCIENCE.md §0), the unequal last
+    set is the example-weighted mean of the per-batch mean losses, Σ_b (n_b/N) L_b, the unequal last
     batch included. ``optimizer_state`` maps a parameter name to its optimizer state tensors
     (e.g. Adam's ``exp_avg_sq``); ``lr`` is the learning rate at this checkpoint when known.
     """
@@ -88,12 +88,17 @@ class Probe:
 
     Subclasses are declared ``@register_probe`` + ``@dataclass(frozen=True, kw_only=True)``, set
     ``name``, validate their fields in ``validate()`` (raise ``ValueError`` with a fixable
-    message) and implement ``run``.
+    message) and implement ``run``. How its results are shown is declared here too, once:
+    ``section``, ``title``, ``figure`` and ``usage``; plot, report, demo and the CLI read them.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     splits_work: ClassVar[bool] = False  # True: under torchrun the probe splits its work through ctx.dist
+    section: ClassVar[str] = "other"  # the report section of its results (a key of lossatlas.viz.report.SECTIONS)
+    title: ClassVar[str] = ""  # the heading of its results in the report ("": the probe's name)
+    figure: ClassVar[str | None] = None  # the viz figure name that draws its results (None: every scalar vs step)
+    usage: ClassVar[str] = "--steps all"  # the options of a typical `lossatlas NAME RUN ...` that stores its results
 
     def __post_init__(self) -> None:
         self.validate()

@@ -1,10 +1,13 @@
-"""Neural collapse NC1–NC4, bias collapse, minority collapse and NC across depth (SCIENCE.md §6).
+"""Neural collapse NC1–NC4, bias collapse, minority collapse and NC across depth.
+
+Papyan, Han, Donoho 2020 (PNAS, "Prevalence of neural collapse during the terminal phase of deep
+learning training"); Zhu et al. 2021 (NeurIPS); Dang et al. 2023 (ICML, deep linear nets).
 
 Metric functions take means, covariances, classifier rows as tensors, so closed-form cases
-(simplex ETFs, T6.1–T6.3) are direct test inputs. The ``collapse`` probe streams the features of
+(simplex ETFs) are direct test inputs. The ``collapse`` probe streams the features of
 a model through ``ClassStatistics`` (two passes, float64) and applies them.
 
-Conventions (SCIENCE.md §6): h_i = input of the last linear layer; μ_G = sample-weighted mean;
+Conventions: h_i = input of the last linear layer; μ_G = sample-weighted mean;
 M = [μ_1 − μ_G, …, μ_C − μ_G] (here as rows, ``centred_means`` (C, p)); W (C, p); standard
 deviations are population (ddof = 0); C counts the classes present in the data.
 """
@@ -54,11 +57,11 @@ def psd_pinv(a: Tensor, *, rtol: float = PINV_RTOL, top: int | None = None) -> T
 
 
 def nc1(sigma_w: Tensor, sigma_b: Tensor, num_classes: int, variant: str = "pinv") -> float:
-    """NC1 within-class variability: (1/C) tr(Σ_W Σ_B^†) (Papyan, Han, Donoho 2020; SCIENCE.md §6).
+    """NC1 within-class variability: (1/C) tr(Σ_W Σ_B^†) (Papyan, Han, Donoho 2020).
 
     Variants: ``"pinv"`` Σ_B^† by eigh with threshold 1e-10·λ_max; ``"svd"`` Σ_B^† from the top C−1
     eigenpairs (Han et al. 2022); ``"quotient"`` tr Σ_W / tr Σ_B (Tirer et al. 2023). For CDNV use
-    ``cdnv``. Closed form (T6.2): Σ_W = (a²/p)I around ETF means of norm r ⇒ (a²/p)(C−1)²/(C r²).
+    ``cdnv``. Closed form: Σ_W = (a²/p)I around ETF means of norm r ⇒ (a²/p)(C−1)²/(C r²).
     """
     if variant not in ("pinv", "svd", "quotient"):
         raise ValueError(f"nc1 variant must be one of pinv, svd, quotient (cdnv: use cdnv()), got {variant!r}")
@@ -222,6 +225,8 @@ class NeuralCollapse(Probe):
 
     name: ClassVar[str] = "collapse"
     summary: ClassVar[str] = "neural collapse NC1-NC4, per class, per layer, minority collapse"
+    section: ClassVar[str] = "representations"
+    figure: ClassVar[str | None] = "collapse"
     module: str | None = None
     layers: str | tuple[str, ...] | None = None
     nc1_variant: str = "pinv"

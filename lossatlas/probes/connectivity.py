@@ -1,4 +1,4 @@
-"""Linear interpolation between checkpoints and mode-connectivity barriers (SCIENCE.md §4.2, §4.5).
+"""Linear interpolation between checkpoints and mode-connectivity barriers.
 
 Path: θ(α) = θ_a + α(θ_b − θ_a), i.e. (1 − α)θ_a + αθ_b (Goodfellow, Vinyals, Saxe 2015), α ∈ [0, 1] for
 barriers (31 points by default) or wider (−0.5:1.5) for plots. Barriers on the α ∈ [0, 1] part of the grid:
@@ -21,8 +21,9 @@ import numpy as np
 from torch import Tensor, nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
-from lossatlas.probes.directions import DIR_TYPES, check_option, checkpoint_direction, model_state
-from lossatlas.probes.surface import BN_MODES, PointEvaluator, auto_chunk_size, evaluate_grid, grid_axis
+from lossatlas.probes.directions import DIR_TYPES, checkpoint_direction, model_state
+from lossatlas.probes.grid import BN_MODES, PointEvaluator, auto_chunk_size, evaluate_grid, grid_axis
+from lossatlas.probes.settings import check_choice
 
 
 def barriers(alphas: np.ndarray, values: np.ndarray) -> dict[str, float]:
@@ -91,7 +92,7 @@ def layerwise_barriers(
     bn_data: Sequence[tuple[Tensor, Tensor]] | None = None,
     chunk_size: int = 8,
 ) -> dict:
-    """Layer-wise linear mode connectivity (Adilova et al. 2024; SCIENCE.md §4.5).
+    """Layer-wise linear mode connectivity (Adilova, Andriushchenko, Kamp, Fischer, Jaggi, ICLR 2024).
 
     For each group ℓ: the curve with only group ℓ interpolated, its linear and midpoint loss barriers and
     its error barrier; with ``cumulative``, the same for the first k and the last k groups (k = 1..G).
@@ -125,7 +126,10 @@ def layerwise_barriers(
 @register_probe
 @dataclass(frozen=True, kw_only=True)
 class Interpolate(Probe):
-    """Loss and error on the straight path from this checkpoint to ``to_step``, and its barriers (§4.2, §4.5).
+    """Loss and error on the straight path from this checkpoint to ``to_step``, and its barriers.
+
+    θ(α) = (1 − α)θ_a + αθ_b (Goodfellow, Vinyals, Saxe 2015); midpoint barrier (Frankle et al. 2020) and
+    linear barrier (Entezari et al. 2022) of the loss and of the error.
 
     Settings: ``to_step`` (the other checkpoint), ``alphas`` (min, max, num), default (0, 1, 31);
     ``dir_type`` "states" (buffers move too, as Li et al. advise) or "weights"; ``bn`` "keep" |
@@ -135,6 +139,9 @@ class Interpolate(Probe):
 
     name: ClassVar[str] = "interpolate"
     summary: ClassVar[str] = "loss along the line between two checkpoints; LMC barriers (incl. layer-wise)"
+    section: ClassVar[str] = "landscape"
+    figure: ClassVar[str | None] = "interpolate"
+    usage: ClassVar[str] = "--step 0 --to-step LAST"
     to_step: int | None = None
     alphas: tuple[float, float, int] = (0.0, 1.0, 31)
     dir_type: str = "states"
@@ -147,8 +154,8 @@ class Interpolate(Probe):
         if self.to_step is None:
             raise ValueError("interpolate needs to_step: the step of the other checkpoint")
         grid_axis(self.alphas, "alphas")
-        check_option("dir_type", self.dir_type, DIR_TYPES)
-        check_option("bn", self.bn, BN_MODES)
+        check_choice("dir_type", self.dir_type, DIR_TYPES)
+        check_choice("bn", self.bn, BN_MODES)
         if self.bn_batches is not None and self.bn_batches < 1:
             raise ValueError(f"bn_batches must be >= 1 or None (all data), got {self.bn_batches}")
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -1,9 +1,20 @@
-"""Directions in parameter space for landscape slices (SCIENCE.md §4.1–§4.3).
+"""Directions in parameter space for landscape slices, and the four ways to build them.
 
 A direction is a ``dict[str, Tensor]`` with the shapes of the model's parameters (``dir_type="weights"``)
 or of every floating parameter and buffer (``dir_type="states"``, BN running statistics included), plus
 a record of the rule applied to each tensor, e.g. ``{"fc1.weight": "filter(dim0)", "fc1.bias":
-"zero(biasbn)"}``.
+"zero(biasbn)"}``. Builders:
+
+- ``random_direction``: d ~ N(0, I), filter-normalised (below) by default.
+- ``checkpoint_direction`` / ``checkpoint_plane``: d = θ_b − θ_a, the path θ(α) = θ_a + α(θ_b − θ_a)
+  (Goodfellow, Vinyals, Saxe 2015); a plane through three checkpoints, optionally Gram–Schmidt
+  orthogonalised.
+- ``top_hessian_eigenvectors`` / ``eigenvector_directions``: the unit eigenvectors u_1, ..., u_k of the
+  k largest Hessian eigenvalues, H u_i = λ_i u_i, by Lanczos on Hessian-vector products.
+- ``trajectory_pca``: rows d_e = vec(θ_e − θ_T) for every checkpoint e (θ_T the final one), centred by
+  their mean; the top right-singular vectors of that matrix (as ``sklearn.decomposition.PCA``) are
+  the directions pc_1, pc_2, and each checkpoint projects to x_e = ⟨d_e, pc_1⟩, y_e = ⟨d_e, pc_2⟩ of
+  its *uncentred* row (Li et al. 2018, §7), at distance ‖d_e − x_e pc_1 − y_e pc_2‖ from the plane.
 
 Filter normalisation (Li, Xu, Taylor, Studer, Goldstein 2018, "Visualizing the Loss Landscape of Neural
 Nets"): every filter d_i of a Gaussian direction is rescaled to the norm of the matching weight filter,
@@ -11,13 +22,13 @@ d_i ← d_i·‖w_i‖/(‖d_i‖ + 1e-10). A filter is one output unit's incomi
 
 - Conv1d/2d/3d: the slice along dim 0 (one output channel, shape (in/groups, k...)).
 - ConvTranspose1d/2d/3d: weights are (in, out/groups, k...), so an output channel is the slice along
-  **dim 1** (rule ``filter(dim1)``); the original code slices dim 0 here, which mixes output channels.
+  **dim 1** (rule ``filter(dim1)``); loss-landscape's code slices dim 0 here, which mixes output channels.
 - Linear, attention projections (``in_proj_weight`` of ``nn.MultiheadAttention``, 3d×d): one row.
 - Embedding: one row = one token's vector.
-- Any other tensor with ``dim() > 1``: slices along dim 0, as the original does.
+- Any other tensor with ``dim() > 1``: slices along dim 0, as loss-landscape does.
 - Parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm) and every
   tensor with ``dim() ≤ 1`` (biases, running statistics) are "biasbn": zeroed with ``ignore="biasbn"``
-  (the default), else the direction equals the tensor itself (d = w, the original's behaviour).
+  (the default), else the direction equals the tensor itself (d = w, loss-landscape's behaviour).
 - Integer buffers (``num_batches_tracked``) are never perturbed.
 """
 
@@ -26,13 +37,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from lossatlas.curvature import HessianOperator
+from lossatlas.probes.paramdicts import axpy, cosine, dot, flatten, unflatten  # noqa: F401  (cosine: re-exported)
+from lossatlas.probes.settings import check_choice
+from lossatlas.probes.spectrum import top_eigenpairs
 
 NORMS: tuple[str, ...] = ("filter", "layer", "weight", "dfilter", "dlayer", "none")
 IGNORES: tuple[str, ...] = ("biasbn", "none")
 DIR_TYPES: tuple[str, ...] = ("weights", "states")
-DEFAULT_SEED = 123  # torch.manual_seed(123) in loss-landscape's plot_surface.py (SCIENCE.md §4.1)
+DEFAULT_SEED = 123  # torch.manual_seed(123) in loss-landscape's plot_surface.py
 _EPS = 1e-10
 
 _NORM_LAYERS = (
@@ -60,20 +77,13 @@ class Direction:
         return torch.cat([t.reshape(-1) for t in self.tensors.values()]) if self.tensors else torch.zeros(0)
 
     def norm(self) -> float:
-        """Euclidean norm over every floating tensor."""
-        return float(sum(float((t.double() ** 2).sum()) for t in self.tensors.values() if t.is_floating_point()) ** 0.5)
-
-
-def check_option(name: str, value: str, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise ValueError naming them."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
-    return value
+        """Euclidean norm over every floating tensor, in float64."""
+        return float(dot(self, self)) ** 0.5
 
 
 def model_state(model: nn.Module, dir_type: str = "weights") -> dict[str, Tensor]:
     """Detached references to the model's trainable parameters (and buffers for ``dir_type="states"``)."""
-    check_option("dir_type", dir_type, DIR_TYPES)
+    check_choice("dir_type", dir_type, DIR_TYPES)
     out = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     if dir_type == "states":
         out.update({k: b.detach() for k, b in model.named_buffers()})
@@ -109,12 +119,12 @@ def _filter_scale(d: Tensor, w: Tensor, axis: int, unit: bool) -> Tensor:
 
 
 def normalize_tensor(d: Tensor, w: Tensor, norm: str, kind: str = "dim0") -> tuple[Tensor, str]:
-    """One tensor of a direction normalised by ``norm`` (SCIENCE.md §4.1); returns (tensor, rule).
+    """One tensor of a direction normalised by ``norm``; returns (tensor, rule).
 
     filter: d_i·‖w_i‖/(‖d_i‖+1e-10) per filter; layer: d·‖w‖/‖d‖; weight: d ⊙ w;
     dfilter: unit-norm filters; dlayer: unit-norm tensor; none: d unchanged.
     """
-    check_option("norm", norm, NORMS)
+    check_choice("norm", norm, NORMS)
     axis = 1 if kind == "conv_transpose" else 0
     if norm == "filter":
         return _filter_scale(d, w, axis, unit=False), f"filter(dim{axis})"
@@ -137,13 +147,13 @@ def normalize_direction(
     ignore: str = "biasbn",
     kinds: Mapping[str, str] | None = None,
 ) -> Direction:
-    """A direction normalised tensor by tensor against ``weights`` (Li et al. 2018; SCIENCE.md §4.1).
+    """A direction normalised tensor by tensor against ``weights`` (Li et al. 2018).
 
     ``kinds`` (from ``tensor_kinds(model)``) says which tensors are biasbn and which are ConvTranspose
     weights; without it, tensors with ``dim() ≤ 1`` are biasbn and every other one slices dim 0.
     """
-    check_option("norm", norm, NORMS)
-    check_option("ignore", ignore, IGNORES)
+    check_choice("norm", norm, NORMS)
+    check_choice("ignore", ignore, IGNORES)
     out: dict[str, Tensor] = {}
     rules: dict[str, str] = {}
     for name, d in direction.items():
@@ -171,14 +181,14 @@ def random_direction(
     seed: int | None = DEFAULT_SEED,
     generator: torch.Generator | None = None,
 ) -> Direction:
-    """A Gaussian direction, filter-normalised by default (Li et al. 2018; SCIENCE.md §4.1).
+    """A Gaussian direction, filter-normalised by default (Li et al. 2018).
 
     d ~ N(0, I) per tensor, drawn in state order from ``generator`` (else a CPU generator seeded with
     ``seed``, 123 as in the original), then ``normalize_direction``. ``params`` overrides the
     model's own tensors (the weights the direction is scaled against).
     """
-    check_option("norm", norm, NORMS)
-    check_option("ignore", ignore, IGNORES)
+    check_choice("norm", norm, NORMS)
+    check_choice("ignore", ignore, IGNORES)
     weights = dict(model_state(model, dir_type))
     if params is not None:
         weights.update({k: v.detach() for k, v in params.items() if k in weights})
@@ -196,7 +206,7 @@ def random_direction(
 def checkpoint_direction(
     start: Mapping[str, Tensor], end: Mapping[str, Tensor], names: Iterable[str] | None = None
 ) -> Direction:
-    """The direction from one checkpoint to another, d = θ_end − θ_start (SCIENCE.md §4.2).
+    """The direction from one checkpoint to another, d = θ_end − θ_start.
 
     Integer tensors (``num_batches_tracked``) get a zero direction. ``names`` selects the tensors
     (default: every name of ``start``); a name missing from ``end`` raises ValueError.
@@ -234,42 +244,11 @@ def checkpoint_plane(
     dy = checkpoint_direction(origin, second, names)
     if orthogonalize:
         c = float(dot(dx, dy)) / max(float(dot(dx, dx)), 1e-300)
-        dy = Direction({k: v - c * dx.tensors[k] if v.is_floating_point() else v for k, v in dy.tensors.items()},
+        floating = [k for k, v in dy.tensors.items() if v.is_floating_point()]
+        moved = axpy(-c, {k: dx.tensors[k] for k in floating}, {k: dy.tensors[k] for k in floating})
+        dy = Direction({k: moved.get(k, v) for k, v in dy.tensors.items()},
                        {k: f"{r}-proj" for k, r in dy.rules.items()})
     return dx, dy
-
-
-def dot(a: Direction | Mapping[str, Tensor], b: Direction | Mapping[str, Tensor]) -> Tensor:
-    """⟨a, b⟩ summed over every floating tensor, in float64."""
-    ta = a.tensors if isinstance(a, Direction) else a
-    tb = b.tensors if isinstance(b, Direction) else b
-    return sum((ta[k].double() * tb[k].double()).sum() for k in ta if ta[k].is_floating_point())  # type: ignore[return-value]
-
-
-def cosine(a: Direction | Mapping[str, Tensor], b: Direction | Mapping[str, Tensor]) -> float:
-    """The cosine ⟨a, b⟩/(‖a‖‖b‖) of two directions (≈ 0 for two random ones in high dimension)."""
-    na, nb = float(dot(a, a)) ** 0.5, float(dot(b, b)) ** 0.5
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(dot(a, b)) / (na * nb)
-
-
-def flatten(direction: Direction | Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
-    """The tensors ``names`` concatenated into one flat vector, shape (P,)."""
-    t = direction.tensors if isinstance(direction, Direction) else direction
-    return torch.cat([t[n].reshape(-1) for n in names])
-
-
-def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A flat vector cut into tensors with the names, shapes, dtype and device of ``like``."""
-    total = sum(t.numel() for t in like.values())
-    if vector.ndim != 1 or vector.numel() != total:
-        raise ValueError(f"a flat vector of {total} entries is needed (the model's size), got shape {tuple(vector.shape)}")
-    out, i = {}, 0
-    for n, t in like.items():
-        out[n] = vector[i : i + t.numel()].reshape(t.shape).to(dtype=t.dtype, device=t.device)
-        i += t.numel()
-    return out
 
 
 def eigenvector_directions(
@@ -300,3 +279,95 @@ def eigenvector_directions(
             tensors = unflatten(v.detach(), params)
         out.append(Direction(tensors, {n: label for n in tensors}))
     return out
+
+
+def top_hessian_eigenvectors(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    data: Sequence[tuple[Tensor, Tensor]],
+    loss: str,
+    k: int = 2,
+    *,
+    seed: int = 0,
+) -> list[Direction]:
+    """The top-k Hessian eigenvectors (unit norm) at ``params``, H u_i = λ_i u_i.
+
+    ``lossatlas.probes.spectrum.top_eigenpairs`` (Lanczos with full reorthogonalization) on float64
+    Hessian-vector products, to a relative residual of 1e-8.
+    """
+    op = HessianOperator(model, list(data), loss, params=dict(params), dtype=torch.float64)
+    # A Ritz vector's error is of order residual/gap (an eigenvalue's only residual²/gap), and these
+    # vectors span the plotted plane: 1e-8 instead of the default 1e-4 keeps them the true eigenvectors.
+    res = top_eigenpairs(op, k, tol=1e-8, seed=seed)
+    ordered = {n: params[n] for n in op.param_names}
+    return eigenvector_directions(res.eigenvectors, ordered, label="eigenvector(unit)")
+
+
+@dataclass(frozen=True)
+class TrajectoryPCA:
+    """PCA of a trajectory: directions (unit pcs), variance shares, projections, distances to the plane."""
+
+    directions: tuple[Direction, ...]
+    explained_variance_ratio: np.ndarray  # (k,)
+    explained_variance: np.ndarray  # (k,)
+    singular_values: np.ndarray  # (k,)
+    coords: np.ndarray  # (E, k), cos projection of θ_e − θ_T
+    distance: np.ndarray  # (E,), ‖θ_e − θ_T − Σ_k coords[e, k] pc_k‖
+    names: list[str]
+
+
+def trajectory_pca(
+    states: Sequence[Mapping[str, Tensor]],
+    final: Mapping[str, Tensor],
+    *,
+    ignore: str = "biasbn",
+    names: Sequence[str] | None = None,
+    kinds_model: nn.Module | None = None,
+    n_components: int = 2,
+) -> TrajectoryPCA:
+    """PCA of the checkpoints θ_e around the final one θ_T, in float64 (Li et al. 2018, §7).
+
+    Rows d_e = vec(θ_e − θ_T) (tensors of ``ignore="biasbn"`` zeroed), centred by their mean, SVD
+    M = U S Vᵀ; pc_k = the k-th row of Vᵀ, explained variance S_k²/(E − 1) and its share of the total;
+    projections x_e = ⟨d_e, pc_k⟩ of the uncentred rows, so θ_T → 0.
+
+    ``names`` selects the tensors (default: the floating tensors of ``final``); ``kinds_model`` tells
+    which tensors are biasbn (norm-layer parameters and every ``dim() ≤ 1`` tensor otherwise).
+    Components carry a deterministic sign: each pc's largest-magnitude entry is positive.
+    """
+    check_choice("ignore", ignore, IGNORES)
+    names = [k for k in final if final[k].is_floating_point()] if names is None else list(names)
+    kinds = tensor_kinds(kinds_model) if kinds_model is not None else {}
+    biasbn = {n for n in names if kinds.get(n, "biasbn" if final[n].dim() <= 1 else "dim0") == "biasbn"}
+    keep = [n for n in names if not (ignore == "biasbn" and n in biasbn)]
+    if len(states) < n_components + 1:
+        raise ValueError(f"trajectory PCA with {n_components} components needs at least {n_components + 1} checkpoints, got {len(states)}")
+    ref = {n: final[n].detach().double().cpu() for n in names}
+
+    def row(state: Mapping[str, Tensor]) -> np.ndarray:
+        d = {n: (state[n].detach().double().cpu() - ref[n]) if n in keep else torch.zeros_like(ref[n]) for n in names}
+        return flatten(d, names).numpy()
+
+    D = np.stack([row(s) for s in states])  # (E, P)
+    M = D - D.mean(axis=0, keepdims=True)
+    _, S, Vt = np.linalg.svd(M, full_matrices=False)
+    pcs = Vt[:n_components].copy()
+    for k in range(n_components):
+        if pcs[k, np.argmax(np.abs(pcs[k]))] < 0:
+            pcs[k] = -pcs[k]
+    var = S**2 / (len(states) - 1)
+    total = var.sum()
+    coords = D @ pcs.T  # (E, k)
+    distance = np.linalg.norm(D - coords @ pcs, axis=1)
+    like = {n: final[n].detach() for n in names}
+    rules = {n: ("pca" if n in keep else "zero(biasbn)") for n in names}
+    directions = tuple(Direction(unflatten(torch.as_tensor(pc), like), dict(rules)) for pc in pcs)
+    return TrajectoryPCA(
+        directions=directions,
+        explained_variance_ratio=var[:n_components] / total if total > 0 else np.zeros(n_components),
+        explained_variance=var[:n_components],
+        singular_values=S[:n_components],
+        coords=coords,
+        distance=distance,
+        names=names,
+    )

@@ -1,7 +1,7 @@
 """Features of a model on a data set: module activations through hooks, streamed batch by batch.
 
 The default features are the *input* of the last ``nn.Linear`` (the penultimate features of
-neural collapse, captured with a forward pre-hook as in tding1/Neural-Collapse, SCIENCE.md §6).
+neural collapse, captured with a forward pre-hook as in tding1/Neural-Collapse).
 Several modules are captured in one forward per batch ("across depth"). The model is never
 mutated: its train/eval flag is set for the pass and restored, hooks are removed even on error,
 and optional ``params`` are evaluated with ``torch.func.functional_call``.
@@ -11,7 +11,7 @@ Two ways to get features:
 - ``collect_features``: the whole (N, p) matrix, for moderate data (uniformity, RankMe).
 - ``stream_features`` + ``ClassStatistics``: per-class counts, means, Σ_W and Σ_B accumulated in
   float64 over a two-pass stream (class means first, then within-class scatter), without keeping
-  the features (neural collapse, SCIENCE.md §6 pitfalls).
+  the features (neural collapse).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def collect_features(
 
 
 class ClassStatistics:
-    """Per-class counts, means μ_c, global mean μ_G, Σ_W and Σ_B, accumulated in float64 (SCIENCE.md §6).
+    """Per-class counts, means μ_c, global mean μ_G, Σ_W and Σ_B, accumulated in float64.
 
     Σ_W = (1/N) Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ, Σ_B = (1/C) Σ_c (μ_c − μ_G)(μ_c − μ_G)ᵀ with μ_G the
     sample-weighted mean and C the number of classes present. Two passes over the same stream:

@@ -1,15 +1,18 @@
 """The ``hessian`` probe: extreme eigenvalues, trace, spectral density and derived curvature numbers.
 
-One probe composes the curvature engine (``lossatlas.probes.curvature`` operators,
-``lossatlas.probes.estimators`` solvers) into what a user asks of a checkpoint (SCIENCE.md §1–§2, §5):
+One probe composes the curvature operators of ``lossatlas.curvature`` (Hessian, GGN, Fisher of the mean
+loss), ``lossatlas.probes.spectrum`` and the density estimator of ``lossatlas.estimators`` into what a user
+asks of a checkpoint:
 
-- top-k / bottom-k eigenpairs by Lanczos with full reorthogonalization (§1.2), with Ritz residuals;
-- the trace by Hutch++ or Hutchinson (§1.4) and the SLQ spectral density with its bulk edge and
-  outliers (§1.3, §2: the number of top outliers ≈ the number of classes C, Sagun et al.; Papyan);
+- top-k / bottom-k eigenpairs by Lanczos with full reorthogonalization (Ghorbani, Krishnan & Xiao 2019),
+  to a relative Ritz residual ‖A y − θ y‖ ≤ tol·|θ| (1e-4 by default), with the residuals;
+- the trace by Hutch++ (Meyer, Musco, Musco & Woodruff 2021; 99 products) or Hutchinson, and the spectral
+  density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) with its bulk edge and the outliers
+  above it (Sagun et al. 2017; Papyan 2020: about C top outliers for C classes);
 - per-layer spectra (the top eigenvalues of each layer's diagonal Hessian block);
 - class-wise spectra (the loss restricted to examples of some classes);
 - a confidence interval of λ_max and the trace over bootstrap resamples of the data;
-- Adam's preconditioned sharpness λ_max(P⁻¹H) (Cohen et al. 2022, §5);
+- Adam's preconditioned sharpness λ_max(P⁻¹H) (Cohen et al. 2022);
 - λ_max of mini-batch Hessians as a function of the batch size, with the largest stable SGD
   step 2/λ each implies.
 
@@ -29,22 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lossatlas.finite import describe_nonfinite, nonfinite_counts
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
-from lossatlas.probes.batches import Batch, as_batches
-from lossatlas.probes.curvature import CURVATURES, PATHS, make_operator, parameter_blocks
-from lossatlas.probes.distributed import Distributed
-from lossatlas.probes.estimators import (
-    EigResult,
-    count_outliers,
-    hutchinson_trace,
-    hutchpp_trace,
-    lanczos_eigs,
-    slq_density,
-)
+from lossatlas.batches import Batch, as_batches
+from lossatlas.curvature import CURVATURES, PATHS, make_operator, parameter_blocks
+from lossatlas.distributed import Distributed
+from lossatlas.estimators import EigResult, count_outliers, slq_density
+from lossatlas.probes.settings import COMPUTE_DTYPES, DTYPES, MODES, check_choice
+from lossatlas.probes.spectrum import TOL, TRACE_MATVECS, TRACE_METHODS, top_eigenpairs, trace_estimate
 
-TRACE_METHODS: tuple[str, ...] = ("hutchpp", "hutchinson")
-MODES: tuple[str, ...] = ("eval", "train")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 _SUBSET = re.compile(r"^class=(\d+(?:,\d+)*)$")
 
 
@@ -162,7 +158,7 @@ def head_hessian_distance(
     curvature: str = "hessian",
     mode: str = "eval",
     dtype: torch.dtype | None = None,
-    tol: float = 1e-6,
+    tol: float = TOL,
     max_iter: int | None = None,
     seed: int = 0,
 ) -> float:
@@ -170,14 +166,15 @@ def head_hessian_distance(
 
     H_A, H_B are the Hessians of the mean loss over ``batches_a`` and ``batches_b`` restricted to
     the last linear layer's parameters (or ``params``); the norm is the largest-magnitude eigenvalue
-    of the symmetric difference operator v ↦ H_A v − H_B v, by Lanczos ``which="LM"`` (SCIENCE.md §1.2).
+    of the symmetric difference operator v ↦ H_A v − H_B v, by Lanczos ``which="LM"`` (largest magnitude:
+    the difference is indefinite). Hessian alignment across domains (Hemati et al. 2023) bounds transfer by it.
     """
     names = last_linear_parameters(model) if params is None else params
     kw = dict(params=names, mode=mode, dtype=dtype)
     op_a = make_operator(curvature, model, as_batches(batches_a), loss, **kw)
     op_b = make_operator(curvature, model, as_batches(batches_b), loss, **kw)
-    res = lanczos_eigs(_Difference(op_a, op_b), 1, which="LM", tol=tol, max_iter=max_iter, seed=seed,
-                       return_eigenvectors=False)
+    res = top_eigenpairs(_Difference(op_a, op_b), 1, which="LM", tol=tol, max_iter=max_iter, seed=seed,
+                         return_eigenvectors=False)
     return float(abs(res.eigenvalues[0]))
 
 
@@ -191,8 +188,9 @@ def adam_preconditioner(
 ) -> dict[str, Tensor]:
     """Adam's diagonal preconditioner P = (1 − β₁ᵗ)(√v̂ + ε), v̂ = v/(1 − β₂ᵗ), per parameter name.
 
-    Cohen et al. 2022 (SCIENCE.md §5): the frozen-Adam update is θ ← θ − η P⁻¹ m with the EMA m,
-    so its stability is governed by λ_max(P⁻¹H) against (2 + 2β₁)/((1 − β₁)η) (= 38/η for β₁ = 0.9).
+    Cohen et al. 2022 ("Adaptive gradient methods at the edge of stability"): the frozen-Adam update is
+    θ ← θ − η P⁻¹ m with the EMA m, so its stability is governed by λ_max(P⁻¹H) against
+    (2 + 2β₁)/((1 − β₁)η) (= 38/η for β₁ = 0.9).
     The bias-correction factor follows torch.optim.Adam (m̂ = m/(1 − β₁ᵗ), v̂ = v/(1 − β₂ᵗ)); ``t``
     is the state's ``step`` unless given.
     """
@@ -220,11 +218,11 @@ def preconditioned_sharpness(
     op: Any,
     preconditioner: Mapping[str, Tensor],
     *,
-    tol: float = 1e-6,
+    tol: float = TOL,
     max_iter: int | None = None,
     seed: int = 0,
 ) -> EigResult:
-    """λ_max(P⁻¹H) as λ_max(P^{−1/2} H P^{−1/2}) (same eigenvalues, symmetric; Cohen et al. 2022, SCIENCE.md §5).
+    """λ_max(P⁻¹H) as λ_max(P^{−1/2} H P^{−1/2}) (same eigenvalues, symmetric; Cohen et al. 2022).
 
     ``op`` is a curvature operator (it supplies ``flatten`` and the parameter order), ``preconditioner``
     maps each of its parameter names to the positive diagonal P.
@@ -233,7 +231,7 @@ def preconditioned_sharpness(
     if not bool(torch.all(p > 0)):
         raise ValueError("the preconditioner must be positive everywhere (Adam's √v̂ + ε with ε > 0)")
     d = p.rsqrt().to(op.dtype)
-    return lanczos_eigs(_Sandwich(op, d), 1, which="LA", tol=tol, max_iter=max_iter, seed=seed)
+    return top_eigenpairs(_Sandwich(op, d), 1, tol=tol, max_iter=max_iter, seed=seed)
 
 
 def batch_size_scan(
@@ -246,13 +244,14 @@ def batch_size_scan(
     curvature: str = "hessian",
     mode: str = "eval",
     dtype: torch.dtype | None = None,
-    tol: float = 1e-4,
+    tol: float = TOL,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """λ_max of mini-batch Hessians at each batch size: mean and std over ``num_batches`` disjoint batches.
 
-    Mini-batch λ_max is biased upward at small batches (SCIENCE.md §1.2 pitfall); 2/λ is the largest
-    step at which SGD on that batch's quadratic model is stable (SCIENCE.md §5, T5.1).
+    Mini-batch λ_max is biased upward at small batches (Granziol et al. 2022, "Learning rates as a function
+    of batch size"); 2/λ is the largest step at which gradient descent on that batch's quadratic model
+    ½λx² is stable (it diverges iff ηλ > 2).
     Returns ``batch_sizes``, ``batch_lambda_max_mean``, ``batch_lambda_max_std``, ``batch_max_stable_lr``
     and ``matvecs``.
     """
@@ -262,7 +261,7 @@ def batch_size_scan(
         lams = []
         for j, mb in enumerate(_minibatches(batches, int(size), num_batches, gen)):
             op = make_operator(curvature, model, [mb], loss, mode=mode, dtype=dtype, check_deterministic=False)
-            res = lanczos_eigs(op, 1, which="LA", tol=tol, seed=seed + j, return_eigenvectors=False)
+            res = top_eigenpairs(op, 1, tol=tol, seed=seed + j, return_eigenvectors=False)
             lams.append(float(res.eigenvalues[0]))
             mv += op.matvecs
         means.append(float(np.mean(lams)))
@@ -291,15 +290,10 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"hessian: {name} must be a positive finite number, got {value!r}")
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"hessian: unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
 @register_probe
 @dataclass(frozen=True, kw_only=True)
 class HessianProbe(Probe):
-    """Hessian (or GGN / Fisher) spectrum of the mean loss at a checkpoint (SCIENCE.md §1, §2, §5).
+    """Hessian (or GGN / Fisher) spectrum of the mean loss at a checkpoint.
 
     Top-k/bottom-k eigenpairs by Lanczos with full reorthogonalization (Ghorbani, Krishnan & Xiao 2019),
     trace by Hutch++ (Meyer et al. 2021) or Hutchinson, SLQ density with bulk edge and outlier count
@@ -310,14 +304,15 @@ class HessianProbe(Probe):
     Attributes:
         curvature: "hessian", "ggn", "fisher" or "empirical_fisher".
         top_k / bottom_k: number of largest / smallest eigenpairs (0 skips).
-        tol: relative Ritz residual ‖A y − θ y‖ ≤ tol·|θ|.
+        tol: relative Ritz residual ‖A y − θ y‖ ≤ tol·|θ| (default ``lossatlas.probes.spectrum.TOL`` = 1e-4).
         criterion: "residual" (the above, default) or "eigenvalue" (the error estimate min(r, r²/gap)
             ≤ tol·|θ|: fewer products when only the eigenvalues are wanted).
         max_iter: most Lanczos steps (None: the estimator's default).
         block_size: Lanczos block size (> 1 sees multiple eigenvalues, e.g. clustered outliers).
         trace / trace_method / trace_matvecs: tr(A) by "hutchpp" (budget divisible by 3) or "hutchinson".
-        density / num_probes / num_steps / sigma_squared / outlier_delta: SLQ density (§1.3) and outliers
-            above bulk_edge·(1 + δ) (§2).
+        density / num_probes / num_steps / sigma_squared / outlier_delta: SLQ density (``num_probes`` runs of
+            ``num_steps`` Lanczos steps, Gaussian kernel of variance sigma_squared·max(1, λ_max − λ_min), as
+            Ghorbani et al.) and the count of Ritz values above bulk_edge·(1 + δ), δ = 0.1 by default.
         blocks: None, "layers" (one block per module owning parameters) or a regex selecting layers by
             name; each block's top ``block_k`` eigenvalues of its diagonal Hessian block.
         subset: None or "class=3" / "class=0,1": the loss restricted to those classes.
@@ -326,24 +321,26 @@ class HessianProbe(Probe):
         store_eigenvectors: keep the top eigenvectors as the value "eigenvectors" (k, param).
         data_ci / data_resamples / ci_level: percentile interval of λ_max (and the trace when
             ``trace``) over bootstrap resamples of the examples.
-        preconditioned: λ_max(P⁻¹H) with Adam's P from the checkpoint's optimizer state (§5).
+        preconditioned: λ_max(P⁻¹H) with Adam's P from the checkpoint's optimizer state.
         batch_size_scan / scan_batches: mini-batch λ_max mean and std at these batch sizes.
     """
 
     name: ClassVar[str] = "hessian"
     splits_work: ClassVar[bool] = True  # under torchrun: ctx.dist splits its work
     summary: ClassVar[str] = "Hessian spectrum: top/bottom eigenvalues, trace, density, per-layer and class-wise spectra"
+    section: ClassVar[str] = "curvature"
+    figure: ClassVar[str | None] = "hessian"
 
     curvature: str = "hessian"
     top_k: int = 5
     bottom_k: int = 0
-    tol: float = 1e-4
+    tol: float = TOL
     criterion: str = "residual"  # or "eigenvalue": stop on min(r, r²/gap) ≤ tol·|θ| (lanczos_eigs)
     max_iter: int | None = None
     block_size: int = 1
     trace: bool = False
     trace_method: str = "hutchpp"
-    trace_matvecs: int = 99
+    trace_matvecs: int = TRACE_MATVECS
     density: bool = False
     num_probes: int = 4
     num_steps: int = 90
@@ -370,14 +367,14 @@ class HessianProbe(Probe):
         return bool(self.preconditioned)
 
     def validate(self) -> None:
-        _check_choice("curvature", self.curvature, CURVATURES)
+        check_choice("curvature", self.curvature, CURVATURES, prefix="hessian: ")
         _check_int("top_k", self.top_k, 0)
         _check_int("bottom_k", self.bottom_k, 0)
         _check_positive("tol", self.tol)
         if self.max_iter is not None:
             _check_int("max_iter", self.max_iter, 1)
         _check_int("block_size", self.block_size, 1)
-        _check_choice("trace_method", self.trace_method, TRACE_METHODS)
+        check_choice("trace_method", self.trace_method, TRACE_METHODS, prefix="hessian: ")
         _check_int("trace_matvecs", self.trace_matvecs, 3 if self.trace_method == "hutchpp" else 2)
         if self.trace_method == "hutchpp" and self.trace_matvecs % 3:
             raise ValueError(f"hessian: trace_matvecs must be divisible by 3 for Hutch++, got {self.trace_matvecs}; "
@@ -403,11 +400,11 @@ class HessianProbe(Probe):
                 parse_subset(self.subset)
             except ValueError as exc:
                 raise ValueError(f"hessian: {exc}") from None
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("path", self.path, PATHS)
-        _check_choice("criterion", self.criterion, ("residual", "eigenvalue"))
+        check_choice("mode", self.mode, MODES, prefix="hessian: ")
+        check_choice("path", self.path, PATHS, prefix="hessian: ")
+        check_choice("criterion", self.criterion, ("residual", "eigenvalue"), prefix="hessian: ")
         if self.dtype is not None:
-            _check_choice("dtype", self.dtype, tuple(DTYPES))
+            check_choice("dtype", self.dtype, COMPUTE_DTYPES, prefix="hessian: ")
         _check_int("seed", self.seed, 0)
         _check_int("data_resamples", self.data_resamples, 2)
         if not (isinstance(self.ci_level, float) and 0 < self.ci_level < 1):
@@ -419,6 +416,17 @@ class HessianProbe(Probe):
         _check_int("scan_batches", self.scan_batches, 1)
         if self.data_ci and self.top_k == 0 and not self.trace:
             raise ValueError("hessian: data_ci needs top_k >= 1 or trace=True (it resamples λ_max and the trace)")
+        if not (self.top_k or self.bottom_k or self.trace or self.density or self.blocks is not None
+                or self.preconditioned or self.batch_size_scan):
+            raise ValueError("hessian: nothing to compute (top_k=0, bottom_k=0 and no trace, density, blocks, "
+                             "preconditioned or batch_size_scan); set top_k ≥ 1 or ask for one of those")
+
+    def _check_k(self, num_params: int) -> None:
+        """Refuse more eigenpairs than the operator has (before any product is spent on them)."""
+        for name, k in (("top_k", self.top_k), ("bottom_k", self.bottom_k)):
+            if k > num_params:
+                raise ValueError(f"hessian: {name}={k} asks for more eigenpairs than the model's {num_params} "
+                                 f"parameters; use {name} ≤ {num_params}")
 
     # ---------------------------------------------------------------------------------------------------------------
     def _operator(self, ctx: ProbeContext, batches: Sequence[Batch], **kw: Any):
@@ -428,20 +436,22 @@ class HessianProbe(Probe):
                              device=ctx.device, path=self.path, **kw)
 
     def _top(self, op: Any, k: int, which: str, **kw: Any) -> EigResult:
-        k = min(k, op.shape[0])
-        return lanczos_eigs(op, k, which=which, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
-                            block_size=min(self.block_size, op.shape[0]), criterion=self.criterion, **kw)
+        return top_eigenpairs(op, k, which=which, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
+                              block_size=self.block_size, criterion=self.criterion, **kw)
 
     def _trace(self, op: Any, seed: int, dist: Distributed | None = None):
-        if self.trace_method == "hutchpp":
-            return hutchpp_trace(op, self.trace_matvecs, seed=seed, dist=dist)
-        return hutchinson_trace(op, self.trace_matvecs, seed=seed, dist=dist)
+        return trace_estimate(op, self.trace_matvecs, method=self.trace_method, seed=seed, dist=dist)
 
     def run(self, ctx: ProbeContext) -> Result:
         batches = list(ctx.data) if isinstance(ctx.data, (list, tuple)) else as_batches(ctx.data)
         if self.subset is not None:
             batches = class_subset(batches, parse_subset(self.subset))
+        bad = nonfinite_counts(dict(ctx.model.named_parameters()))
+        if bad:  # the curvature at a NaN/inf point is undefined: say so rather than fail inside the solver
+            raise ValueError(f"hessian: the model's parameters hold {describe_nonfinite(bad)}; the curvature is "
+                             "undefined there; pick a checkpoint before the run diverged")
         op = self._operator(ctx, batches)
+        self._check_k(op.shape[0])
         # Under torchrun the trace and density split their probe vectors across ranks, each rank
         # applying the operator over the full data (no all-reduce per product); eigenvalues shard the data.
         split_probes = ctx.dist.active and (self.trace or self.density)
@@ -568,8 +578,8 @@ class HessianProbe(Probe):
         for r in range(self.data_resamples):
             op_r = self._operator(ctx, _bootstrap_batches(batches, gen), check_deterministic=False)
             if self.top_k:
-                res = lanczos_eigs(op_r, 1, which="LA", tol=self.tol, max_iter=self.max_iter, seed=self.seed + r + 1,
-                                   return_eigenvectors=False)
+                res = top_eigenpairs(op_r, 1, tol=self.tol, max_iter=self.max_iter, seed=self.seed + r + 1,
+                                     return_eigenvectors=False)
                 lams.append(float(res.eigenvalues[0]))
             if self.trace:
                 traces.append(self._trace(op_r, self.seed + r + 1).value)
@@ -600,7 +610,7 @@ class HessianProbe(Probe):
         meta["adam_betas"] = [float(b) for b in betas]
         meta["adam_eps"] = eps
         if ctx.lr is not None and ctx.lr > 0:
-            # frozen-Adam stability threshold (2 + 2β₁)/((1 − β₁)η) = 38/η at β₁ = 0.9 (SCIENCE.md §5, T5.2)
+            # frozen-Adam stability threshold (2 + 2β₁)/((1 − β₁)η) = 38/η at β₁ = 0.9 (Cohen et al. 2022)
             meta["adam_threshold"] = (2 + 2 * betas[0]) / ((1 - betas[0]) * float(ctx.lr))
 
 

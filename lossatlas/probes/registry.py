@@ -3,8 +3,8 @@
 from lossatlas.probes import (  # noqa: F401
     collapse,
     connectivity,
-    evaluate,
     hessian,
+    loss,
     sharpness,
     surface,
     trajectory,

@@ -1,7 +1,7 @@
 """Sharpness of a checkpoint: ε-sharpness, SAM/ASAM worst case, m-sharpness, average case, ‖∇L‖, Fisher–Rao norm.
 
-Every measure is a pure function of an *objective* θ ↦ L_S(θ) and a parameter dict θ (SCIENCE.md §3).
-``DataObjective`` is the objective of a model on a fixed list of batches (example-weighted mean loss, SCIENCE.md §0),
+Every measure is a pure function of an *objective* θ ↦ L_S(θ) and a parameter dict θ.
+``DataObjective`` is the objective of a model on a fixed list of batches (example-weighted mean loss Σ_b (n_b/N) L_b),
 evaluated with ``torch.func.functional_call`` on fresh parameter dicts; ``FunctionObjective`` wraps any callable
 ``fn(params) -> 0-d tensor`` (a quadratic in the tests). The user's module is never mutated; its train/eval flags are
 set for the duration of an evaluation only and restored, and buffers (BatchNorm running statistics) are private copies.
@@ -9,7 +9,7 @@ set for the duration of an evaluation only and restored, and buffers (BatchNorm 
 Perturbations are written in scaled coordinates u = δ / c with c = 1 (standard) or c = |w| + η (adaptive, Kwon et al.
 2021; Andriushchenko et al. 2023 use η = 0), so the feasible set is always the plain ball ‖u‖_p ≤ ρ.
 
-λ_max and tr(H) (SCIENCE.md §3.1) come from the curvature engine, not from this module.
+λ_max and tr(H) (Cohen et al.'s sharpness and the Hessian trace) come from ``lossatlas.probes.spectrum``.
 """
 
 from __future__ import annotations
@@ -25,21 +25,24 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lossatlas.probes.modes import evaluation_mode
+from lossatlas.batches import Batch, as_batches, num_examples, to_device
+from lossatlas.curvature import HessianOperator
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
-from lossatlas.probes.batches import Batch, as_batches, num_examples, to_device
-from lossatlas.probes.losses import (
+from lossatlas.losses import (
     batch_count,
     batch_loss,
+    batch_weights,
     check_loss_name,
+    data_loss,
     output_hessian_product,
     per_example_loss,
 )
-
-Params = dict[str, Tensor]
+from lossatlas.probes.modes import evaluation_mode
+from lossatlas.probes.paramdicts import Params, axpy, dot, flatten, l2_norm, multiply, scale, unflatten
+from lossatlas.probes.settings import MODES, check_choice
+from lossatlas.probes.spectrum import TOL, TRACE_MATVECS, top_eigenpairs, trace_estimate
 
 NORMS: tuple[str, ...] = ("l2", "linf")
-MODES: tuple[str, ...] = ("eval", "train")
 FISHER_TARGETS: tuple[str, ...] = ("empirical", "model")
 MEASURES: tuple[str, ...] = (
     "grad_norm",
@@ -55,40 +58,21 @@ MEASURES: tuple[str, ...] = (
 )
 STOCHASTIC_MEASURES: tuple[str, ...] = ("average_case", "adaptive_average_case")
 
-_APGD_MOMENTUM = 0.75  # x ← x + α(z − x) + (1 − α)(x − x_prev), α = 0.75 (Croce & Hein 2020; SCIENCE.md §3.5)
+_APGD_MOMENTUM = 0.75  # x ← x + α(z − x) + (1 − α)(x − x_prev), α = 0.75 (Croce & Hein 2020)
 _APGD_RHO = 0.75  # halve the step when fewer than 75% of the iterations since the last checkpoint increased the loss
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Parameter-dict arithmetic
+# Parameters and perturbation scales
 
 
 def trainable_params(model: nn.Module, dtype: torch.dtype | None = None) -> Params:
-    """θ: fresh copies of ``model``'s parameters with ``requires_grad=True`` (SCIENCE.md §0), cast to ``dtype``."""
+    """θ: fresh copies of ``model``'s parameters with ``requires_grad=True``, cast to ``dtype``."""
     return {
         name: p.detach().clone().to(dtype=dtype or p.dtype)
         for name, p in model.named_parameters()
         if p.requires_grad
     }
-
-
-def _axpy(a: float, x: Params, y: Params) -> Params:
-    """a·x + y."""
-    return {k: a * x[k] + y[k] for k in y}
-
-
-def _mul(x: Params, y: Params) -> Params:
-    return {k: x[k] * y[k] for k in x}
-
-
-def _norm(x: Params) -> Tensor:
-    return torch.sqrt(sum((v * v).sum() for v in x.values()))
 
 
 def _scale(params: Params, adaptive: bool, eta: float) -> Params:
@@ -129,11 +113,11 @@ class FunctionObjective:
 
 
 class DataObjective:
-    """θ ↦ L_S(θ) = Σ_b (n_b/N) L_b(θ) of ``model`` on fixed batches (SCIENCE.md §0), via ``functional_call``.
+    """θ ↦ L_S(θ) = Σ_b (n_b/N) L_b(θ) of ``model`` on fixed batches, via ``functional_call``.
 
     Frozen parameters and buffers are private copies (cast to ``dtype``), so BatchNorm in train mode never updates
-    the user's running statistics. ``mode`` ("eval" default, SCIENCE.md §3.5) is the train/eval flag used while
-    evaluating; the module's own flags are restored after every call.
+    the user's running statistics. ``mode`` ("eval" default, as in Andriushchenko et al. 2023) is the
+    train/eval flag used while evaluating; the module's own flags are restored after every call.
     """
 
     def __init__(
@@ -146,12 +130,13 @@ class DataObjective:
         dtype: torch.dtype | None = None,
     ):
         check_loss_name(loss)
-        _check_choice("mode", mode, MODES)
+        check_choice("mode", mode, MODES)
         if not batches:
             raise ValueError("the data holds no batches; give at least one (inputs, targets) batch")
         self.model, self.batches, self.loss, self.mode = model, list(batches), loss, mode
         self.counts = [batch_count(loss, y) for _, y in self.batches]
         self.total = sum(self.counts)
+        self.weights = batch_weights(loss, self.batches)  # n_b / N
         fixed = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         fixed.update(dict(model.named_buffers()))
         self.fixed = {
@@ -164,10 +149,8 @@ class DataObjective:
         return functional_call(self.model, (params, self.fixed), (x,))
 
     def value(self, params: Params) -> Tensor:
-        total = 0.0
         with torch.no_grad(), evaluation_mode(self.model, self.mode):
-            for (x, y), n in zip(self.batches, self.counts):
-                total = total + batch_loss(self.loss, self.forward(params, x), y) * (n / self.total)
+            total = data_loss(self.loss, lambda x: self.forward(params, x), self.batches, weights=self.weights)
         return total.detach()
 
     def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
@@ -175,8 +158,8 @@ class DataObjective:
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
         total = 0.0
         with torch.enable_grad(), evaluation_mode(self.model, self.mode):
-            for (x, y), n in zip(self.batches, self.counts):
-                lb = batch_loss(self.loss, self.forward(leaves, x), y) * (n / self.total)
+            for (x, y), w in zip(self.batches, self.weights):  # the terms of data_loss, one backward each
+                lb = batch_loss(self.loss, self.forward(leaves, x), y) * w
                 gb = torch.autograd.grad(lb, list(leaves.values()), allow_unused=True)
                 for k, g in zip(leaves, gb):
                     if g is not None:
@@ -203,9 +186,9 @@ def _check_radius(name: str, value: float) -> None:
 
 
 def gradient_norm(objective: Objective | Callable[[Params], Tensor], params: Params) -> float:
-    """‖∇L(θ)‖₂ over all parameters (SCIENCE.md §3)."""
+    """‖∇L(θ)‖₂ over all parameters."""
     _, g = _as_objective(objective).value_and_grad(params)
-    return float(_norm(g))
+    return float(l2_norm(g))
 
 
 def sam_sharpness(
@@ -217,7 +200,7 @@ def sam_sharpness(
     eta: float = 0.01,
     norm: str = "l2",
 ) -> float:
-    """One-step SAM/ASAM sharpness L(w + ε̂) − L(w) (Foret et al. 2021; Kwon et al. 2021; SCIENCE.md §3.3–3.4).
+    """One-step SAM/ASAM sharpness L(w + ε̂) − L(w) (Foret et al. ICLR 2021; Kwon et al. ICML 2021).
 
     ε̂ = ρ T² g / ‖T g‖₂ (l2) or ρ T sign(g) (linf), T = diag(|w| + η) if ``adaptive`` else I; standard l2 is SAM's
     ``dual_vector`` ρ g/‖g‖₂. Every parameter is scaled when adaptive (Andriushchenko et al.); ASAM's own code leaves
@@ -225,19 +208,19 @@ def sam_sharpness(
     """
     obj = _as_objective(objective)
     _check_radius("rho", rho)
-    _check_choice("norm", norm, NORMS)
+    check_choice("norm", norm, NORMS)
     loss0, g = obj.value_and_grad(params)
     c = _scale(params, adaptive, eta)
-    cg = _mul(c, g)  # gradient in the scaled coordinates u = δ / c
+    cg = multiply(c, g)  # gradient in the scaled coordinates u = δ / c
     if norm == "l2":
-        u = {k: v * (rho / (_norm(cg) + 1e-16)) for k, v in cg.items()}
+        u = scale(cg, rho / (l2_norm(cg) + 1e-16))
     else:
         u = {k: rho * torch.sign(v) for k, v in cg.items()}
-    return float(obj.value(_axpy(1.0, _mul(c, u), params)) - loss0)
+    return float(obj.value(axpy(1.0, multiply(c, u), params)) - loss0)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
-    """Iterations at which Auto-PGD may halve its step: w_j = ⌈p_j·steps⌉ (SCIENCE.md §3.5).
+    """Iterations at which Auto-PGD may halve its step: w_j = ⌈p_j·steps⌉ (Croce & Hein 2020).
 
     p₀ = 0, p₁ = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06).
     """
@@ -250,14 +233,14 @@ def apgd_checkpoints(steps: int) -> list[int]:
 def _project(u: Params, rho: float, norm: str) -> Params:
     if norm == "linf":
         return {k: v.clamp(-rho, rho) for k, v in u.items()}
-    n = float(_norm(u))
-    return u if n <= rho else {k: v * (rho / n) for k, v in u.items()}
+    n = float(l2_norm(u))
+    return u if n <= rho else scale(u, rho / n)
 
 
 def _ascent_direction(gu: Params, norm: str) -> Params:
     if norm == "linf":
         return {k: torch.sign(v) for k, v in gu.items()}
-    n = _norm(gu) + 1e-12
+    n = l2_norm(gu) + 1e-12
     return {k: v / n for k, v in gu.items()}
 
 
@@ -271,8 +254,8 @@ def _random_point(params: Params, rho: float, norm: str, generator: torch.Genera
     z = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device) for k, v in params.items()}
     dim = sum(v.numel() for v in params.values())
     radius = rho * float(torch.rand((), generator=generator, dtype=torch.float64)) ** (1.0 / dim)
-    n = float(_norm(z))
-    return {k: v * (radius / n) for k, v in z.items()}
+    n = float(l2_norm(z))
+    return scale(z, radius / n)
 
 
 def worst_case_sharpness(
@@ -288,7 +271,7 @@ def worst_case_sharpness(
     generator: torch.Generator | None = None,
     step_size_mult: float = 1.0,
 ) -> float:
-    """Worst-case sharpness max_{‖δ/c‖_p ≤ ρ} L(w + δ) − L(w) by Auto-PGD on the weights (SCIENCE.md §3.5).
+    """Worst-case sharpness max_{‖δ/c‖_p ≤ ρ} L(w + δ) − L(w) by Auto-PGD on the weights.
 
     Andriushchenko et al. 2023 (``eval_APGD_sharpness``): step η₀ = 2ρ·``step_size_mult``; l2 steps along g/‖g‖,
     linf along sign(g); momentum 0.75; at the checkpoints of :func:`apgd_checkpoints` the step halves and the iterate
@@ -304,14 +287,14 @@ def worst_case_sharpness(
     """
     obj = _as_objective(objective)
     _check_radius("rho", rho)
-    _check_choice("norm", norm, NORMS)
+    check_choice("norm", norm, NORMS)
     if int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     c = _scale(params, adaptive, eta)
 
     def loss_and_grad(u: Params) -> tuple[float, Params]:
-        val, g = obj.value_and_grad(_axpy(1.0, _mul(c, u), params))
-        return float(val), _mul(c, g)  # d/du L(w + c⊙u) = c⊙g
+        val, g = obj.value_and_grad(axpy(1.0, multiply(c, u), params))
+        return float(val), multiply(c, g)  # d/du L(w + c⊙u) = c⊙g
 
     loss0 = float(obj.value(params))
     zero = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -325,7 +308,7 @@ def worst_case_sharpness(
     u_prev, prev_loss, increases, last_cp = u, loss, 0, 0
     reduced_last, best_at_last_cp = False, best_loss
     for i in range(int(steps)):
-        z = _project(_axpy(step, _ascent_direction(gu, norm), u), rho, norm)
+        z = _project(axpy(step, _ascent_direction(gu, norm), u), rho, norm)
         a = 1.0 if i == 0 or u_prev is u else _APGD_MOMENTUM
         u_new = _project({k: u[k] + a * (z[k] - u[k]) + (1 - a) * (u[k] - u_prev[k]) for k in u}, rho, norm)
         u_prev, u = u, u_new
@@ -359,7 +342,7 @@ def average_case_sharpness(
     norm: str = "l2",
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """Average-case sharpness E_δ[L(w + δ)] − L(w) and its standard error (SCIENCE.md §3.5).
+    """Average-case sharpness E_δ[L(w + δ)] − L(w) and its standard error.
 
     l2: δ = ρ c ⊙ z, z ~ N(0, I), i.e. δ ~ N(0, ρ² diag(c²)) (per-coordinate std ρ c_i, not ρ/√P); linf:
     δ = ρ c ⊙ U[−1, 1]. c = 1, or c = |w| + η if ``adaptive`` (Andriushchenko et al. 2023: c = |w|).
@@ -367,7 +350,7 @@ def average_case_sharpness(
     """
     obj = _as_objective(objective)
     _check_radius("rho", rho)
-    _check_choice("norm", norm, NORMS)
+    check_choice("norm", norm, NORMS)
     if int(num_samples) < 2:
         raise ValueError(f"num_samples must be at least 2 (for a standard error), got {num_samples!r}")
     c = _scale(params, adaptive, eta)
@@ -381,7 +364,7 @@ def average_case_sharpness(
                 k: (2 * torch.rand(v.shape, generator=generator, dtype=v.dtype) - 1).to(v.device)
                 for k, v in params.items()
             }
-        diffs.append(float(obj.value(_axpy(rho, _mul(c, z), params)) - loss0))
+        diffs.append(float(obj.value(axpy(rho, multiply(c, z), params)) - loss0))
     d = np.asarray(diffs)
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
 
@@ -395,7 +378,8 @@ def keskar_sharpness(
     max_iter: int = 10,
     generator: torch.Generator | None = None,
 ) -> float:
-    """Keskar et al. 2017 ε-sharpness φ = 100·(max_{y ∈ C_ε} L(x + Ay) − L(x)) / (1 + L(x)) in percent (§3.2).
+    """Keskar et al. 2017 ε-sharpness φ = 100·(max_{y ∈ C_ε} L(x + Ay) − L(x)) / (1 + L(x)) in percent
+    (Keskar, Mudigere, Nocedal, Smelyanskiy, Tang, ICLR 2017).
 
     C_ε = {y : |y_i| ≤ ε(|(A⁺x)_i| + 1)} is a box, not a ball. A = I (``subspace=None``), a random (P, p) matrix with
     N(0, 1) entries (``subspace=p``; dense, so P·p numbers must fit in memory) or a given (P, p) tensor. The inner
@@ -405,7 +389,7 @@ def keskar_sharpness(
     obj = _as_objective(objective)
     _check_radius("epsilon", epsilon)
     names = list(params)
-    x = torch.cat([params[k].reshape(-1) for k in names]).to(torch.float64).cpu()  # (P,)
+    x = flatten(params, names).to(torch.float64).cpu()  # (P,)
     if subspace is None:
         A = None
         coords = x
@@ -421,22 +405,14 @@ def keskar_sharpness(
         coords = torch.linalg.pinv(A) @ x  # A⁺x, (p,)
     bound = (epsilon * (coords.abs() + 1)).numpy()
 
-    def unflatten(flat: Tensor) -> Params:
-        out, i = {}, 0
-        for k in names:
-            n = params[k].numel()
-            out[k] = flat[i : i + n].reshape(params[k].shape).to(dtype=params[k].dtype, device=params[k].device)
-            i += n
-        return out
-
     loss0 = float(obj.value(params))
     best = [loss0]
 
     def negative(y: np.ndarray) -> tuple[float, np.ndarray]:
         yt = torch.from_numpy(y)
         w = x + (yt if A is None else A @ yt)
-        val, g = obj.value_and_grad(unflatten(w))
-        gflat = torch.cat([g[k].reshape(-1) for k in names]).to(torch.float64).cpu()
+        val, g = obj.value_and_grad(unflatten(w, params))
+        gflat = flatten(g, names).to(torch.float64).cpu()
         best[0] = max(best[0], float(val))
         grad_y = gflat if A is None else A.T @ gflat
         return -float(val), -grad_y.numpy()
@@ -492,7 +468,7 @@ def m_sharpness(
     """m-sharpness: Σ_S (|S|/N) [max_{‖δ/c‖_p ≤ ρ} L_S(w + δ) − L_S(w)] over disjoint chunks S of m examples.
 
     Foret et al. 2021 (one ascent step per chunk, ``steps=1``) and Andriushchenko et al. 2023 (Auto-PGD per batch of
-    m = 128, ``steps>1``); SCIENCE.md §3.3, §3.5. ``m=None`` (or m ≥ N) is the full-set worst case.
+    m = 128, ``steps>1``). ``m=None`` (or m ≥ N) is the full-set worst case.
     """
     chunks = chunk_batches(batches, m, batch_size)
     dtype = next(iter(params.values())).dtype
@@ -521,7 +497,7 @@ def _output_and_jvp(obj: DataObjective, params: Params, x: Tensor) -> tuple[Tens
         out = obj.forward(leaves, x)
         u = torch.zeros_like(out, requires_grad=True)
         vjp = torch.autograd.grad(out, list(leaves.values()), grad_outputs=u, create_graph=True, allow_unused=True)
-        inner = sum((g * params[k]).sum() for k, g in zip(leaves, vjp) if g is not None)
+        inner = dot(dict(zip(leaves, vjp)), params, dtype=None)  # ⟨Jᵀu, θ⟩, differentiable in u
         if not isinstance(inner, Tensor) or not inner.requires_grad:
             return out.detach(), torch.zeros_like(out)
         jv = torch.autograd.grad(inner, u)[0]
@@ -537,7 +513,7 @@ def fisher_rao_norm(
     target: str = "empirical",
     mode: str = "eval",
 ) -> float:
-    """Fisher–Rao norm ‖θ‖_fr = (θᵀ I(θ) θ)^½ = (E[⟨θ, ∇_θ ℓ⟩²])^½ (Liang et al. 2019; SCIENCE.md §3.7).
+    """Fisher–Rao norm ‖θ‖_fr = (θᵀ I(θ) θ)^½ = (E[⟨θ, ∇_θ ℓ⟩²])^½ (Liang, Poggio, Rakhlin, Stokes, AISTATS 2019).
 
     ⟨θ, ∇_θ ℓ⟩ = ⟨∂ℓ/∂f, J_θ θ⟩ is computed exactly from J_θ θ (double-VJP), for any model; for a bias-free
     ReLU net with L hidden layers J_θ θ = (L+1) f, giving Liang's closed form (L+1)² E⟨∂ℓ/∂f, f⟩².
@@ -546,7 +522,7 @@ def fisher_rao_norm(
     The expectation over x is the example-weighted mean over the batches.
     """
     check_loss_name(loss)
-    _check_choice("target", target, FISHER_TARGETS)
+    check_choice("target", target, FISHER_TARGETS)
     obj = DataObjective(model, batches, loss, mode=mode, dtype=next(iter(params.values())).dtype)
     tangent = {k: v.detach() for k, v in params.items()}
     total = 0.0
@@ -576,20 +552,24 @@ def _generator(seed: int, measure: str) -> torch.Generator:
 @register_probe
 @dataclass(frozen=True, kw_only=True)
 class Sharpness(Probe):
-    """Sharpness measures of a checkpoint (SCIENCE.md §3): one 0-d value per measure, ``<measure>_stderr`` for
+    """Sharpness measures of a checkpoint: one 0-d value per measure, ``<measure>_stderr`` for
     Monte-Carlo ones, and the clean loss.
 
     Measures: ``grad_norm`` ‖∇L‖; ``fisher_rao`` ‖θ‖_fr; ``keskar`` ε-sharpness (%); ``sam`` / ``adaptive_sam``
     one-step SAM / ASAM on all examples (ρ = ``rho`` / ``adaptive_rho``); ``m_sharpness`` one-step SAM averaged
     over chunks of ``m``; ``worst_case`` / ``adaptive_worst_case`` Auto-PGD (``steps``) per chunk of ``m``;
     ``average_case`` / ``adaptive_average_case`` Monte-Carlo E_δ L(w+δ) − L(w) (``num_samples``, linear in L_S, so
-    independent of m; each δ is drawn once for all examples). Defaults follow SCIENCE.md: SAM ρ 0.05, ASAM ρ 0.5 and
-    η 0.01 (η = 0 is Andriushchenko's c = |w| and makes the adaptive measures reparametrisation invariant, §3.6),
-    1024 examples, m = 128, 20 Auto-PGD iterations, Keskar ε 1e-3 with 10 L-BFGS-B iterations, eval mode.
+    independent of m; each δ is drawn once for all examples). Defaults follow the reference code: SAM ρ 0.05
+    (google-research/sam, CIFAR), ASAM ρ 0.5 and η 0.01 (SamsungLabs/ASAM; η = 0 is Andriushchenko's c = |w| and makes
+    the adaptive measures invariant to the rescalings (αW₁, W₂/α) of Dinh et al. 2017), 1024 examples, m = 128,
+    20 Auto-PGD iterations (tml-epfl/sharpness-vs-generalization), Keskar ε 1e-3 with 10 L-BFGS-B iterations
+    (Keskar et al. 2017), eval mode.
     """
 
     name: ClassVar[str] = "sharpness"
     summary: ClassVar[str] = "SAM/ASAM worst-case, m-, average-case and Keskar sharpness; gradient and Fisher-Rao norms"
+    section: ClassVar[str] = "sharpness"
+    figure: ClassVar[str | None] = "sharpness"
 
     measures: tuple[str, ...] = MEASURES
     rho: float = 0.05
@@ -630,9 +610,9 @@ class Sharpness(Probe):
             _check_radius(field_name, getattr(self, field_name))
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("fisher", self.fisher, FISHER_TARGETS)
-        _check_choice("mode", self.mode, MODES)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("fisher", self.fisher, FISHER_TARGETS)
+        check_choice("mode", self.mode, MODES)
         for field_name, low in (("steps", 1), ("num_samples", 2), ("keskar_iters", 1)):
             value = getattr(self, field_name)
             if not isinstance(value, int) or value < low:
@@ -643,20 +623,17 @@ class Sharpness(Probe):
                 raise ValueError(f"{field_name} must be a positive integer or None, got {value!r}")
 
     def _curvature(self, ctx: ProbeContext, batches, dtype, conventions: dict) -> dict[str, np.ndarray]:
-        """λ_max (Lanczos, tol 1e-4) and tr(H) (Hutch++, 99 matvecs) from the curvature engine (§3.1)."""
-        from lossatlas.probes.curvature import HessianOperator
-        from lossatlas.probes.estimators import hutchpp_trace, lanczos_eigs
-
+        """λ_max and tr(H) of the loss on these batches, with ``lossatlas.probes.spectrum``'s defaults."""
         op = HessianOperator(ctx.model, batches, ctx.loss, mode=self.mode, dtype=dtype)
         out: dict[str, np.ndarray] = {}
         if self.lambda_max:
-            eig = lanczos_eigs(op, k=1, which="LA", tol=1e-4, seed=self.seed, return_eigenvectors=False)
+            eig = top_eigenpairs(op, 1, seed=self.seed, return_eigenvectors=False)
             out["lambda_max"] = np.float64(eig.eigenvalues[0])
-            conventions["lambda_max"] = f"Lanczos top-1, rel. Ritz residual ≤ 1e-4, {eig.matvecs} HVPs ({op.path})"
+            conventions["lambda_max"] = f"Lanczos top-1, rel. Ritz residual ≤ {TOL:g}, {eig.matvecs} HVPs ({op.path})"
         if self.trace:
-            tr = hutchpp_trace(op, 99, seed=self.seed)
+            tr = trace_estimate(op, seed=self.seed)
             out["trace"], out["trace_stderr"] = np.float64(tr.value), np.float64(tr.stderr)
-            conventions["trace"] = "Hutch++ (Meyer et al. 2021), 99 matvecs"
+            conventions["trace"] = f"Hutch++ (Meyer et al. 2021), {TRACE_MATVECS} matvecs"
         return out
 
     def run(self, ctx: ProbeContext) -> Result:

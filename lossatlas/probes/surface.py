@@ -1,17 +1,15 @@
-"""Loss surfaces: loss and accuracy on a 1-D line or a 2-D plane through parameter space (SCIENCE.md §4.1, §4.4).
+"""The ``surface`` probe: loss and accuracy on a 1-D line or a 2-D plane through parameter space.
 
-θ(α) = θ* + α d (1-D), θ(α, β) = θ* + α d_x + β d_y (2-D), evaluated on a fixed data set with the
-example-weighted mean loss and the accuracy in [0, 1] (Li et al. 2018, "Visualizing the Loss Landscape of
-Neural Nets"). Points are evaluated with ``torch.func.functional_call`` on fresh parameter dicts, several
-points per forward pass through ``torch.func.vmap`` over stacked parameter dicts.
+θ(α) = θ* + α d (1-D), θ(α, β) = θ* + α d_x + β d_y (2-D) around the checkpoint θ*, on a grid of
+α ∈ xrange, β ∈ yrange (default (−1, 1, 51) each), with the example-weighted mean loss and the accuracy in
+[0, 1] (Li, Xu, Taylor, Studer, Goldstein 2018, "Visualizing the Loss Landscape of Neural Nets"). The
+directions come from ``lossatlas.probes.directions`` (filter-normalised random, trajectory PCA, top Hessian
+eigenvectors, checkpoint differences); the grid is evaluated by ``lossatlas.probes.grid`` (Z of shape
+(ny, nx) with ``Z[i, j] = L(x_j, y_i)``, resumable chunk by chunk with the uninterrupted run's bits).
 
-Grid indexing (SCIENCE.md §4.4): Z has shape (ny, nx) and ``Z[i, j] = L(x_j, y_i)`` (``indexing='xy'``,
-as ``np.meshgrid(x, y)``); flat point k ↔ (x[k mod nx], y[k div nx]).
-
-Bitwise reproducibility: a vmapped forward over a chunk of C points differs in the last bits from the same
-points in another chunk (batched matmuls). So the grid is cut into a fixed partition of chunks
-(consecutive positions in the list of points to evaluate, ``chunk_size`` each) that does not depend on which
-points are already done: a resumed run recomputes whole chunks and gets the uninterrupted run's bits.
+Quadratic-regime check along each axis: the second-order Taylor model q(α) = L(θ*) + α ∇L·d + ½α² dᵀHd
+(∇L·d and dᵀHd by double backward) against the evaluated line; the report gives the curvature of a
+least-squares quadratic fit over dᵀHd and the widest α-interval around 0 where |L − q| ≤ tol·|L|.
 """
 
 from __future__ import annotations
@@ -19,16 +17,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
-from lossatlas.probes import losses as L
-from lossatlas.probes.distributed import chunks_for_rank
-from lossatlas.probes.modes import evaluation_mode
+from lossatlas import losses as L
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import (
     DEFAULT_SEED,
@@ -36,246 +32,25 @@ from lossatlas.probes.directions import (
     IGNORES,
     NORMS,
     Direction,
-    check_option,
     checkpoint_direction,
-    cosine,
-    eigenvector_directions,
-    flatten,
     model_state,
     random_direction,
-    unflatten,
+    top_hessian_eigenvectors,
+    trajectory_pca,
 )
-
-BN_MODES: tuple[str, ...] = ("keep", "recompute")
-Metric = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> the batch mean of a per-example metric
-
-
-def _bn_stat_names(model: nn.Module) -> list[str]:
-    """Names of the running statistics of every BatchNorm layer that tracks them."""
-    names = []
-    for mod_name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            p = f"{mod_name}." if mod_name else ""
-            names += [p + "running_mean", p + "running_var", p + "num_batches_tracked"]
-    return names
-
-
-def recompute_bn_stats(
-    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]]
-) -> dict[str, Tensor]:
-    """BatchNorm running statistics recomputed at ``params``: fresh buffers after a train-mode pass.
-
-    Reset (mean 0, var 1, count 0), then forward ``batches`` in train mode with momentum=None, i.e. the
-    running statistics become the plain average of the per-batch statistics (PyTorch's cumulative
-    moving average). Works on copies of ``buffers``; the model's own buffers and flags are untouched.
-    """
-    fresh = {k: v.clone() for k, v in buffers.items()}
-    for name in _bn_stat_names(model):
-        if name in fresh:
-            t = fresh[name]
-            t.fill_(1 if name.endswith("running_var") else 0)
-    with torch.no_grad(), evaluation_mode(model, "train", cumulative_bn=True):
-        for x, _ in batches:
-            functional_call(model, (dict(params), fresh), (x,))  # updates `fresh` in place
-    return fresh
-
-
-# ----------------------------------------------------------------------------------------- the engine
-class PointEvaluator:
-    """Loss, accuracy and extra metrics at points θ* + Σ_k c_k d_k, on a fixed data set.
-
-    Args:
-        model: the module (its structure; its parameters are never read for the point values
-            except where ``base`` lacks a tensor).
-        base: θ*, tensors by name (parameters, and buffers when the directions perturb buffers).
-        directions: the directions d_k (Direction or dict of tensors).
-        data: (inputs, targets) batches; loss = Σ_b n_b·mean_b / N, accuracy = correct / N.
-        loss: a name from ``lossatlas.probes.losses``.
-        metrics: extra per-batch-mean metrics ``f(outputs, targets) -> Tensor``, averaged like the loss.
-        bn: "keep" (evaluate with θ*'s running statistics, eval mode) or "recompute" (recompute BN
-            statistics at every point from ``bn_data``, then eval mode).
-        bn_data: the batches for "recompute" (default: ``data``).
-        vectorize: evaluate a chunk of points in one vmapped forward (else one forward per point).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        base: Mapping[str, Tensor],
-        directions: Sequence[Direction | Mapping[str, Tensor]],
-        data: Sequence[tuple[Tensor, Tensor]],
-        loss: str,
-        *,
-        metrics: Mapping[str, Metric] | None = None,
-        bn: str = "keep",
-        bn_data: Sequence[tuple[Tensor, Tensor]] | None = None,
-        vectorize: bool = True,
-    ) -> None:
-        L.check_loss_name(loss)
-        check_option("bn", bn, BN_MODES)
-        if not data:
-            raise ValueError("the data holds no batches; give at least one (inputs, targets) batch")
-        self.model, self.data, self.loss, self.bn = model, list(data), loss, bn
-        self.bn_data = list(bn_data) if bn_data is not None else self.data
-        self.metrics = dict(metrics or {})
-        clash = set(self.metrics) & {"loss", "accuracy"}
-        if clash:
-            raise ValueError(f"extra metric names {sorted(clash)} clash with the built-in ones; rename them")
-        self.vectorize = vectorize
-        state = model_state(model, "states")
-        unknown = [k for k in base if k not in state]
-        if unknown:
-            raise ValueError(f"base tensors {unknown[:3]} are not parameters or buffers of the model")
-        state.update({k: v.detach() for k, v in base.items()})
-        self.dirs = [d.tensors if isinstance(d, Direction) else dict(d) for d in directions]
-        for d in self.dirs:
-            bad = [k for k in d if k not in state]
-            if bad:
-                raise ValueError(f"direction tensors {bad[:3]} are not parameters or buffers of the model")
-        self.param_names = {k for k, _ in model.named_parameters()}
-        # tensors that move with the point: floating tensors that some direction touches
-        self.moving = [k for k in state if state[k].is_floating_point() and any(k in d for d in self.dirs)]
-        if bn == "recompute":
-            self.moving += [k for k in _bn_stat_names(model) if k in state and k not in self.moving]
-        self.fixed = {k: v for k, v in state.items() if k not in self.moving}
-        self.state = state
-        self.num_examples = sum(L.batch_count(loss, y) for _, y in self.data)
-        self.vectorized_ok = vectorize
-
-    @property
-    def names(self) -> list[str]:
-        return ["loss", "accuracy", *self.metrics]
-
-    def point_state(self, coord: Sequence[float]) -> dict[str, Tensor]:
-        """The moving tensors at one point: θ* + Σ_k c_k d_k, computed the same way for every point."""
-        out = {}
-        for k in self.moving:
-            t = self.state[k]
-            for c, d in zip(coord, self.dirs):
-                if k in d:
-                    t = t + float(c) * d[k]
-            out[k] = t
-        if self.bn == "recompute":
-            params = {k: v for k, v in {**self.fixed, **out}.items() if k in self.param_names}
-            buffers = {k: v for k, v in {**self.fixed, **out}.items() if k not in self.param_names}
-            fresh = recompute_bn_stats(self.model, params, buffers, self.bn_data)
-            out.update({k: fresh[k] for k in self.moving if k in fresh})
-        return out
-
-    def evaluate(self, coords: np.ndarray) -> dict[str, np.ndarray]:
-        """Every metric at each row of ``coords`` (shape (C, K)); arrays of shape (C,)."""
-        coords = np.atleast_2d(np.asarray(coords, dtype=np.float64))
-        if coords.shape[1] != len(self.dirs):
-            raise ValueError(f"points need {len(self.dirs)} coordinates (one per direction), got {coords.shape[1]}")
-        with torch.no_grad():
-            states = [self.point_state(c) for c in coords]
-            sums = {n: np.zeros(len(states)) for n in self.names}
-            with evaluation_mode(self.model, "eval"):
-                for x, y in self.data:
-                    outs = self._forward(states, x)  # (C, B, ...)
-                    n_b = L.batch_count(self.loss, y)
-                    for i, out in enumerate(outs):
-                        sums["loss"][i] += float(L.batch_loss(self.loss, out, y)) * n_b
-                        sums["accuracy"][i] += L.correct_count(out, y)
-                        for name, fn in self.metrics.items():
-                            sums[name][i] += float(fn(out, y)) * n_b
-        return {n: v / self.num_examples for n, v in sums.items()}
-
-    def _forward(self, states: list[dict[str, Tensor]], x: Tensor) -> list[Tensor]:
-        def f(moving: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return functional_call(self.model, ({**self.fixed, **moving},), (inputs,))
-
-        if self.vectorized_ok and len(states) > 1:
-            stacked = {k: torch.stack([s[k] for s in states]) for k in self.moving}
-            try:
-                return list(vmap(f, in_dims=(0, None))(stacked, x))
-            except (RuntimeError, NotImplementedError):  # an op without a batching rule: loop instead
-                self.vectorized_ok = False
-        return [f(s, x) for s in states]
-
-
-def default_chunk_size(evaluator: PointEvaluator, device: torch.device | str, budget_bytes: int = 2**30) -> int:
-    """Points per vmapped forward: 1 on CPU (vmap measured no faster there, slower for convs:
-    benchmarks/bench_surface.py), else as many as fit ``budget_bytes`` of stacked parameters, at most 16."""
-    if torch.device(device).type == "cpu":
-        return 1
-    per_point = sum(evaluator.state[k].numel() * evaluator.state[k].element_size() for k in evaluator.moving)
-    return int(max(1, min(16, budget_bytes // max(per_point, 1))))
-
-
-def auto_chunk_size(chunk_size: int | None, device: torch.device | str) -> int:
-    """``chunk_size`` if given, else 1 on CPU and 16 on an accelerator (see ``default_chunk_size``)."""
-    return int(chunk_size) if chunk_size else (1 if torch.device(device).type == "cpu" else 16)
-
-
-def points_for_rank(n_points: int, rank: int, world_size: int) -> np.ndarray:
-    """The flat point indices rank ``rank`` of ``world_size`` evaluates: rank, rank + W, rank + 2W, ..."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return np.arange(rank, n_points, world_size)
-
-
-def evaluate_grid(
-    evaluator: PointEvaluator,
-    coords: np.ndarray,
-    *,
-    indices: Sequence[int] | np.ndarray | None = None,
-    done: np.ndarray | None = None,
-    out: dict[str, np.ndarray] | None = None,
-    chunk_size: int = 8,
-    on_chunk: Callable[[dict[str, np.ndarray], np.ndarray, int], None] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Evaluate the points ``indices`` of ``coords`` (shape (n, K)) that ``done`` lacks.
-
-    ``indices`` (default all n) are cut into fixed chunks of ``chunk_size`` consecutive entries; a
-    chunk with any missing point is evaluated whole, so values never depend on the resume state.
-    ``out`` (arrays of shape (n,), NaN where missing) and ``done`` (bool (n,)) are updated in place
-    and returned; ``on_chunk(out, done, n_new)`` runs after every chunk.
-    """
-    coords = np.atleast_2d(np.asarray(coords, dtype=np.float64))
-    n = coords.shape[0]
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-    done = np.zeros(n, dtype=bool) if done is None else done
-    if done.shape != (n,):
-        raise ValueError(f"the done mask needs shape ({n},), got {done.shape}")
-    if out is None:
-        out = {}
-    for name in evaluator.names:
-        out.setdefault(name, np.full(n, np.nan))
-    for start in range(0, len(idx), chunk_size):
-        chunk = idx[start : start + chunk_size]
-        if done[chunk].all():
-            continue
-        vals = evaluator.evaluate(coords[chunk])
-        new = int((~done[chunk]).sum())
-        for name, v in vals.items():
-            out[name][chunk] = v
-        done[chunk] = True
-        if on_chunk is not None:
-            on_chunk(out, done, new)
-    return out, done
-
-
-def grid_axis(spec: Sequence[float], name: str = "xrange") -> np.ndarray:
-    """np.linspace(min, max, num) from a (min, max, num) triple, validated."""
-    if len(spec) != 3:
-        raise ValueError(f"{name} must be (min, max, num), e.g. (-1, 1, 51); got {tuple(spec)}")
-    lo, hi, num = float(spec[0]), float(spec[1]), spec[2]
-    if int(num) != num or int(num) < 1:
-        raise ValueError(f"{name}: the number of points must be a positive integer, got {num}")
-    if int(num) > 1 and not lo < hi:
-        raise ValueError(f"{name}: min must be below max, got ({lo}, {hi})")
-    return np.linspace(lo, hi, int(num))
-
-
-def grid_points(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
-    """Flat grid coordinates in ravel order of Z (ny, nx): point k = (x[k mod nx], y[k div nx])."""
-    if y is None:
-        return x[:, None]
-    X, Y = np.meshgrid(x, y)  # indexing='xy': shape (ny, nx)
-    return np.stack([X.ravel(), Y.ravel()], axis=1)
+from lossatlas.distributed import chunks_for_rank
+from lossatlas.probes.grid import (
+    BN_MODES,
+    Metric,
+    PointEvaluator,
+    default_chunk_size,
+    evaluate_grid,
+    grid_axis,
+    grid_points,
+)
+from lossatlas.probes.modes import evaluation_mode
+from lossatlas.probes.paramdicts import cosine, dot, flatten, unflatten
+from lossatlas.probes.settings import check_choice
 
 
 # ----------------------------------------------------------------------------------------- quadratic regime
@@ -288,26 +63,24 @@ def directional_derivatives(
     *,
     buffers: Mapping[str, Tensor] | None = None,
 ) -> tuple[float, float, float]:
-    """(L(θ), ∇L·d, dᵀ∇²L d) on the data set, by double backward (SCIENCE.md §1.1, §0 batch weights).
+    """(L(θ), ∇L·d, dᵀ∇²L d) on the data set, by double backward.
 
     Each batch contributes (n_b/N)·(its mean loss, its gradient and its Hessian-vector product);
     eval mode; only the parameters in ``direction`` are differentiated.
     """
     names = [k for k in params if k in direction]
     buffers = dict(buffers) if buffers is not None else {k: b.detach() for k, b in model.named_buffers()}
-    n_total = sum(L.batch_count(loss, y) for _, y in data)
     value = grad_d = curv = 0.0
     with evaluation_mode(model, "eval"):
-        for x, y in data:
+        for (x, y), w in zip(data, L.batch_weights(loss, data)):
             leaf = {k: params[k].detach().clone().requires_grad_(True) for k in names}
             rest = {k: v.detach() for k, v in params.items() if k not in leaf}
             out = functional_call(model, ({**rest, **leaf}, buffers), (x,))
             lb = L.batch_loss(loss, out, y)
             grads = torch.autograd.grad(lb, [leaf[k] for k in names], create_graph=True)
-            gd = sum((g * direction[k]).sum() for g, k in zip(grads, names))
+            gd = dot(dict(zip(names, grads)), direction, dtype=None)  # ∇L_b·d, differentiable
             hd = torch.autograd.grad(gd, [leaf[k] for k in names], allow_unused=True)
-            dhd = sum((h * direction[k]).sum() for h, k in zip(hd, names) if h is not None)
-            w = L.batch_count(loss, y) / n_total
+            dhd = dot(dict(zip(names, hd)), direction, dtype=None)  # dᵀ∇²L_b d
             value += w * float(lb.detach())
             grad_d += w * float(gd.detach())
             curv += w * float(dhd)
@@ -348,36 +121,12 @@ def quadratic_regime(alphas: np.ndarray, line: np.ndarray, value: float, slope: 
     }
 
 
-# ----------------------------------------------------------------------------------------- eigenvectors
-def top_hessian_eigenvectors(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    data: Sequence[tuple[Tensor, Tensor]],
-    loss: str,
-    k: int = 2,
-    *,
-    seed: int = 0,
-) -> list[Direction]:
-    """The top-k Hessian eigenvectors (unit norm) at ``params`` from the curvature engine.
-
-    Lanczos with full reorthogonalization (residual tol 1e-8) on float64 Hessian-vector products
-    (``lossatlas.probes.curvature`` and ``lossatlas.probes.estimators``, SCIENCE.md §1.2).
-    """
-    from lossatlas.probes.curvature import HessianOperator
-    from lossatlas.probes.estimators import lanczos_eigs
-
-    op = HessianOperator(model, list(data), loss, params=dict(params), dtype=torch.float64)
-    res = lanczos_eigs(op, k=k, which="LA", tol=1e-8, seed=seed)
-    ordered = {n: params[n] for n in op.param_names}
-    return eigenvector_directions(res.eigenvectors, ordered, label="eigenvector(unit)")
-
-
 # ----------------------------------------------------------------------------------------- the probe
 DIRECTION_SOURCES: tuple[str, ...] = ("random", "pca", "eigenvectors", "checkpoints")
 
 
 def extra_metrics(names: Sequence[str]) -> dict[str, Metric]:
-    """Extra metrics by name: any other loss of ``lossatlas.probes.losses`` (its batch mean)."""
+    """Extra metrics by name: any other loss of ``lossatlas.losses`` (its batch mean)."""
     out: dict[str, Metric] = {}
     for n in names:
         L.check_loss_name(n)
@@ -403,6 +152,9 @@ class Surface(Probe):
     name: ClassVar[str] = "surface"
     splits_work: ClassVar[bool] = True  # under torchrun: ctx.dist splits its work
     summary: ClassVar[str] = "loss/accuracy on a 1-D or 2-D slice through parameter space"
+    section: ClassVar[str] = "landscape"
+    figure: ClassVar[str | None] = "surface"
+    usage: ClassVar[str] = "--step last"
     dims: int = 2
     xrange: tuple[float, float, int] = (-1.0, 1.0, 51)
     yrange: tuple[float, float, int] | None = None
@@ -426,11 +178,11 @@ class Surface(Probe):
         grid_axis(self.xrange, "xrange")
         if self.yrange is not None:
             grid_axis(self.yrange, "yrange")
-        check_option("directions", self.directions, DIRECTION_SOURCES)
-        check_option("norm", self.norm, NORMS)
-        check_option("ignore", self.ignore, IGNORES)
-        check_option("dir_type", self.dir_type, DIR_TYPES)
-        check_option("bn", self.bn, BN_MODES)
+        check_choice("directions", self.directions, DIRECTION_SOURCES)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("ignore", self.ignore, IGNORES)
+        check_choice("dir_type", self.dir_type, DIR_TYPES)
+        check_choice("bn", self.bn, BN_MODES)
         extra_metrics(self.metrics)
         if (self.chunk_size is not None and self.chunk_size < 1) or self.save_every < 1:
             raise ValueError("chunk_size (or None: automatic) and save_every must be >= 1")
@@ -458,8 +210,7 @@ class Surface(Probe):
         if self.directions == "checkpoints":
             steps = [self.x_step, self.y_step][:k]
             return [checkpoint_direction(base, ctx.state_at(int(s)), list(base)) for s in steps]
-        from lossatlas.probes.trajectory import trajectory_pca  # pca
-
+        # "pca": the trajectory's PCA plane over the checkpoints up to this one
         steps = [s for s in ctx.steps if ctx.step is None or s <= ctx.step]
         pca = trajectory_pca([ctx.state_at(s) for s in steps], base, ignore=self.ignore, kinds_model=ctx.model)
         return list(pca.directions[:k])

@@ -1,108 +1,34 @@
-"""A training trajectory on its PCA plane (Li et al. 2018, §7; SCIENCE.md §4.3).
+"""The ``trajectory`` probe: a run's checkpoints on their PCA plane around the final one (Li et al. 2018, §7).
 
-Rows d_e = vec(θ_e − θ_T) for every checkpoint e (θ_T the final one; biases and norm parameters zeroed with
-``ignore="biasbn"``). PCA as ``sklearn.decomposition.PCA(n_components=2)``: centre the rows by their mean,
-SVD, the top right-singular vectors are pc1, pc2 (unit norm, orthogonal); explained variance S²/(E − 1) and
-its ratio to the total. Projection (``proj_method='cos'``): x_e = ⟨d_e, pc1⟩, y_e = ⟨d_e, pc2⟩ on the
+The plane is ``trajectory_pca`` of ``lossatlas.probes.directions``: d_e = vec(θ_e − θ_T) for every checkpoint e
+(θ_T the final one; biases and norm parameters zeroed with ``ignore="biasbn"``), pc1, pc2 the top principal
+axes of the centred rows. Projection (``proj_method='cos'``): x_e = ⟨d_e, pc1⟩, y_e = ⟨d_e, pc2⟩ on the
 *uncentred* rows, so θ_T → (0, 0). Each checkpoint's distance to the plane ‖d_e − x_e pc1 − y_e pc2‖
 says how much of it the 2-D picture loses, and its true loss next to the loss at its projection
-θ_T + x_e pc1 + y_e pc2 (with θ_T's BN statistics) shows the mismatch of a trajectory drawn over a surface.
+θ_T + x_e pc1 + y_e pc2 (with θ_T's BN statistics, evaluated by ``lossatlas.probes.grid``) shows the
+mismatch of a trajectory drawn over a surface. With ``grid`` > 0, also the loss on a grid×grid surface over
+the trajectory's bounding box, widened by ``margin`` × its extent on each side.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
-from lossatlas.probes.directions import (
-    DIR_TYPES,
-    IGNORES,
-    Direction,
-    check_option,
-    flatten,
-    model_state,
-    tensor_kinds,
-    unflatten,
-)
-from lossatlas.probes.surface import PointEvaluator, auto_chunk_size, evaluate_grid, grid_points
-
-
-@dataclass(frozen=True)
-class TrajectoryPCA:
-    """PCA of a trajectory: directions (unit pcs), variance shares, projections, distances to the plane."""
-
-    directions: tuple[Direction, ...]
-    explained_variance_ratio: np.ndarray  # (k,)
-    explained_variance: np.ndarray  # (k,)
-    singular_values: np.ndarray  # (k,)
-    coords: np.ndarray  # (E, k), cos projection of θ_e − θ_T
-    distance: np.ndarray  # (E,), ‖θ_e − θ_T − Σ_k coords[e, k] pc_k‖
-    names: list[str]
-
-
-def trajectory_pca(
-    states: Sequence[Mapping[str, Tensor]],
-    final: Mapping[str, Tensor],
-    *,
-    ignore: str = "biasbn",
-    names: Sequence[str] | None = None,
-    kinds_model: nn.Module | None = None,
-    n_components: int = 2,
-) -> TrajectoryPCA:
-    """PCA of the checkpoints θ_e around the final one θ_T (SCIENCE.md §4.3), in float64.
-
-    ``names`` selects the tensors (default: the floating tensors of ``final``); ``kinds_model`` tells
-    which tensors are biasbn (norm-layer parameters and every ``dim() ≤ 1`` tensor otherwise).
-    Components carry a deterministic sign: each pc's largest-magnitude entry is positive.
-    """
-    check_option("ignore", ignore, IGNORES)
-    names = [k for k in final if final[k].is_floating_point()] if names is None else list(names)
-    kinds = tensor_kinds(kinds_model) if kinds_model is not None else {}
-    biasbn = {n for n in names if kinds.get(n, "biasbn" if final[n].dim() <= 1 else "dim0") == "biasbn"}
-    keep = [n for n in names if not (ignore == "biasbn" and n in biasbn)]
-    if len(states) < n_components + 1:
-        raise ValueError(f"trajectory PCA with {n_components} components needs at least {n_components + 1} checkpoints, got {len(states)}")
-    ref = {n: final[n].detach().double().cpu() for n in names}
-
-    def row(state: Mapping[str, Tensor]) -> np.ndarray:
-        d = {n: (state[n].detach().double().cpu() - ref[n]) if n in keep else torch.zeros_like(ref[n]) for n in names}
-        return flatten(d, names).numpy()
-
-    D = np.stack([row(s) for s in states])  # (E, P)
-    M = D - D.mean(axis=0, keepdims=True)
-    _, S, Vt = np.linalg.svd(M, full_matrices=False)
-    pcs = Vt[:n_components].copy()
-    for k in range(n_components):
-        if pcs[k, np.argmax(np.abs(pcs[k]))] < 0:
-            pcs[k] = -pcs[k]
-    var = S**2 / (len(states) - 1)
-    total = var.sum()
-    coords = D @ pcs.T  # (E, k)
-    distance = np.linalg.norm(D - coords @ pcs, axis=1)
-    like = {n: final[n].detach() for n in names}
-    rules = {n: ("pca" if n in keep else "zero(biasbn)") for n in names}
-    directions = tuple(Direction(unflatten(torch.as_tensor(pc), like), dict(rules)) for pc in pcs)
-    return TrajectoryPCA(
-        directions=directions,
-        explained_variance_ratio=var[:n_components] / total if total > 0 else np.zeros(n_components),
-        explained_variance=var[:n_components],
-        singular_values=S[:n_components],
-        coords=coords,
-        distance=distance,
-        names=names,
-    )
+from lossatlas.probes.directions import DIR_TYPES, IGNORES, model_state, trajectory_pca
+from lossatlas.probes.grid import PointEvaluator, auto_chunk_size, evaluate_grid, grid_points
+from lossatlas.probes.paramdicts import flatten
+from lossatlas.probes.settings import check_choice
 
 
 @register_probe
 @dataclass(frozen=True, kw_only=True)
 class Trajectory(Probe):
-    """The run's checkpoints on their PCA plane around the final one (Li et al. 2018; SCIENCE.md §4.3).
+    """The run's checkpoints on their PCA plane around the final one (Li et al. 2018).
 
     Settings: ``final_step`` (default the last of ``ctx.steps``), ``ignore`` ("biasbn" zeroes biases and
     norm parameters in the rows), ``dir_type`` ("weights" or "states"), ``grid`` (> 0: also a grid×grid loss
@@ -113,6 +39,9 @@ class Trajectory(Probe):
 
     name: ClassVar[str] = "trajectory"
     summary: ClassVar[str] = "PCA plane of the training trajectory, projections and their loss mismatch"
+    section: ClassVar[str] = "landscape"
+    figure: ClassVar[str | None] = "trajectory"
+    usage: ClassVar[str] = ""
     final_step: int | None = None
     ignore: str = "biasbn"
     dir_type: str = "weights"
@@ -121,8 +50,8 @@ class Trajectory(Probe):
     chunk_size: int | None = None  # None: 1 on CPU, 16 on an accelerator
 
     def validate(self) -> None:
-        check_option("ignore", self.ignore, IGNORES)
-        check_option("dir_type", self.dir_type, DIR_TYPES)
+        check_choice("ignore", self.ignore, IGNORES)
+        check_choice("dir_type", self.dir_type, DIR_TYPES)
         if self.grid < 0 or self.grid == 1:
             raise ValueError(f"grid must be 0 (no surface) or >= 2 points per axis, got {self.grid}")
         if self.margin < 0:

@@ -1,4 +1,8 @@
-"""Representation geometry: alignment, uniformity, Wasserstein uniformity, tolerance, RankMe (SCIENCE.md §7).
+"""Representation geometry: alignment, uniformity, Wasserstein uniformity, tolerance, RankMe.
+
+Wang & Isola 2020 (ICML, alignment and uniformity); Fang et al. 2024 (ICLR, "Rethinking the
+uniformity metric in self-supervised learning", W2 uniformity); Garrido, Balestriero, Najman,
+LeCun 2023 (ICML, RankMe).
 
 Metric functions take feature matrices (N, d). Wang & Isola's alignment and uniformity are the
 formulas of the reference code and expect L2-normalised rows (``normalize_rows`` does that and
@@ -42,7 +46,7 @@ def normalize_rows(z: Tensor, tol: float = UNIT_TOL) -> tuple[Tensor, bool]:
 def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
     """Wang & Isola 2020 alignment E ||f(x) − f(y)||₂^α over positive pairs (rows of x, y), α = 2.
 
-    Unit vectors at angle φ give (2 − 2cos φ)^{α/2}; identical pairs 0 (SCIENCE.md §7.1).
+    Unit vectors at angle φ give (2 − 2cos φ)^{α/2}; identical pairs 0.
     """
     if x.shape != y.shape:
         raise ValueError(f"positive pairs need equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -53,7 +57,7 @@ def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
 def uniformity_loss(z: Tensor, t: float = 2.0) -> float:
     """Wang & Isola 2020 uniformity log E_{i<j} exp(−t ||z_i − z_j||²), t = 2 (pairs i < j via pdist).
 
-    Computed as logsumexp − log(#pairs) so that large t does not underflow. Closed forms (§7.1):
+    Computed as logsumexp − log(#pairs) so that large t does not underflow. Closed forms:
     all rows equal ⇒ 0; a regular simplex of N unit vectors ⇒ −2tN/(N−1).
     """
     n = z.shape[0]
@@ -68,8 +72,8 @@ def w2_uniformity(z: Tensor) -> float:
 
     The 2-Wasserstein distance between N(μ, Σ) of the L2-normalised features (biased covariance
     1/N) and N(0, I/m), m the feature width; Σ^{1/2} from |eigenvalues| as in the reference code.
-    0 for uniform on the sphere, √2 for complete collapse, sqrt(2(1 − √(k/m))) for a k-dim subspace
-    (SCIENCE.md §7.2). Lower is more uniform (the paper's uniformity metric is −W2).
+    0 for uniform on the sphere, √2 for complete collapse, sqrt(2(1 − √(k/m))) for a k-dim subspace.
+    Lower is more uniform (the paper's uniformity metric is −W2).
     """
     z = z.to(torch.float64)
     z = z / z.norm(dim=1, keepdim=True)
@@ -111,7 +115,7 @@ def rankme(z: Tensor, eps: float = RANKME_EPS, center: bool = False) -> float:
     """RankMe = exp(−Σ_k p_k log p_k), p_k = σ_k/||σ||₁ + ε, ε = 1e-7 (Garrido et al. ICML 2023).
 
     On the raw features (no centring unless ``center``). k equal singular values ⇒ k, rank 1 ⇒ 1,
-    σ = (2, 1, 1) ⇒ 2^{3/2} (SCIENCE.md §7.3).
+    σ = (2, 1, 1) ⇒ 2^{3/2}.
     """
     s = singular_values(z, center)
     p = s / s.sum() + eps
@@ -170,6 +174,8 @@ class Uniformity(Probe):
 
     name: ClassVar[str] = "uniformity"
     summary: ClassVar[str] = "alignment, uniformity, W2 uniformity, tolerance, RankMe of features"
+    section: ClassVar[str] = "representations"
+    figure: ClassVar[str | None] = "uniformity"
     module: str | None = None
     capture: str = "input"
     mode: str = "eval"

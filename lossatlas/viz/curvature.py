@@ -1,5 +1,5 @@
-"""Hessian figures: spectral density with bulk and outliers (Sagun et al. 2017; Papyan 2019; SCIENCE.md §1.3, §2),
-top-k eigenvalues across steps against the 2/η stability threshold (Cohen et al. 2021; SCIENCE.md §5), per-layer spectra.
+"""Hessian figures: spectral density with bulk and outliers (Sagun et al. 2017; Papyan 2019), top-k
+eigenvalues across steps against the 2/η stability threshold (Cohen et al. 2021), per-layer spectra.
 
 Reads the "hessian" Result: "top_eigenvalues" ("k",), "bottom_eigenvalues" ("k",), "trace" + "trace_stderr",
 "density" ("grid",) with coord "grid", "outliers" ("outlier",), meta "bulk_edge", "block_top_eigenvalues"
@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, series, steps_of
+from lossatlas.viz.registry import paper_figure_of
 from lossatlas.viz.style import log_if_decades, new_figure, note, paper_style
 
 LrLike = float | tuple[Sequence[float], Sequence[float]] | None
@@ -77,7 +78,7 @@ def spectrum_figure(result: ResultLike) -> Figure:
 
 
 def draw_eigenvalues_vs_step(ax, results: Sequence[ResultLike], lr: LrLike = None) -> bool:
-    """Top-k eigenvalues vs step with the 2/η line where η is known (edge of stability, SCIENCE.md §5)."""
+    """Top-k eigenvalues vs step with the 2/η line where η is known (edge of stability, Cohen et al. 2021)."""
     results = as_list(results)
     steps = steps_of(results)
     tops = [array(r, "top_eigenvalues") for r in results]
@@ -118,7 +119,7 @@ def eigenvalues_vs_step_figure(results: Sequence[ResultLike], lr: LrLike = None)
 
 
 def draw_trace_vs_step(ax, results: Sequence[ResultLike]) -> None:
-    """tr(∇²L) vs step with a ±1 standard-error band (Hutch++, SCIENCE.md §1.4)."""
+    """tr(∇²L) vs step with a ±1 standard-error band (Hutch++, Meyer et al. 2021)."""
     steps, tr, se = steps_of(results), series(results, "trace"), series(results, "trace_stderr")
     ax.plot(steps, tr, marker="o", color="C1", label="tr(H)")
     if np.isfinite(se).any():
@@ -147,6 +148,7 @@ def draw_block_spectra(ax, result: ResultLike) -> bool:
     return True
 
 
+@paper_figure_of("hessian")
 def hessian_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None, lr: LrLike = None) -> Figure:
     """The "hessian" kind: the eigenvalue timeline (several steps, no ``step`` given), the spectrum of one step
     and its per-layer spectra when stored."""

@@ -1,6 +1,6 @@
 """Plotly counterparts of the paper figures, for exploration: a 3-D landscape to rotate, hover values, zoomable
-spectra and timelines. Every function returns a ``plotly.graph_objects.Figure`` holding at least one trace, or
-None when the Result holds nothing to draw."""
+spectra and timelines. Every ``*_plotly`` function returns a ``plotly.graph_objects.Figure`` holding at least one
+trace, or None when the Result holds nothing to draw; the ``*_figures`` functions at the end list them per name."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from lossatlas.viz._results import ResultLike, array, as_list, coord, scalar, series, steps_of
 from lossatlas.viz.curvature import DENSITY_FLOOR, LrLike, learning_rates
+from lossatlas.viz.registry import TRAINING, plotly_figures_of
 from lossatlas.viz.representations import NC_SERIES, UNIFORMITY_SERIES
 from lossatlas.viz.sharpness import MEASURE_LABELS, sharpness_measures
 from lossatlas.viz.style import OKABE_ITO, spans_decades
@@ -211,7 +212,7 @@ def surface_plotly(result: ResultLike, metric: str = "loss"):
     return fig
 
 
-def interpolation_plotly(result: ResultLike):
+def interpolate_plotly(result: ResultLike):
     """Loss and error along the interpolation path; the linear barrier in the title and as a marker."""
     go = _go()
     loss = array(result, "loss")
@@ -295,3 +296,56 @@ def scalars_plotly(results: Sequence[ResultLike], title: str):
 
     results = as_list(results)
     return _lines(results, [(n, n) for n in scalar_names(results) if not n.endswith("_stderr")], title, "value")
+
+
+# -- the interactive figures of each name (results sorted by step) ---------------------------------------------
+@plotly_figures_of(TRAINING)
+def training_figures(log: Mapping[str, np.ndarray]) -> list:
+    """The training curves, then the per-tensor gradient-norm heatmap."""
+    return [training_plotly(log), layer_heatmap_plotly(log)]
+
+
+@plotly_figures_of("loss")
+def loss_figures(results: Sequence[ResultLike]) -> list:
+    return [loss_plotly(results)]
+
+
+@plotly_figures_of("hessian")
+def hessian_figures(results: Sequence[ResultLike], lr: LrLike = None) -> list:
+    """The eigenvalue timeline (several steps), then the last step's spectrum and per-layer spectra."""
+    last = results[-1]
+    return [eigenvalues_plotly(results, lr) if len(results) > 1 else None, spectrum_plotly(last),
+            block_spectra_plotly(last)]
+
+
+@plotly_figures_of("sharpness")
+def sharpness_figures(results: Sequence[ResultLike]) -> list:
+    """Every measure vs step, then the last step's measures (several steps)."""
+    return [sharpness_plotly(results), sharpness_plotly([results[-1]]) if len(results) > 1 else None]
+
+
+@plotly_figures_of("collapse")
+def collapse_figures(results: Sequence[ResultLike]) -> list:
+    """NC1–NC4 vs step, then the last step's per-class norms (several steps)."""
+    return [collapse_plotly(results), collapse_plotly([results[-1]]) if len(results) > 1 else None]
+
+
+@plotly_figures_of("uniformity")
+def uniformity_figures(results: Sequence[ResultLike]) -> list:
+    """The metrics vs step, then the last step's feature singular values (several steps)."""
+    return [uniformity_plotly(results), uniformity_plotly([results[-1]]) if len(results) > 1 else None]
+
+
+@plotly_figures_of("surface")
+def surface_figures(results: Sequence[ResultLike]) -> list:
+    return [surface_plotly(results[-1])]
+
+
+@plotly_figures_of("interpolate")
+def interpolate_figures(results: Sequence[ResultLike]) -> list:
+    return [interpolate_plotly(results[-1])]
+
+
+@plotly_figures_of("trajectory")
+def trajectory_figures(results: Sequence[ResultLike]) -> list:
+    return [trajectory_plotly(results[-1])]

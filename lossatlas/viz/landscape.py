@@ -1,6 +1,6 @@
-"""Landscape figures: filter-normalised 1-D/2-D slices (Li et al. 2018; SCIENCE.md §4.1), linear interpolation
-with its barrier (Goodfellow et al. 2015; Frankle et al. 2020; SCIENCE.md §4.2, §4.5), the training trajectory on
-its PCA plane (SCIENCE.md §4.3), and several runs' slices on one shared colour scale."""
+"""Landscape figures: filter-normalised 1-D/2-D slices (Li et al. 2018), linear interpolation with its
+barrier (Goodfellow et al. 2015; Frankle et al. 2020), the training trajectory on its PCA plane (Li et al.
+2018), and several runs' slices on one shared colour scale."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from lossatlas._moved import renamed
 from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, scalar
+from lossatlas.viz.registry import paper_figure_of
 from lossatlas.viz.style import ONE_COLUMN_IN, TWO_COLUMN_IN, log_if_decades, new_figure, note, paper_style, spans_decades
 
 METRICS = ("loss", "accuracy")
@@ -72,6 +74,7 @@ def draw_surface(fig: Figure, ax, result: ResultLike, metric: str = "loss", *, n
     return cs
 
 
+@paper_figure_of("surface")
 def surface_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None, metric: str = "loss") -> Figure:
     """The "surface" kind: the slice of one checkpoint (the last unless ``step``) as contours (2-D) or a line (1-D)."""
     one = pick_step(as_list(results), step)
@@ -114,7 +117,8 @@ def draw_interpolation(ax, result: ResultLike) -> bool:
     return True
 
 
-def interpolation_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None) -> Figure:
+@paper_figure_of("interpolate")
+def interpolate_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None) -> Figure:
     """The "interpolate" kind: the loss/error path between two checkpoints with the barrier marked."""
     one = pick_step(as_list(results), step)
     with paper_style():
@@ -148,6 +152,7 @@ def draw_trajectory(fig: Figure, ax, result: ResultLike) -> bool:
     return True
 
 
+@paper_figure_of("trajectory")
 def trajectory_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None) -> Figure:
     """The "trajectory" kind: the PCA-plane projection of the run's checkpoints."""
     one = pick_step(as_list(results), step)
@@ -179,3 +184,7 @@ def compare_surfaces_figure(results: Sequence[ResultLike], labels: Sequence[str]
             ax.set_title(lab)
         fig.colorbar(cs, ax=list(axes[0]), label=metric, pad=0.01, format="%.3g")
     return fig
+
+
+def __getattr__(name: str):
+    return renamed(__name__, name)  # a figure function's old name, with a DeprecationWarning

@@ -8,14 +8,34 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-SECTION_TITLES: dict[str, str] = {
-    "overview": "Overview",
-    "instabilities": "Instabilities",
-    "curvature": "Curvature",
-    "sharpness": "Sharpness",
-    "landscape": "Landscape",
-    "representations": "Representations",
-    "other": "Other results",
+
+@dataclass(frozen=True)
+class Section:
+    """A report section: its heading and the note shown while it is empty (the commands that fill it)."""
+
+    title: str
+    empty_note: str = ""
+    shown_empty: bool = True  # False: left out of the page while it holds no result
+
+
+# The report's sections in page order. A probe names its section in its ``section`` class attribute; a
+# result of a probe that names none goes to "other".
+SECTIONS: dict[str, Section] = {
+    "overview": Section("Overview"),
+    "instabilities": Section(
+        "Instabilities", "Loss spikes and divergence are diagnosed from the per-step telemetry above; "
+                         "run `lossatlas diagnose RUN` to add the spike diagnosis here."),
+    "curvature": Section(
+        "Curvature", "No Hessian results yet: run `lossatlas hessian RUN --steps all` "
+                     "(top-k eigenvalues, trace, spectral density, per-layer spectra)."),
+    "sharpness": Section("Sharpness", "No sharpness results yet: run `lossatlas sharpness RUN --steps all`."),
+    "landscape": Section(
+        "Landscape", "No landscape results yet: run `lossatlas surface RUN`, "
+                     "`lossatlas interpolate RUN --to-step STEP` or `lossatlas trajectory RUN`."),
+    "representations": Section(
+        "Representations", "No representation results yet: run `lossatlas collapse RUN --steps all` "
+                           "or `lossatlas uniformity RUN --steps all`."),
+    "other": Section("Other results", shown_empty=False),
 }
 
 _CSS = """
@@ -99,12 +119,17 @@ def _table(rows: dict[str, Any]) -> str:
     return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_value(v)}</td></tr>" for k, v in rows.items()) + "</table>"
 
 
+def section_title(name: str) -> str:
+    """The heading of section ``name`` (the name itself for a section outside SECTIONS)."""
+    return SECTIONS[name].title if name in SECTIONS else name
+
+
 def render_report(title: str, sections: Sequence[ReportSection], *, subtitle: str = "") -> str:
     """The report page: a navigation bar, then each section with its items (or its note when empty)."""
-    nav = "".join(f"<a href=\"#{s.name}\">{html.escape(SECTION_TITLES.get(s.name, s.name))}</a>" for s in sections)
+    nav = "".join(f"<a href=\"#{s.name}\">{html.escape(section_title(s.name))}</a>" for s in sections)
     parts, n = [], 0
     for s in sections:
-        parts.append(f"<section id=\"{s.name}\"><h2>{html.escape(SECTION_TITLES.get(s.name, s.name))}</h2>")
+        parts.append(f"<section id=\"{s.name}\"><h2>{html.escape(section_title(s.name))}</h2>")
         if not s.items and s.note:
             parts.append(f"<p class=\"note\">{html.escape(s.note)}</p>")
         elif s.note:

@@ -1,5 +1,5 @@
-"""Representation figures: neural collapse NC1–NC4 (Papyan, Han, Donoho 2020; SCIENCE.md §6) and uniformity /
-RankMe with the feature singular-value spectrum (Wang & Isola 2020; Garrido et al. 2023; SCIENCE.md §7)."""
+"""Representation figures: neural collapse NC1–NC4 (Papyan, Han, Donoho 2020) and uniformity /
+RankMe with the feature singular-value spectrum (Wang & Isola 2020; Garrido et al. 2023)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, series, steps_of
+from lossatlas.viz.registry import paper_figure_of
 from lossatlas.viz.style import log_if_decades, new_figure, note, paper_style
 
 # (value, label): NC1 within-class variability, NC2 simplex-ETF distance, NC3 self-duality, NC4 NCC mismatch
@@ -86,6 +87,7 @@ def draw_layer_nc1(ax, result: ResultLike) -> bool:
     return True
 
 
+@paper_figure_of("collapse")
 def collapse_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None) -> Figure:
     """The "collapse" kind: NC1–NC4 vs step (several steps, no ``step``), per-class norms and per-layer NC1."""
     results = as_list(results)
@@ -147,6 +149,7 @@ def draw_uniformity_vs_step(ax, results: Sequence[ResultLike]) -> bool:
     return True
 
 
+@paper_figure_of("uniformity")
 def uniformity_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None) -> Figure:
     """The "uniformity" kind: metrics vs step (several steps, no ``step``) and the feature singular values."""
     results = as_list(results)

@@ -1,4 +1,4 @@
-"""Sharpness figures (SCIENCE.md §3): every stored measure vs step, or one checkpoint's measures side by side;
+"""Sharpness figures: every stored measure vs step, or one checkpoint's measures side by side;
 and the "loss" probe's loss/accuracy vs step."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lossatlas.viz._results import ResultLike, as_list, pick_step, scalar, scalar_names, series, steps_of
+from lossatlas.viz.registry import paper_figure_of
 from lossatlas.viz.style import log_if_decades, new_figure, note, paper_style
 
-# measures in the order of SCIENCE.md §3; "loss" is the clean loss, not a sharpness
+# gradient and Fisher–Rao norms, then perturbation sharpness, then curvature; "loss" is the clean loss, not a sharpness
 MEASURE_LABELS: dict[str, str] = {
     "grad_norm": "‖∇L‖₂",
     "fisher_rao": "Fisher–Rao ‖θ‖_fr",
@@ -75,6 +76,7 @@ def draw_sharpness_bars(ax, result: ResultLike) -> bool:
     return True
 
 
+@paper_figure_of("sharpness")
 def sharpness_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None) -> Figure:
     """The "sharpness" kind: measures vs step (several steps, no ``step``) or one checkpoint's measures."""
     results = as_list(results)
@@ -87,6 +89,7 @@ def sharpness_figure(results: ResultLike | Sequence[ResultLike], *, step: int | 
     return fig
 
 
+@paper_figure_of("loss")
 def loss_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None) -> Figure:
     """The "loss" kind: evaluated loss (left axis) and accuracy (right axis) vs step."""
     results = as_list(results)

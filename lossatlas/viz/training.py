@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from lossatlas.viz.registry import TRAINING, paper_figure_of
 from lossatlas.viz.style import ONE_COLUMN_IN, log_if_decades, note, paper_style
 
 TRAINING_PANELS: tuple[tuple[str, str], ...] = (
@@ -62,6 +63,7 @@ def draw_layer_heatmap(fig: Figure, ax, log: Mapping[str, np.ndarray], prefix: s
     return True
 
 
+@paper_figure_of(TRAINING)
 def training_figure(log: Mapping[str, np.ndarray]) -> Figure:
     """Training curves: loss, η, ‖∇L‖ and update ratio vs step (log y where they span decades) + per-layer heatmap."""
     with paper_style():

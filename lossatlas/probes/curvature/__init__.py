@@ -1,54 +1,14 @@
-"""Curvature operators: Hessian, GGN, true and empirical Fisher products over a fixed data set.
+"""Deprecated path of :mod:`lossatlas.curvature` (same objects; the old path goes in the next release)."""
 
-Each operator is a symmetric P×P linear map with ``shape``, ``dtype``, ``device`` and ``@``
-(vectors (P,) or blocks (P, K)), exportable with ``to_scipy()``; estimators (eigenvalues, trace,
-density) take anything with ``shape`` and ``@`` (SCIENCE.md §1.1; STYLE.md, curvlinops).
-"""
+from lossatlas._moved import moved
 
-from __future__ import annotations
-
-from typing import Any
-
-from torch import nn
-
-from lossatlas.probes.curvature.base import AUTO_BATCHED_MIN_K, MODES, PATHS, CurvatureOperator
-from lossatlas.probes.curvature.blocks import parameter_blocks, resolve_params, select_parameters
-from lossatlas.probes.curvature.fisher import EmpiricalFisherOperator, FisherOperator
-from lossatlas.probes.curvature.ggn import GGNOperator
-from lossatlas.probes.curvature.hessian import HessianOperator
-
-CURVATURES: tuple[str, ...] = ("hessian", "ggn", "fisher", "empirical_fisher")
-
-_OPERATORS: dict[str, type[CurvatureOperator]] = {
-    "hessian": HessianOperator,
-    "ggn": GGNOperator,
-    "fisher": FisherOperator,
-    "empirical_fisher": EmpiricalFisherOperator,
-}
+_new = moved(__name__)
+__all__ = list(_new.__all__)
 
 
-def make_operator(kind: str, model: nn.Module, data: Any, loss: str = "cross_entropy", **kw: Any) -> CurvatureOperator:
-    """The curvature operator named ``kind`` (one of ``CURVATURES``); ``kw`` as in ``CurvatureOperator``."""
-    if kind not in _OPERATORS:
-        raise ValueError(f"unknown curvature {kind!r}; choose one of {', '.join(CURVATURES)}")
-    return _OPERATORS[kind](model, data, loss, **kw)
+def __getattr__(name: str):
+    return getattr(_new, name)
 
 
-__all__ = [
-    # operators
-    "CurvatureOperator",
-    "HessianOperator",
-    "GGNOperator",
-    "FisherOperator",
-    "EmpiricalFisherOperator",
-    "make_operator",
-    "CURVATURES",
-    # options
-    "PATHS",
-    "MODES",
-    "AUTO_BATCHED_MIN_K",
-    # parameter selection
-    "parameter_blocks",
-    "select_parameters",
-    "resolve_params",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(dir(_new)))

@@ -1,49 +1,7 @@
-"""The Hessian of the data-set mean loss as a linear operator: v ↦ ∇²L(θ) v (SCIENCE.md §1.1)."""
+"""Deprecated path of :mod:`lossatlas.curvature.hessian`: importing it gives that very module (the old path goes in the next release)."""
 
-from __future__ import annotations
+import sys
 
-import torch
-from torch.func import grad, jvp
+from lossatlas._moved import moved
 
-from lossatlas.probes.curvature.base import CurvatureOperator, grad_or_zeros
-
-
-class HessianOperator(CurvatureOperator):
-    """Hessian-vector products H v = Σ_b (n_b/N) ∇²L_b(θ) v of the mean loss (SCIENCE.md §0, §1.1).
-
-    Two exact paths (they agree to ~1e-12 in float64):
-
-    - ``double_backward`` (Pearlmutter 1994): g_b = ∇L_b with ``create_graph=True``, then
-      H_b v = ∇(g_b · v). The graphs g_b are kept across vectors and matmuls (up to
-      ``graph_cache_bytes``), so a product costs one second backward per batch.
-    - ``forward_over_reverse``: ``jvp(grad(L_b), θ, v)`` with torch.func, vmapped over vectors.
-
-    See ``lossatlas.probes.curvature.base.AUTO_BATCHED_MIN_K`` for how ``path="auto"`` decides.
-
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Linear(3, 2).double()
-    >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))]
-    >>> H = HessianOperator(model, data, "cross_entropy")
-    >>> (H @ torch.ones(H.shape[0], dtype=torch.float64)).shape
-    torch.Size([8])
-    """
-
-    kind = "hessian"
-
-    def _functional_batch_product(self, theta, x, y, n_b):
-        def loss_b(th):
-            return self._batch_loss(th, x, y)
-
-        def hvp(v):
-            return jvp(grad(loss_b), (theta,), (v,))[1]
-
-        return hvp
-
-    def _build_graph(self, leaves, x, y, n_b):
-        loss = self._batch_loss(leaves, x, y)
-        return torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-
-    def _graph_batch_product(self, graph, leaves, x, y, n_b, v, retain):
-        vs = [v[n] for n in self.param_names]
-        return grad_or_zeros(graph, list(leaves.values()), vs, retain)
+sys.modules[__name__] = moved(__name__)

@@ -1,42 +1,14 @@
-"""Eigensolvers and stochastic estimators over any symmetric linear operator (SCIENCE.md §1.2–§1.4, §2).
+"""Deprecated path of :mod:`lossatlas.estimators` (same objects; the old path goes in the next release)."""
 
-An operator is anything with ``shape`` (P, P), ``dtype``, ``device`` and ``A @ V`` for V of shape
-(P,) or (P, K) — a curvature operator or a dense tensor with a known spectrum. Each function
-applies the operator to blocks of vectors where the algorithm allows it.
-"""
+from lossatlas._moved import moved
 
-from lossatlas.probes.estimators.density import (
-    Density,
-    count_outliers,
-    find_bulk_edge,
-    slq_density,
-    tridiag_quadrature,
-)
-from lossatlas.probes.estimators.lanczos import (
-    EigResult,
-    extreme_eigs,
-    lanczos_eigs,
-    lanczos_tridiagonal,
-    power_iteration,
-)
-from lossatlas.probes.estimators.trace import TraceEstimate, bootstrap_ci, hutchinson_trace, hutchpp_trace
+_new = moved(__name__)
+__all__ = list(_new.__all__)
 
-__all__ = [
-    # eigenvalues
-    "EigResult",
-    "lanczos_eigs",
-    "extreme_eigs",
-    "power_iteration",
-    "lanczos_tridiagonal",
-    # spectral density
-    "Density",
-    "slq_density",
-    "tridiag_quadrature",
-    "find_bulk_edge",
-    "count_outliers",
-    # trace
-    "TraceEstimate",
-    "hutchinson_trace",
-    "hutchpp_trace",
-    "bootstrap_ci",
-]
+
+def __getattr__(name: str):
+    return getattr(_new, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(dir(_new)))

@@ -1,0 +1,54 @@
+"""Curvature operators: Hessian, GGN, true and empirical Fisher products over a fixed data set.
+
+Each operator is a symmetric P×P linear map with ``shape``, ``dtype``, ``device`` and ``@``
+(vectors (P,) or blocks (P, K)), exportable with ``to_scipy()``; estimators (eigenvalues, trace,
+density) take anything with ``shape`` and ``@``, as in curvlinops (f-dangel/curvlinops).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lossatlas.curvature.base import AUTO_BATCHED_MIN_K, MODES, PATHS, CurvatureOperator
+from lossatlas.curvature.blocks import parameter_blocks, resolve_params, select_parameters
+from lossatlas.curvature.fisher import EmpiricalFisherOperator, FisherOperator
+from lossatlas.curvature.ggn import GGNOperator
+from lossatlas.curvature.hessian import HessianOperator
+
+CURVATURES: tuple[str, ...] = ("hessian", "ggn", "fisher", "empirical_fisher")
+
+_OPERATORS: dict[str, type[CurvatureOperator]] = {
+    "hessian": HessianOperator,
+    "ggn": GGNOperator,
+    "fisher": FisherOperator,
+    "empirical_fisher": EmpiricalFisherOperator,
+}
+
+
+def make_operator(kind: str, model: nn.Module, data: Any, loss: str = "cross_entropy", **kw: Any) -> CurvatureOperator:
+    """The curvature operator named ``kind`` (one of ``CURVATURES``); ``kw`` as in ``CurvatureOperator``."""
+    if kind not in _OPERATORS:
+        raise ValueError(f"unknown curvature {kind!r}; choose one of {', '.join(CURVATURES)}")
+    return _OPERATORS[kind](model, data, loss, **kw)
+
+
+__all__ = [
+    # operators
+    "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "FisherOperator",
+    "EmpiricalFisherOperator",
+    "make_operator",
+    "CURVATURES",
+    # options
+    "PATHS",
+    "MODES",
+    "AUTO_BATCHED_MIN_K",
+    # parameter selection
+    "parameter_blocks",
+    "select_parameters",
+    "resolve_params",
+]

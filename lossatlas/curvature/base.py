@@ -1,0 +1,521 @@
+"""The curvature-operator base class: v ↦ Σ_b (n_b/N) M_b(θ) v over a fixed data set.
+
+The base class owns everything that is not the curvature matrix itself (curvlinops' design):
+the parameter selection and the point θ, the data loop and its weighting Σ_b (n_b/N) M_b with
+unequal batches (the curvature of the mean loss), the train/eval mode (restored after every
+use), float64 copies, several vectors at once (vmap with ``chunk_size`` or one reused gradient
+graph), the choice between autodiff paths with automatic fallback, and the SciPy export.
+A subclass writes the per-batch product, once per autodiff path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lossatlas.batches import as_batches, to_device
+from lossatlas.curvature.blocks import resolve_params
+from lossatlas.distributed import Distributed
+from lossatlas.errors import UserError
+from lossatlas.losses import batch_count, batch_loss, check_loss_name
+
+PATHS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
+MODES: tuple[str, ...] = ("eval", "train")
+
+# "auto" uses forward-over-reverse (torch.func, vmapped) from AUTO_BATCHED_MIN_K vectors per
+# matmul on (from 2 once the gradient graphs no longer fit the cache and must be rebuilt), and
+# double backward with reused per-batch gradient graphs below it. benchmarks/bench_hvp.py measures
+# both paths per vector: a lone torch.func HVP is the slowest; batched torch.func wins on an MLP
+# from K=2-4, while on a CNN (forward-mode convolutions) it only catches up around K=8.
+AUTO_BATCHED_MIN_K = 8
+DETERMINISM_EXAMPLES = 64  # examples evaluated twice by the dropout check
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_PATH_ERRORS = (RuntimeError, NotImplementedError)
+
+
+class CurvatureOperator:
+    """Symmetric v ↦ Σ_b (n_b/N) M_b(θ) v on parameter space.
+
+    M_b is the Hessian, GGN or Fisher of batch b's mean loss; weighting by n_b/N makes M the curvature
+    of the data-set mean loss L = (1/N) Σ_i ℓ_i however unequal the batches are.
+
+    Args:
+        model: the network; never mutated, its train/eval flags are restored after every use.
+        data: a sequence of ``(inputs, targets)`` batches (anything ``as_batches`` accepts).
+        loss: ``"cross_entropy"``, ``"mse"`` or ``"half_sse"`` (lossatlas.losses).
+        params: None (all trainable parameters), a list of names, a regex, or a dict
+            name -> Tensor giving another point; unselected parameters stay at the model's values.
+        mode: ``"eval"`` (BatchNorm running stats, dropout off) or ``"train"`` (batch statistics;
+            the running stats of the user's module are never updated).
+        dtype: None (the model's dtype) or e.g. ``torch.float64``: computes on cast copies.
+        device: None (the model's device) or a device for the copies and the data.
+        path: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``; a path that raises
+            (an op without forward-mode or double-backward support) falls back to the other one,
+            and ``op.path`` reports what ran.
+        chunk_size: vectors per vmap call on the forward-over-reverse path (None: all at once).
+        check_deterministic: evaluate the first 64 examples twice before the first product and
+            raise ValueError if the outputs differ (dropout or another stochastic layer is active).
+        graph_cache_bytes: keep per-batch gradient graphs alive across matmuls while their
+            saved tensors total at most this many bytes; rebuild them otherwise.
+
+    Construction is cheap: no forward or backward pass runs until the first product.
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        loss: str = "cross_entropy",
+        *,
+        params: None | str | Sequence[str] | Mapping[str, Tensor] = None,
+        mode: str = "eval",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        path: str = "auto",
+        chunk_size: int | None = None,
+        check_deterministic: bool = True,
+        graph_cache_bytes: int = 2 * 2**30,
+        dist: Distributed | None = None,
+        coalesce_examples: int = 2048,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.loss = check_loss_name(loss)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
+        self.mode = mode
+        self.requested_path = path
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.check_deterministic = bool(check_deterministic)
+        self.graph_cache_bytes = int(graph_cache_bytes)
+        self.dist = dist if dist is not None else Distributed()
+        self.coalesce_examples = int(coalesce_examples)
+        self._model = model
+        self._data = data
+
+        names, point = resolve_params(model, params)
+        named = dict(model.named_parameters())
+        first = named[names[0]]
+        self.dtype: torch.dtype = dtype if dtype is not None else first.dtype
+        self.device: torch.device = torch.device(device) if device is not None else first.device
+        self.param_names: list[str] = names
+        self.param_shapes: list[torch.Size] = [named[n].shape for n in names]
+        self.num_params: int = sum(math.prod(s) for s in self.param_shapes)
+        self.shape: tuple[int, int] = (self.num_params, self.num_params)
+        self._point_given = point
+        self.matvecs = 0
+        self.path: str | None = None  # the path that ran last
+        self._failed: dict[str, BaseException] = {}
+        self._state: dict[str, Any] | None = None  # point, fixed params, buffers, batches
+        self._graphs: dict[int, Any] = {}
+        self._graph_bytes = 0
+        self._graph_budget_hit = False
+
+    # ------------------------------------------------------------------ setup (lazy)
+    def _cast(self, t: Tensor) -> Tensor:
+        t = t.detach()
+        if t.is_floating_point():
+            return t.to(device=self.device, dtype=self.dtype, copy=True)
+        return t.to(device=self.device, copy=True)
+
+    def _ready(self) -> dict[str, Any]:
+        """Copies of θ, the fixed parameters, buffers and the batches; the determinism check."""
+        if self._state is not None:
+            return self._state
+        model = self._model
+        src = self._point_given or {}
+        point = {n: self._cast(src[n] if n in src else p) for n, p in model.named_parameters() if n in self.param_names}
+        point = {n: point[n] for n in self.param_names}
+        fixed = {n: self._cast(p) for n, p in model.named_parameters() if n not in point}
+        buffers = {n: self._cast(b) for n, b in model.named_buffers()}
+        if self.mode == "train":
+            # batch statistics; passing None keeps BatchNorm from touching any running stat
+            for mod_name, mod in model.named_modules():
+                if isinstance(mod, nn.modules.batchnorm._NormBase):
+                    for stat in _BN_STATS:
+                        key = f"{mod_name}.{stat}" if mod_name else stat
+                        if key in buffers:
+                            buffers[key] = None
+        raw = self._data
+        if isinstance(raw, (list, tuple)) and raw and all(
+            isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[0], Tensor) for b in raw
+        ):
+            batches = list(raw)
+        else:
+            batches = as_batches(raw)
+        batches = to_device(batches, self.device, self.dtype)
+        counts = [batch_count(self.loss, y) for _, y in batches]
+        total = sum(counts)
+        if total == 0:
+            raise ValueError("the data holds no examples")
+        weights = [c / total for c in counts]
+        if self.dist.active:  # data parallel: this rank's batches, weighted by the global count
+            mine = self.dist.shard(batches)
+            batches, counts, weights = [batches[i] for i in mine], [counts[i] for i in mine], [weights[i] for i in mine]
+        if self.mode == "eval" and self.coalesce_examples > 0:
+            batches, counts, weights = _coalesce(batches, counts, weights, self.coalesce_examples)
+        self._state = {
+            "point": point,
+            "fixed": fixed,
+            "buffers": buffers,
+            "batches": batches,
+            "counts": counts,
+            "weights": weights,
+            "total": total,
+        }
+        if self.check_deterministic:
+            try:
+                self._check_deterministic()
+            except ValueError:
+                self._state = None
+                raise
+        return self._state
+
+    def _check_deterministic(self) -> None:
+        """Two evaluations of the first ``DETERMINISM_EXAMPLES`` examples must agree bit for bit.
+
+        Dropout draws a fresh mask per element, so a few dozen examples expose it with certainty;
+        the check costs two small forward passes, not two over a whole (coalesced) batch.
+        """
+        if not self._state["batches"]:
+            return  # a rank without a data shard
+        x, _ = self._state["batches"][0]
+        x = x[:DETERMINISM_EXAMPLES]
+        with torch.no_grad(), self._modes(), torch.random.fork_rng(devices=[]):
+            a = self._forward(self._state["point"], x)
+            b = self._forward(self._state["point"], x)
+        if not torch.equal(a, b):
+            raise ValueError(
+                f"the model's output differs between two identical evaluations in mode={self.mode!r} "
+                "(dropout or another stochastic layer is active); use mode='eval' or disable dropout"
+            )
+
+    @contextlib.contextmanager
+    def _modes(self):
+        """Put the model in ``self.mode`` and restore every submodule's own flag afterwards.
+
+        Only the modules whose flag differs are touched (a product on a model already in the right
+        mode costs no attribute writes).
+        """
+        want = self.mode == "train"
+        changed = [m for m in self._model.modules() if m.training != want]
+        for m in changed:
+            m.training = want
+        try:
+            yield
+        finally:
+            for m in changed:
+                m.training = not want
+
+    # ------------------------------------------------------------------ evaluation helpers
+    def _forward(self, theta: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """f(x; θ) by functional_call on copies (train mode: fresh buffer copies, no BN stats)."""
+        st = self._state
+        buffers = st["buffers"]
+        if self.mode == "train":
+            buffers = {k: (None if v is None else v.clone()) for k, v in buffers.items()}
+        return functional_call(self._model, {**st["fixed"], **buffers, **theta}, (x,))
+
+    def _batch_loss(self, theta: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """The batch's mean loss L_b(θ)."""
+        return batch_loss(self.loss, self._forward(theta, x), y)
+
+    def _leaves(self) -> dict[str, Tensor]:
+        """θ as leaf tensors that require grad (shared by every cached graph)."""
+        st = self._state
+        if "leaves" not in st:
+            st["leaves"] = {n: t.detach().requires_grad_(True) for n, t in st["point"].items()}
+        return st["leaves"]
+
+    # ------------------------------------------------------------------ public API
+    def point(self) -> dict[str, Tensor]:
+        """The parameters at which the curvature is taken (detached copies, in ``dtype``)."""
+        return {n: t.clone() for n, t in self._ready()["point"].items()}
+
+    def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (dict by name, or list in ``param_names`` order) to (P,)."""
+        if isinstance(tensors, Mapping):
+            missing = [n for n in self.param_names if n not in tensors]
+            if missing:
+                raise ValueError(f"flatten: missing parameter(s) {', '.join(missing)}")
+            tensors = [tensors[n] for n in self.param_names]
+        tensors = list(tensors)
+        if len(tensors) != len(self.param_names):
+            raise ValueError(f"flatten: expected {len(self.param_names)} tensors, got {len(tensors)}")
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """Split a (P,) vector (or (P, K)) into per-parameter tensors (shape + (K,) trailing)."""
+        if vec.shape[0] != self.num_params:
+            raise ValueError(f"unflatten: expected a vector of length {self.num_params}, got shape {tuple(vec.shape)}")
+        out, start = {}, 0
+        tail = tuple(vec.shape[1:])
+        for n, s in zip(self.param_names, self.param_shapes):
+            k = math.prod(s)
+            out[n] = vec[start : start + k].reshape(*s, *tail)
+            start += k
+        return out
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """Full-data mean loss L(θ) = Σ_b (n_b/N) L_b(θ) and its flat gradient ∇L (P,)."""
+        st = self._ready()
+        leaves = {n: t.detach().requires_grad_(True) for n, t in st["point"].items()}
+        total_loss = 0.0
+        grad = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        with self._modes():
+            for (x, y), w in zip(st["batches"], st["weights"]):
+                loss = self._batch_loss(leaves, x, y)
+                gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                grad += w * self._flat_grads(gs)
+                total_loss += w * float(loss.detach())
+        if self.dist.active:  # the ranks' partial sums over their data shards
+            summed = self.dist.all_reduce_tensor(torch.cat([grad, grad.new_tensor([total_loss])]))
+            grad, total_loss = summed[:-1], float(summed[-1])
+        return total_loss, grad
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        if not isinstance(V, Tensor):
+            raise ValueError(f"{type(self).__name__} @ V needs a torch.Tensor, got {type(V).__name__}")
+        if V.ndim not in (1, 2) or V.shape[0] != self.num_params:
+            raise ValueError(
+                f"{type(self).__name__} @ V: V must have shape ({self.num_params},) or ({self.num_params}, K), "
+                f"got {tuple(V.shape)}"
+            )
+        self._ready()
+        vec = V.ndim == 1
+        M = V.reshape(self.num_params, -1).detach().to(device=self.device, dtype=self.dtype)
+        K = M.shape[1]
+        if K == 0:
+            return torch.zeros_like(M)
+        with self._modes():
+            out = self._run_paths(M)
+        out = self.dist.all_reduce_tensor(out)  # Σ over the ranks' data shards (no-op alone)
+        self.matvecs += K
+        return out.reshape(-1) if vec else out
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out; symmetric)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def matmat(X):
+            X = np.asarray(X, dtype=np.float64)
+            Y = self @ torch.as_tensor(X).to(device=self.device, dtype=self.dtype)
+            return Y.detach().cpu().to(torch.float64).numpy()
+
+        def matvec(x):
+            return matmat(np.asarray(x).reshape(-1)).reshape(-1)
+
+        return LinearOperator(
+            self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np.float64
+        )
+
+    def clear_cache(self) -> None:
+        """Free the gradient graphs (and per-example gradients) kept across matmuls."""
+        self._graphs.clear()
+        self._graph_bytes = 0
+        self._graph_budget_hit = False
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.num_params}, loss={self.loss!r}, mode={self.mode!r}, "
+            f"dtype={self.dtype}, path={self.path or self.requested_path!r})"
+        )
+
+    # ------------------------------------------------------------------ path dispatch
+    def _path_order(self, K: int) -> list[str]:
+        if self.requested_path != "auto":
+            first = self.requested_path
+        elif K >= AUTO_BATCHED_MIN_K or (K >= 2 and (self._graph_budget_hit or not self._graphs_possible())):
+            first = "forward_over_reverse"
+        else:
+            first = "double_backward"
+        other = "forward_over_reverse" if first == "double_backward" else "double_backward"
+        return [p for p in (first, other) if p not in self._failed]
+
+    def _graphs_possible(self) -> bool:
+        return self.graph_cache_bytes > 0
+
+    def _run_paths(self, M: Tensor) -> Tensor:
+        if self.requested_path == "finite_difference":  # explicit only: approximate, by choice
+            self.path = "finite_difference"
+            return self._matmat_finite_difference(M)
+        order = self._path_order(M.shape[1])
+        for p in order:
+            try:
+                out = self._matmat_double_backward(M) if p == "double_backward" else self._matmat_functional(M)
+            except _PATH_ERRORS as exc:  # an op without this autodiff mode: use the other path
+                self._failed[p] = exc
+                if p == "double_backward":
+                    self.clear_cache()
+                continue
+            self.path = p
+            return out
+        causes = "; ".join(f"{k}: {type(e).__name__}: {e}" for k, e in self._failed.items())
+        raise UserError(
+            f"{type(self).__name__}: neither double backward nor forward-over-reverse works for this model "
+            f"({causes}); replace ops without double-backward/forward-mode support (e.g. fused attention: "
+            "use the math SDPA backend)"
+        )
+
+    def _matmat_finite_difference(self, M: Tensor) -> Tensor:
+        """Hv ≈ (∇L(θ + εv) − ∇L(θ − εv)) / 2ε per column: gradient memory only, no second-order graph.
+
+        With ε = ε_mach^{1/3}·max(1, ‖θ‖)/‖v‖ the truncation error (ε²/6)‖∇³L[v, v]‖ and the rounding
+        error ~ε_mach‖∇L‖/ε balance at a relative error of order ε_mach^{2/3} (≈ 2e-5 in float32,
+        ≈ 4e-11 in float64), for the Hessian only: (∇L(θ + εv) − ∇L(θ − εv))/(2ε), a cross-check.
+        """
+        if self.kind != "hessian":
+            raise UserError(f"path='finite_difference' approximates Hessian products only, not the {self.kind}")
+        st = self._state
+        theta = st["point"]
+        flat_theta = self.flatten(theta)
+        base_eps = float(torch.finfo(self.dtype).eps) ** (1 / 3) * max(1.0, float(flat_theta.norm()))
+        out = torch.zeros_like(M)
+        for k in range(M.shape[1]):
+            v = M[:, k]
+            vnorm = float(v.norm())
+            if vnorm == 0.0:
+                continue
+            eps = base_eps / vnorm
+            grads = []
+            for sign in (1.0, -1.0):
+                shifted = self.unflatten(flat_theta + sign * eps * v)
+                leaves = {n: t.detach().requires_grad_(True) for n, t in shifted.items()}
+                g = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+                for (x, y), w in zip(st["batches"], st["weights"]):
+                    loss = self._batch_loss(leaves, x, y)
+                    g += w * self._flat_grads(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))
+                grads.append(g)
+            out[:, k] = (grads[0] - grads[1]) / (2 * eps)
+        return out
+
+    def _matmat_functional(self, M: Tensor) -> Tensor:
+        """Σ_b w_b M_b V by torch.func, vmapped over the K columns in chunks."""
+        st = self._state
+        point = st["point"]
+        V = self.unflatten(M)  # name -> (*shape, K)
+        V = {n: v.movedim(-1, 0) for n, v in V.items()}  # name -> (K, *shape)
+        out = torch.zeros(M.shape[1], self.num_params, dtype=self.dtype, device=self.device)
+        for (x, y), n_b, w in zip(st["batches"], st["counts"], st["weights"]):
+            product = self._functional_batch_product(point, x, y, n_b)
+            res = torch.func.vmap(product, chunk_size=self.chunk_size)(V)
+            out += w * torch.cat([res[n].reshape(M.shape[1], -1) for n in self.param_names], dim=1)
+        return out.T.contiguous()
+
+    def _matmat_double_backward(self, M: Tensor) -> Tensor:
+        """Σ_b w_b M_b V by reverse-over-reverse autograd, one graph per batch reused over vectors."""
+        st = self._state
+        leaves = self._leaves()
+        cols = [self.unflatten(M[:, k]) for k in range(M.shape[1])]
+        # (K, P): row k is the product with column k, written in place by the first batch (zeros on a
+        # rank without a data shard, whose part of the all-reduced sum is zero)
+        out = torch.empty_like(M.T) if st["batches"] else torch.zeros_like(M.T)
+        for b, ((x, y), n_b, w) in enumerate(zip(st["batches"], st["counts"], st["weights"])):
+            graph = self._graphs.get(b)
+            keep = graph is not None
+            if graph is None:
+                graph, nbytes = self._build_counted(leaves, x, y, n_b)
+                if not self._graph_budget_hit and self._graph_bytes + nbytes <= self.graph_cache_bytes:
+                    self._graphs[b] = graph
+                    self._graph_bytes += nbytes
+                    keep = True
+                else:
+                    self._graph_budget_hit = True
+            for k, v in enumerate(cols):
+                retain = keep or k < len(cols) - 1
+                parts = self._graph_batch_product(graph, leaves, x, y, n_b, v, retain)
+                if b == 0:
+                    self._flat_grads(parts, out=out[k])
+                    if w != 1.0:
+                        out[k].mul_(w)
+                else:
+                    out[k].add_(self._flat_grads(parts), alpha=w)
+        return out.T
+
+    def _build_counted(self, leaves, x, y, n_b) -> tuple[Any, int]:
+        """Build a batch's graph, counting the bytes of the tensors autograd saves for it."""
+        seen: set[int] = set()
+        total = [0]
+
+        def pack(t: Tensor) -> Tensor:
+            try:
+                key = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                key = id(t)
+            if key not in seen:
+                seen.add(key)
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            graph = self._build_graph(leaves, x, y, n_b)
+        return graph, total[0]
+
+    def _flat_grads(self, grads: Sequence[Tensor | None], out: Tensor | None = None) -> Tensor:
+        """Per-parameter tensors (None: zero) concatenated to (P,), into ``out`` when given."""
+        leaves = self._state["point"]
+        parts = [
+            (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1) for n, g in zip(self.param_names, grads)
+        ]
+        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+
+    # ------------------------------------------------------------------ what a subclass writes
+    def _functional_batch_product(self, theta, x, y, n_b):
+        """A function v -> M_b v on dicts, composable with torch.func (vmapped by the base)."""
+        raise NotImplementedError
+
+    def _build_graph(self, leaves, x, y, n_b) -> Any:
+        """Build (with create_graph) what the double-backward product of batch b reuses."""
+        raise NotImplementedError
+
+    def _graph_batch_product(self, graph, leaves, x, y, n_b, v, retain: bool) -> Sequence[Tensor | None]:
+        """M_b v per parameter (None: zero) from the batch's graph; keep the graph when ``retain``."""
+        raise NotImplementedError
+
+
+def _coalesce(batches: list, counts: list[int], weights: list[float], limit: int) -> tuple[list, list, list]:
+    """Merge consecutive batches into batches of at most ``limit`` examples (eval mode only).
+
+    Σ_b (n_b/N) L_b is unchanged: a merged batch's mean loss times (Σ n_b)/N is the same sum, and in
+    eval mode no layer couples the examples of a batch. Fewer, larger batches make each HVP cheaper
+    (fewer kernel launches and graph nodes); the unmerged weighting stays exact either way.
+    """
+    out_b, out_c, out_w = [], [], []
+    for (x, y), c, w in zip(batches, counts, weights):
+        if out_b:
+            px, py = out_b[-1]
+            fits = px.shape[0] + x.shape[0] <= limit
+            same = px.shape[1:] == x.shape[1:] and py.shape[1:] == y.shape[1:] and px.dtype == x.dtype and py.dtype == y.dtype
+            if fits and same:
+                out_b[-1] = (torch.cat([px, x]), torch.cat([py, y]))
+                out_c[-1] += c
+                out_w[-1] += w
+                continue
+        out_b.append((x, y))
+        out_c.append(c)
+        out_w.append(w)
+    return out_b, out_c, out_w
+
+
+def grad_or_zeros(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], retain: bool):
+    """autograd.grad that skips outputs without a graph and returns None for unused inputs."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
+    if not pairs:
+        return [None] * len(inputs)
+    outs, gos = zip(*pairs)
+    return torch.autograd.grad(outs, list(inputs), list(gos), retain_graph=retain, allow_unused=True)

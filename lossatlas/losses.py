@@ -1,0 +1,133 @@
+"""Losses by name, written in plain tensor ops so that every autodiff path works.
+
+``F.mse_loss`` breaks forward-over-reverse HVPs in torch 2.13 ("ZeroTensors are immutable"),
+so the MSE losses here are written as ``((out - y) ** 2)``.
+
+Conventions: every loss is a mean over *examples* (tokens for sequence models).
+- ``cross_entropy``: softmax cross-entropy; logits (N, C) with labels (N,), or (B, T, V) with (B, T).
+- ``mse``: ``nn.MSELoss()`` convention, mean over all N·C entries.
+- ``half_sse``: Cohen et al.'s ``SquaredLoss``, ½ Σ_c (f_c − y_c)² per example, mean over examples
+  (its Hessian is C/2 times the ``mse`` one).
+For the MSE losses, integer class labels are one-hot encoded against the output width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LossName = Literal["cross_entropy", "mse", "half_sse"]
+LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "half_sse")
+
+
+def check_loss_name(name: str) -> str:
+    """Return ``name`` if it is a known loss, else raise ValueError naming the choices."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return name
+
+
+def _flatten(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T, V) logits with (B, T) targets become (B·T, V) and (B·T,)."""
+    if out.ndim == 3 and y.ndim == 2:
+        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return out, y
+
+
+def _as_targets(out: Tensor, y: Tensor) -> Tensor:
+    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) and out.ndim == y.ndim + 1:
+        return F.one_hot(y.long(), out.shape[-1]).to(out.dtype)
+    return y.to(out.dtype).reshape(out.shape)
+
+
+def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
+    """ℓ_i for every example (every token for sequence models), shape (n,)."""
+    out, y = _flatten(out, y)
+    if name == "cross_entropy":
+        return F.cross_entropy(out, y.long(), reduction="none")
+    target = _as_targets(out, y)
+    sq = (out - target) ** 2
+    sq = sq.reshape(sq.shape[0], -1)
+    if name == "mse":
+        return sq.mean(dim=1)
+    if name == "half_sse":
+        return 0.5 * sq.sum(dim=1)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+def batch_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
+    """The batch's mean loss (what a training step would back-propagate)."""
+    return per_example_loss(name, out, y).mean()
+
+
+def batch_count(name: str, y: Tensor) -> int:
+    """How many terms the batch mean averages: examples, or tokens for (B, T) labels."""
+    if name == "cross_entropy" and y.ndim == 2:
+        return int(y.numel())
+    return int(y.shape[0])
+
+
+def batch_weights(name: str, batches: Sequence[tuple[Tensor, Tensor]]) -> list[float]:
+    """w_b = n_b / N for every batch, n_b = ``batch_count`` and N = Σ_b n_b (unequal last batch included)."""
+    counts = [batch_count(name, y) for _, y in batches]
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("the data holds no examples; give at least one (inputs, targets) batch with examples")
+    return [c / total for c in counts]
+
+
+def data_loss(
+    name: str,
+    forward: Callable[[Tensor], Tensor],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    *,
+    weights: Sequence[float] | None = None,
+    on_outputs: Callable[[Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """The loss over a data set, L(θ) = Σ_b (n_b/N)·mean_b(θ), the example-weighted mean of the batch means.
+
+    ``forward(x)`` gives the outputs at θ (the caller sets the train/eval flag and grad mode);
+    ``weights`` are ``batch_weights(name, batches)`` when not given; ``on_outputs(out, y)`` sees
+    every batch's outputs (to count correct predictions in the same pass). A 0-d tensor in the
+    outputs' dtype, differentiable when the forward pass is.
+    """
+    if not batches:
+        raise ValueError("the data holds no batches; give at least one (inputs, targets) batch")
+    weights = batch_weights(name, batches) if weights is None else weights
+    total: Tensor | float = 0.0
+    for (x, y), w in zip(batches, weights):
+        out = forward(x)
+        if on_outputs is not None:
+            on_outputs(out, y)
+        total = total + batch_loss(name, out, y) * w
+    return total  # type: ignore[return-value]
+
+
+def output_hessian_product(name: str, out: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    """(∂²ℓ_i/∂f²) u_i for every example, the middle factor of the GGN.
+
+    G v = (1/N) Σ_i J_iᵀ H_out,i J_i v with J_i = ∂f(x_i)/∂θ and H_out,i = ∂²ℓ_i/∂f².
+
+    cross_entropy: (diag(p) − p pᵀ) u; mse: (2/C) u; half_sse: u. Shapes follow ``out``.
+    """
+    if name == "cross_entropy":
+        p = torch.softmax(out, dim=-1)
+        return p * u - p * (p * u).sum(dim=-1, keepdim=True)
+    if name == "mse":
+        width = out[0].numel() if out.ndim > 1 else 1
+        return (2.0 / width) * u
+    if name == "half_sse":
+        return u
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+def correct_count(out: Tensor, y: Tensor) -> int:
+    """How many argmax predictions equal the label (classification and next-token)."""
+    out, y = _flatten(out, y)
+    if out.ndim != 2:
+        return 0
+    labels = y.argmax(dim=-1) if y.ndim == 2 and y.is_floating_point() else y.long()
+    return int((out.argmax(dim=-1) == labels).sum())

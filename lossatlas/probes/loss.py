@@ -1,0 +1,67 @@
+"""The ``loss`` probe: loss and accuracy of a checkpoint on a data set; the cheapest probe, and the runner's
+end-to-end proof."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from lossatlas._moved import renamed
+from lossatlas.losses import batch_count, check_loss_name, correct_count, data_loss
+from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
+from lossatlas.probes.modes import evaluation_mode
+from lossatlas.probes.settings import MODES, check_choice
+
+
+def evaluate_loss(model: torch.nn.Module, batches, loss: str, *, mode: str = "eval") -> tuple[float, float, int]:
+    """Example-weighted mean loss L = Σ_b (n_b/N) L_b, accuracy in [0, 1], and N.
+
+    The model's train/eval flag is set to ``mode`` for the evaluation and restored afterwards.
+    """
+    batches = list(batches)
+    correct = [0]
+
+    def count_correct(out: torch.Tensor, y: torch.Tensor) -> None:
+        correct[0] += correct_count(out, y)
+
+    with torch.no_grad(), evaluation_mode(model, mode):
+        value = data_loss(loss, model, batches, on_outputs=count_correct)
+    count = sum(batch_count(loss, y) for _, y in batches)
+    return float(value), correct[0] / count, count
+
+
+@register_probe
+@dataclass(frozen=True, kw_only=True)
+class Loss(Probe):
+    """Loss L = Σ_b (n_b/N) L_b and accuracy of the checkpoint on the data set (eval mode by default)."""
+
+    name: ClassVar[str] = "loss"
+    summary: ClassVar[str] = "loss and accuracy on a data set"
+    section: ClassVar[str] = "overview"
+    figure: ClassVar[str | None] = "loss"
+    mode: str = "eval"
+
+    def validate(self) -> None:
+        check_choice("mode", self.mode, MODES)
+
+    def run(self, ctx: ProbeContext) -> Result:
+        check_loss_name(ctx.loss)
+        start = time.perf_counter()
+        loss, acc, n = evaluate_loss(ctx.model, ctx.data, ctx.loss, mode=self.mode)
+        return Result(
+            probe=self.name,
+            config=self.config(),
+            step=ctx.step,
+            values={"loss": np.float64(loss), "accuracy": np.float64(acc)},
+            dims={"loss": (), "accuracy": ()},
+            meta={"num_examples": n, "loss_name": ctx.loss, "finite": bool(np.isfinite(loss)),
+                  "elapsed_s": time.perf_counter() - start},
+        )
+
+
+def __getattr__(name: str):
+    return renamed(__name__, name)  # the probe class's old name, with a DeprecationWarning

@@ -1,0 +1,78 @@
+"""Top eigenpairs and trace of a curvature operator, the one way every probe and analysis gets them.
+
+The hessian and sharpness probes, the surface's eigenvector directions, eigenspace tracking and
+``diagnose`` (through the hessian probe) all call these two functions, with the same defaults:
+
+- eigenpairs by Lanczos with full reorthogonalization (Ghorbani, Krishnan & Xiao 2019), stopped when
+  every wanted Ritz pair (θ, y) has a relative residual ‖A y − θ y‖ ≤ tol·|θ|, ``TOL`` = 1e-4 by default
+  (the eigenvalue error is at most the residual, and of order residual²/gap for an isolated one);
+- the trace tr(A) by Hutch++ (Meyer, Musco, Musco & Woodruff 2021) with 99 matrix-vector products by
+  default, or by Hutchinson's estimator.
+
+``A`` is anything with ``shape``, ``dtype``, ``device`` and ``A @ V``: a curvature operator of
+``lossatlas.curvature``, an operator built from one, or a dense symmetric tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from lossatlas.distributed import Distributed
+from lossatlas.estimators import EigResult, TraceEstimate, hutchinson_trace, hutchpp_trace, lanczos_eigs
+
+TOL: float = 1e-4  # relative Ritz residual ‖A y − θ y‖ ≤ TOL·|θ|
+TRACE_METHODS: tuple[str, ...] = ("hutchpp", "hutchinson")
+TRACE_MATVECS: int = 99  # divisible by 3, as Hutch++ needs
+
+
+def top_eigenpairs(
+    A: Any,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = TOL,
+    max_iter: int | None = None,
+    seed: int = 0,
+    block_size: int = 1,
+    criterion: str = "residual",
+    v0: Tensor | None = None,
+    return_eigenvectors: bool = True,
+) -> EigResult:
+    """The k extreme eigenpairs of a symmetric curvature operator (k and the block size capped at its size P).
+
+    ``which``: "LA" largest algebraic (λ_max, the sharpness of Cohen et al. 2021), "SA" smallest
+    algebraic, "LM" largest magnitude. ``criterion="eigenvalue"`` stops on the eigenvalue error
+    estimate min(r, r²/gap) ≤ tol·|θ| instead of the residual r (fewer products when only the
+    eigenvalues are wanted). ``v0`` warm-starts from a (P,) vector or a (P, c) block. Everything
+    else as ``lossatlas.estimators.lanczos_eigs``, whose ``EigResult`` this returns.
+    """
+    P = A.shape[0]
+    return lanczos_eigs(A, min(int(k), P), which=which, tol=tol, max_iter=max_iter, v0=v0, seed=seed,
+                        block_size=min(int(block_size), P), return_eigenvectors=return_eigenvectors,
+                        criterion=criterion)
+
+
+def trace_estimate(
+    A: Any,
+    num_matvecs: int = TRACE_MATVECS,
+    *,
+    method: str = "hutchpp",
+    seed: int = 0,
+    dist: Distributed | None = None,
+) -> TraceEstimate:
+    """tr(A) and its standard error with ``num_matvecs`` products of A (Rademacher probes).
+
+    ``method``: "hutchpp" (Hutch++; ``num_matvecs`` divisible by 3; error O(1/m) for PSD A) or
+    "hutchinson" ((1/m) Σ vᵀAv; error O(1/√m)). Under torchrun (``dist``) the probe vectors are
+    split across ranks.
+    """
+    if method == "hutchpp":
+        return hutchpp_trace(A, num_matvecs, seed=seed, dist=dist)
+    if method == "hutchinson":
+        return hutchinson_trace(A, num_matvecs, seed=seed, dist=dist)
+    raise ValueError(f"unknown trace method {method!r}; method must be one of {', '.join(TRACE_METHODS)}")
+
+
+__all__ = ["top_eigenpairs", "trace_estimate", "TOL", "TRACE_METHODS", "TRACE_MATVECS"]
