@@ -1,4 +1,4 @@
-"""Data integrity of the run and results files (lossatlas/store.py): checksums that catch truncated or
+"""Data integrity of the run and results files (lossatlas/store/): checksums that catch truncated or
 corrupted checkpoints and results, copy-on-write results writes that survive a full disk, atomic creation
 that survives SIGKILL, and outputs that never overwrite their inputs."""
 
@@ -189,7 +189,7 @@ def test_file_without_checksums_reads_as_before(run: Path, capsys) -> None:
 def test_checksums_cost_little(tmp_path: Path) -> None:
     """The checksums of a 26k-parameter model's checkpoint (with Adam state) take well under a millisecond
     each way next to what HDF5 spends writing it."""
-    from lossatlas.store import _digest
+    from lossatlas.store.integrity import digest
 
     model = models.build_model({"name": "mlp", "kwargs": {"widths": [64, 128, 128, 10]}})
     params = {k: v.detach() for k, v in model.state_dict().items()}
@@ -198,7 +198,7 @@ def test_checksums_cost_little(tmp_path: Path) -> None:
     t = time.process_time()
     for _ in range(20):
         for a in arrays:
-            _digest(a)
+            digest(a)
     per_checkpoint = (time.process_time() - t) / 20
     opt = {k: {"exp_avg": v.clone(), "exp_avg_sq": v.clone()} for k, v in params.items()}
     with RunWriter(tmp_path / "cost.h5", model_spec=None) as w:
@@ -378,15 +378,15 @@ def test_concurrent_writers_all_land(tmp_path: Path) -> None:
 # -- C: kills at creation ------------------------------------------------------------------------------------------
 KILL_AT_PUBLISH = textwrap.dedent("""
     import os, signal, sys
-    import lossatlas.store as store
-    calls, original = [0], store._publish
+    import lossatlas.store.integrity as integrity
+    calls, original = [0], integrity.publish
     def publish(tmp, path, *, overwrite):
         calls[0] += 1
         if calls[0] == int(sys.argv[2]):
             print("temp", tmp, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         return original(tmp, path, overwrite=overwrite)
-    store._publish = publish
+    integrity.publish = publish
     from lossatlas.cli import main
     sys.exit(main(["loss", sys.argv[1], "--steps", "all"]))
 """)
@@ -435,10 +435,11 @@ def test_sigkill_while_creating_a_run_file(tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import os, signal, sys, torch
         import lossatlas.store as store
+        import lossatlas.store.integrity as integrity
         def publish(tmp, path, *, overwrite):
             print("temp", tmp, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        store._publish = publish
+        integrity.publish = publish
         store.RunWriter(sys.argv[1], model_spec={"name": "mlp"})
     """)
     path = tmp_path / "run.h5"

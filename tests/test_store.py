@@ -1,4 +1,4 @@
-"""The run file and the results file (lossatlas/store.py): exact round trips, live reading,
+"""The run file and the results file (lossatlas/store/): exact round trips, live reading,
 crash safety under SIGKILL, refusals, and labelled results (dimension scales)."""
 
 from __future__ import annotations

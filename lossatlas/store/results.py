@@ -1,0 +1,348 @@
+"""The results file: one labelled group per (probe, config key, step), every change copy-on-write under an
+exclusive lock, every dataset and entry checksummed (the layout is in ``lossatlas.store``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from lossatlas._version import __version__
+from lossatlas.errors import UserError
+from lossatlas.probes.base import Result
+from lossatlas.store import integrity
+from lossatlas.store.h5 import (FORMAT_VERSION, LOCKED, TRUNCATED, OpenError, check_kind, damage_is_user_error, dumps,
+                                escape, first_line, open_h5, unescape)
+from lossatlas.store.integrity import Damaged
+from lossatlas.store.locks import exclusive
+
+STATUSES = ("complete", "partial")
+
+
+def default_results_path(run_path: str | Path) -> Path:
+    """The results file next to a run: ``run.h5`` -> ``run.results.h5``."""
+    run_path = Path(run_path)
+    if run_path.suffix == ".h5":
+        return run_path.with_suffix(".results.h5")
+    return run_path.with_name(run_path.name + ".results.h5")
+
+
+def _step_name(step: int | None) -> str:
+    if step is None:
+        return "none"
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"a Result's step must be a non-negative int or None, got {step!r}")
+    return f"{int(step):010d}"
+
+
+def _write_array(g: h5py.Group, name: str, value: Any, role: str) -> h5py.Dataset:
+    arr = np.asarray(value)
+    kind = arr.dtype.kind
+    if kind == "b":
+        ds = g.create_dataset(name, data=arr.astype(np.uint8))
+        ds.attrs["dtype"] = "bool"
+    elif kind == "U" or (kind == "O" and all(isinstance(x, str) for x in arr.ravel().tolist())):
+        ds = g.create_dataset(name, data=arr.astype(object), dtype=h5py.string_dtype("utf-8"))
+        ds.attrs["dtype"] = "str"
+    elif kind in "iufcS":
+        ds = g.create_dataset(name, data=arr)
+    else:
+        raise ValueError(f"{role} {name!r}: cannot store an array of dtype {arr.dtype}; use numbers, bools or strings")
+    ds.attrs["role"] = role
+    return ds
+
+
+def _read_array(ds: h5py.Dataset) -> np.ndarray:
+    kind = ds.attrs.get("dtype", "")
+    if kind == "bool":
+        return np.asarray(ds[()]).astype(bool)
+    if kind == "str":
+        return np.asarray(ds.asstr()[()], dtype=str)
+    return np.asarray(ds[()])
+
+
+_ENTRY_ATTRS = ("config", "meta", "dims", "data_fingerprint", "lossatlas_version", "elapsed_s", "status", "written_at")
+
+
+def _array_digest(arr: np.ndarray) -> int:
+    """The checksum of a stored value or coord: its dtype, shape and bytes as ``_read_array`` gives them."""
+    head = np.frombuffer(f"{arr.dtype.str}{arr.shape}".encode(), np.uint8)
+    return integrity.digest(np.concatenate([head, np.frombuffer(arr.tobytes(), np.uint8)]))
+
+
+def _entry_digest(attrs: Mapping[str, Any], names: Sequence[str]) -> int:
+    """The checksum of an entry's attributes and of the names of its datasets."""
+    norm = {k: float(attrs[k]) if isinstance(attrs[k], (float, np.floating)) else str(attrs[k]) for k in _ENTRY_ATTRS}
+    text = json.dumps({"attrs": norm, "datasets": sorted(names)}, sort_keys=True)
+    return integrity.digest(np.frombuffer(text.encode(), np.uint8))
+
+
+class ResultsStore:
+    """The results file of a run: one labelled group per (probe, config key, step).
+
+    ``mode`` is ``"r"`` (read only; the file must exist) or ``"a"`` (create if missing). A file
+    recorded for another run (a different ``run_fingerprint``) is refused.
+
+    Every change is copy-on-write under an exclusive lock (``<file>.lock``): the file is copied into
+    memory, changed, written to a temporary next to it, synced and renamed over the original. A
+    failure (a full disk, a kill) leaves the original untouched; writers in several processes all
+    land. Creation links a finished file into place, so a killed process never leaves a stub; an
+    existing file that is not a readable results file is refused, never overwritten. Every dataset
+    carries ``digest`` (the checksum of its bytes) and every entry ``digest`` (of its attributes):
+    reading checks them.
+    """
+
+    def __init__(self, path: str | Path, *, run_fingerprint: str | None = None, mode: str = "a") -> None:
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        self.path, self.mode = Path(path), mode
+        self._fingerprint = run_fingerprint or ""
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a directory; pass a results file path")
+        if not self.path.exists():
+            if mode == "r":
+                raise UserError(f"{self.path}: no such results file; run a probe first (e.g. `lossatlas hessian`)")
+            with exclusive(self.path):
+                integrity.remove_dead_temps(self.path)
+                if not self.path.exists():
+                    self._create()
+                    return
+        stored = self._stored_fingerprint()
+        if run_fingerprint and stored and stored != run_fingerprint:
+            raise UserError(f"{self.path}: holds results of another run (fingerprint {stored}, this run "
+                            f"{run_fingerprint}); pass another results path or delete the file")
+        if run_fingerprint and not stored and mode == "a":
+            self._change(lambda f: f.attrs.__setitem__("run_fingerprint", run_fingerprint))
+
+    def _stored_fingerprint(self) -> str:
+        """The header's run fingerprint. An existing file that is not a readable results file is refused,
+        saying what to do; it is never overwritten."""
+        try:
+            f = open_h5(self.path, "r")
+        except OpenError as e:
+            if e.failure == LOCKED:
+                raise
+            reason = ("it is truncated, as an interrupted creation or copy leaves it" if e.failure == TRUNCATED
+                      else e.what)
+            raise self._unreadable(reason) from None
+        with f:
+            if "lossatlas_format" not in f.attrs and not len(f):
+                raise self._unreadable("an empty HDF5 file: its creation never finished")
+            check_kind(f, self.path, "results")
+            return str(f.attrs.get("run_fingerprint", ""))
+
+    def _unreadable(self, reason: str) -> UserError:
+        return UserError(f"{self.path}: exists but is not a readable results file ({reason}); move it aside "
+                         f"(mv {self.path} {self.path}.broken) and rerun to start a new one, or pass another "
+                         "--results path")
+
+    def _create(self) -> None:
+        """Write the header under a temporary name and link it into place (called under the lock)."""
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
+            f.attrs.update(lossatlas_format="results", format_version=FORMAT_VERSION,
+                           run_fingerprint=self._fingerprint, lossatlas_version=__version__)
+        self._install(image.getvalue(), overwrite=False)
+
+    def _change(self, change: Any) -> None:
+        """Apply ``change(h5py.File)`` to a copy and rename the copy over the file, under the lock; on any
+        failure the file is untouched. The copy is changed in memory and then written with plain file I/O,
+        so HDF5 itself never meets a full disk (it cannot close a file it failed to flush)."""
+        with exclusive(self.path):
+            integrity.remove_dead_temps(self.path)
+            if not self.path.exists():  # deleted by hand since it was opened
+                self._create()
+            try:
+                image = io.BytesIO(self.path.read_bytes())
+                f = h5py.File(image, "r+")
+                try:
+                    change(f)
+                finally:
+                    f.close()
+            except OSError as e:
+                if integrity.disk_full(e):  # memory and HDF5 can report ENOSPC too
+                    raise integrity.disk_full_error(self.path) from None
+                raise
+            self._install(image.getvalue(), overwrite=True)
+
+    def _install(self, data: bytes, *, overwrite: bool) -> None:
+        """Write ``data`` to a temporary next to the file, sync it, and give it the file's name."""
+        tmp = integrity.temp_path(self.path)
+        mode = self.path.stat().st_mode & 0o777 if overwrite else 0o666  # 0o666 less the umask
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            try:
+                if overwrite:
+                    os.fchmod(fd, mode)  # the original's mode, whatever the umask
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            integrity.publish(tmp, self.path, overwrite=overwrite)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if integrity.disk_full(e):
+                raise integrity.disk_full_error(self.path) from None
+            raise
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release: the file is opened per call, so it is consistent between calls."""
+
+    def write(self, result: Result, *, key: str, status: str = "complete", data_fingerprint: str = "",
+              elapsed_s: float = 0.0) -> None:
+        """Store ``result`` under ``/<probe>/<key>/<step>``, replacing an earlier entry there."""
+        if self.mode != "a":
+            raise ValueError(f"{self.path}: opened read-only (mode 'r'); open with mode 'a' to write")
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        clash = set(result.values) & set(result.coords)
+        if clash:
+            raise ValueError(f"Result {result.probe!r}: {sorted(clash)} are both values and coords; rename one")
+        for name in result.values:
+            for axis, dim in enumerate(result.dims[name]):
+                c = result.coords.get(dim)
+                if c is not None and (c.ndim != 1 or c.shape[0] != result.values[name].shape[axis]):
+                    raise ValueError(f"Result {result.probe!r}: coord {dim!r} has shape {c.shape} but axis {axis} "
+                                     f"of {name!r} has {result.values[name].shape[axis]} points")
+        attrs = {"config": dumps(result.config, "config"), "meta": dumps(result.meta, "meta"),
+                 "dims": dumps({k: list(v) for k, v in result.dims.items()}, "dims"),
+                 "data_fingerprint": data_fingerprint, "lossatlas_version": __version__,
+                 "elapsed_s": float(elapsed_s), "status": status, "written_at": time.time()}
+        name = _step_name(result.step)
+
+        def change(f: h5py.File) -> None:
+            parent = f.require_group(escape(result.probe)).require_group(escape(key))
+            if name in parent:
+                del parent[name]
+            g = parent.create_group(name, track_order=True)
+            for c, arr in result.coords.items():
+                ds = _write_array(g, escape(c), arr, "coord")
+                if ds.ndim == 1:
+                    ds.make_scale(c)
+            for v, arr in result.values.items():
+                ds = _write_array(g, escape(v), arr, "value")
+                for axis, dim in enumerate(result.dims[v]):
+                    ds.dims[axis].label = dim
+                    if dim in result.coords:
+                        ds.dims[axis].attach_scale(g[escape(dim)])
+            for ds in g.values():
+                ds.attrs["digest"] = np.uint64(_array_digest(_read_array(ds)))
+            g.attrs.update(attrs)
+            g.attrs["digest"] = np.uint64(_entry_digest(attrs, list(g)))
+
+        self._change(change)
+
+    @staticmethod
+    def _entry(g: h5py.Group, probe: str, step: int | None) -> tuple[Result, dict]:
+        """The entry in group ``g``, its checksums checked (``Damaged`` names what fails)."""
+        if g is None:  # h5py gives None for a group it cannot open
+            raise Damaged(None, "its group cannot be read")
+        values, coords = {}, {}
+        for n, ds in g.items():
+            what = f"dataset {unescape(n)!r}"
+            if ds is None:  # h5py gives None for an object it cannot open
+                raise Damaged(None, f"{what} cannot be read (its object header is damaged)")
+            try:
+                arr, want, role = _read_array(ds), ds.attrs.get("digest"), ds.attrs.get("role")
+            except OSError as e:
+                raise Damaged(None, f"{what} cannot be read: {first_line(e)}") from None
+            if want is not None and _array_digest(arr) != int(want):
+                raise Damaged(None, f"{what} fails its checksum")
+            (coords if role == "coord" else values)[unescape(n)] = arr
+        try:
+            a = g.attrs
+            stored = {k: a[k] for k in _ENTRY_ATTRS}
+            want = a.get("digest")
+        except (OSError, KeyError) as e:
+            raise Damaged(None, f"its attributes cannot be read: {first_line(e)}") from None
+        if want is not None and _entry_digest(stored, list(g)) != int(want):
+            raise Damaged(None, "its attributes fail their checksum")
+        try:
+            dims = {k: tuple(v) for k, v in json.loads(stored["dims"]).items()}
+            result = Result(probe=probe, config=json.loads(stored["config"]), step=step, values=values,
+                            dims=dims, coords=coords, meta=json.loads(stored["meta"]))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise Damaged(None, f"its attributes are not valid ({first_line(e)})") from None
+        info = {"status": str(stored["status"]), "data_fingerprint": str(stored["data_fingerprint"]),
+                "elapsed_s": float(stored["elapsed_s"]), "version": str(stored["lossatlas_version"]),
+                "written_at": float(stored["written_at"])}
+        return result, info
+
+    def _damaged(self, probe: str, key: str, step: int | None, e: Damaged) -> UserError:
+        return UserError(f"{self.path}: result {probe}/{key} at step {step if step is not None else 'none'} is "
+                         f"damaged ({e.reason}); the file was corrupted — recompute it (rerun the probe with "
+                         "--force) or restore the file from a copy")
+
+    def read(self, probe: str, key: str, step: int | None) -> tuple[Result, dict] | None:
+        """``(result, info)`` stored for (probe, key, step), or None; info has status, data_fingerprint,
+        elapsed_s, version. Its checksums are checked: a damaged entry raises UserError naming it."""
+        path = f"{escape(probe)}/{escape(key)}/{_step_name(step)}"
+        with damage_is_user_error(self.path), open_h5(self.path, "r") as f:
+            if path not in f:
+                return None
+            try:
+                return self._entry(f[path], probe, step)
+            except Damaged as e:
+                raise self._damaged(probe, key, step, e) from None
+
+    def _groups(self, f: h5py.File, probe: str | None = None) -> Iterator[tuple[str, str, int | None, h5py.Group]]:
+        for p, pg in f.items():
+            if probe is not None and unescape(p) != probe:
+                continue
+            for k, kg in pg.items():
+                for s, g in kg.items():
+                    if not s.startswith("."):  # a temporary group of an interrupted write (older files)
+                        yield unescape(p), unescape(k), None if s == "none" else int(s), g
+
+    def entries(self, probe: str | None = None) -> list[dict]:
+        """Every stored entry (of ``probe`` if given): probe, key, step, status, config, data_fingerprint."""
+        out = []
+        with damage_is_user_error(self.path), open_h5(self.path, "r") as f:
+            for p, k, s, g in self._groups(f, probe):
+                try:
+                    a = g.attrs
+                    out.append({"probe": p, "key": k, "step": s, "status": str(a["status"]),
+                                "config": json.loads(a["config"]), "data_fingerprint": str(a["data_fingerprint"]),
+                                "elapsed_s": float(a["elapsed_s"]), "written_at": float(a["written_at"])})
+                except (KeyError, ValueError, OSError, AttributeError) as e:
+                    damage = Damaged(None, f"its attributes cannot be read: {first_line(e)}")
+                    raise self._damaged(p, k, s, damage) from None
+        return out
+
+    def verify(self) -> list[dict]:
+        """Every entry with its checksums checked: probe, key, step and status ("ok", "damaged: <what>" or
+        "unverified (no checksums)" for an entry written before checksums existed)."""
+        out = []
+        with damage_is_user_error(self.path), open_h5(self.path, "r") as f:
+            for p, k, s, g in self._groups(f):
+                try:
+                    self._entry(g, p, s)
+                    status = "ok" if "digest" in g.attrs else "unverified (no checksums)"
+                except Damaged as e:
+                    status = f"damaged: {e.reason}"
+                out.append({"probe": p, "key": k, "step": s, "status": status})
+        return out
+
+    def latest(self, probe: str, step: int | None) -> tuple[Result, dict] | None:
+        """The most recently written entry for (probe, step), whatever its config key; None if none."""
+        found = [e for e in self.entries(probe) if e["step"] == step]
+        if not found:
+            return None
+        newest = max(found, key=lambda e: e["written_at"])
+        return self.read(probe, newest["key"], step)
