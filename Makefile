@@ -1,6 +1,6 @@
 # lossatlas — the two commands a fresh machine needs:
 #   make demo   creates .venv, installs lossatlas (CPU torch first) and runs the demo
-#   make test   creates .venv, installs lossatlas with its test extras and runs the test suite
+#   make test   creates .venv, installs lossatlas with its test extras, runs the linter (make lint) and the test suite
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 OUT ?= demo_out
 
-.PHONY: demo test bench experiments clean
+.PHONY: demo lint test bench experiments clean
 
 $(VENV)/.installed: pyproject.toml setup.py lossatlas/_fastnorms.c
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ $(VENV)/.bench: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/lossatlas demo --out $(OUT) --force
 
-test: $(VENV)/.installed
+# ruff, configured in pyproject.toml: pyflakes, import order, bugbear and Google-style docstrings.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lossatlas tests experiments benchmarks
+
+test: lint
 	OMP_NUM_THREADS=2 LOSSATLAS_REQUIRE_FASTNORMS=1 $(PY) -m pytest -q tests
 
 bench: $(VENV)/.bench

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lossatlas.models import build_data, build_model
 from lossatlas.curvature import HessianOperator
 from lossatlas.estimators import lanczos_eigs, slq_density
+from lossatlas.models import build_data, build_model
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 TRAIN_STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "0"))

@@ -94,7 +94,7 @@ def bench(name: str, model: nn.Module, batches, repeats: int) -> list[tuple[str,
     ]
     for label, kw, V in cases:  # (PyHessian's own product follows, for reference)
         op = HessianOperator(model, batches, "cross_entropy", **kw)
-        t, ratio = median_ratio(lambda: op @ V, grad_fn, repeats)
+        t, ratio = median_ratio(lambda op=op, V=V: op @ V, grad_fn, repeats)
         K = 1 if V.ndim == 1 else V.shape[1]
         rows.append((name, f"{label} [{op.path}]", t / K, ratio / K))
     t, ratio = median_ratio(pyhessian_product(model, batches), grad_fn, repeats)

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_eigs import REPEATS, THREADS, pin_malloc, rel_err, setup  # noqa: E402
 
 from lossatlas.curvature import HessianOperator  # noqa: E402
-from lossatlas.estimators import lanczos_eigs  # noqa: E402
 from lossatlas.estimators import lanczos as L  # noqa: E402
+from lossatlas.estimators import lanczos_eigs  # noqa: E402
 from lossatlas.estimators._checks import make_generator  # noqa: E402
 from lossatlas.estimators._recurrence import BlockLanczos  # noqa: E402
 

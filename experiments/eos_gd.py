@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import out_dir, pyplot, save_figure, setup_threads, write_summary  # noqa: E402
 
 from lossatlas.analysis.eos import eos_phases  # noqa: E402
-from lossatlas.models import build_model  # noqa: E402
 from lossatlas.curvature import HessianOperator  # noqa: E402
 from lossatlas.estimators import lanczos_eigs  # noqa: E402
 from lossatlas.losses import batch_loss  # noqa: E402
+from lossatlas.models import build_model  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
 
 NAME = "eos_gd"

@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import out_dir, pyplot, save_figure, setup_threads, write_summary  # noqa: E402
 
-from lossatlas.models import build_data, build_model  # noqa: E402
 from lossatlas.losses import batch_loss  # noqa: E402
+from lossatlas.models import build_data, build_model  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
 
 NAME = "grokking"

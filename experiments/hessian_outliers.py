@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import out_dir, pyplot, save_figure, setup_threads, write_summary  # noqa: E402
 
-from lossatlas.models import build_data, build_model  # noqa: E402
 from lossatlas.curvature import GGNOperator, HessianOperator  # noqa: E402
 from lossatlas.estimators import count_outliers, lanczos_eigs, slq_density  # noqa: E402
 from lossatlas.losses import batch_loss  # noqa: E402
+from lossatlas.models import build_data, build_model  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
 
 NAME = "hessian_outliers"

@@ -39,12 +39,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code.
+
+    Warnings are held until the command ends: printed after it succeeds, dropped when it fails with its one
+    error line (exit 2), so that line is all a refused command prints.
+    """
     from lossatlas.finite import NonFiniteWarning
 
+    held: list[str] = []
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = lambda message, *rest, **kw: held.append(_warning_line(message))
             warnings.simplefilter("always", NonFiniteWarning)  # every diverged checkpoint, not the first only
             parser = build_parser()
             args = parser.parse_args(list(argv) if argv is not None else None)
@@ -53,12 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.set_quiet(bool(getattr(args, "quiet", False)))
             if not hasattr(args, "func"):
                 parser.print_help()
-                return 2
-            return int(args.func(args) or 0)
+                raise UserError("no subcommand given; choose one of the subcommands listed above "
+                                "(e.g. `lossatlas demo`), or see `lossatlas --help`")
+            code = int(args.func(args) or 0)
+        if code != 2:  # exit 2 has printed its own one error line
+            _print_lines(held)
+        return code
     except UserError as exc:
         print(f"lossatlas: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _print_lines(held)
         print("lossatlas: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -66,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the file system refused: a missing or read-only folder, a full disk, a folder for a file
         print(f"lossatlas: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
+    except BaseException:  # an internal error: its traceback follows what was warned before it
+        _print_lines(held)
+        raise
 
 
 def _one_line(text: str) -> str:
@@ -94,14 +107,20 @@ def _os_fix(exc: OSError) -> str:
         exc.errno, "check the path and the folder's permissions")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as one line on stderr (the CLI's stderr holds only lossatlas: lines)."""
-    print(f"lossatlas: warning: {_one_line(str(message))}", file=sys.stderr)
+def _warning_line(message: Warning | str) -> str:
+    """A warning as one line (the CLI's stderr holds only lossatlas: lines)."""
+    return f"lossatlas: warning: {_one_line(str(message))}"
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lossatlas.probes import PROBES
+    """The ``lossatlas`` argument parser: one sub-command per action, one per registered probe."""
     import lossatlas.probes.registry  # noqa: F401  (registers every probe)
+    from lossatlas.probes import PROBES
 
     parser = _Parser(prog="lossatlas", description="Loss landscapes, curvature and training dynamics from checkpoints.")
     parser.add_argument("--version", action="version", version=f"lossatlas {__version__}")
@@ -149,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("info", help="what a run file holds, and whether a writer is attached")
-    p.add_argument("run", help="a run file (.h5), or a results file")
+    p.add_argument("run", help="a run file (.h5), or a results file (.results.h5: its entries)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true",
                    help="read every checkpoint and result and check its checksum (also the run's results file); "
@@ -349,8 +368,8 @@ def _json_arg(text: str) -> Any:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from lossatlas.analysis.runner import RunOptions, run_probe
     from lossatlas import progress
+    from lossatlas.analysis.runner import RunOptions, run_probe
 
     cls = args.probe_cls
     settings = {k[len("probe__"):]: v for k, v in vars(args).items() if k.startswith("probe__")}
@@ -457,8 +476,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lossatlas.train import TrainConfig, train
 
     values: dict[str, Any] = {}
-    if args.config:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if args.config is not None:
         path = Path(args.config)
+        if path.is_file():
+            from lossatlas.store import same_file
+
+            if same_file(path, args.output):
+                raise UserError(f"{args.output}: the output is also the training config it was given; writing the run "
+                                "there would destroy the config; choose another output path (e.g. -o run.h5)")
         text = path.read_text() if path.is_file() else args.config
         try:
             values = json.loads(text)
@@ -466,23 +492,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"{args.config}: not a JSON file or JSON text of training settings") from None
         if not isinstance(values, dict):
             raise UserError(f"{args.config}: training settings must be a JSON object like {{\"lr\": 0.1, \"steps\": 500}}")
+        _check_train_settings(values, fields)
+        TrainConfig(**values)  # the file's own values are checked too, even those the flags below replace
     for name in ("loss", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "batch_size",
                  "steps", "checkpoint_every", "log_spaced", "grad_clip", "instability", "seed"):
         v = getattr(args, name)
         if v is not None:
             values[name] = v
-    if args.model:
+    if args.model is not None:
         values["model"] = _spec_arg(args.model, "--model")
-    if args.data:
+    if args.data is not None:
         values["data"] = _spec_arg(args.data, "--data")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise UserError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    _check_train_settings(values, fields)
     cfg = TrainConfig(**values)
     train(cfg, args.output, overwrite=args.force)
     print(f"run: {args.output}")
     return 0
+
+
+def _check_train_settings(values: dict[str, Any], fields: set[str]) -> None:
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise UserError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -499,7 +530,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from lossatlas import store
 
     path = _existing(args.run)
-    if args.verify and store.file_kind(path) == "results":
+    try:
+        kind = store.file_kind(path)
+    except UserError:
+        kind = None  # not a readable lossatlas file: the run reader below says what is wrong with it
+    if kind == "results":
         return _info_results(path, args)
     with store.RunReader(path, damaged_ok=args.verify) as reader:  # --verify lists a truncated file's checkpoints
         steps = reader.steps()
@@ -585,9 +620,27 @@ def _verify_exit(path: str, checks: dict, results_path: Path | None, results: li
 
 
 def _info_results(path: str, args: argparse.Namespace) -> int:
-    """``info RESULTS --verify``: every entry of a results file with its checksum status."""
+    """``info RESULTS``: its entries per probe and config key; with ``--verify`` every entry's checksum status."""
     from lossatlas import store
 
+    if not args.verify:
+        entries = store.ResultsStore(path, mode="r").entries()
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for e in entries:
+            groups.setdefault((e["probe"], e["key"]), []).append(e)
+        summary = [{"probe": p, "key": k, "steps": sorted((e["step"] for e in es), key=lambda s: (s is None, s or 0)),
+                    "partial": sum(e["status"] == "partial" for e in es)} for (p, k), es in sorted(groups.items())]
+        if args.json:
+            print(json.dumps({"path": path, "kind": "results", "entries": len(entries), "results": summary}))
+            return 0
+        print(f"results    {path}")
+        print(f"entries    {len(entries)} ({len(summary)} probe settings)")
+        for s in summary:
+            steps = [x for x in s["steps"] if x is not None]
+            span = f"steps {steps[0]} … {steps[-1]} ({len(s['steps'])})" if steps else "no step"
+            partial = f", {s['partial']} partial" if s["partial"] else ""
+            print(f"           {s['probe'] + '/' + s['key']:<40} {span}{partial}")
+        return 0
     checks = store.ResultsStore(path, mode="r").verify()
     if args.json:
         print(json.dumps({"path": path, "kind": "results", "entries": len(checks), "verify": {"results": checks}},

@@ -23,16 +23,22 @@ def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool 
     from lossatlas.analysis.tracking import track_eigenspaces
     from lossatlas.probes.collapse import NeuralCollapse
     from lossatlas.probes.connectivity import Interpolate
-    from lossatlas.probes.loss import Loss
     from lossatlas.probes.hessian import HessianProbe
+    from lossatlas.probes.loss import Loss
     from lossatlas.probes.sharpness import Sharpness
     from lossatlas.probes.surface import Surface
     from lossatlas.probes.trajectory import Trajectory
     from lossatlas.probes.uniformity import Uniformity
     from lossatlas.progress import status
-    from lossatlas.store import ResultsStore
+    from lossatlas.store import ResultsStore, RunReader
     from lossatlas.train import TrainConfig, train
 
+    if not str(out).strip():
+        raise UserError("--out is empty; give the folder to write the demo into, e.g. --out demo_out")
+    # every setting is checked before the output folder is made: a refused demo leaves nothing behind
+    cfg = TrainConfig(model={"name": "mlp"}, data={"name": "digits"}, optimizer="sgd", lr=0.05, momentum=0.9,
+                      batch_size=64, steps=steps, checkpoint_every=max(1, steps // 6) if isinstance(steps, int) else 1,
+                      seed=0)
     out = Path(out)
     run_path, results_path = out / "run.h5", out / "run.results.h5"
     if not overwrite and any(p.exists() for p in (run_path, results_path, out / "report.html")):
@@ -46,8 +52,6 @@ def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool 
     t0 = time.perf_counter()
 
     status(f"[demo] training the reference MLP on digits for {steps} steps")
-    cfg = TrainConfig(model={"name": "mlp"}, data={"name": "digits"}, optimizer="sgd", lr=0.05, momentum=0.9,
-                      batch_size=64, steps=steps, checkpoint_every=max(1, steps // 6), seed=0)
     train(cfg, str(run_path), overwrite=overwrite)
     last = f"{steps}"
 
@@ -63,7 +67,13 @@ def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool 
                     max_examples=512), "all")
     probe(Surface(dims=2, xrange=(-1.0, 1.0, 21), yrange=(-1.0, 1.0, 21)), last, max_examples=512)
     probe(Interpolate(to_step=0, alphas=(-0.25, 1.25, 31), layerwise=True), last, max_examples=512)
-    probe(Trajectory(grid=15), last, max_examples=512)
+    with RunReader(run_path) as reader:
+        checkpoints = len(reader.steps())
+    if checkpoints >= 3:  # the trajectory's PCA plane needs three checkpoints
+        probe(Trajectory(grid=15), last, max_examples=512)
+    else:
+        status(f"[demo] no trajectory: the run has {checkpoints} checkpoints and its PCA plane needs 3 "
+               "(train for more --steps)")
     probe(NeuralCollapse(), "all")
     probe(Uniformity(), "all")
     status("[demo] tracking the top Hessian eigenspace across checkpoints")

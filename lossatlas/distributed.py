@@ -24,6 +24,7 @@ class Distributed:
 
     @property
     def active(self) -> bool:
+        """Whether more than one process takes part (collectives are no-ops otherwise)."""
         return self.world_size > 1
 
     def all_reduce_sum(self, array: np.ndarray) -> np.ndarray:
@@ -84,6 +85,7 @@ class Distributed:
         return box[0]
 
     def barrier(self) -> None:
+        """Wait until every rank reaches this call (nothing to wait for in a single process)."""
         if self.active:
             torch.distributed.barrier()
 

@@ -91,6 +91,8 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def step_from_name(path: str | Path, pattern: str | None = None) -> int:
     """The training step in a file name: the last integer in the stem, or ``pattern``'s first group."""
+    if pattern is not None and not pattern:
+        raise UserError("--step-pattern is empty; give a regex with one group around the step number, e.g. 'ckpt_(\\d+)'")
     stem = Path(path).name if pattern else Path(path).stem
     if pattern:
         try:
@@ -99,7 +101,11 @@ def step_from_name(path: str | Path, pattern: str | None = None) -> int:
             raise UserError(f"--step-pattern {pattern!r} is not a valid regular expression ({exc})") from None
         if not match or not match.groups():
             raise UserError(f"{path}: --step-pattern {pattern!r} does not match (it needs one group around the step number)")
-        return int(match.group(1))
+        found = match.group(1)
+        if found is None or not found.isdigit():
+            raise UserError(f"{path}: --step-pattern {pattern!r} gives {found!r} for the step, not a number; put the "
+                            "group around the digits only, e.g. 'ckpt_(\\d+)'")
+        return int(found)
     numbers = re.findall(r"\d+", stem)
     if not numbers:
         raise UserError(f"{path}: no step number in the file name; rename it (e.g. ckpt_1000.pt) or give --step-pattern")
@@ -128,6 +134,8 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
         raise UserError(f"{output}: another process is writing this run; stop it or write to another file")
     spec = models.normalize_spec(model_spec)
     dspec = models.normalize_spec(data_spec) if data_spec is not None else None
+    if dspec is not None:
+        models.check_builder(dspec, "data")  # a name no probe could build is refused now, not at every probe
     model = models.build_model(spec)
     param_names = {n for n, _ in model.named_parameters()}
     buffer_names = set(model.state_dict()) - param_names  # persistent buffers

@@ -1,7 +1,7 @@
 """A one-line PyTorch Lightning adapter for the Recorder (Lightning is imported lazily).
 
-    trainer = Trainer(callbacks=[lossatlas.lightning.RecorderCallback("run.h5", model_spec=...,
-                                                                      checkpoint_every=100)])
+Example:
+    trainer = Trainer(callbacks=[lossatlas.lightning.RecorderCallback("run.h5", model_spec=..., checkpoint_every=100)])
 """
 
 from __future__ import annotations

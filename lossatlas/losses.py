@@ -98,7 +98,7 @@ def data_loss(
         raise ValueError("the data holds no batches; give at least one (inputs, targets) batch")
     weights = batch_weights(name, batches) if weights is None else weights
     total: Tensor | float = 0.0
-    for (x, y), w in zip(batches, weights):
+    for (x, y), w in zip(batches, weights, strict=True):  # caller-given weights: one per batch
         out = forward(x)
         if on_outputs is not None:
             on_outputs(out, y)

@@ -49,6 +49,12 @@ class NormRing:
     ``push()`` after each optimizer step (a missing ``.grad`` counts as zero); ``drain()`` returns
     the norms of every pushed step not yet returned, rows in step order: [‖g_i‖, ‖w_i‖,
     ‖w_i − w_i,prev‖], with NaN updates for the first step (there is no previous weight).
+
+    Args:
+        params: the live parameter tensors, all on one device.
+        chunk: elements per chunk; each tensor is padded to whole chunks.
+        budget_bytes: memory for the gradient and weight rings (None: ``BUDGET_BYTES`` per device type).
+        max_depth: most steps buffered before a batched reduction.
     """
 
     def __init__(self, params: Sequence[Tensor], *, chunk: int = CHUNK, budget_bytes: int | None = None,

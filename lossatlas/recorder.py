@@ -43,7 +43,8 @@ def checkpoint_schedule(*, every: int | None = None, steps: Iterable[int] | None
     if log_spaced is not None:
         if not max_steps or max_steps < 1:
             raise ValueError("log-spaced checkpoints need max_steps (the last training step)")
-        pts = np.unique(np.round(np.logspace(0, math.log10(max_steps), int(log_spaced))).astype(int))
+        num = min(int(log_spaced), max_steps)  # more points than steps in [1, max_steps] would only repeat
+        pts = np.unique(np.round(np.logspace(0, math.log10(max_steps), num)).astype(int))
         return {0, *map(int, pts)}
     if every is None:
         return set()
@@ -85,7 +86,28 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
 
 
 class Recorder:
-    """Writes a lossatlas run file from a training loop: telemetry every step, checkpoints on a schedule."""
+    """Writes a lossatlas run file from a training loop: telemetry every step, checkpoints on a schedule.
+
+    Args:
+        path: the run file to create (refused if it exists, unless ``overwrite``).
+        model: the network being trained; its trainable parameters are logged and checkpointed.
+        optimizer: its learning rate is logged and its state checkpointed (None: neither).
+        model_spec: the JSON spec that rebuilds the model (``lossatlas.models``), stored in the file.
+        data_spec: the JSON spec that rebuilds the data set, stored in the file.
+        loss: the loss name (``lossatlas.losses``) the probes evaluate by default.
+        checkpoint_every: checkpoint every k steps.
+        checkpoint_steps: checkpoint at exactly these steps.
+        log_spaced: checkpoint at this many log-spaced steps in [1, ``max_steps``], plus step 0.
+        max_steps: the last training step (needed by ``log_spaced``).
+        telemetry: log the global and per-tensor gradient norm, weight norm and update ratio.
+        per_tensor: with ``telemetry``, also one column per parameter tensor.
+        save_optimizer_state: store the optimizer state in each checkpoint.
+        overwrite: replace an existing file at ``path``.
+        attrs: extra file attributes (JSON-able).
+        instability: also log the ``InstabilityMonitor`` statistics (attention and output logits,
+            activations, Adam second moments).
+        groups: the data-group names passed as ``group_losses`` to ``step`` (with ``instability``).
+    """
 
     def __init__(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  model_spec: Mapping | None = None, data_spec: Mapping | None = None, loss: str | None = None,

@@ -69,6 +69,9 @@ class TrainConfig:
         _integer(self, "batch_size", minimum=0, hint="0 means full-batch gradient descent")
         _integer(self, "checkpoint_every", minimum=1, optional=True, hint="leave it out for no periodic checkpoints")
         _integer(self, "log_spaced", minimum=1, optional=True)
+        if self.log_spaced is not None and self.log_spaced > self.steps + 1:
+            raise UserError(f"log_spaced (--log-spaced) asks for {self.log_spaced} checkpoints but a run of {self.steps} "
+                            f"steps has at most {self.steps + 1} (steps 0 … {self.steps}); ask for fewer")
         _number(self, "grad_clip", minimum=0.0, strict=True, optional=True, hint="leave it out for no clipping")
         _integer(self, "seed", minimum=0)
         if not isinstance(self.instability, bool):
@@ -106,7 +109,7 @@ def _integer(cfg: TrainConfig, name: str, *, minimum: int, optional: bool = Fals
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """lr at ``step`` (1-based) under the configured schedule (linear warm-up, then the schedule)."""
+    """The learning rate at ``step`` (1-based) under the configured schedule (linear warm-up, then the schedule)."""
     if cfg.warmup and step <= cfg.warmup:
         return cfg.lr * step / cfg.warmup
     if cfg.schedule in ("cosine", "warmup_cosine"):
@@ -118,6 +121,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """SGD with momentum, Adam or AdamW over ``params`` with the configured lr, betas and weight decay."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -137,6 +141,7 @@ def train(cfg: TrainConfig, output: str, *, overwrite: bool = False, recorder_kw
     x_all = torch.cat([x for x, _ in data])
     y_all = torch.cat([y for _, y in data])
     n = x_all.shape[0]
+    _check_model_fits(model, x_all, y_all, cfg)  # before the run file is made
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(cfg, model.parameters())
     z_loss = float(getattr(model, "z_loss", 0.0) or 0.0)
@@ -181,6 +186,30 @@ def train(cfg: TrainConfig, output: str, *, overwrite: bool = False, recorder_kw
                               "lower --lr, or add --grad-clip or --warmup; `lossatlas diagnose` shows what moved "
                               "first", NonFiniteWarning, stacklevel=2)
     return output
+
+
+def _check_model_fits(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> None:
+    """Refuse (UserError) a model that does not fit the data, before any file is written.
+
+    One forward pass and loss on two examples, in eval mode and without gradients.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch_loss(cfg.loss, model(x[:2]), y[:2])
+    except (ValueError, RuntimeError, IndexError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model {_compact(cfg.model)} does not fit the data {_compact(cfg.data)} "
+                        f"(loss {cfg.loss}): {msg}; fix --model (e.g. its input or output width) or --data") from None
+    finally:
+        model.train(was_training)
+
+
+def _compact(spec: Any) -> str:
+    import json
+
+    return json.dumps(spec, separators=(",", ":"), default=str)
 
 
 def _json(obj: Any) -> str:

@@ -167,6 +167,7 @@ class StoredSpec(dict):
 
     @property
     def factory(self) -> Any:
+        """The ``"factory"`` entry (``"pkg.module:fn"``), or None when the spec names none."""
         return self.get("factory")
 
     @property

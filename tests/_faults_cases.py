@@ -49,7 +49,19 @@ JOBS = 2  # concurrent children: the machine has 2 cores
 MEMORY_LIMIT = 8 * 2**30  # address space of a child: a runaway allocation fails there, not on the machine
 DAMAGE = r"damag|corrupt|truncat|checksum|integrity|unreadable|cannot open|not an HDF5|incomplete"
 DISK_FULL = r"(?i)disk|space|full|ENOSPC"
-PROBES = ("collapse", "hessian", "interpolate", "loss", "sharpness", "surface", "trajectory", "uniformity")
+
+
+def _registered_probes() -> tuple[str, ...]:
+    """Every probe the command line offers (each is a subcommand), or the known ones if lossatlas fails to import."""
+    try:
+        import lossatlas.probes.registry  # noqa: F401  (registers every probe)
+        from lossatlas.probes import PROBES as registered
+    except Exception:  # noqa: BLE001 - the tests then report the import error themselves
+        return ("collapse", "hessian", "interpolate", "loss", "sharpness", "surface", "trajectory", "uniformity")
+    return tuple(sorted(registered))
+
+
+PROBES = _registered_probes()
 SUBCOMMANDS = ("demo", "train", "import", "info", "diagnose", "track", "plot", "report", *PROBES)
 RUN_READERS = ("info", "diagnose", "track", "plot", "report", *PROBES)  # take a run file
 MODEL_BUILDERS = ("diagnose", "track", *PROBES)  # rebuild the run's model and data
@@ -715,7 +727,7 @@ BASE = {
     "track": (["track", "{run}"], {"--top-k": ["2"], "--max-examples": ["64"], "--steps": ["15,20"]}),
     "plot": (["plot", "{run}", "loss"], {"-o": ["fig.png"]}),
     "report": (["report", "{run}"], {"-o": ["report.html"]}),
-    **{p: ([p, "{run}"], PROBE_BASE[p]) for p in PROBES},
+    **{p: ([p, "{run}"], PROBE_BASE.get(p, {"--max-examples": ["64"]})) for p in PROBES},
 }
 SKIP = None  # a value whose right answer is arguable: not tried
 

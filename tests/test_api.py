@@ -18,10 +18,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS, TINY_MLP
 from torch.utils.data import DataLoader, TensorDataset
 
 import lossatlas
-from conftest import DIGITS, TINY_MLP
 from lossatlas import api
 from lossatlas._moved import MOVED, RENAMED
 from lossatlas.analysis.runner import RunOptions, load_batches, load_model, run_probe

@@ -13,15 +13,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS, TINY_MLP
 
+import lossatlas.probes.registry  # noqa: F401  (registers every probe)
 from lossatlas import models
 from lossatlas.cli import main
 from lossatlas.errors import NonFiniteError, UserError
 from lossatlas.probes import PROBES
-import lossatlas.probes.registry  # noqa: F401  (registers every probe)
 from lossatlas.store import RunWriter
-
-from conftest import DIGITS, TINY_MLP
 
 NAN_STEP, NAN_COUNT, NAN_TENSOR = 300, 12, "layers.0.weight"
 
@@ -140,6 +139,20 @@ def test_max_examples_refused_by_the_api():
         with pytest.raises(UserError, match="max_examples"):
             load_batches(DIGITS, max_examples=bad)
     assert sum(len(y) for _, y in load_batches(DIGITS, max_examples=7)) == 7
+
+
+@pytest.mark.parametrize("probe, setting, bad", [
+    ("collapse", "minority_threshold", math.nan), ("collapse", "minority_threshold", math.inf),
+    ("uniformity", "t", math.nan), ("uniformity", "alpha", math.inf), ("uniformity", "noise_std", math.nan),
+    ("uniformity", "seed", -1), ("trajectory", "margin", math.inf), ("trajectory", "final_step", -1),
+    ("sharpness", "seed", -1), ("surface", "seed", -1), ("surface", "x_step", -1), ("surface", "y_step", -1),
+    ("surface", "xrange", (-1.0, math.inf, 5)), ("interpolate", "alphas", (0.0, math.nan, 3)),
+])
+def test_probe_settings_refuse_nonfinite_and_negative_values(probe, setting, bad):
+    extra = {"to_step": 0} if probe == "interpolate" else {}
+    with pytest.raises(ValueError, match=setting if setting not in ("xrange", "alphas") else f"{setting}: min and max"):
+        PROBES[probe](**extra, **{setting: bad})
+    PROBES[probe](**extra)  # the defaults pass
 
 
 @pytest.mark.parametrize("device, match", [("banana", "unknown device 'banana'"), ("meta", "not supported")])

@@ -3,10 +3,9 @@ import json
 import h5py
 import pytest
 import torch
+from conftest import TINY_MLP
 
 from lossatlas.cli import main
-
-from conftest import TINY_MLP
 
 
 def run(capsys, *argv):
@@ -39,6 +38,34 @@ def test_probe_json_and_cache(tiny_run, capsys):
     assert data["steps"][0]["values"]["loss"] > data["steps"][-1]["values"]["loss"]
     code, out, _ = run(capsys, "loss", str(tiny_run), "--steps", "0:20:10", "--json")
     assert [s["status"] for s in json.loads(out)["steps"]] == ["cached"] * 3
+    results = data["results"]
+    code, out, _ = run(capsys, "info", results, "--json")  # a results file: its entries
+    summary = json.loads(out)
+    assert code == 0 and summary["kind"] == "results" and summary["entries"] == 3
+    assert [(r["probe"], r["steps"], r["partial"]) for r in summary["results"]] == [("loss", [0, 10, 20], 0)]
+    code, out, _ = run(capsys, "info", results)
+    assert code == 0 and "3 (1 probe settings)" in out and "steps 0 … 20 (3)" in out
+
+
+def test_no_subcommand_prints_usage_and_one_error_line(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and "usage: lossatlas" in out
+    assert "no subcommand given" in one_line_error(err)
+
+
+def test_a_refused_command_prints_no_warning_before_its_error(tiny_run, capsys, monkeypatch):
+    import warnings
+
+    from lossatlas.errors import UserError
+    from lossatlas.probes.loss import Loss
+
+    def warn_then_refuse(self, ctx):
+        warnings.warn("something odd", stacklevel=1)
+        raise UserError("refused")
+
+    monkeypatch.setattr(Loss, "run", warn_then_refuse)
+    code, _, err = run(capsys, "loss", str(tiny_run), "--force")
+    assert code == 2 and one_line_error(err) == "lossatlas: error: refused"
 
 
 @pytest.mark.parametrize("argv, match", [

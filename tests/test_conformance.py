@@ -10,8 +10,8 @@ import torch
 
 import lossatlas.probes.registry  # noqa: F401  (registers every probe)
 from lossatlas import models
-from lossatlas.probes import PROBES, ProbeContext
 from lossatlas.batches import as_batches
+from lossatlas.probes import PROBES, ProbeContext
 from lossatlas.store import ResultsStore
 
 # Fast settings per probe, and one bad setting each; a new probe must add itself here.
@@ -24,6 +24,10 @@ FAST = {
     "trajectory": {},
     "collapse": {},
     "uniformity": {},
+    "hessian_blocks": {"block_k": 2},
+    "hessian_ci": {"data_resamples": 2, "trace": True, "trace_matvecs": 12},
+    "adam_sharpness": {},
+    "batch_scan": {"batch_size_scan": (16, 32), "scan_batches": 2},
 }
 BAD = {
     "loss": {"mode": "sideways"},
@@ -34,6 +38,10 @@ BAD = {
     "trajectory": {"ignore": "nothing-at-all"},
     "collapse": {"nc1_variant": "magic"},
     "uniformity": {"t": -2.0},
+    "hessian_blocks": {"block_k": 0},
+    "hessian_ci": {"ci_level": 1.5},
+    "adam_sharpness": {"tol": -1.0},
+    "batch_scan": {"batch_size_scan": (0,)},
 }
 SPEC = {"name": "mlp", "kwargs": {"widths": [64, 12, 10]}}
 
@@ -56,9 +64,14 @@ def context_parts():
     return model, batches, states
 
 
-def _ctx(model, batches, states):
+def _ctx(model, batches, states, optimizer_state=None):
     return ProbeContext(model=model, data=batches, loss="cross_entropy", step=2, lr=0.1, steps=(0, 1, 2),
-                        state_at=lambda s: states[s])
+                        state_at=lambda s: states[s], optimizer_state=optimizer_state)
+
+
+def _adam_state(model):
+    """An Adam state after 3 steps, for a probe that reads one (its second moments are positive)."""
+    return {n: {"exp_avg_sq": p.detach() ** 2 + 1e-3, "step": torch.tensor(3.0)} for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("name", sorted(FAST))
@@ -74,8 +87,9 @@ def test_probe_conformance(name, context_parts, tmp_path):
     flags = [m.training for m in model.modules()]
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    first = probe.run(_ctx(model, batches, states))
-    second = probe.run(_ctx(model, batches, states))
+    optimizer_state = _adam_state(model) if cls.needs_optimizer_state else None
+    first = probe.run(_ctx(model, batches, states, optimizer_state))
+    second = probe.run(_ctx(model, batches, states, optimizer_state))
 
     # the user's model is untouched: parameters, buffers and every train/eval flag
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -87,7 +101,7 @@ def test_probe_conformance(name, context_parts, tmp_path):
     # dims agree with shapes; coords label existing axes
     for k, v in first.values.items():
         assert len(first.dims[k]) == np.ndim(v)
-    for c, arr in first.coords.items():
+    for c in first.coords:
         assert any(c in d for d in first.dims.values()), f"{name}: coord {c} labels no axis"
     # survives the results store
     with ResultsStore(tmp_path / "r.results.h5", run_fingerprint="f" * 16) as store:

@@ -22,7 +22,6 @@ import pytest
 import torch
 from torch import nn
 
-from lossatlas.errors import UserError
 from lossatlas.curvature import (
     AUTO_BATCHED_MIN_K,
     CURVATURES,
@@ -33,6 +32,7 @@ from lossatlas.curvature import (
     make_operator,
     parameter_blocks,
 )
+from lossatlas.errors import UserError
 
 import reference
 

@@ -235,8 +235,8 @@ def test_checkpoint_sharpness_is_the_cached_hessian_probe(tmp_path):
     from lossatlas.analysis.diagnose import checkpoint_sharpness
     from lossatlas.analysis.runner import RunOptions, load_batches, run_probe
     from lossatlas.batches import to_device
-    from lossatlas.probes.hessian import HessianProbe
     from lossatlas.losses import data_loss
+    from lossatlas.probes.hessian import HessianProbe
     from lossatlas.probes.paramdicts import flatten, unflatten
 
     spec, digits = {"name": "mlp", "kwargs": {"widths": [64, 4, 10]}}, {"name": "digits"}

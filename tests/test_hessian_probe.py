@@ -8,6 +8,7 @@ solved as the generalized problem H u = λ P u (Adam's preconditioned sharpness,
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -252,7 +253,8 @@ def test_preconditioned_sharpness_equals_dense_generalized_eigenvalue():
     spec = {"name": "Adam", "defaults": {"betas": [0.9, 0.99], "eps": 1e-6}}
     ctx = ProbeContext(model=model, data=[(x, y)], loss="cross_entropy", lr=0.01, optimizer_state=state, optimizer=spec)
     probe = HessianProbe(top_k=1, tol=1e-12, preconditioned=True)
-    assert probe.needs_optimizer_state
+    # the part that reads the optimizer state asks the runner for it; the spectrum itself does not
+    assert [p.needs_optimizer_state for p in probe.parts()] == [True] and not HessianProbe.needs_optimizer_state
     res = probe.run(ctx)
     H = dense_hessian(model, [(x, y)], "cross_entropy").numpy()
     t = 3
@@ -323,6 +325,7 @@ def test_deterministic_under_seed_and_config_hash():
 
 # ------------------------------------------------------------------------------------------------ runs
 def test_runner_end_to_end_and_store_round_trip(tiny_run):
+    from lossatlas.analysis.reporting import latest_results
     from lossatlas.analysis.runner import RunOptions, run_probe
     from lossatlas.store import ResultsStore
 
@@ -331,17 +334,53 @@ def test_runner_end_to_end_and_store_round_trip(tiny_run):
     report = run_probe(tiny_run, probe, RunOptions(steps="last", max_examples=256, dtype="float64"))
     (out,) = report.outcomes
     assert out.status == "computed" and out.result.meta["two_over_lr"] == pytest.approx(2 / 0.05)
+    assert out.statuses == {"hessian": "computed", "hessian_blocks": "computed"}
+    # the spectrum and the per-layer spectra are stored apart, each under its own key
     with ResultsStore(report.results_path, mode="r") as rs:
         back, info = rs.read("hessian", report.key, out.step)
-    assert info["status"] == "complete"
-    for name, arr in out.result.values.items():
-        np.testing.assert_array_equal(back.values[name], arr)
-        assert back.dims[name] == out.result.dims[name]
-    np.testing.assert_array_equal(back.coords["grid"], out.result.coords["grid"])
-    assert list(back.coords["block"]) == list(out.result.coords["block"])
-    assert back.meta["path"] == out.result.meta["path"] and back.meta["matvecs"] == out.result.meta["matvecs"]
+        blocks, _ = rs.read("hessian_blocks", report.keys["hessian_blocks"], out.step)
+        shown = latest_results(rs, "hessian")  # what `plot hessian` draws: the two merged again
+    assert info["status"] == "complete" and "block_top_eigenvalues" not in back.values
+    assert set(blocks.values) == {"block_top_eigenvalues"}
+    (drawn,) = shown
+    for merged in (HessianProbe.merge(back, [blocks]), drawn):
+        assert merged.values.keys() == out.result.values.keys() and merged.config == out.result.config
+        for name, arr in out.result.values.items():
+            np.testing.assert_array_equal(merged.values[name], arr)
+            assert merged.dims[name] == out.result.dims[name]
+        np.testing.assert_array_equal(merged.coords["grid"], out.result.coords["grid"])
+        assert list(merged.coords["block"]) == list(out.result.coords["block"])
+        assert merged.meta["path"] == out.result.meta["path"] and merged.meta["matvecs"] == out.result.meta["matvecs"]
     again = run_probe(tiny_run, probe, RunOptions(steps="last", max_examples=256, dtype="float64"))
-    assert again.outcomes[0].status == "cached"
+    assert again.outcomes[0].status == "cached" and set(again.outcomes[0].statuses.values()) == {"cached"}
+
+
+def test_a_changed_part_setting_recomputes_that_part_only(tiny_run, tmp_path, monkeypatch, capsys):
+    from lossatlas.analysis.runner import RunOptions, run_probe
+    from lossatlas.cli import main
+
+    results = tmp_path / "r.results.h5"
+    options = RunOptions(steps="last", max_examples=128, dtype="float64", results_path=results)
+    first = run_probe(tiny_run, HessianProbe(top_k=2, batch_size_scan=(16, 32), scan_batches=2), options)
+    assert first.outcomes[0].statuses == {"hessian": "computed", "batch_scan": "computed"}
+
+    def recomputed(self, ctx):
+        raise AssertionError("the cached top-k was recomputed")
+
+    monkeypatch.setattr(HessianProbe, "run_own", recomputed)
+    second = run_probe(tiny_run, HessianProbe(top_k=2, batch_size_scan=(16, 64), scan_batches=2), options)
+    (out,) = second.outcomes
+    assert out.statuses == {"hessian": "cached", "batch_scan": "computed"} and out.status == "computed"
+    assert second.key == first.key and second.keys["batch_scan"] != first.keys["batch_scan"]
+    np.testing.assert_array_equal(out.result.values["top_eigenvalues"], first.results[0].values["top_eigenvalues"])
+    assert list(out.result.values["batch_sizes"]) == [16, 64] and out.result.config["batch_size_scan"] == [16, 64]
+    # the plain spectrum, and the part on its own subcommand, find what the composite stored
+    assert run_probe(tiny_run, HessianProbe(top_k=2), options).outcomes[0].status == "cached"
+    argv = ["batch_scan", str(tiny_run), "--steps", "last", "--max-examples", "128", "--dtype", "float64",
+            "--batch-size-scan", "16", "64", "--scan-batches", "2", "--results", str(results), "--json"]
+    assert main(argv) == 0
+    (step,) = json.loads(capsys.readouterr().out)["steps"]
+    assert step["status"] == "cached" and step["arrays"]["batch_lambda_max_mean"] == [2]
 
 
 def test_tracking_warm_start_saves_matvecs_and_overlaps_in_unit_interval(tiny_run):

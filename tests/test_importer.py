@@ -2,14 +2,13 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_MLP
 from safetensors.torch import save_file
 
 from lossatlas import models
 from lossatlas.errors import UserError
 from lossatlas.importer import import_checkpoints, load_state_dict, step_from_name
 from lossatlas.store import RunReader
-
-from conftest import TINY_MLP
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS
 
 from lossatlas import models
 from lossatlas.cli import main
@@ -26,8 +27,6 @@ from lossatlas.errors import UserError
 from lossatlas.importer import import_checkpoints
 from lossatlas.probes.base import Result
 from lossatlas.store import ResultsStore, RunReader, RunWriter, default_results_path
-
-from conftest import DIGITS
 
 MODEL = {"name": "mlp", "kwargs": {"widths": [64, 96, 10]}}  # 7210 parameters: tensor chunks fill most of the file
 STEPS = [0, 5, 10, 15, 20, 25]

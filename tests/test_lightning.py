@@ -4,11 +4,10 @@ import sys
 import types
 
 import torch
+from conftest import TINY_MLP
 
 from lossatlas import models
 from lossatlas.store import RunReader
-
-from conftest import TINY_MLP
 
 
 def test_callback_records_steps_and_checkpoints(tmp_path, monkeypatch):

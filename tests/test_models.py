@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from lossatlas.batches import as_batches
 from lossatlas.errors import UserError
+from lossatlas.losses import batch_loss
 from lossatlas.models import (
     DATASETS,
     MODELS,
@@ -31,8 +33,6 @@ from lossatlas.models import (
     spec_fingerprint,
 )
 from lossatlas.models.datasets import markov_transitions, mixture_means
-from lossatlas.batches import as_batches
-from lossatlas.losses import batch_loss
 
 # Every registered model with data its defaults fit (a new model must be added here).
 MATCHING_DATA = {
@@ -275,7 +275,7 @@ def test_gpt_qk_layernorm_adds_layernorms_and_makes_logits_scale_free():
     for model, ratio in ((plain, 100.0), (normed, 1.0)):
         params = {k: p.detach() for k, p in model.named_parameters()}
 
-        def scaled(c):
+        def scaled(c, params=params):
             return {k: (c * p if ".attn.q_proj." in k or ".attn.k_proj." in k else p) for k, p in params.items()}
 
         # q and k both ×10 more: plain logits ×100; LayerNormed q, k are scale-invariant (scales ≥ 10

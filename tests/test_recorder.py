@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS, TINY_MLP
 
 from lossatlas import models
 from lossatlas.recorder import Recorder, checkpoint_schedule
 from lossatlas.store import RunReader
-
-from conftest import DIGITS, TINY_MLP
 
 
 def _train(path, steps=12, **kw):

@@ -95,3 +95,35 @@ def test_partial_result_resumes_same_config(tiny_run, monkeypatch):
     out = report.outcomes[0]
     assert out.status == "resumed" and out.result.meta["resumed"] is True
     np.testing.assert_array_equal(out.result.values["vals"], np.arange(6.0) ** 2)
+
+
+def test_a_refused_run_leaves_no_results_file(tiny_run):
+    import h5py
+
+    from lossatlas.errors import UserError
+
+    with pytest.raises(UserError, match="unknown model 'nonexistent'"):
+        run_probe(tiny_run, Loss(), RunOptions(steps="last", model={"name": "nonexistent"}))
+    nospec = tiny_run.with_name("nospec.h5")
+    nospec.write_bytes(tiny_run.read_bytes())
+    with h5py.File(nospec, "r+") as f:
+        f.attrs["model"] = "null"
+    with pytest.raises(UserError, match="the run has no model spec; pass one with --model"):
+        run_probe(nospec, Loss(), RunOptions(steps="last"))
+    assert sorted(p.name for p in tiny_run.parent.iterdir()) == ["nospec.h5", "run.h5"]  # no results, lock or temp
+
+
+def test_model_override_is_checked_and_decides_the_cache(tiny_run):
+    from lossatlas.errors import UserError
+
+    first = run_probe(tiny_run, Loss(), RunOptions(steps="last"))
+    assert [o.status for o in first.outcomes] == ["computed"]
+    same = {"name": "mlp", "kwargs": {"widths": [64, 16, 10]}}  # the run's own spec, written out
+    assert [o.status for o in run_probe(tiny_run, Loss(), RunOptions(steps="last", model=same)).outcomes] == ["cached"]
+    with pytest.raises(UserError, match="does not match the stored tensors"):  # refused although a result is stored
+        run_probe(tiny_run, Loss(), RunOptions(steps="last", model={"name": "mlp", "kwargs": {"widths": [64, 32, 10]}}))
+    reseeded = {**same, "seed": 7}  # loads the same checkpoint, but it is another spec: not the stored result's
+    other = run_probe(tiny_run, Loss(), RunOptions(steps="last", model=reseeded))
+    assert [o.status for o in other.outcomes] == ["recomputed"]
+    assert other.results[0].scalar("loss") == first.results[0].scalar("loss")
+    assert [o.status for o in run_probe(tiny_run, Loss(), RunOptions(steps="last", model=reseeded)).outcomes] == ["cached"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lossatlas.curvature import HessianOperator, GGNOperator
+from lossatlas.curvature import GGNOperator, HessianOperator
 from lossatlas.estimators import lanczos_eigs
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from lossatlas.probes.base import ProbeContext, get_probe
 from lossatlas.losses import per_example_loss
+from lossatlas.probes.base import ProbeContext, get_probe
 from lossatlas.probes.sharpness import (
     MEASURES,
     DataObjective,
@@ -271,7 +271,7 @@ def test_fisher_rao_closed_form_bias_free_relu(loss):
     for x, y in batches:
         out = torch.func.functional_call(model, params, (x,))
         # Euler: ⟨θ, ∇θ f⟩ = (L+1) f
-        _, jv = torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x,)), (params,), (params,))
+        _, jv = torch.func.jvp(lambda p, x=x: torch.func.functional_call(model, p, (x,)), (params,), (params,))
         assert torch.allclose(jv, (num_hidden + 1) * out, rtol=1e-12, atol=1e-12)
         leaf = out.detach().requires_grad_(True)
         dl = torch.autograd.grad(per_example_loss(loss, leaf, y).sum(), leaf)[0]

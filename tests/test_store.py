@@ -18,8 +18,15 @@ import torch
 
 from lossatlas.errors import UserError
 from lossatlas.probes.base import Result
-from lossatlas.store import (FORMAT_VERSION, ResultsStore, RunReader, RunWriter, default_results_path,
-                             file_kind, open_run)
+from lossatlas.store import (
+    FORMAT_VERSION,
+    ResultsStore,
+    RunReader,
+    RunWriter,
+    default_results_path,
+    file_kind,
+    open_run,
+)
 
 CHILD = Path(__file__).with_name("_store_writer_child.py")
 sys.path.insert(0, str(CHILD.parent))
@@ -296,8 +303,13 @@ def test_refusals(tmp_path: Path, run_path: Path) -> None:
     with pytest.raises(UserError, match=r"newer lossatlas \(format_version 2, this one reads 1\); upgrade"):
         RunReader(run_path)
     results = tmp_path / "run.results.h5"
-    ResultsStore(results, run_fingerprint="abc")
+    store = ResultsStore(results, run_fingerprint="abc")
+    assert not results.exists() and store.entries() == [] and store.read("loss", "k", 0) is None  # made by a write
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run.results")] == []  # no lock left either
+    store.write(Result(probe="loss", config={}, step=0, values={"loss": np.float64(1.0)}), key="k")
     assert file_kind(results) == "results"
+    with pytest.raises(UserError, match="holds results of another run"):
+        ResultsStore(results, run_fingerprint="xyz")
     with pytest.raises(UserError, match="a lossatlas results file, not a run file"):
         RunReader(results)
     with pytest.raises(UserError, match="already exists"):
@@ -378,3 +390,19 @@ def test_results_overwrite_entries_latest_and_refusals(tmp_path: Path) -> None:
         store.write(bad, key="k")
     with pytest.raises(ValueError, match="opened read-only"):
         ResultsStore(path, mode="r").write(scalar, key="h1")
+
+
+def test_opening_a_results_file_to_write_removes_dead_temporaries(tmp_path: Path) -> None:
+    path = tmp_path / "run.results.h5"
+    ResultsStore(path, run_fingerprint="fp").write(Result(probe="loss", config={}, step=0,
+                                                          values={"loss": np.float64(1.0)}), key="k")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid is now a dead writer's
+    dead = path.with_name(f".{path.name}.tmp-{child.pid}")
+    live = path.with_name(f".{path.name}.tmp-{os.getppid()}")  # a live process's temporary is its own
+    for temp in (dead, live):
+        temp.write_bytes(b"half a file")
+    ResultsStore(path, mode="r").entries()
+    assert dead.exists()  # a reader never deletes
+    ResultsStore(path, run_fingerprint="fp")  # a writer that then finds everything cached writes nothing
+    assert not dead.exists() and live.exists()

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
+from conftest import DIGITS, TINY_MLP
 
 from lossatlas import models, trust
 from lossatlas.analysis.diagnose import checkpoint_sharpness
@@ -21,8 +22,6 @@ from lossatlas.cli import main
 from lossatlas.errors import UserError
 from lossatlas.probes.loss import Loss
 from lossatlas.store import RunReader, RunWriter
-
-from conftest import DIGITS, TINY_MLP
 
 CKPTS = (250, 350)  # around the planted loss spike at step 300, so diagnose rebuilds the model
 FAST = ["--max-examples", "64"]

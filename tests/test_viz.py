@@ -83,7 +83,7 @@ def run_with_results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stored(run_with_results):
     """{kind: Results of the newest config, over steps} and the run log."""
-    from lossatlas.analysis.reporting import latest_results, _results_store
+    from lossatlas.analysis.reporting import _results_store, latest_results
     from lossatlas.store import RunReader
     from lossatlas.viz import KINDS
 
@@ -133,6 +133,7 @@ def test_viz_never_imports_torch_or_h5py():
 
 def test_paper_style_uses_okabe_ito_and_leaves_rcparams_alone():
     import matplotlib
+
     from lossatlas.viz import OKABE_ITO, paper_style
 
     before = matplotlib.rcParams["axes.prop_cycle"]

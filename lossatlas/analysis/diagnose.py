@@ -156,8 +156,10 @@ class Diagnosis:
     summary: str
 
     def to_dict(self) -> dict:
-        """A strict-JSON dict: NaN and ±inf become None, and ``"nonfinite"`` maps the JSON Pointer of each
-        to "nan", "inf" or "-inf" (``lossatlas.finite.strict``)."""
+        """A strict-JSON dict: NaN and ±inf become None.
+
+        ``"nonfinite"`` maps the JSON Pointer of each to "nan", "inf" or "-inf" (``lossatlas.finite.strict``).
+        """
         clean, found = strict(asdict(self))
         clean["nonfinite"] = found
         return clean

@@ -99,7 +99,8 @@ def eos_phases(steps: Sequence[int], sharpness: Sequence[float], lr: float | Seq
         steps: measurement steps, strictly increasing.
         sharpness: λ_max at those steps (for Adam: the preconditioned λ₁(P⁻¹H)).
         lr: the learning rate, one number or one per step.
-        optimizer, beta: see ``stability_threshold``.
+        optimizer: the optimizer whose stability threshold applies (see ``stability_threshold``).
+        beta: its momentum β (Adam's β₁); ignored for ``"gd"``.
         band: the ratio counted as "at the edge" (0 < band ≤ 1).
         sustain: consecutive measurements needed for the onset.
         rise: minimal relative increase of S for progressive sharpening.

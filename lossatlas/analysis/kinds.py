@@ -17,8 +17,10 @@ OTHER = "other"
 
 
 def plot_kinds() -> tuple[str, ...]:
-    """The kinds ``lossatlas plot`` draws: "training", then each registered probe with a figure, in report-section
-    order (registration order within a section)."""
+    """The kinds ``lossatlas plot`` draws: "training", then each registered probe with a figure.
+
+    The probes come in report-section order (registration order within a section).
+    """
     order = {name: i for i, name in enumerate(SECTIONS)}
     drawn = [cls for cls in PROBES.values() if cls.figure is not None]
     return (TRAINING, *(cls.name for cls in sorted(drawn, key=lambda c: order.get(c.section, len(order)))))

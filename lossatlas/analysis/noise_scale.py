@@ -1,5 +1,6 @@
-"""Gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish, Kaplan, Amodei et al. 2018,
-"An empirical model of large-batch training", arXiv 1812.06162).
+"""Gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish, Kaplan, Amodei et al. 2018).
+
+The paper is "An empirical model of large-batch training", arXiv 1812.06162.
 
 G is the true (data-set mean) gradient and Σ the per-example gradient covariance, so that
 E|G_B|² = |G|² + tr(Σ)/B for a batch mean gradient G_B. Two estimators:
@@ -65,8 +66,10 @@ def noise_scale_from_norms(sq_norm_small: Any, sq_norm_big: Any, b_small: int, b
     """B_simple from paired squared norms of small- and big-batch gradients.
 
     Args:
-        sq_norm_small, sq_norm_big: |G_Bsmall|² and |G_Bbig|² per measurement (same length).
-        b_small, b_big: the two batch sizes (e.g. per-device and global batch).
+        sq_norm_small: |G_Bsmall|² per measurement.
+        sq_norm_big: |G_Bbig|² per measurement (as many as ``sq_norm_small``).
+        b_small: the small batch size (e.g. the per-device batch).
+        b_big: the big batch size (e.g. the global batch).
         ema: None averages all measurements; α in (0, 1) uses the debiased exponential moving
             averages of |G|² and tr Σ with that decay (their last values), as in training loops.
     """

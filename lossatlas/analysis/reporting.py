@@ -1,5 +1,8 @@
-"""The ``plot`` and ``report`` commands: read a run and its results file (through lossatlas.store) and draw them
-with lossatlas.viz. The CLI calls ``plot_command`` and ``report_command``; both raise UserError on bad input."""
+"""The ``plot`` and ``report`` commands: read a run and its results file and draw them.
+
+Files are read through lossatlas.store and drawn with lossatlas.viz. The CLI calls ``plot_command`` and
+``report_command``; both raise UserError on bad input.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import numpy as np
 
 from lossatlas import store
 from lossatlas.analysis import kinds
+from lossatlas.analysis.parts import parts_of, with_parts
 from lossatlas.analysis.runner import default_results_path
 from lossatlas.errors import UserError
 from lossatlas.viz import figures as vizfig
@@ -30,13 +34,18 @@ def _open_run(run_path: str | Path) -> store.RunReader:
     return store.RunReader(run_path)
 
 
-def _results_store(run_path: Path, results_path: str | Path | None) -> store.ResultsStore | None:
+def _results_store(run_path: Path, results_path: str | Path | None,
+                   reader: store.RunReader | None = None) -> store.ResultsStore | None:
+    """The run's results file (None if there is none at the default path).
+
+    Given the run's ``reader``, a results file recorded for another run is refused.
+    """
     path = Path(results_path) if results_path is not None else default_results_path(run_path)
     if not path.exists():
         if results_path is not None:
             raise UserError(f"{path}: no such results file; check --results or run a probe first")
         return None
-    return store.ResultsStore(path, mode="r")
+    return store.ResultsStore(path, mode="r", run_fingerprint=reader.fingerprint() if reader is not None else None)
 
 
 def results_by_config(results: store.ResultsStore, probe: str | None = None) -> dict[tuple[str, str], list]:
@@ -57,6 +66,9 @@ def latest_results(results: store.ResultsStore | None, probe: str) -> list:
     if results is None:
         return []
     groups = results_by_config(results, probe)
+    for part in parts_of(probe):  # shown with it, merged step by step (lossatlas.analysis.parts)
+        groups.update(results_by_config(results, part))
+    groups = {g: found for g, found in with_parts(groups).items() if g[0] == probe}
     if not groups:
         return []
     first = next(iter(groups.values()))
@@ -107,8 +119,10 @@ def _write_atomically(output: Path, write) -> Path:
 # -- plot ---------------------------------------------------------------------------------------------------------
 def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, output: str | Path,
                  overwrite: bool = False, results_path: str | Path | None = None) -> Path:
-    """Draw ``kind`` ("training" or a probe name) of a run to ``output`` (.pdf/.png/.svg via matplotlib, .html
-    via plotly, self-contained). Returns the written path."""
+    """Draw ``kind`` ("training" or a probe name) of a run to ``output``; returns the written path.
+
+    The suffix picks the format: .pdf/.png/.svg via matplotlib, .html via plotly (self-contained).
+    """
     try:
         kinds.check_kind(kind)
     except ValueError as exc:
@@ -123,7 +137,7 @@ def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, ou
             raise UserError(f"{run_path}: the run has no per-step log to plot; record one with lossatlas.Recorder "
                             "(`lossatlas train` does)")
     else:
-        results = latest_results(_results_store(run_path, results_path), kind)
+        results = latest_results(_results_store(run_path, results_path, reader), kind)
         if not results:
             cmd = kinds.command_of(kind).replace("RUN", str(run_path))
             raise UserError(f"no {kind!r} result stored for {run_path} yet; compute it with `{cmd}`")
@@ -209,8 +223,11 @@ def _diagnosis_item(reader) -> ReportItem:
 
 def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool = False,
                    results_path: str | Path | None = None) -> Path:
-    """Write ONE self-contained, offline HTML report of a run: overview (specs, training curves, telemetry) and
-    every stored result with its figures and config, in sections. Returns the written path."""
+    """Write ONE self-contained, offline HTML report of a run; returns the written path.
+
+    The report holds an overview (specs, training curves, telemetry) and every stored result with its figures and
+    config, in sections.
+    """
     output = _check_output(output, overwrite, (".html",), run_path, results_path)
     run_path = Path(run_path)
     reader = _open_run(run_path)
@@ -230,9 +247,9 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
     else:
         overview.items.append(ReportItem(title="Training curves", subtitle="the run has no per-step log"))
     lr = _lr_series(reader) if log["step"].size else None
-    results = _results_store(run_path, results_path)
+    results = _results_store(run_path, results_path, reader)
     if results is not None:
-        for (probe, key), found in results_by_config(results).items():
+        for (probe, key), found in with_parts(results_by_config(results)).items():
             found = [(f, e) for f, e in found if f is not None]
             if not found:
                 continue

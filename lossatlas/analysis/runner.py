@@ -9,6 +9,7 @@ partial one is handed back to the probe (``ctx.partial``) to resume.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -120,26 +121,38 @@ class RunOptions:
 
 @dataclass
 class StepOutcome:
+    """What ``run_probe`` did at one checkpoint, and the Result there."""
+
     step: int
-    status: str  # "computed" | "cached" | "resumed" | "recomputed"
-    result: Result
+    status: str  # "computed" | "cached" | "resumed" | "recomputed" ("cached": the probe and all its parts were)
+    result: Result  # with its parts' Results merged in (Probe.merge)
     elapsed_s: float = 0.0
+    statuses: dict[str, str] = field(default_factory=dict)  # the probe's and each part's own status, by name
+    fresh: list[tuple[str, Result, float]] = field(default_factory=list, repr=False)  # (key, Result, s) to store
 
 
 @dataclass
 class RunReport:
+    """Every checkpoint's outcome of one ``run_probe`` call, and where the results are stored."""
+
     probe: str
     key: str
     results_path: Path
     outcomes: list[StepOutcome] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # the results-file key of the probe and of each part
 
     @property
     def results(self) -> list[Result]:
+        """The Result of every checkpoint, in step order."""
         return [o.result for o in self.outcomes]
 
 
 def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = None) -> RunReport:
     """Apply ``probe`` to the selected checkpoints of ``run_path`` and store each Result.
+
+    A probe with parts (``Probe.parts``) stores its own Result and each part's under their own names and
+    keys, and reuses each one that is stored: a changed part setting recomputes that part only. Each
+    outcome holds the merged Result (``Probe.merge``) and every part's status.
 
     Under ``torchrun`` every rank runs this; rank 0 alone reads and writes the results file and
     tells the other ranks what it found. A probe that splits its own work (``splits_work``: grid
@@ -159,21 +172,22 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
             raise UserError(f"{run_path}: unknown loss {loss!r} in the run; supported: {', '.join(LOSSES)}")
         batches = load_batches(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
                                trust_factory=options.trust_factory)
-        data_fp = fingerprint(batches)
+        # a result is reused for the same data and the same model spec: an override's fingerprint joins the data's
+        data_fp = fingerprint(batches) + model_override_fingerprint(reader, options, steps)
         batches = to_device(batches, options.device, dtype)
-        key = probe.config_hash()
+        units = (probe, *probe.parts())
+        keys = [u.config_hash() for u in units]
         results_path = Path(options.results_path) if options.results_path else default_results_path(run_path)
-        report = RunReport(probe=probe.name, key=key, results_path=results_path)
+        report = RunReport(probe=probe.name, key=keys[0], results_path=results_path,
+                           keys={u.name: k for u, k in zip(units, keys)})
         results = store.ResultsStore(results_path, run_fingerprint=reader.fingerprint()) if dist.rank == 0 else None
-        job = _StepJob(reader, results, probe, key, batches, data_fp, loss, dtype, options, dist)
+        job = _StepJob(reader, results, probe, units, keys, batches, data_fp, loss, dtype, options, dist)
         try:
             found = dist.broadcast({s: job.lookup(s) for s in steps} if results is not None else None)
-            pending = [s for s in steps if not _is_cached(found[s], data_fp)]
-            cached = {s: StepOutcome(s, "cached", found[s][0]) for s in steps if s not in pending}
-            for s in cached:
-                _say(options, f"{probe.name} step {s}: cached")
+            pending = [s for s in steps if not all(_is_cached(f, data_fp) for f in found[s])]
+            cached = {s: job.cached(s, found[s]) for s in steps if s not in pending}
             computed: dict[int, StepOutcome] = {}
-            if not dist.active or getattr(probe, "splits_work", False):
+            if not dist.active or probe.splits_work:
                 for s in pending:
                     computed[s] = job.compute(s, found[s], dist)
                     job.store(computed[s])
@@ -195,18 +209,47 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
     return report
 
 
+def model_override_fingerprint(reader: "store.RunReader", options: RunOptions, steps: Sequence[int]) -> str:
+    """Check the model spec before the results file is consulted; ``"+model:<fingerprint>"`` of an override.
+
+    A missing or malformed spec is refused; an override (``options.model``) other than the run's own spec must
+    also build and load the first selected checkpoint, so a bad one is refused even when results are stored.
+    Returns "" for the run's own spec.
+    """
+    spec = options.model if options.model is not None else reader.model_spec
+    if spec is None:
+        raise UserError(f"{reader.path}: the run has no model spec; pass one with --model SPEC")
+    canon = models.normalize_spec(spec)
+    if options.model is None:
+        return ""
+    try:
+        if reader.model_spec is not None and models.normalize_spec(reader.model_spec) == canon:
+            return ""
+    except UserError:  # the run's own spec is malformed: the override replaces it
+        pass
+    if steps:
+        model = models.build_model(canon, trust_factory=options.trust_factory)
+        load_state(model, checkpoint_state(reader, steps[0], allow_nonfinite=True),
+                   source=f"{reader.path} step {steps[0]}")
+    return f"+model:{models.spec_fingerprint(canon)}"
+
+
 def _is_cached(found, data_fp: str) -> bool:
     return found is not None and found[1].get("data_fingerprint") == data_fp and found[1].get("status") == "complete"
 
 
 @dataclass
 class _StepJob:
-    """What every step of one ``run_probe`` call shares: the run, the store, the probe and the data."""
+    """What every step of one ``run_probe`` call shares: the run, the store, the probe and the data.
+
+    ``units`` are the probe and its parts (the probe first), ``keys`` their results-file keys.
+    """
 
     reader: Any
     results: Any
     probe: Probe
-    key: str
+    units: tuple[Probe, ...]
+    keys: list[str]
     batches: list
     data_fp: str
     loss: str
@@ -214,46 +257,75 @@ class _StepJob:
     options: RunOptions
     dist: Distributed
 
-    def lookup(self, step: int):
-        return None if self.options.force else self.results.read(self.probe.name, self.key, step)
+    def lookup(self, step: int) -> list:
+        """What the store holds for each unit at ``step`` (None for each under ``force``)."""
+        if self.options.force:
+            return [None] * len(self.units)
+        return [self.results.read(u.name, key, step) for u, key in zip(self.units, self.keys)]
 
-    def compute(self, step: int, found, dist: Distributed) -> StepOutcome:
-        partial, status = None, "computed"
-        if found is not None:
-            result, info = found
-            if info.get("data_fingerprint") == self.data_fp and info.get("status") == "partial":
-                partial, status = result, "resumed"
-            else:
-                status = "recomputed"
+    def cached(self, step: int, found: list) -> StepOutcome:
+        for u in self.units:
+            _say(self.options, f"{u.name} step {step}: cached")
+        merged = self.probe.merge(found[0][0], [f[0] for f in found[1:]])
+        return StepOutcome(step, "cached", merged, statuses={u.name: "cached" for u in self.units})
+
+    def compute(self, step: int, found: list, dist: Distributed) -> StepOutcome:
+        """Compute every unit not stored complete for this data at ``step``; the others come from the store."""
+        todo = [i for i, f in enumerate(found) if not _is_cached(f, self.data_fp)]
         reader, options = self.reader, self.options
         model = load_model(reader, step, dtype=self.dtype, device=options.device,
                            trust_factory=options.trust_factory, model_spec=options.model,
                            allow_nonfinite=options.allow_nonfinite)
         attrs = reader.checkpoint_attrs(step)
         optimizer_state = None
-        if getattr(self.probe, "needs_optimizer_state", False):
+        if any(self.units[i].needs_optimizer_state for i in todo):
             optimizer_state = reader.checkpoint(step, optimizer_state=True).optimizer_state
-
-        def save_partial(res: Result) -> None:
-            if self.results is not None and not self.dist.active:  # under torchrun no rank holds the whole picture
-                self.results.write(res, key=self.key, status="partial", data_fingerprint=self.data_fp)
-
-        ctx = ProbeContext(
+        base = ProbeContext(
             model=model, data=self.batches, loss=self.loss, step=step,
             lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
-            device=torch.device(options.device), dtype=self.dtype, partial=partial, save_partial=save_partial,
-            steps=tuple(reader.steps()), dist=dist,
+            device=torch.device(options.device), dtype=self.dtype, steps=tuple(reader.steps()), dist=dist,
             state_at=lambda s: checkpoint_state(reader, s, allow_nonfinite=options.allow_nonfinite),
         )
-        _say(options, f"{self.probe.name} step {step}: {status}")
+        results = [f[0] if f is not None else None for f in found]
+        statuses = {u.name: "cached" for u in self.units}
+        for i, u in enumerate(self.units):
+            if i not in todo:
+                _say(options, f"{u.name} step {step}: cached")
+        fresh: list[tuple[str, Result, float]] = []
         start = time.perf_counter()
-        result = self.probe.run(ctx)
-        return StepOutcome(step, status, result, time.perf_counter() - start)
+        for i in todo:
+            unit, key = self.units[i], self.keys[i]
+            partial, status = None, "computed"
+            if found[i] is not None:
+                stored, info = found[i]
+                if info.get("data_fingerprint") == self.data_fp and info.get("status") == "partial":
+                    partial, status = stored, "resumed"
+                else:
+                    status = "recomputed"
+            ctx = dataclasses.replace(base, partial=partial, save_partial=self._partial_saver(key))
+            _say(options, f"{unit.name} step {step}: {status}")
+            t0 = time.perf_counter()
+            results[i] = unit.run_own(ctx)
+            fresh.append((key, results[i], time.perf_counter() - t0))
+            statuses[unit.name] = status
+        own = statuses[self.probe.name]
+        overall = own if own != "cached" else next(s for s in statuses.values() if s != "cached")
+        merged = self.probe.merge(results[0], results[1:])
+        return StepOutcome(step, overall, merged, time.perf_counter() - start, statuses, fresh)
+
+    def _partial_saver(self, key: str):
+        def save_partial(res: Result) -> None:
+            if self.results is not None and not self.dist.active:  # under torchrun no rank holds the whole picture
+                self.results.write(res, key=key, status="partial", data_fingerprint=self.data_fp)
+
+        return save_partial
 
     def store(self, outcome: StepOutcome) -> None:
+        """Write every Result computed for ``outcome`` under its own key (all of a step's, after all are done)."""
         if self.results is not None:
-            self.results.write(outcome.result, key=self.key, status="complete", data_fingerprint=self.data_fp,
-                               elapsed_s=outcome.elapsed_s)
+            for key, result, elapsed in outcome.fresh:
+                self.results.write(result, key=key, status="complete", data_fingerprint=self.data_fp,
+                                   elapsed_s=elapsed)
 
 
 def distributed_from_env() -> Distributed:

@@ -156,7 +156,7 @@ def detect_spikes(
         return float(np.exp(v)) if scale == "log" else float(v)
 
     spikes: list[Spike] = []
-    hist = _History(window)
+    hist = _History(min(window, max(n, 1)))  # a window longer than the curve holds all of it, never wraps
     current: dict | None = None  # the open spike; its baseline line is frozen meanwhile
     line = (0.0, 0.0, 0.0)  # (level at position c, slope, c)
     sig = 0.0
@@ -264,8 +264,9 @@ def _close(cur: dict, s: np.ndarray, x: np.ndarray, y: np.ndarray, rec: int | No
 
 def llm_foundry_spikes(loss: Sequence[float], *, window: int = 100, outlier_multiplier: float = 2.0,
                        patience: int = 4) -> list[int]:
-    """Indices where llm-foundry's ``KillLossSpike`` callback would fire (mosaicml/llm-foundry, defaults window 100,
-    outlier_multiplier 2, patience 4).
+    """Indices where llm-foundry's ``KillLossSpike`` callback would fire (mosaicml/llm-foundry).
+
+    Its defaults: window 100, outlier_multiplier 2, patience 4.
 
     Once ``window`` losses are held, a loss ≥ multiplier·mean(window) is an outlier; the rule fires
     when more than ``patience`` consecutive outliers occur (outliers still enter the window).
@@ -285,9 +286,11 @@ def llm_foundry_spikes(loss: Sequence[float], *, window: int = 100, outlier_mult
 
 
 def megatron_spikes(loss: Sequence[float], *, num_samples: int = 100, threshold: float = 10.0) -> list[int]:
-    """Indices Megatron-LM's rerun machine flags as "spiky loss": |ℓ| ≥ threshold·max|ℓ| of the first
-    ``num_samples`` values (megatron/core/rerun_state_machine.py, threshold 10 for a spiky loss); non-finite
-    values are left to the divergence check."""
+    """Indices Megatron-LM's rerun machine flags as "spiky loss": |ℓ| ≥ threshold·max|ℓ| of the first values.
+
+    The first values are the first ``num_samples`` (megatron/core/rerun_state_machine.py, threshold 10 for a spiky
+    loss); non-finite values are left to the divergence check.
+    """
     x = np.asarray(loss, dtype=np.float64)
     if x.size <= num_samples:
         return []

@@ -23,10 +23,10 @@ import torch
 from lossatlas import store, trust
 from lossatlas.analysis.runner import _dtype, default_results_path, load_batches, load_model
 from lossatlas.analysis.steps import select_steps
-from lossatlas.finite import nonfinite_counts
-from lossatlas.probes.base import Result
 from lossatlas.batches import fingerprint, to_device
 from lossatlas.curvature import CURVATURES, make_operator
+from lossatlas.finite import nonfinite_counts
+from lossatlas.probes.base import Result
 from lossatlas.probes.spectrum import TOL, top_eigenpairs
 
 PROBE_NAME = "hessian_tracking"
@@ -85,8 +85,13 @@ def track_eigenspaces(
             "block" (block Lanczos from the previous eigenvectors) or "none" (random starts).
         compare_cold: also run a random-start Lanczos at every step and store its matvecs as
             "cold_matvecs" (doubles the cost; shows what warm starting saves).
-        data, batch_size, max_examples: data spec override and batching (as the runner).
-        dtype, device, mode, seed: operator settings and the seed of the random starts.
+        data: data spec override (default: the run's data spec).
+        batch_size: examples per batch, as the runner batches them.
+        max_examples: use at most this many examples (None: all).
+        dtype: the operator's dtype by name, e.g. ``"float64"`` (None: the model's).
+        device: the device the model, the data and the operator live on.
+        mode: ``"eval"`` or ``"train"``, the mode the operator evaluates the model in.
+        seed: the seed of the random starts.
         results_path: the results file (default: ``run.results.h5`` next to the run).
         save: write the Result to the results file (probe "hessian_tracking", key = hash of the settings).
         model: model spec override (the caller's own; default: the run's).

@@ -28,7 +28,17 @@ _OPERATORS: dict[str, type[CurvatureOperator]] = {
 
 
 def make_operator(kind: str, model: nn.Module, data: Any, loss: str = "cross_entropy", **kw: Any) -> CurvatureOperator:
-    """The curvature operator named ``kind`` (one of ``CURVATURES``); ``kw`` as in ``CurvatureOperator``."""
+    """The curvature operator named ``kind`` (one of ``CURVATURES``); ``kw`` as in ``CurvatureOperator``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))]
+        >>> G = make_operator("ggn", model, data, "cross_entropy")
+        >>> type(G).__name__, G.kind, G.shape
+        ('GGNOperator', 'ggn', (8, 8))
+    """
     if kind not in _OPERATORS:
         raise ValueError(f"unknown curvature {kind!r}; choose one of {', '.join(CURVATURES)}")
     return _OPERATORS[kind](model, data, loss, **kw)

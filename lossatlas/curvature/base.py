@@ -66,6 +66,27 @@ class CurvatureOperator:
             saved tensors total at most this many bytes; rebuild them otherwise.
 
     Construction is cheap: no forward or backward pass runs until the first product.
+
+    Example:
+        A linear model under ``half_sse``, L(w) = (1/N) Σ_i ½ (wᵀx_i − y_i)², has H = XᵀX/N and
+        ∇L = XᵀX w/N at y = 0:
+
+        >>> import numpy as np, torch
+        >>> from torch import nn
+        >>> from lossatlas.curvature import HessianOperator
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> _ = nn.init.ones_(model.weight)
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> H = HessianOperator(model, [(X, torch.zeros(2, 1, dtype=torch.float64))], "half_sse")
+        >>> H.shape, H.num_params
+        ((2, 2), 2)
+        >>> loss, grad = H.loss_and_gradient()
+        >>> loss, grad.tolist()
+        (1.25, [0.5, 2.0])
+        >>> H.to_scipy() @ np.ones(2)
+        array([0.5, 2. ])
+        >>> H.unflatten(torch.tensor([3.0, 4.0], dtype=torch.float64))
+        {'weight': tensor([[3., 4.]], dtype=torch.float64)}
     """
 
     kind: str = ""

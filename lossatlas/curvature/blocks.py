@@ -44,7 +44,12 @@ def parameter_blocks(model: nn.Module, by: str = "layer") -> dict[str, list[str]
 
 
 def select_parameters(model: nn.Module, pattern: str) -> list[str]:
-    """Names of the trainable parameters that ``re.search(pattern, name)`` matches, in model order."""
+    """Names of the trainable parameters that ``re.search(pattern, name)`` matches, in model order.
+
+    Example:
+        >>> select_parameters(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), r"weight$")
+        ['0.weight', '2.weight']
+    """
     try:
         regex = re.compile(pattern)
     except re.error as exc:
@@ -66,6 +71,14 @@ def resolve_params(
     ``None``: every parameter with ``requires_grad``; a ``str``: a regex (see
     ``select_parameters``); a list of names; a dict name -> Tensor: those parameters, taken at
     the given values instead of the model's.
+
+    Example:
+        >>> import torch
+        >>> mlp = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> resolve_params(mlp, ["2.bias", "0.weight"])
+        (['0.weight', '2.bias'], None)
+        >>> resolve_params(mlp, {"2.bias": torch.zeros(1)})
+        (['2.bias'], {'2.bias': tensor([0.])})
     """
     all_named = dict(model.named_parameters())
     order = list(all_named)

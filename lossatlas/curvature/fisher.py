@@ -19,6 +19,17 @@ class FisherOperator(GGNOperator):
     form, with no label sampling. For ``mse``/``half_sse`` the likelihood is the Gaussian whose
     negative log-likelihood is the loss, E_y[∇ℓ ∇ℓᵀ] = J_iᵀ H_out J_i: again the GGN with the
     loss's output Hessian ((2/C) I for ``mse``, I for ``half_sse``). Paths as in ``GGNOperator``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lossatlas.curvature import GGNOperator
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> data = [(torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0]))]
+        >>> F = FisherOperator(model, data, "cross_entropy")
+        >>> V = torch.randn(F.shape[0], 3, dtype=torch.float64)
+        >>> torch.allclose(F @ V, GGNOperator(model, data, "cross_entropy") @ V)
+        True
     """
 
     kind = "fisher"
@@ -40,6 +51,18 @@ class EmpiricalFisherOperator(CurvatureOperator):
     G_b is kept across matmuls while the total stays under ``graph_cache_bytes``; a product is
     then two matrix multiplies. The ``path``/``chunk_size`` arguments: ``chunk_size`` bounds the
     examples per vmap call; ``path`` is not used (there is no Hessian-type path here).
+
+    Example:
+        With one example F_emp = g gᵀ, so F_emp g = ‖g‖² g:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2).double()
+        >>> one = [(torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64), torch.tensor([1]))]
+        >>> F = EmpiricalFisherOperator(model, one, "cross_entropy")
+        >>> _, g = F.loss_and_gradient()
+        >>> torch.allclose(F @ g, (g @ g) * g)
+        True
     """
 
     kind = "empirical_fisher"

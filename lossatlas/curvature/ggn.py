@@ -21,13 +21,20 @@ class GGNOperator(CurvatureOperator):
     - ``double_backward``: J v by the double-vjp trick (J v = ∂/∂w (Jᵀw)·v), J ᵀ(·) by a backward
       of the kept output graph; the graph is reused across vectors and matmuls.
 
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Linear(3, 2).double()
-    >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))]
-    >>> G = GGNOperator(model, data, "cross_entropy")
-    >>> G.shape
-    (8, 8)
+    Example:
+        A model linear in θ has no second-order term in f, so its GGN is its Hessian:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lossatlas.curvature import HessianOperator
+        >>> model = nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))]
+        >>> G = GGNOperator(model, data, "cross_entropy")
+        >>> G.shape
+        (8, 8)
+        >>> V = torch.randn(8, 4, dtype=torch.float64)
+        >>> torch.allclose(G @ V, HessianOperator(model, data, "cross_entropy") @ V)
+        True
     """
 
     kind = "ggn"

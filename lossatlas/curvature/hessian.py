@@ -20,13 +20,18 @@ class HessianOperator(CurvatureOperator):
 
     See ``lossatlas.curvature.base.AUTO_BATCHED_MIN_K`` for how ``path="auto"`` decides.
 
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Linear(3, 2).double()
-    >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))]
-    >>> H = HessianOperator(model, data, "cross_entropy")
-    >>> (H @ torch.ones(H.shape[0], dtype=torch.float64)).shape
-    torch.Size([8])
+    Example:
+        A quadratic, L(w) = (1/N) Σ_i ½ (wᵀx_i)², has H = XᵀX/N = diag(1, 4)/2 here:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> H = HessianOperator(model, [(X, torch.zeros(2, 1, dtype=torch.float64))], "half_sse")
+        >>> (H @ torch.ones(2, dtype=torch.float64)).tolist()
+        [0.5, 2.0]
+        >>> (H @ torch.eye(2, dtype=torch.float64)).tolist(), H.matvecs
+        ([[0.5, 0.0], [0.0, 2.0]], 3)
     """
 
     kind = "hessian"

@@ -125,7 +125,9 @@ class BlockLanczos:
             self._B_prev = torch.as_tensor(Bn, dtype=self.dtype, device=self.device)
 
     def _step_single(self, need_next: bool) -> None:
-        """``step`` for one run of block size 1: the classical three-term recurrence
+        """``step`` for one run of block size 1, by the classical three-term recurrence.
+
+        The recurrence:
 
             w = A q_j − β_{j−1} q_{j−1},  α_j = q_jᵀ w,  w ← w − α_j q_j,  w ← w − V (Vᵀ w) (DGKS, twice
             if needed),  β_j = ‖w‖,  q_{j+1} = w / β_j,

@@ -64,6 +64,13 @@ def tridiag_quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray,
     θ = eig(T), τ_k = first component of the k-th unit eigenvector; for the unit start vector v
     Σ_k τ_k² f(θ_k) ≈ vᵀ f(A) v, exact for polynomials of degree ≤ 2m − 1 (Golub & Meurant).
     Accepts (m,)/(m−1,) or batched (n, m)/(n, m−1); float64 output.
+
+    Example:
+        T = [[2, 1], [1, 2]] has eigenvalues 1 and 3 with equal first components:
+
+        >>> nodes, weights = tridiag_quadrature(np.array([2.0, 2.0]), np.array([1.0]))
+        >>> nodes.round(12).tolist(), weights.round(12).tolist()
+        ([1.0, 3.0], [0.5, 0.5])
     """
     alpha = np.asarray(alpha, dtype=np.float64)
     beta = np.asarray(beta, dtype=np.float64)
@@ -129,6 +136,17 @@ def slq_density(
 
     Returns:
         A :class:`Density`; ``bulk_edge`` and ``outliers`` as in :func:`find_bulk_edge`.
+
+    Example:
+        A bulk of 40 eigenvalues in [0, 1] and two outliers, 10 and 20:
+
+        >>> import torch
+        >>> spectrum = torch.cat([torch.linspace(0.0, 1.0, 40), torch.tensor([10.0, 20.0])]).double()
+        >>> d = slq_density(torch.diag(spectrum), num_probes=2, num_steps=30, sigma_squared=1e-4, grid_len=2000)
+        >>> d.outliers.round(6).tolist(), d.matvecs
+        ([20.0, 10.0], 60)
+        >>> round(float(d.density.sum() * (d.grid[1] - d.grid[0])), 12)
+        1.0
     """
     P, dtype, device = check_operator(A)
     n_v = check_positive_int("num_probes", num_probes)
@@ -204,6 +222,12 @@ def find_bulk_edge(grid: np.ndarray, density: np.ndarray, *, scale: str = "linea
     the bulk by gaps where the log-density falls to the floor; the bulk is the region holding the
     most mass and its upper end is the edge. Works on either scale
     (mass measured with Δλ or Δln|λ|).
+
+    Example:
+        >>> grid = np.linspace(0.0, 10.0, 101)
+        >>> density = np.where(grid <= 2.0, 1.0, 0.0) + np.where(abs(grid - 8.0) < 0.25, 0.1, 0.0)
+        >>> find_bulk_edge(grid, density)
+        2.0
     """
     check_choice("scale", scale, SCALES)
     grid = np.asarray(grid, dtype=np.float64)
@@ -235,6 +259,13 @@ def count_outliers(density: Density, *, delta: float = 0.1, eigenvalues: np.ndar
     size ≥ the multiplicity — to count with multiplicity (if all k are above the threshold the
     count is a lower bound: raise k). The threshold is
     ``edge + δ·|edge|`` (= edge·(1+δ) for a positive edge); on a log density it applies to |λ| + ε.
+
+    Example:
+        >>> import torch
+        >>> spectrum = torch.cat([torch.linspace(0.0, 1.0, 40), torch.tensor([10.0, 20.0])]).double()
+        >>> d = slq_density(torch.diag(spectrum), num_probes=2, num_steps=30, sigma_squared=1e-4, grid_len=2000)
+        >>> count_outliers(d), count_outliers(d, eigenvalues=[20.0, 10.0, 0.9])
+        (2, 2)
     """
     if not isinstance(density, Density):
         raise ValueError(f"count_outliers needs a Density from slq_density, got {type(density).__name__}")

@@ -1,23 +1,23 @@
 """Reference architectures, no-download data sets, and the registry that rebuilds them from a JSON spec."""
 
+# Importing the architecture and data-set modules registers their builders.
+from lossatlas.models import datasets  # noqa: F401  (registers the data sets)
+from lossatlas.models.cnn import CNN
+from lossatlas.models.gpt import GPT, GPTConfig
+from lossatlas.models.mlp import MLP
+from lossatlas.models.modular_mlp import ModularMLP
 from lossatlas.models.registry import (
     DATASETS,
     MODELS,
     build_data,
     build_model,
+    check_builder,
     normalize_spec,
     register_data,
     register_model,
     spec_fingerprint,
 )
-
-# Importing the modules registers their builders.
-from lossatlas.models.mlp import MLP  # noqa: E402
-from lossatlas.models.cnn import CNN  # noqa: E402
-from lossatlas.models.resnet import ResNet  # noqa: E402
-from lossatlas.models.gpt import GPT, GPTConfig  # noqa: E402
-from lossatlas.models.modular_mlp import ModularMLP  # noqa: E402
-from lossatlas.models import datasets  # noqa: E402,F401
+from lossatlas.models.resnet import ResNet
 
 __all__ = [
     # registry
@@ -25,6 +25,7 @@ __all__ = [
     "MODELS",
     "build_data",
     "build_model",
+    "check_builder",
     "normalize_spec",
     "register_data",
     "register_model",

@@ -64,6 +64,7 @@ class CNN(nn.Module):
         self.classifier = nn.Linear(channels[-1] * final_size * final_size, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, num_classes) logits of (N, C, S, S) images or their (N, C·S·S) flattening."""
         x = as_images(x, self.in_channels, self.image_size)  # (N, C, S, S)
         x = self.features(x)  # (N, c_last, S', S')
         return self.classifier(x.flatten(1))  # (N, num_classes)

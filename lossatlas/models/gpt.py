@@ -76,6 +76,7 @@ class CausalSelfAttention(nn.Module):
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) attention output of (B, T, C) activations, each position attending to itself and earlier ones."""
         B, T, C = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.q_ln is not None:
@@ -100,6 +101,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) → (B, T, C), position by position."""
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 
@@ -114,6 +116,7 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) → (B, T, C) through both residual branches."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -150,6 +153,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: Tensor) -> Tensor:
+        """Logits (B, T, V) of token ids (B, T), or (B, V) at the last position when ``last_token_only``."""
         if idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"GPT expects token ids (B, T) of dtype long, got {tuple(idx.shape)} {idx.dtype}")
         B, T = idx.shape
@@ -170,6 +174,7 @@ class GPT(nn.Module):
         return self.z_loss * (log_z**2).mean()
 
     def extra_repr(self) -> str:
+        """The config's fields, shown in ``repr(model)``."""
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
 
 

@@ -50,6 +50,7 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, widths[-1]) outputs of inputs flattening to (N, widths[0]); ValueError for another input size."""
         x = x.flatten(1)  # (N, D)
         if x.shape[1] != self.widths[0]:
             raise ValueError(f"MLP expects {self.widths[0]} input features, got {x.shape[1]}; set widths[0] to the input size")

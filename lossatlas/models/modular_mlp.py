@@ -40,6 +40,7 @@ class ModularMLP(nn.Module):
         nn.init.normal_(self.readout.weight, std=1.0 / math.sqrt(self.width))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, p) logits (α/√width)·W σ(E_a[a] + E_b[b]), σ(h) = h² ("quadratic") or ReLU."""
         if x.ndim != 2 or x.shape[1] not in (2, 3):
             raise ValueError(f"modular_mlp expects (N, 2) or (N, 3) tokens [a, b(, '=')], got shape {tuple(x.shape)}")
         h = self.embed_a(x[:, 0]) + self.embed_b(x[:, 1])  # (N, width)

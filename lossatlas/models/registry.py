@@ -199,22 +199,37 @@ def _resolve(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], 
     return obj
 
 
-def _call(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kind: str) -> Any:
-    fn = _resolve(canon, table, kind)
+def check_builder(spec: Mapping[str, Any] | str, kind: str) -> None:
+    """Refuse a spec naming an unregistered ``kind`` ("model" or "data") or kwargs its builder does not take.
+
+    Nothing is built, and a factory spec is left alone (checking it would import the factory's module).
+    """
+    canon = normalize_spec(spec)
+    if "name" in canon:
+        _bound_kwargs(canon, _resolve(canon, MODELS if kind == "model" else DATASETS, kind), kind)
+
+
+def _bound_kwargs(canon: Mapping[str, Any], fn: Callable[..., Any], kind: str) -> dict[str, Any]:
+    """The spec's kwargs (with its seed where ``fn`` takes one), checked against ``fn``'s signature."""
     kwargs = dict(canon["kwargs"])
-    seed = canon["seed"]
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: just call
-        signature = None
-    if signature is not None:
-        if "seed" in signature.parameters:
-            kwargs["seed"] = seed
-        try:
-            signature.bind(**kwargs)
-        except TypeError as err:
-            accepted = ", ".join(p for p in signature.parameters if p != "seed") or "none"
-            raise UserError(f"bad kwargs for {kind} {_label(canon)}: {err}; accepted kwargs: {accepted}") from None
+        return kwargs
+    if "seed" in signature.parameters:
+        kwargs["seed"] = canon["seed"]
+    try:
+        signature.bind(**kwargs)
+    except TypeError as err:
+        accepted = ", ".join(p for p in signature.parameters if p != "seed") or "none"
+        raise UserError(f"bad kwargs for {kind} {_label(canon)}: {err}; accepted kwargs: {accepted}") from None
+    return kwargs
+
+
+def _call(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kind: str) -> Any:
+    fn = _resolve(canon, table, kind)
+    kwargs = _bound_kwargs(canon, fn, kind)
+    seed = canon["seed"]
     with _seeded(seed):
         try:
             return fn(**kwargs)

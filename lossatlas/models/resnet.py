@@ -41,6 +41,7 @@ class BasicBlock(nn.Module):
                 self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, C_out, S/stride, S/stride) block output of (N, C_in, S, S) features."""
         out = self.act(self.bn1(self.conv1(x)))  # (N, C_out, S/stride, S/stride)
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
@@ -49,8 +50,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem conv3×3-BN-σ, stages of BasicBlocks (stride 2 at the start of every stage but the
-    first), global average pooling and a linear classifier.
+    """Stem conv3×3-BN-σ, stages of BasicBlocks, global average pooling and a linear classifier.
+
+    Every stage but the first starts with stride 2.
 
     Blocks are named ``stages.<i>.<j>``; the stem ``stem``; the head ``classifier``. σ is ReLU by
     default; a smooth ``activation`` ("gelu", "tanh") makes the loss twice differentiable everywhere.
@@ -95,6 +97,7 @@ class ResNet(nn.Module):
         self.classifier = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, num_classes) logits of (N, C, S, S) images or their (N, C·S·S) flattening."""
         x = as_images(x, self.in_channels, self.image_size)  # (N, C, S, S)
         x = self.stages(self.stem(x))  # (N, widths[-1], S', S')
         return self.classifier(x.mean(dim=(2, 3)))  # (N, num_classes)

@@ -54,6 +54,42 @@ class Result:
         """The value ``name`` as a Python float (it must hold one number)."""
         return float(np.asarray(self.values[name]).reshape(()))
 
+    def add(self, name: str, value: Any, dims: Sequence[str] = (),
+            coords: Mapping[str, Any] | None = None) -> "Result":
+        """Store ``value`` as ``name``, its axes named by ``dims``; returns the Result.
+
+        ``value`` is an array, or a number for a 0-d value; ``coords`` maps any of those axes to its
+        coordinate array. ValueError for a name added twice, ``dims`` that do not match the array's axes, or a coordinate
+        whose length is not its axis's (or that differs from one the axis already has).
+        """
+        if name in self.values:
+            raise ValueError(f"Result {self.probe!r}: value {name!r} is added twice")
+        arr, dims = np.asarray(value), tuple(dims)
+        if len(dims) != arr.ndim:
+            raise ValueError(f"Result {self.probe!r}: value {name!r} has {arr.ndim} axes but dims {dims}")
+        for dim, c in (coords or {}).items():
+            if dim not in dims:
+                raise ValueError(f"Result {self.probe!r}: coordinate {dim!r} labels no axis of {name!r} {dims}")
+            if np.asarray(c).shape != (arr.shape[dims.index(dim)],):
+                raise ValueError(f"Result {self.probe!r}: coordinate {dim!r} has shape {np.asarray(c).shape} but "
+                                 f"axis {dim!r} of {name!r} has {arr.shape[dims.index(dim)]} points")
+        self.values[name], self.dims[name] = arr, dims
+        for dim, c in (coords or {}).items():
+            self.add_coord(dim, c)
+        return self
+
+    def add_coord(self, dim: str, values: Any) -> "Result":
+        """Label the axis ``dim`` (of every value that has it) with ``values``; returns the Result.
+
+        ValueError if the axis already has other coordinates.
+        """
+        arr = np.asarray(values)
+        known = self.coords.get(dim)
+        if known is not None and not (known.shape == arr.shape and np.array_equal(known, arr)):
+            raise ValueError(f"Result {self.probe!r}: axis {dim!r} already has other coordinates")
+        self.coords[dim] = arr
+        return self
+
 
 @dataclass
 class ProbeContext:
@@ -88,17 +124,35 @@ class Probe:
 
     Subclasses are declared ``@register_probe`` + ``@dataclass(frozen=True, kw_only=True)``, set
     ``name``, validate their fields in ``validate()`` (raise ``ValueError`` with a fixable
-    message) and implement ``run``. How its results are shown is declared here too, once:
-    ``section``, ``title``, ``figure`` and ``usage``; plot, report, demo and the CLI read them.
+    message) and implement ``run``, building their Result with ``new_result`` and ``Result.add``.
+    Everything the runner, the CLI, plot and report ask of a probe class is declared here, with its
+    default; a subclass overrides what differs:
+
+    - ``name``, ``summary``: the registry and CLI name, and its one-line help;
+    - ``section``, ``title``, ``figure``, ``usage``: how its results are shown (report section, heading,
+      viz figure, the typical command that stores them);
+    - ``splits_work``: under torchrun, every rank runs every checkpoint and the probe splits its own
+      work through ``ctx.dist``; otherwise the runner deals the checkpoints out across ranks;
+    - ``needs_optimizer_state``: the runner loads the checkpoint's optimizer state into
+      ``ctx.optimizer_state`` (only then: it can be as large as the model, twice);
+    - ``part_of``, ``switch``: a probe that also runs as a part of another (``parts``) names that
+      probe, whose figure and report item show its results, and the owner's boolean setting that
+      turns it on there (None: the part has its own settings there, e.g. ``blocks``);
+    - ``part_fields``: this probe's settings that only configure its parts: they keep their defaults in
+      ``config()`` and the cache key, since each part's own config and key hold them.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     splits_work: ClassVar[bool] = False  # True: under torchrun the probe splits its work through ctx.dist
+    needs_optimizer_state: ClassVar[bool] = False  # True: the runner loads ctx.optimizer_state
     section: ClassVar[str] = "other"  # the report section of its results (a key of lossatlas.viz.report.SECTIONS)
     title: ClassVar[str] = ""  # the heading of its results in the report ("": the probe's name)
     figure: ClassVar[str | None] = None  # the viz figure name that draws its results (None: every scalar vs step)
     usage: ClassVar[str] = "--steps all"  # the options of a typical `lossatlas NAME RUN ...` that stores its results
+    part_of: ClassVar[str | None] = None  # the probe this one is a part of (shown with its results)
+    switch: ClassVar[str | None] = None  # the owner's boolean setting that turns this part on
+    part_fields: ClassVar[tuple[str, ...]] = ()  # settings of this probe's parts (their defaults in config())
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,19 +161,79 @@ class Probe:
         """Raise ``ValueError`` when a setting is out of range."""
 
     def run(self, ctx: ProbeContext) -> Result:  # pragma: no cover - abstract
+        """The probe's Result at the context's checkpoint (with its parts' merged in)."""
         raise NotImplementedError
 
+    def parts(self) -> tuple["Probe", ...]:
+        """The other probes this one runs with these settings (none by default).
+
+        Each is stored and cached under its own name and key: ``run`` returns
+        ``merge(run_own(ctx), [part.run(ctx) ...])``, while the runner runs, stores and reuses each of
+        them alone, so a changed part setting recomputes that part only.
+        """
+        return ()
+
+    def run_own(self, ctx: ProbeContext) -> Result:
+        """This probe's own Result, without its parts' (what the runner stores under its key): ``run`` by default."""
+        return self.run(ctx)
+
+    @classmethod
+    def merge(cls, own: Result, parts: Sequence[Result]) -> Result:
+        """One Result of this probe: ``own`` with every part's values, coordinates and metadata added.
+
+        ``own`` itself when there are no parts. The config is ``own``'s with each part's settings among ``part_fields`` (and the part's ``switch``
+        set True), so it lists what was asked; a metadata key ``own`` lacks or holds as None comes from the
+        first part that has it, "matvecs" adds up every part's products and "elapsed_s" joins the timings.
+        """
+        if not parts:
+            return own
+        out = Result(probe=own.probe, config=dict(own.config), step=own.step, values=dict(own.values),
+                     dims=dict(own.dims), coords=dict(own.coords), meta=dict(own.meta))
+        for part in parts:
+            out.config.update({k: v for k, v in part.config.items() if k in cls.part_fields})
+            switch = PROBES[part.probe].switch if part.probe in PROBES else None
+            if switch is not None:
+                out.config[switch] = True
+            for name, arr in part.values.items():
+                dims = part.dims[name]
+                out.add(name, arr, dims, {d: part.coords[d] for d in dims if d in part.coords})
+            for key, value in part.meta.items():
+                if key == "matvecs":
+                    out.meta[key] = int(out.meta.get(key) or 0) + int(value or 0)
+                elif key == "elapsed_s":
+                    out.meta[key] = _join_elapsed(out.meta.get(key), value)
+                elif out.meta.get(key) is None:
+                    out.meta[key] = value
+        return out
+
+    def new_result(self, step: int | None, meta: Mapping[str, Any] | None = None) -> Result:
+        """An empty Result of this probe (its name and ``config()``) at ``step``: fill it with ``Result.add``."""
+        return Result(probe=self.name, config=self.config(), step=step, values={}, meta=dict(meta or {}))
+
     def config(self) -> dict:
-        """The settings as a JSON-able dict (what is hashed and stored with the result)."""
+        """The settings as a JSON-able dict (what is hashed and stored with the result).
+
+        ``part_fields`` are given at their defaults: each part's own config holds them.
+        """
         out = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _jsonable(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name in self.part_fields:
+                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out[f.name] = _jsonable(value)
         return out
 
     def config_hash(self) -> str:
         """A short, stable hash of ``name`` and ``config()``: the results-file key."""
         blob = json.dumps({"probe": self.name, "config": self.config()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _join_elapsed(a: Any, b: Any) -> Any:
+    """Two timings as one: dicts of seconds joined, numbers added."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return {**(a if isinstance(a, dict) else {}), **(b if isinstance(b, dict) else {})}
+    return float(a or 0.0) + float(b or 0.0)
 
 
 def _jsonable(value: Any) -> Any:

@@ -34,6 +34,7 @@ from lossatlas.probes.features import (
     resolve_module,
     stream_features,
 )
+from lossatlas.probes.settings import check_finite_number
 
 NC1_VARIANTS: tuple[str, ...] = ("pinv", "svd", "quotient", "cdnv")
 PINV_RTOL = 1e-10
@@ -246,8 +247,7 @@ class NeuralCollapse(Probe):
                 raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
         if isinstance(self.layers, (list, tuple)) and not all(isinstance(n, str) for n in self.layers):
             raise ValueError(f"layers must be None, 'depth' or a tuple of module names, got {self.layers!r}")
-        if self.minority_threshold is not None and self.minority_threshold <= 0:
-            raise ValueError(f"minority_threshold must be positive or None, got {self.minority_threshold}")
+        check_finite_number("minority_threshold", self.minority_threshold, minimum=0.0, strict=True, optional=True)
 
     def _layer_names(self, model) -> list[str]:
         if self.layers is None:
@@ -290,14 +290,13 @@ class NeuralCollapse(Probe):
         counts = head.counts[present]
         means = head.means
         centred = means - head.global_mean
-        values: dict[str, np.ndarray] = {}
-        dims: dict[str, tuple[str, ...]] = {}
+        res = self.new_result(ctx.step)
 
         def scalar(key: str, v: float) -> None:
-            values[key], dims[key] = np.float64(v), ()
+            res.add(key, np.float64(v))
 
         def per_class(key: str, v: Tensor) -> None:
-            values[key], dims[key] = v.detach().cpu().numpy(), ("class",)
+            res.add(key, v.detach().cpu().numpy(), ("class",))
 
         sw, sb = head.sigma_w, head.sigma_b
         scalar("nc1", nc1_from_statistics(head, self.nc1_variant))
@@ -342,14 +341,14 @@ class NeuralCollapse(Probe):
                 scalar("minority_weight_cosine", view["minority"])
                 scalar("majority_weight_cosine", view["majority"])
 
-        coords: dict[str, np.ndarray] = {"class": labels.cpu().numpy().astype(np.int64)}
+        res.add_coord("class", labels.cpu().numpy().astype(np.int64))
         if layer_names:
-            values["layer_nc1"] = np.array([nc1_from_statistics(stats[n], self.nc1_variant) for n in layer_names])
-            values["layer_ncc_accuracy"] = np.array([stats[n].ncc_accuracy for n in layer_names])
-            values["layer_width"] = np.array([stats[n].global_mean.shape[0] for n in layer_names], dtype=np.int64)
-            for key in ("layer_nc1", "layer_ncc_accuracy", "layer_width"):
-                dims[key] = ("layer",)
-            coords["layer"] = np.array(layer_names, dtype=str)
+            layer = {"layer": np.array(layer_names, dtype=str)}
+            res.add("layer_nc1", np.array([nc1_from_statistics(stats[n], self.nc1_variant) for n in layer_names]),
+                    ("layer",), layer)
+            res.add("layer_ncc_accuracy", np.array([stats[n].ncc_accuracy for n in layer_names]), ("layer",), layer)
+            res.add("layer_width", np.array([stats[n].global_mean.shape[0] for n in layer_names], dtype=np.int64),
+                    ("layer",), layer)
 
         notes = []
         if p < c - 1:
@@ -358,7 +357,7 @@ class NeuralCollapse(Probe):
             notes.append(f"classifier {last_linear_name(model)!r} does not act on {feature_name!r}: W metrics skipped")
         if not minority_view:
             notes.append("minority view skipped: needs at least two minority and two majority classes")
-        meta = {
+        res.meta.update({
             "num_classes": c,
             "num_examples": head.total,
             "counts": [int(v) for v in counts.tolist()],
@@ -372,6 +371,5 @@ class NeuralCollapse(Probe):
             "dtype": "float64 accumulation",
             "notes": notes,
             "elapsed_s": time.perf_counter() - start,
-        }
-        return Result(probe=self.name, config=self.config(), step=ctx.step, values=values, dims=dims,
-                      coords=coords, meta=meta)
+        })
+        return res

@@ -170,33 +170,28 @@ class Interpolate(Probe):
         end = {k: v for k, v in ctx.state_at(int(self.to_step)).items() if k in start}
         bn_data = list(ctx.data)[: self.bn_batches] if self.bn_batches else None
         curve = interpolation_curve(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
-        values = {k: curve[k] for k in ("loss", "accuracy", "error")}
-        dims: dict[str, tuple[str, ...]] = {k: ("alpha",) for k in values}
-        coords: dict[str, np.ndarray] = {"alpha": a}
-        meta: dict = {"status": "complete", "from_step": ctx.step, "to_step": int(self.to_step), "loss": ctx.loss, "bn": self.bn}
+        res = self.new_result(ctx.step, {"status": "complete", "from_step": ctx.step, "to_step": int(self.to_step),
+                                         "loss": ctx.loss, "bn": self.bn})
+        for k in ("loss", "accuracy", "error"):
+            res.add(k, curve[k], ("alpha",), {"alpha": a})
         if (a == 0.0).any() and (a == 1.0).any():
             lb, eb = barriers(a, curve["loss"]), barriers(a, curve["error"])
-            values.update(
-                loss_barrier=np.float64(lb["linear"]),
-                loss_midpoint_barrier=np.float64(lb["midpoint"]),
-                error_barrier=np.float64(eb["midpoint"]),
-                error_linear_barrier=np.float64(eb["linear"]),
-            )
-            dims.update({k: () for k in ("loss_barrier", "loss_midpoint_barrier", "error_barrier", "error_linear_barrier")})
+            res.add("loss_barrier", np.float64(lb["linear"]))
+            res.add("loss_midpoint_barrier", np.float64(lb["midpoint"]))
+            res.add("error_barrier", np.float64(eb["midpoint"]))
+            res.add("error_linear_barrier", np.float64(eb["linear"]))
             if self.layerwise:
                 table = layerwise_barriers(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
-                meta["groups"] = table["groups"]
-                coords["group"] = np.arange(len(table["groups"]))
-                coords["k"] = np.arange(1, len(table["groups"]) + 1)
+                res.meta["groups"] = table["groups"]
+                res.add_coord("group", np.arange(len(table["groups"])))
+                res.add_coord("k", np.arange(1, len(table["groups"]) + 1))
                 for kind, axis in (("single", "group"), ("first", "k"), ("last", "k")):
                     for key, arr in table[kind].items():
-                        name = f"{kind}_{key}"
-                        values[name] = arr
-                        dims[name] = (axis, "alpha") if arr.ndim == 2 else (axis,)
+                        res.add(f"{kind}_{key}", arr, (axis, "alpha") if arr.ndim == 2 else (axis,))
         elif self.layerwise:
             raise ValueError("layerwise barriers need α = 0 and α = 1 in alphas, e.g. (0, 1, 31)")
-        meta["elapsed_s"] = time.perf_counter() - t0
-        return Result(probe=self.name, config=self.config(), step=ctx.step, values=values, dims=dims, coords=coords, meta=meta)
+        res.meta["elapsed_s"] = time.perf_counter() - t0
+        return res
 
 
 __all__ = ["Interpolate", "barriers", "interpolation_curve", "layer_groups", "layerwise_barriers"]

@@ -248,7 +248,9 @@ def grid_axis(spec: Sequence[float], name: str = "xrange") -> np.ndarray:
     if len(spec) != 3:
         raise ValueError(f"{name} must be (min, max, num), e.g. (-1, 1, 51); got {tuple(spec)}")
     lo, hi, num = float(spec[0]), float(spec[1]), spec[2]
-    if int(num) != num or int(num) < 1:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{name}: min and max must be finite numbers, got ({lo}, {hi})")
+    if not np.isfinite(float(num)) or int(num) != num or int(num) < 1:
         raise ValueError(f"{name}: the number of points must be a positive integer, got {num}")
     if int(num) > 1 and not lo < hi:
         raise ValueError(f"{name}: min must be below max, got ({lo}, {hi})")

@@ -52,15 +52,9 @@ class Loss(Probe):
         check_loss_name(ctx.loss)
         start = time.perf_counter()
         loss, acc, n = evaluate_loss(ctx.model, ctx.data, ctx.loss, mode=self.mode)
-        return Result(
-            probe=self.name,
-            config=self.config(),
-            step=ctx.step,
-            values={"loss": np.float64(loss), "accuracy": np.float64(acc)},
-            dims={"loss": (), "accuracy": ()},
-            meta={"num_examples": n, "loss_name": ctx.loss, "finite": bool(np.isfinite(loss)),
-                  "elapsed_s": time.perf_counter() - start},
-        )
+        res = self.new_result(ctx.step, {"num_examples": n, "loss_name": ctx.loss, "finite": bool(np.isfinite(loss)),
+                                         "elapsed_s": time.perf_counter() - start})
+        return res.add("loss", np.float64(loss)).add("accuracy", np.float64(acc))
 
 
 def __getattr__(name: str):

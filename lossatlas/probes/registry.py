@@ -1,9 +1,13 @@
 """Import every probe module so that each registers itself (the CLI and the conformance test iterate PROBES)."""
 
 from lossatlas.probes import (  # noqa: F401
+    adam_sharpness,
+    batch_scan,
     collapse,
     connectivity,
     hessian,
+    hessian_blocks,
+    hessian_ci,
     loss,
     sharpness,
     surface,

@@ -39,7 +39,7 @@ from lossatlas.losses import (
 )
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import Params, axpy, dot, flatten, l2_norm, multiply, scale, unflatten
-from lossatlas.probes.settings import MODES, check_choice
+from lossatlas.probes.settings import MODES, check_choice, check_nonneg_int
 from lossatlas.probes.spectrum import TOL, TRACE_MATVECS, top_eigenpairs, trace_estimate
 
 NORMS: tuple[str, ...] = ("l2", "linf")
@@ -613,6 +613,7 @@ class Sharpness(Probe):
         check_choice("norm", self.norm, NORMS)
         check_choice("fisher", self.fisher, FISHER_TARGETS)
         check_choice("mode", self.mode, MODES)
+        check_nonneg_int("seed", self.seed)
         for field_name, low in (("steps", 1), ("num_samples", 2), ("keskar_iters", 1)):
             value = getattr(self, field_name)
             if not isinstance(value, int) or value < low:
@@ -648,7 +649,7 @@ class Sharpness(Probe):
         dtype = next(iter(params.values())).dtype
         full = DataObjective(ctx.model, batches, ctx.loss, mode=self.mode, dtype=dtype)
         common = dict(eta=self.eta, norm=self.norm, mode=self.mode, batch_size=self.batch_size)
-        values: dict[str, np.ndarray] = {"loss": np.float64(full.value(params))}
+        res = self.new_result(ctx.step).add("loss", np.float64(full.value(params)))
         conventions: dict[str, str] = {}
         for i, name in enumerate(self.measures):
             if ctx.progress is not None:
@@ -657,63 +658,58 @@ class Sharpness(Probe):
             adaptive = name.startswith("adaptive_")
             rho = self.adaptive_rho if adaptive else self.rho
             if name == "grad_norm":
-                values[name] = np.float64(gradient_norm(full, params))
+                res.add(name, np.float64(gradient_norm(full, params)))
                 conventions[name] = "‖∇L‖₂ on all examples"
             elif name == "fisher_rao":
-                values[name] = np.float64(
+                res.add(name, np.float64(
                     fisher_rao_norm(ctx.model, params, batches, ctx.loss, target=self.fisher, mode=self.mode)
-                )
+                ))
                 conventions[name] = f"(E⟨θ,∇θℓ⟩²)^½ by JVP, y from the {self.fisher} distribution"
             elif name == "keskar":
-                values[name] = np.float64(
+                res.add(name, np.float64(
                     keskar_sharpness(full, params, self.epsilon, subspace=self.keskar_dim,
                                      max_iter=self.keskar_iters, generator=gen)
-                )
+                ))
                 space = "full space A=I" if self.keskar_dim is None else f"random N(0,1) subspace p={self.keskar_dim}"
                 conventions[name] = (f"percent, ε={self.epsilon}, box ε(|A⁺x|+1), {space}, "
                                      f"L-BFGS-B {self.keskar_iters} iters from a random point of the box")
             elif name in ("sam", "adaptive_sam"):
-                values[name] = np.float64(sam_sharpness(full, params, rho, adaptive=adaptive, eta=self.eta,
-                                                        norm=self.norm))
+                res.add(name, np.float64(sam_sharpness(full, params, rho, adaptive=adaptive, eta=self.eta,
+                                                       norm=self.norm)))
                 conventions[name] = f"one step, ρ={rho}, {self.norm}, all examples" + self._scale_note(adaptive)
             elif name == "m_sharpness":
-                values[name] = np.float64(m_sharpness(ctx.model, params, batches, ctx.loss, rho, m=self.m, steps=1,
-                                                      adaptive=False, **common))
+                res.add(name, np.float64(m_sharpness(ctx.model, params, batches, ctx.loss, rho, m=self.m, steps=1,
+                                                     adaptive=False, **common)))
                 conventions[name] = f"one step per chunk of m={self.m}, ρ={rho}, {self.norm}, example-weighted mean"
             elif name in ("worst_case", "adaptive_worst_case"):
-                values[name] = np.float64(m_sharpness(
+                res.add(name, np.float64(m_sharpness(
                     ctx.model, params, batches, ctx.loss, rho, m=self.m, steps=self.steps, adaptive=adaptive,
                     rand_init=self.rand_init, generator=gen, **common,
-                ))
+                )))
                 conventions[name] = (f"Auto-PGD {self.steps} iters per chunk of m={self.m}, ρ={rho}, {self.norm}, "
                                      f"rand_init={self.rand_init}" + self._scale_note(adaptive))
             else:  # average_case, adaptive_average_case
                 mean, stderr = average_case_sharpness(full, params, rho, num_samples=self.num_samples,
                                                       adaptive=adaptive, eta=self.eta, norm=self.norm, generator=gen)
-                values[name], values[f"{name}_stderr"] = np.float64(mean), np.float64(stderr)
+                res.add(name, np.float64(mean)).add(f"{name}_stderr", np.float64(stderr))
                 dist = "N(0, ρ²c²)" if self.norm == "l2" else "ρc⊙U[-1,1]"
                 conventions[name] = f"δ ~ {dist}, ρ={rho}, {self.num_samples} samples" + self._scale_note(adaptive)
         if self.lambda_max or self.trace:
-            values.update(self._curvature(ctx, batches, dtype, conventions))
-        return Result(
-            probe=self.name,
-            config=self.config(),
-            step=ctx.step,
-            values=values,
-            dims={k: () for k in values},
-            meta={
-                "loss_name": ctx.loss,
-                "mode": self.mode,
-                "dtype": str(dtype).replace("torch.", ""),
-                "device": str(ctx.device),
-                "num_examples": full.total,
-                "num_chunks": 1 if self.m is None else math.ceil(num_examples(batches) / self.m),
-                "seed": self.seed,
-                "conventions": conventions,
-                "finite": bool(all(np.isfinite(v) for v in values.values())),
-                "elapsed_s": time.perf_counter() - start,
-            },
-        )
+            for name, value in self._curvature(ctx, batches, dtype, conventions).items():
+                res.add(name, value)
+        res.meta.update({
+            "loss_name": ctx.loss,
+            "mode": self.mode,
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": str(ctx.device),
+            "num_examples": full.total,
+            "num_chunks": 1 if self.m is None else math.ceil(num_examples(batches) / self.m),
+            "seed": self.seed,
+            "conventions": conventions,
+            "finite": bool(all(np.isfinite(v) for v in res.values.values())),
+            "elapsed_s": time.perf_counter() - start,
+        })
+        return res
 
     def _scale_note(self, adaptive: bool) -> str:
         return f", c=|w|+η (η={self.eta}) on every parameter" if adaptive else ""

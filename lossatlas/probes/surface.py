@@ -50,7 +50,7 @@ from lossatlas.probes.grid import (
 )
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import cosine, dot, flatten, unflatten
-from lossatlas.probes.settings import check_choice
+from lossatlas.probes.settings import check_choice, check_nonneg_int
 
 
 # ----------------------------------------------------------------------------------------- quadratic regime
@@ -184,6 +184,9 @@ class Surface(Probe):
         check_choice("dir_type", self.dir_type, DIR_TYPES)
         check_choice("bn", self.bn, BN_MODES)
         extra_metrics(self.metrics)
+        check_nonneg_int("seed", self.seed)
+        check_nonneg_int("x_step", self.x_step, optional=True)
+        check_nonneg_int("y_step", self.y_step, optional=True)
         if (self.chunk_size is not None and self.chunk_size < 1) or self.save_every < 1:
             raise ValueError("chunk_size (or None: automatic) and save_every must be >= 1")
         if self.bn_batches is not None and self.bn_batches < 1:
@@ -309,17 +312,17 @@ class Surface(Probe):
 
     def _result(self, ctx, out, done, shape, x, y, dirs, *, status, t0, quadratic=None, vectorized=None) -> Result:
         dims = ("y", "x") if y is not None else ("x",)
-        names = list(dirs[0].tensors)
-        values = {k: v.reshape(shape).copy() for k, v in out.items()}
-        vdims = {k: dims for k in values}
-        for key, d in zip(["direction_x", "direction_y"], dirs):
-            values[key] = flatten(d, names).detach().double().cpu().numpy()
-            vdims[key] = ("param",)
-        if status == "partial":
-            values["done"] = done.reshape(shape).copy()
-            vdims["done"] = dims
         coords = {"x": x} if y is None else {"x": x, "y": y}
-        meta = {
+        names = list(dirs[0].tensors)
+        res = self.new_result(ctx.step)
+        for k, v in out.items():
+            res.add(k, v.reshape(shape).copy(), dims, coords)
+        for key, d in zip(["direction_x", "direction_y"], dirs):
+            res.add(key, flatten(d, names).detach().double().cpu().numpy(), ("param",))
+        if status == "partial":
+            res.add("done", done.reshape(shape).copy(), dims, coords)
+        meta = res.meta
+        meta.update({
             "status": status,
             "indexing": "xy",
             "seed": int(self.seed),
@@ -329,7 +332,7 @@ class Surface(Probe):
             "param_shapes": [list(dirs[0].tensors[k].shape) for k in names],
             "rules_x": dict(dirs[0].rules),
             "elapsed_s": time.perf_counter() - t0,
-        }
+        })
         if len(dirs) > 1:
             meta["rules_y"] = dict(dirs[1].rules)
             meta["cosine"] = cosine(dirs[0], dirs[1])
@@ -337,4 +340,4 @@ class Surface(Probe):
             meta["quadratic"] = quadratic
         if vectorized is not None:
             meta["vectorized"] = bool(vectorized)
-        return Result(probe=self.name, config=self.config(), step=ctx.step, values=values, dims=vdims, coords=coords, meta=meta)
+        return res

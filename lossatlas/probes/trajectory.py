@@ -22,7 +22,7 @@ from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import DIR_TYPES, IGNORES, model_state, trajectory_pca
 from lossatlas.probes.grid import PointEvaluator, auto_chunk_size, evaluate_grid, grid_points
 from lossatlas.probes.paramdicts import flatten
-from lossatlas.probes.settings import check_choice
+from lossatlas.probes.settings import check_choice, check_finite_number, check_nonneg_int
 
 
 @register_probe
@@ -54,8 +54,8 @@ class Trajectory(Probe):
         check_choice("dir_type", self.dir_type, DIR_TYPES)
         if self.grid < 0 or self.grid == 1:
             raise ValueError(f"grid must be 0 (no surface) or >= 2 points per axis, got {self.grid}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        check_finite_number("margin", self.margin, minimum=0.0)
+        check_nonneg_int("final_step", self.final_step, optional=True)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None (automatic), got {self.chunk_size}")
 
@@ -65,6 +65,9 @@ class Trajectory(Probe):
             raise ValueError("trajectory needs the run's checkpoints (ctx.steps, ctx.state_at); run it on a run file")
         final_step = int(self.final_step) if self.final_step is not None else int(max(ctx.steps))
         steps = sorted(int(s) for s in ctx.steps if s <= final_step)
+        if not steps:
+            raise ValueError(f"final_step {final_step} comes before the run's first checkpoint ({min(ctx.steps)}); "
+                             "pick a checkpoint step of the run")
         known = model_state(ctx.model, "states")
         states = [{k: v for k, v in ctx.state_at(s).items() if k in known} for s in steps]
         final = states[-1] if steps[-1] == final_step else {k: v for k, v in ctx.state_at(final_step).items() if k in known}
@@ -73,33 +76,26 @@ class Trajectory(Probe):
         true = [PointEvaluator(ctx.model, s, [], ctx.data, ctx.loss).evaluate(np.zeros((1, 0))) for s in states]
         ev = PointEvaluator(ctx.model, final, list(pca.directions), ctx.data, ctx.loss)
         proj, _ = evaluate_grid(ev, pca.coords, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
-        cdim = ("checkpoint",)
-        values = {
-            "proj_x": pca.coords[:, 0],
-            "proj_y": pca.coords[:, 1],
-            "distance_to_plane": pca.distance,
-            "loss": np.array([t["loss"][0] for t in true]),
-            "accuracy": np.array([t["accuracy"][0] for t in true]),
-            "loss_at_projection": proj["loss"],
-            "accuracy_at_projection": proj["accuracy"],
-            "explained_variance_ratio": pca.explained_variance_ratio,
-            "explained_variance": pca.explained_variance,
-            "singular_values": pca.singular_values,
-            "direction_x": flatten(pca.directions[0], names).numpy(),
-            "direction_y": flatten(pca.directions[1], names).numpy(),
-        }
-        dims = {k: cdim for k in values}
-        dims.update({k: ("component",) for k in ("explained_variance_ratio", "explained_variance", "singular_values")})
-        dims.update(direction_x=("param",), direction_y=("param",))
-        coords = {"checkpoint": np.array(steps), "component": np.arange(2)}
+        checkpoint = {"checkpoint": np.array(steps)}
+        component = {"component": np.arange(2)}
+        res = self.new_result(final_step)
+        res.add("proj_x", pca.coords[:, 0], ("checkpoint",), checkpoint)
+        res.add("proj_y", pca.coords[:, 1], ("checkpoint",), checkpoint)
+        res.add("distance_to_plane", pca.distance, ("checkpoint",), checkpoint)
+        res.add("loss", np.array([t["loss"][0] for t in true]), ("checkpoint",), checkpoint)
+        res.add("accuracy", np.array([t["accuracy"][0] for t in true]), ("checkpoint",), checkpoint)
+        res.add("loss_at_projection", proj["loss"], ("checkpoint",), checkpoint)
+        res.add("accuracy_at_projection", proj["accuracy"], ("checkpoint",), checkpoint)
+        for name in ("explained_variance_ratio", "explained_variance", "singular_values"):
+            res.add(name, getattr(pca, name), ("component",), component)
+        res.add("direction_x", flatten(pca.directions[0], names).numpy(), ("param",))
+        res.add("direction_y", flatten(pca.directions[1], names).numpy(), ("param",))
         if self.grid:
             x, y = self._grid_axes(pca.coords)
             out, _ = evaluate_grid(ev, grid_points(x, y), chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
-            values["surface_loss"] = out["loss"].reshape(len(y), len(x))
-            values["surface_accuracy"] = out["accuracy"].reshape(len(y), len(x))
-            dims.update(surface_loss=("y", "x"), surface_accuracy=("y", "x"))
-            coords.update(x=x, y=y)
-        meta = {
+            res.add("surface_loss", out["loss"].reshape(len(y), len(x)), ("y", "x"), {"x": x, "y": y})
+            res.add("surface_accuracy", out["accuracy"].reshape(len(y), len(x)), ("y", "x"), {"x": x, "y": y})
+        res.meta.update({
             "status": "complete",
             "final_step": final_step,
             "indexing": "xy",
@@ -110,8 +106,8 @@ class Trajectory(Probe):
             "rules_y": dict(pca.directions[1].rules),
             "projection_bn": "the final checkpoint's buffers",
             "elapsed_s": time.perf_counter() - t0,
-        }
-        return Result(probe=self.name, config=self.config(), step=final_step, values=values, dims=dims, coords=coords, meta=meta)
+        })
+        return res
 
     def _grid_axes(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         axes = []

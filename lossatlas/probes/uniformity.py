@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.features import CAPTURES, Rebatched, collect_features, model_params, resolve_module
+from lossatlas.probes.settings import check_finite_number, check_nonneg_int
 
 NOT_NORMALIZED_WARNING = "features were not L2-normalized; normalized them"
 AUGMENTATIONS: tuple[str, ...] = ("none", "gaussian_noise")
@@ -196,8 +197,10 @@ class Uniformity(Probe):
             raise ValueError(f"mode must be 'eval' or 'train', got {self.mode!r}")
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}")
-        if self.t <= 0 or self.alpha <= 0 or self.noise_std < 0:
-            raise ValueError(f"t and alpha must be positive and noise_std >= 0, got {self.t}, {self.alpha}, {self.noise_std}")
+        check_finite_number("t", self.t, minimum=0.0, strict=True)
+        check_finite_number("alpha", self.alpha, minimum=0.0, strict=True)
+        check_finite_number("noise_std", self.noise_std, minimum=0.0)
+        check_nonneg_int("seed", self.seed)
         for key in ("max_pairs_examples", "max_examples", "batch_size"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= (1 if key == "max_pairs_examples" else 0)):
@@ -211,11 +214,10 @@ class Uniformity(Probe):
         z, labels = collect_features(ctx.model, data, name, self.mode, capture=self.capture, params=params)
         unit, changed = normalize_rows(z)
         warnings = [NOT_NORMALIZED_WARNING] if changed else []
-        values: dict[str, np.ndarray] = {}
-        dims: dict[str, tuple[str, ...]] = {}
+        res = self.new_result(ctx.step)
 
         def scalar(key: str, v: float) -> None:
-            values[key], dims[key] = np.float64(v), ()
+            res.add(key, np.float64(v))
 
         if self.augmentation == "gaussian_noise":
             z1, z2 = positive_pair_features(ctx.model, data, gaussian_noise(self.noise_std), name, self.mode,
@@ -228,8 +230,8 @@ class Uniformity(Probe):
             scalar("tolerance", tolerance(z, labels))
         scalar("rankme", rankme(z, center=self.center_rankme))
         sv = singular_values(z, self.center_rankme)
-        values["singular_values"], dims["singular_values"] = sv.cpu().numpy(), ("component",)
-        meta = {
+        res.add("singular_values", sv.cpu().numpy(), ("component",), {"component": np.arange(sv.numel())})
+        res.meta.update({
             "feature_module": name,
             "capture": self.capture,
             "num_examples": int(z.shape[0]),
@@ -240,6 +242,5 @@ class Uniformity(Probe):
             "warnings": warnings,
             "mode": self.mode,
             "elapsed_s": time.perf_counter() - start,
-        }
-        return Result(probe=self.name, config=self.config(), step=ctx.step, values=values, dims=dims,
-                      coords={"component": np.arange(sv.numel())}, meta=meta)
+        })
+        return res

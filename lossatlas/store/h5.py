@@ -1,6 +1,8 @@
-"""HDF5 access for the store: opening with lock retries, HDF5's errors as one-line UserErrors, the
-lossatlas header check, names escaped for HDF5 paths, JSON attributes, and tensors as numpy arrays
-holding the same bits (every torch dtype round-trips, bfloat16 and float8 as their raw bits).
+"""HDF5 access for the store: opening, errors, the header check, names, JSON attributes and tensors.
+
+Files open with lock retries; HDF5's errors become one-line UserErrors; the lossatlas header is checked; names are
+escaped for HDF5 paths; attributes are JSON; tensors are numpy arrays holding the same bits (every torch dtype
+round-trips, bfloat16 and float8 as their raw bits).
 
 HDF5 errors are told apart by type where h5py says enough (``FileNotFoundError``; ``BlockingIOError``
 for a held file lock; an ``OSError`` whose ``errno`` h5py read from HDF5's report, as ENOSPC). For the
@@ -56,8 +58,9 @@ _HDF5_MESSAGES: dict[str, tuple[str, ...]] = {
 
 
 def hdf5_says(e: BaseException, meaning: str) -> bool:
-    """Whether the HDF5 message in ``e`` says ``meaning`` (LOCKED, NOT_HDF5, TRUNCATED, OPEN_FOR_WRITE,
-    DISK_FULL): the one place that reads HDF5's error text.
+    """Whether the HDF5 message in ``e`` says ``meaning``: the one place that reads HDF5's error text.
+
+    ``meaning`` is LOCKED, NOT_HDF5, TRUNCATED, OPEN_FOR_WRITE or DISK_FULL.
 
     h5py raises a bare ``OSError`` (no errno, no subclass) when HDF5 finds no signature, a truncated
     file or set open-for-write flags, so only the text tells these apart; ``_HDF5_MESSAGES`` lists the
@@ -68,9 +71,11 @@ def hdf5_says(e: BaseException, meaning: str) -> bool:
 
 
 def open_failure(e: OSError) -> str | None:
-    """Why ``h5py.File`` could not open a file: LOCKED, NOT_HDF5, TRUNCATED, OPEN_FOR_WRITE or None
-    (another reason). A held lock is a ``BlockingIOError`` (h5py's errno EAGAIN); the rest only HDF5's
-    message tells."""
+    """Why ``h5py.File`` could not open a file: LOCKED, NOT_HDF5, TRUNCATED, OPEN_FOR_WRITE or None.
+
+    None is another reason. A held lock is a ``BlockingIOError`` (h5py's errno EAGAIN); the rest only HDF5's
+    message tells.
+    """
     if isinstance(e, BlockingIOError):
         return LOCKED
     for meaning in (LOCKED, NOT_HDF5, TRUNCATED, OPEN_FOR_WRITE):
@@ -80,8 +85,11 @@ def open_failure(e: OSError) -> str | None:
 
 
 class OpenError(UserError):
-    """A file ``open_h5`` could not open: ``failure`` says why (see ``open_failure``; None: another
-    reason) and ``what`` is the message's first part, without the path and the fix."""
+    """A file ``open_h5`` could not open, a UserError saying why and how to fix it.
+
+    ``failure`` says why (see ``open_failure``; None: another reason) and ``what`` is the message's first part,
+    without the path and the fix.
+    """
 
     def __init__(self, path: Path, failure: str | None, what: str, fix: str) -> None:
         super().__init__(f"{path}: {what}; {fix}")
@@ -127,8 +135,10 @@ def first_line(e: BaseException) -> str:
 
 
 def check_kind(f: h5py.File, path: Path, want: str | None) -> str:
-    """``"run"`` or ``"results"`` from the header of ``f``; UserError for another file, a newer format, or
-    (with ``want``) the other kind."""
+    """``"run"`` or ``"results"`` from the header of ``f``.
+
+    Raises UserError for another file, a newer format, or (with ``want``) the other kind.
+    """
     kind = f.attrs.get("lossatlas_format")
     if kind not in ("run", "results"):
         raise UserError(f"{path}: an HDF5 file but not a lossatlas file (no lossatlas_format attribute); "
@@ -172,8 +182,10 @@ def _json_default(obj: Any) -> Any:
 
 
 def dumps(obj: Any, what: str) -> str:
-    """``obj`` as JSON with sorted keys (numpy values, dtypes, sets and paths as plain JSON); ValueError
-    naming ``what`` for anything else."""
+    """``obj`` as JSON with sorted keys (numpy values, dtypes, sets and paths as plain JSON).
+
+    Raises ValueError naming ``what`` for anything else.
+    """
     try:
         return json.dumps(obj, default=_json_default, sort_keys=True)
     except TypeError as e:

@@ -1,6 +1,8 @@
-"""Integrity of the files the store writes: checksums, a full disk refused with one line, and files that
-appear whole or not at all (built under a temporary name next to their path, then linked or renamed
-into place; the temporaries of dead processes are removed by the next writer)."""
+"""Integrity of the files the store writes: checksums, one-line full-disk errors, whole files.
+
+A full disk is refused with one line. Files appear whole or not at all: each is built under a temporary name next to
+its path, then linked or renamed into place; the temporaries of dead processes are removed by the next writer.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ def digest(arr: np.ndarray) -> int:
 
 
 def disk_full(exc: BaseException | None) -> bool:
-    """Whether ENOSPC/EDQUOT appears anywhere in an exception's chain: as an ``OSError``'s errno, or inside
-    an HDF5 message that h5py did not lift the errno out of."""
+    """Whether ENOSPC/EDQUOT appears anywhere in an exception's chain.
+
+    It counts as an ``OSError``'s errno, or inside an HDF5 message that h5py did not lift the errno out of.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -89,8 +93,11 @@ def remove_dead_temps(path: Path) -> None:
 
 
 def publish(tmp: Path, path: Path, *, overwrite: bool) -> None:
-    """Give the finished file ``tmp`` its name ``path`` in one step; without ``overwrite`` never replace a
-    file that appeared meanwhile (a hard link fails on an existing name, where a rename would clobber it)."""
+    """Give the finished file ``tmp`` its name ``path`` in one step.
+
+    Without ``overwrite`` never replace a file that appeared meanwhile (a hard link fails on an existing name,
+    where a rename would clobber it).
+    """
     if overwrite:
         os.replace(tmp, path)
         return
@@ -110,9 +117,11 @@ def publish(tmp: Path, path: Path, *, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def written_aside(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """A temporary path next to ``path`` to build a file under: when the block ends without error it is
-    renamed to ``path`` (an existing ``path`` is refused unless ``overwrite``), otherwise deleted. A file
-    already at ``path`` stays untouched until the new one is complete."""
+    """A temporary path next to ``path`` to build a file under, renamed to ``path`` on success.
+
+    When the block ends without error it is renamed to ``path`` (an existing ``path`` is refused unless
+    ``overwrite``), otherwise deleted. A file already at ``path`` stays untouched until the new one is complete.
+    """
     path = Path(path)
     remove_dead_temps(path)
     tmp = temp_path(path)
@@ -133,8 +142,11 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 
 class Damaged(Exception):
-    """Stored data that fails its checksum or cannot be read: a checkpoint tensor (``tensor``), or with
-    ``tensor`` None another part (a checkpoint's group, a results entry); ``reason`` says what fails."""
+    """Stored data that fails its checksum or cannot be read; ``reason`` says what fails.
+
+    The data is a checkpoint tensor (``tensor``), or with ``tensor`` None another part (a checkpoint's group, a
+    results entry).
+    """
 
     def __init__(self, tensor: str | None, reason: str) -> None:
         super().__init__(reason)

@@ -1,5 +1,7 @@
-"""The ``<file>.lock`` sidecars: the run writer's lock, which the kernel drops when the writer dies (so a
-reader tells a live writer from a dead one), and the lock around one change of a results file."""
+"""The ``<file>.lock`` sidecars: the run writer's lock, and the lock around one change of a results file.
+
+The kernel drops the run writer's lock when the writer dies, so a reader tells a live writer from a dead one.
+"""
 
 from __future__ import annotations
 
@@ -63,8 +65,10 @@ class WriterLock:
 
 @contextlib.contextmanager
 def exclusive(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``<path>.lock`` around one change of ``path``, by any process. The sidecar
-    is removed on release; a waiter that locked a removed sidecar retries on the current one."""
+    """An exclusive flock on ``<path>.lock`` around one change of ``path``, by any process.
+
+    The sidecar is removed on release; a waiter that locked a removed sidecar retries on the current one.
+    """
     lock = lock_path(path)
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:

@@ -1,5 +1,6 @@
-"""Crash recovery of a run file: how its writer's SWMR protocol leaves a file that a reader can always open,
-and how a reader opens one whose writer died (the Recorder's safety against SIGKILL rests on this module).
+"""Crash recovery of a run file: the writer's SWMR protocol and the reader of a file whose writer died.
+
+The protocol leaves a file that a reader can always open; the Recorder's safety against SIGKILL rests on this module.
 
 The protocol. The writer (``RunWriter``) runs in HDF5 SWMR mode (libver="latest"). A row is written and
 flushed in every dataset before the commit marker (``/checkpoints/step``, ``/log/step``, fill -1) grows,
@@ -72,8 +73,10 @@ def _lookup3(data: bytes) -> int:
 
 
 class _ReadView(io.RawIOBase):
-    """The file as read-only bytes with its superblock's "open for write" flags cleared and its end
-    of file the larger of the real and the stored one (the missing tail of a truncated file reads as zeros).
+    """The file as read-only bytes, its superblock's "open for write" flags cleared and its end of file fixed.
+
+    The end of file is the larger of the real and the stored one (the missing tail of a truncated file reads as
+    zeros).
 
     A version 2/3 superblock with 8-byte offsets is 48 bytes: signature (0-7), version (8), size of
     offsets (9), size of lengths (10), file consistency flags (11), base address (12-19), extension
@@ -134,9 +137,12 @@ class _ReadView(io.RawIOBase):
 
 @contextlib.contextmanager
 def open_read(path: Path) -> Iterator[h5py.File]:
-    """Open for reading: with SWMR while a writer is attached (live reading), else plainly (SWMR
-    reads retry a damaged block for ever); a file whose writer died (flags left set) or that was
-    truncated is read through ``_ReadView``. An HDF5 error while reading becomes a UserError."""
+    """Open for reading: with SWMR while a writer is attached (live reading), else plainly.
+
+    SWMR reads retry a damaged block for ever, hence plainly without a writer. A file whose writer died (flags
+    left set) or that was truncated is read through ``_ReadView``. An HDF5 error while reading becomes a
+    UserError.
+    """
     live = writer_attached(path)
     try:
         f = open_h5(path, "r", swmr=True) if live else open_h5(path, "r")
@@ -166,8 +172,10 @@ def open_read(path: Path) -> Iterator[h5py.File]:
 
 
 def truncation(path: Path) -> tuple[int, int] | None:
-    """(real size, stored end of file) when a file with no writer attached is shorter than its superblock
-    (version 2/3) records; a killed SWMR writer leaves a stored end that is short, never long."""
+    """(real size, stored end of file) when a file with no writer attached is shorter than its superblock says.
+
+    The superblock is version 2/3; a killed SWMR writer leaves a stored end that is short, never long.
+    """
     try:
         with open(path, "rb") as fh:
             head = fh.read(48)

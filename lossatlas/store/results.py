@@ -1,5 +1,8 @@
-"""The results file: one labelled group per (probe, config key, step), every change copy-on-write under an
-exclusive lock, every dataset and entry checksummed (the layout is in ``lossatlas.store``)."""
+"""The results file: one labelled group per (probe, config key, step), every change copy-on-write.
+
+Every change happens under an exclusive lock, and every dataset and entry is checksummed (the layout is in
+``lossatlas.store``).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,19 @@ from lossatlas._version import __version__
 from lossatlas.errors import UserError
 from lossatlas.probes.base import Result
 from lossatlas.store import integrity
-from lossatlas.store.h5 import (FORMAT_VERSION, LOCKED, TRUNCATED, OpenError, check_kind, damage_is_user_error, dumps,
-                                escape, first_line, open_h5, unescape)
+from lossatlas.store.h5 import (
+    FORMAT_VERSION,
+    LOCKED,
+    TRUNCATED,
+    OpenError,
+    check_kind,
+    damage_is_user_error,
+    dumps,
+    escape,
+    first_line,
+    open_h5,
+    unescape,
+)
 from lossatlas.store.integrity import Damaged
 from lossatlas.store.locks import exclusive
 
@@ -87,8 +101,9 @@ def _entry_digest(attrs: Mapping[str, Any], names: Sequence[str]) -> int:
 class ResultsStore:
     """The results file of a run: one labelled group per (probe, config key, step).
 
-    ``mode`` is ``"r"`` (read only; the file must exist) or ``"a"`` (create if missing). A file
-    recorded for another run (a different ``run_fingerprint``) is refused.
+    ``mode`` is ``"r"`` (read only; the file must exist) or ``"a"`` (created by the first write, so a
+    command refused before it stored anything leaves no file; a folder it cannot be written in is refused
+    at once). A file recorded for another run (a different ``run_fingerprint``) is refused.
 
     Every change is copy-on-write under an exclusive lock (``<file>.lock``): the file is copied into
     memory, changed, written to a temporary next to it, synced and renamed over the original. A
@@ -109,11 +124,12 @@ class ResultsStore:
         if not self.path.exists():
             if mode == "r":
                 raise UserError(f"{self.path}: no such results file; run a probe first (e.g. `lossatlas hessian`)")
-            with exclusive(self.path):
+            with exclusive(self.path):  # fails now, not after a long computation, where it cannot be written
                 integrity.remove_dead_temps(self.path)
-                if not self.path.exists():
-                    self._create()
-                    return
+            if not self.path.exists():
+                return
+        elif mode == "a":
+            integrity.remove_dead_temps(self.path)  # a killed writer's temporary, also when nothing is written
         stored = self._stored_fingerprint()
         if run_fingerprint and stored and stored != run_fingerprint:
             raise UserError(f"{self.path}: holds results of another run (fingerprint {stored}, this run "
@@ -122,8 +138,11 @@ class ResultsStore:
             self._change(lambda f: f.attrs.__setitem__("run_fingerprint", run_fingerprint))
 
     def _stored_fingerprint(self) -> str:
-        """The header's run fingerprint. An existing file that is not a readable results file is refused,
-        saying what to do; it is never overwritten."""
+        """The header's run fingerprint.
+
+        An existing file that is not a readable results file is refused, saying what to do; it is never
+        overwritten.
+        """
         try:
             f = open_h5(self.path, "r")
         except OpenError as e:
@@ -152,12 +171,14 @@ class ResultsStore:
         self._install(image.getvalue(), overwrite=False)
 
     def _change(self, change: Any) -> None:
-        """Apply ``change(h5py.File)`` to a copy and rename the copy over the file, under the lock; on any
-        failure the file is untouched. The copy is changed in memory and then written with plain file I/O,
-        so HDF5 itself never meets a full disk (it cannot close a file it failed to flush)."""
+        """Apply ``change(h5py.File)`` to a copy and rename the copy over the file, under the lock.
+
+        On any failure the file is untouched. The copy is changed in memory and then written with plain file
+        I/O, so HDF5 itself never meets a full disk (it cannot close a file it failed to flush).
+        """
         with exclusive(self.path):
             integrity.remove_dead_temps(self.path)
-            if not self.path.exists():  # deleted by hand since it was opened
+            if not self.path.exists():  # the first write, or deleted by hand since it was opened
                 self._create()
             try:
                 image = io.BytesIO(self.path.read_bytes())
@@ -290,9 +311,14 @@ class ResultsStore:
                          "--force) or restore the file from a copy")
 
     def read(self, probe: str, key: str, step: int | None) -> tuple[Result, dict] | None:
-        """``(result, info)`` stored for (probe, key, step), or None; info has status, data_fingerprint,
-        elapsed_s, version. Its checksums are checked: a damaged entry raises UserError naming it."""
+        """``(result, info)`` stored for (probe, key, step), or None.
+
+        info has status, data_fingerprint, elapsed_s, version. Its checksums are checked: a damaged entry
+        raises UserError naming it.
+        """
         path = f"{escape(probe)}/{escape(key)}/{_step_name(step)}"
+        if not self.path.exists():  # nothing written yet
+            return None
         with damage_is_user_error(self.path), open_h5(self.path, "r") as f:
             if path not in f:
                 return None
@@ -313,6 +339,8 @@ class ResultsStore:
     def entries(self, probe: str | None = None) -> list[dict]:
         """Every stored entry (of ``probe`` if given): probe, key, step, status, config, data_fingerprint."""
         out = []
+        if not self.path.exists():  # nothing written yet
+            return out
         with damage_is_user_error(self.path), open_h5(self.path, "r") as f:
             for p, k, s, g in self._groups(f, probe):
                 try:
@@ -326,9 +354,14 @@ class ResultsStore:
         return out
 
     def verify(self) -> list[dict]:
-        """Every entry with its checksums checked: probe, key, step and status ("ok", "damaged: <what>" or
-        "unverified (no checksums)" for an entry written before checksums existed)."""
+        """Every entry with its checksums checked: probe, key, step and status.
+
+        The status is "ok", "damaged: <what>" or "unverified (no checksums)" for an entry written before
+        checksums existed.
+        """
         out = []
+        if not self.path.exists():  # nothing written yet
+            return out
         with damage_is_user_error(self.path), open_h5(self.path, "r") as f:
             for p, k, s, g in self._groups(f):
                 try:

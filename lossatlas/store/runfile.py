@@ -1,6 +1,9 @@
-"""The run file: ``RunWriter`` appends checkpoints (every tensor bit for bit, with its checksum) and a
-per-step log under HDF5 SWMR, ``RunReader`` reads them, also while they are written (the layout is in
-``lossatlas.store``, the crash-safety protocol in ``lossatlas.store.recovery``)."""
+"""The run file: ``RunWriter`` appends checkpoints and a per-step log, ``RunReader`` reads them.
+
+Checkpoints hold every tensor bit for bit, with its checksum; the writer runs under HDF5 SWMR, so the reader reads
+also while they are written (the layout is in ``lossatlas.store``, the crash-safety protocol in
+``lossatlas.store.recovery``).
+"""
 
 from __future__ import annotations
 
@@ -22,8 +25,17 @@ from lossatlas import trust
 from lossatlas._version import __version__
 from lossatlas.errors import UserError
 from lossatlas.store import integrity
-from lossatlas.store.h5 import (FORMAT_VERSION, check_kind, dumps, escape, first_line, numpy_to_tensor, open_h5,
-                                tensor_to_numpy, unescape)
+from lossatlas.store.h5 import (
+    FORMAT_VERSION,
+    check_kind,
+    dumps,
+    escape,
+    first_line,
+    numpy_to_tensor,
+    open_h5,
+    tensor_to_numpy,
+    unescape,
+)
 from lossatlas.store.integrity import Damaged
 from lossatlas.store.locks import WriterLock, writer_attached
 from lossatlas.store.recovery import open_read, truncation
@@ -136,14 +148,19 @@ class RunWriter:
 
     @property
     def _file(self) -> h5py.File:
+        self._check_open()
+        return self._f
+
+    def _check_open(self) -> None:
         if self._f is None:
             raise ValueError(f"{self.path}: the RunWriter is closed")
-        return self._f
 
     @contextlib.contextmanager
     def _structure(self) -> Iterator[h5py.File]:
-        """Leave SWMR briefly to create datasets: close, reopen (waiting out readers), restart SWMR (the one
-        window in which a kill leaves the file's open-for-write flags set; see ``recovery``)."""
+        """Leave SWMR briefly to create datasets: close, reopen (waiting out readers), restart SWMR.
+
+        This is the one window in which a kill leaves the file's open-for-write flags set; see ``recovery``.
+        """
         if not self.swmr:
             yield self._file
             return
@@ -239,8 +256,11 @@ class RunWriter:
                                      "present in earlier ones; every checkpoint must carry the same keys")
 
     def _digest_dataset(self, f: h5py.File) -> h5py.Dataset:
-        """``/checkpoints/digest`` (K, T) uint64: row k, column ``digest_column`` of a tensor dataset holds
-        the 64-bit BLAKE2b of that tensor's row k (0 where the row does not carry the tensor)."""
+        """``/checkpoints/digest`` (K, T) uint64: one 64-bit BLAKE2b per checkpoint row and tensor.
+
+        Row k, column ``digest_column`` of a tensor dataset holds the 64-bit BLAKE2b of that tensor's row k (0
+        where the row does not carry the tensor).
+        """
         if _DIGESTS in f:
             return f[_DIGESTS]
         cols = 1 << max(3, min(8, (len(self._digest_cols) - 1).bit_length()))  # 8..256 columns per chunk
@@ -261,7 +281,7 @@ class RunWriter:
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         """Buffer one log row (NaN is kept: divergence is worth recording); flushed in batches."""
-        self._file
+        self._check_open()
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"log step must be a non-negative int, got {step!r}")
         row = {}
@@ -301,7 +321,7 @@ class RunWriter:
             if arr.shape[0] != len(steps):
                 raise ValueError(f"log column {name!r} has {arr.shape[0]} rows for {len(steps)} steps")
             cols[escape(name)] = arr
-        self._file
+        self._check_open()
         self._flush_log()  # rows logged one by one come first
         self._write_columns(steps, cols)
 
@@ -498,8 +518,11 @@ class RunReader:
                          "or corrupted — restore it from a copy")
 
     def checkpoint(self, step: int, *, optimizer_state: bool = False) -> Checkpoint:
-        """The checkpoint at ``step``; its optimizer state too if asked (None when not stored). Every tensor is
-        checked against its checksum: a damaged one raises UserError naming the step and the tensor."""
+        """The checkpoint at ``step``; its optimizer state too if asked (None when not stored).
+
+        Every tensor is checked against its checksum: a damaged one raises UserError naming the step and the
+        tensor.
+        """
         with self._open() as f:
             row = self._row(f, step)
             try:
@@ -508,8 +531,11 @@ class RunReader:
                 raise self._damaged(step, e) from None
 
     def verify(self) -> dict[int, str]:
-        """Read every checkpoint (optimizer state included) and check its checksums: step -> "ok",
-        "damaged: <tensor>" or "unverified (no checksums)" (a file written before checksums existed)."""
+        """Read every checkpoint (optimizer state included) and check its checksums.
+
+        Returns step -> "ok", "damaged: <tensor>" or "unverified (no checksums)" (a file written before
+        checksums existed).
+        """
         out = {}
         with self._open() as f:
             steps = self._committed(f["checkpoints/step"]).tolist()

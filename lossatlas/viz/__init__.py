@@ -4,9 +4,9 @@ Every figure function takes Results (``lossatlas.probes.base.Result``, or anythi
 numpy arrays) or a run's log dict, never a model or a tensor.
 """
 
+from lossatlas._moved import renamed
 from lossatlas.viz.curvature import eigenvalues_vs_step_figure, hessian_figure, spectrum_figure
 from lossatlas.viz.figures import KINDS, check_kind, interactive_figures, paper_figure
-from lossatlas._moved import renamed
 from lossatlas.viz.landscape import compare_surfaces_figure, interpolate_figure, surface_figure, trajectory_figure
 from lossatlas.viz.panels import checkpoint_panel_figure
 from lossatlas.viz.report import SECTIONS, ReportItem, ReportSection, figures_page, render_report

@@ -1,6 +1,8 @@
-"""Training-dynamics figures: each diagnosed loss spike with the signals that moved before it, and the
-edge-of-stability ratio λ_max·η/2. Inputs are the plain dicts/arrays of ``Diagnosis.to_dict()`` and
-``EoSAnalysis``; no torch."""
+"""Training-dynamics figures: diagnosed loss spikes with their precursors, and the edge of stability.
+
+Each diagnosed loss spike is drawn with the signals that moved before it; the edge-of-stability ratio is λ_max·η/2.
+Inputs are the plain dicts/arrays of ``Diagnosis.to_dict()`` and ``EoSAnalysis``; no torch.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +26,11 @@ def _window(spike: Mapping) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarra
 
 
 def spikes_figure(diagnosis: Mapping, *, max_spikes: int = 3) -> Figure:
-    """One column per spike: the loss around it (top) and its top precursor signals, each scaled to its
-    own pre-spike median (bottom), with the spike start marked. A run without spikes gets a note."""
+    """One column per spike: the loss around it (top) and its top precursor signals (bottom).
+
+    Each signal is scaled to its own pre-spike median, with the spike start marked. A run without spikes gets a
+    note.
+    """
     spikes = list(diagnosis.get("spikes", []))[:max_spikes]
     with paper_style():
         ncols = max(1, len(spikes))
@@ -80,14 +85,17 @@ def spikes_plotly(diagnosis: Mapping):
 
 def eos_figure(steps: Sequence[float], ratio: Sequence[float], *, phases: Sequence[str] | None = None,
                labels: Sequence[str] | None = None) -> Figure:
-    """λ_max·η/2 against step (one line per run when ``steps``/``ratio`` are lists of arrays), with the
-    stability threshold 1 (Cohen et al. 2021) and, for one run, the edge-of-stability steps shaded."""
+    """λ_max·η/2 against step, with the stability threshold 1 (Cohen et al. 2021).
+
+    One line per run when ``steps``/``ratio`` are lists of arrays; for one run, the edge-of-stability steps are
+    shaded.
+    """
     runs_steps = steps if len(steps) and np.ndim(steps[0]) == 1 else [steps]
     runs_ratio = ratio if len(ratio) and np.ndim(ratio[0]) == 1 else [ratio]
     with paper_style():
         fig, axes = new_figure(1, 1, height=2.4)
         ax = axes[0, 0]
-        for i, (s, r) in enumerate(zip(runs_steps, runs_ratio)):
+        for i, (s, r) in enumerate(zip(runs_steps, runs_ratio, strict=True)):
             label = labels[i] if labels is not None else None
             ax.plot(np.asarray(s), np.asarray(r), color=OKABE_ITO[i % len(OKABE_ITO)], lw=1.2, label=label)
         ax.axhline(1.0, color="0.3", ls="--", lw=0.8, label="2/η")

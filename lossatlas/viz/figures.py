@@ -55,8 +55,10 @@ def paper_figure(kind: str, results: ResultLike | Sequence[ResultLike] | None = 
 
 def interactive_figures(kind: str, results: ResultLike | Sequence[ResultLike] | None = None, *,
                         log: Mapping[str, np.ndarray] | None = None, step: int | None = None, lr: Any = None) -> list:
-    """The plotly figures called ``kind`` (timelines across steps, then the picked or last checkpoint's figures);
-    empty when nothing drawable is stored. A name without figures gets every stored scalar vs step."""
+    """The plotly figures called ``kind``: timelines across steps, then the picked or last checkpoint's.
+
+    Empty when nothing drawable is stored. A name without figures gets every stored scalar vs step.
+    """
     if kind == TRAINING:
         figs = PLOTLY[TRAINING](_log(log))
         return [f for f in figs if f is not None]

@@ -1,6 +1,9 @@
-"""Plotly counterparts of the paper figures, for exploration: a 3-D landscape to rotate, hover values, zoomable
-spectra and timelines. Every ``*_plotly`` function returns a ``plotly.graph_objects.Figure`` holding at least one
-trace, or None when the Result holds nothing to draw; the ``*_figures`` functions at the end list them per name."""
+"""Plotly counterparts of the paper figures, for exploration.
+
+A 3-D landscape to rotate, hover values, zoomable spectra and timelines. Every ``*_plotly`` function returns a
+``plotly.graph_objects.Figure`` holding at least one trace, or None when the Result holds nothing to draw; the
+``*_figures`` functions at the end list them per name.
+"""
 
 from __future__ import annotations
 
@@ -307,6 +310,7 @@ def training_figures(log: Mapping[str, np.ndarray]) -> list:
 
 @plotly_figures_of("loss")
 def loss_figures(results: Sequence[ResultLike]) -> list:
+    """Evaluated loss and accuracy vs step."""
     return [loss_plotly(results)]
 
 
@@ -338,14 +342,17 @@ def uniformity_figures(results: Sequence[ResultLike]) -> list:
 
 @plotly_figures_of("surface")
 def surface_figures(results: Sequence[ResultLike]) -> list:
+    """The last step's slice: a rotatable 3-D surface (2-D slice) or a line (1-D slice)."""
     return [surface_plotly(results[-1])]
 
 
 @plotly_figures_of("interpolate")
 def interpolate_figures(results: Sequence[ResultLike]) -> list:
+    """The last step's loss and error along the interpolation path, with its barrier."""
     return [interpolate_plotly(results[-1])]
 
 
 @plotly_figures_of("trajectory")
 def trajectory_figures(results: Sequence[ResultLike]) -> list:
+    """The last step's trajectory on its PCA plane over the loss contours."""
     return [trajectory_plotly(results[-1])]

@@ -1,6 +1,9 @@
-"""Landscape figures: filter-normalised 1-D/2-D slices (Li et al. 2018), linear interpolation with its
-barrier (Goodfellow et al. 2015; Frankle et al. 2020), the training trajectory on its PCA plane (Li et al.
-2018), and several runs' slices on one shared colour scale."""
+"""Landscape figures: 1-D/2-D slices, linear interpolation, the training trajectory, slices compared.
+
+Filter-normalised 1-D/2-D slices (Li et al. 2018), linear interpolation with its barrier (Goodfellow et al. 2015;
+Frankle et al. 2020), the training trajectory on its PCA plane (Li et al. 2018), and several runs' slices on one
+shared colour scale.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,15 @@ from matplotlib.figure import Figure
 from lossatlas._moved import renamed
 from lossatlas.viz._results import ResultLike, array, as_list, coord, pick_step, scalar
 from lossatlas.viz.registry import paper_figure_of
-from lossatlas.viz.style import ONE_COLUMN_IN, TWO_COLUMN_IN, log_if_decades, new_figure, note, paper_style, spans_decades
+from lossatlas.viz.style import (
+    ONE_COLUMN_IN,
+    TWO_COLUMN_IN,
+    log_if_decades,
+    new_figure,
+    note,
+    paper_style,
+    spans_decades,
+)
 
 METRICS = ("loss", "accuracy")
 
@@ -47,8 +58,10 @@ def _levels(norm: Normalize, n: int = 20) -> np.ndarray:
 
 def draw_surface(fig: Figure, ax, result: ResultLike, metric: str = "loss", *, norm: Normalize | None = None,
                  colorbar: bool = True):
-    """A 2-D slice as filled contours (log-spaced levels when the loss spans decades), the checkpoint at (0, 0);
-    a 1-D slice as a line. Returns the contour set (None for 1-D)."""
+    """A 2-D slice as filled contours, the checkpoint at (0, 0); a 1-D slice as a line.
+
+    Levels are log-spaced when the loss spans decades. Returns the contour set (None for 1-D).
+    """
     x, y, z = surface_grid(result, metric)
     unit = "accuracy (%)" if metric == "accuracy" else metric
     zz = 100 * z if metric == "accuracy" else z

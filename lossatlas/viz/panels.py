@@ -16,8 +16,11 @@ from lossatlas.viz.style import TWO_COLUMN_IN, new_figure, note, paper_style
 def checkpoint_panel_figure(surface: ResultLike | None, hessian: ResultLike | None,
                             sharpness: Sequence[ResultLike] | None = None, *,
                             hessian_steps: Sequence[ResultLike] | None = None, lr=None) -> Figure:
-    """(a) the loss surface, (b) the Hessian spectrum of the same checkpoint, (c) the sharpness timeline
-    (or, without sharpness results, the top-eigenvalue timeline from ``hessian_steps``), labelled a–c."""
+    """Three panels labelled a–c: (a) the loss surface, (b) the Hessian spectrum, (c) the sharpness timeline.
+
+    (b) is of the same checkpoint; (c) is, without sharpness results, the top-eigenvalue timeline from
+    ``hessian_steps``.
+    """
     if surface is not None and hessian is not None and surface.step != hessian.step:
         raise ValueError(f"the surface (step {surface.step}) and the spectrum (step {hessian.step}) must be of the "
                          "same checkpoint; pass results of one step")

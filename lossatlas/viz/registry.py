@@ -1,6 +1,8 @@
-"""The figure table: each viz module registers what it draws under a figure name, with ``@paper_figure_of(name)``
-(one matplotlib Figure) and ``@plotly_figures_of(name)`` (a list of plotly figures). A name is the ``figure`` a
-probe declares or ``TRAINING``; ``lossatlas.viz.figures`` draws by name from these tables."""
+"""The figure table: each viz module registers what it draws under a figure name.
+
+``@paper_figure_of(name)`` registers one matplotlib Figure, ``@plotly_figures_of(name)`` a list of plotly figures. A
+name is the ``figure`` a probe declares or ``TRAINING``; ``lossatlas.viz.figures`` draws by name from these tables.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The run report: ONE self-contained HTML page (plotly.js inlined once, no CDN, no network request) with the
-run's overview and every stored result, its figures and the config that produced it, grouped in sections."""
+"""The run report: ONE self-contained HTML page (plotly.js inlined once, no CDN, no network request).
+
+It holds the run's overview and every stored result, its figures and the config that produced it, grouped in sections.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Representation figures: neural collapse NC1–NC4 (Papyan, Han, Donoho 2020) and uniformity /
-RankMe with the feature singular-value spectrum (Wang & Isola 2020; Garrido et al. 2023)."""
+"""Representation figures: neural collapse NC1–NC4 (Papyan, Han, Donoho 2020), uniformity and RankMe.
+
+Uniformity and RankMe come with the feature singular-value spectrum (Wang & Isola 2020; Garrido et al. 2023).
+"""
 
 from __future__ import annotations
 
@@ -123,8 +125,10 @@ def draw_singular_values(ax, result: ResultLike) -> bool:
 
 
 def draw_uniformity_vs_step(ax, results: Sequence[ResultLike]) -> bool:
-    """Uniformity, alignment, W2 uniformity, tolerance and RankMe vs step (each on its own scale: normalised by
-    its first finite value would hide signs, so they share the axis as is)."""
+    """Uniformity, alignment, W2 uniformity and tolerance vs step on one axis, RankMe on a second.
+
+    The four share the axis as they are: normalising each by its first finite value would hide signs.
+    """
     results = as_list(results)
     steps = steps_of(results)
     drawn = False

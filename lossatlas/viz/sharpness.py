@@ -1,5 +1,7 @@
-"""Sharpness figures: every stored measure vs step, or one checkpoint's measures side by side;
-and the "loss" probe's loss/accuracy vs step."""
+"""Sharpness figures: every stored measure vs step, or one checkpoint's measures side by side.
+
+Also the "loss" probe's loss/accuracy vs step.
+"""
 
 from __future__ import annotations
 
