@@ -17,6 +17,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from lossatlas.losses import batch_loss
 from lossatlas.models import build_data, build_model
 from lossatlas.probes.base import ProbeContext
 from lossatlas.probes.hessian import (
@@ -28,7 +29,6 @@ from lossatlas.probes.hessian import (
     last_linear_parameters,
     parse_subset,
 )
-from lossatlas.losses import batch_loss
 
 from reference import ggn as dense_ggn
 from reference import hessian as dense_hessian
@@ -325,7 +325,8 @@ def test_deterministic_under_seed_and_config_hash():
 
 # ------------------------------------------------------------------------------------------------ runs
 def test_runner_end_to_end_and_store_round_trip(tiny_run):
-    from lossatlas.analysis.reporting import latest_results
+    from lossatlas.analysis.parts import with_parts
+    from lossatlas.analysis.reporting import latest_results, results_by_config
     from lossatlas.analysis.runner import RunOptions, run_probe
     from lossatlas.store import ResultsStore
 
@@ -340,6 +341,8 @@ def test_runner_end_to_end_and_store_round_trip(tiny_run):
         back, info = rs.read("hessian", report.key, out.step)
         blocks, _ = rs.read("hessian_blocks", report.keys["hessian_blocks"], out.step)
         shown = latest_results(rs, "hessian")  # what `plot hessian` draws: the two merged again
+        items = list(with_parts(results_by_config(rs)))  # the report's items: the part folded into the hessian's
+    assert items == [("hessian", report.key)]
     assert info["status"] == "complete" and "block_top_eigenvalues" not in back.values
     assert set(blocks.values) == {"block_top_eigenvalues"}
     (drawn,) = shown

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from lossatlas import models, store, trust
-from lossatlas.store import default_results_path  # noqa: F401  (re-exported for analysis and viz)
 from lossatlas.analysis.steps import select_steps
 from lossatlas.batches import as_batches, fingerprint, to_device
 from lossatlas.distributed import Distributed
@@ -29,6 +28,7 @@ from lossatlas.finite import check_finite
 from lossatlas.losses import LOSSES
 from lossatlas.probes.base import Probe, ProbeContext, Result
 from lossatlas.probes.settings import DTYPES  # every dtype a checkpoint can be loaded in
+from lossatlas.store import default_results_path  # noqa: F401  (re-exported for analysis and viz)
 
 
 def load_model(reader: "store.RunReader", step: int, *, dtype: torch.dtype | None = None,

@@ -110,15 +110,13 @@ class AdamSharpness(CurvatureProbe):
 
     tol: float = TOL
     max_iter: int | None = None
-    seed: int = 0
 
     def validate(self) -> None:
         """ValueError for a setting out of range."""
-        self.check_operator_settings()
+        self.check_curvature_settings()
         self.check_positive("tol", self.tol)
         if self.max_iter is not None:
             self.check_int("max_iter", self.max_iter, 1)
-        self.check_int("seed", self.seed, 0)
 
     def run(self, ctx: ProbeContext) -> Result:
         """λ_max(P⁻¹H) with P from the context's optimizer state (ValueError without one)."""

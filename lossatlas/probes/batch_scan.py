@@ -109,11 +109,10 @@ class BatchScan(CurvatureProbe):
     batch_size_scan: tuple[int, ...] = (16, 64, 256)
     scan_batches: int = 4
     tol: float = TOL
-    seed: int = 0
 
     def validate(self) -> None:
         """ValueError for a setting out of range."""
-        self.check_operator_settings()
+        self.check_curvature_settings()
         if not isinstance(self.batch_size_scan, (tuple, list)) or not self.batch_size_scan:
             raise ValueError(f"{self.name}: batch_size_scan must be a non-empty tuple of batch sizes, "
                              f"got {self.batch_size_scan!r}")
@@ -121,7 +120,6 @@ class BatchScan(CurvatureProbe):
             self.check_int("each batch_size_scan entry", s, 1)
         self.check_int("scan_batches", self.scan_batches, 1)
         self.check_positive("tol", self.tol)
-        self.check_int("seed", self.seed, 0)
 
     def run(self, ctx: ProbeContext) -> Result:
         """The scan over ``batch_size_scan``."""

@@ -106,7 +106,6 @@ class HessianProbe(CurvatureProbe):
     outlier_delta: float = 0.1
     blocks: str | None = None
     block_k: int = 3
-    seed: int = 0
     store_eigenvectors: bool = False
     data_ci: bool = False
     data_resamples: int = 10
@@ -118,7 +117,7 @@ class HessianProbe(CurvatureProbe):
     def validate(self) -> None:
         """ValueError for a setting out of range, or when nothing is asked for."""
         prefix = f"{self.name}: "
-        self.check_operator_settings()
+        self.check_curvature_settings()
         self.check_int("top_k", self.top_k, 0)
         self.check_int("bottom_k", self.bottom_k, 0)
         self.check_positive("tol", self.tol)
@@ -137,7 +136,6 @@ class HessianProbe(CurvatureProbe):
         if self.blocks is not None:
             check_blocks(prefix, self.blocks)
         self.check_int("block_k", self.block_k, 1)
-        self.check_int("seed", self.seed, 0)
         self.check_int("data_resamples", self.data_resamples, 2)
         if not (isinstance(self.ci_level, float) and 0 < self.ci_level < 1):
             raise ValueError(f"{prefix}ci_level must be a float in (0, 1), got {self.ci_level!r}; e.g. 0.95")

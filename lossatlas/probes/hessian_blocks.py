@@ -62,11 +62,10 @@ class HessianBlocks(CurvatureProbe):
     criterion: str = "residual"
     max_iter: int | None = None
     block_size: int = 1
-    seed: int = 0
 
     def validate(self) -> None:
         """ValueError for a setting out of range."""
-        self.check_operator_settings()
+        self.check_curvature_settings()
         check_blocks(f"{self.name}: ", self.blocks)
         self.check_int("block_k", self.block_k, 1)
         self.check_positive("tol", self.tol)
@@ -74,7 +73,6 @@ class HessianBlocks(CurvatureProbe):
         if self.max_iter is not None:
             self.check_int("max_iter", self.max_iter, 1)
         self.check_int("block_size", self.block_size, 1)
-        self.check_int("seed", self.seed, 0)
 
     def run(self, ctx: ProbeContext) -> Result:
         """The top eigenvalues of every selected layer's block."""

@@ -82,11 +82,10 @@ class HessianCI(CurvatureProbe):
     ci_level: float = 0.95
     tol: float = TOL
     max_iter: int | None = None
-    seed: int = 0
 
     def validate(self) -> None:
         """ValueError for a setting out of range."""
-        self.check_operator_settings()
+        self.check_curvature_settings()
         if not (self.lambda_max or self.trace):
             raise ValueError(f"{self.name}: nothing to resample; set lambda_max=True or trace=True")
         check_trace_settings(f"{self.name}: ", self.trace_method, self.trace_matvecs)
@@ -96,7 +95,6 @@ class HessianCI(CurvatureProbe):
         self.check_positive("tol", self.tol)
         if self.max_iter is not None:
             self.check_int("max_iter", self.max_iter, 1)
-        self.check_int("seed", self.seed, 0)
 
     def run(self, ctx: ProbeContext) -> Result:
         """The intervals over ``data_resamples`` bootstrap resamples."""

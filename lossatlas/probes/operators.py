@@ -9,6 +9,8 @@ only code that turns (model, data, loss, curvature kind, mode, path, dtype, subs
   spectra);
 - ``mode``: the module's "eval" (default) or "train" flag while it is evaluated; ``path``: the HVP path
   ("auto"); ``dtype``: "float32" | "float64" | None (the checkpoint's).
+
+They share ``seed`` too: every random start vector, probe vector and resample is drawn from it.
 """
 
 from __future__ import annotations
@@ -73,14 +75,18 @@ class CurvatureProbe(Probe):
     mode: str = "eval"
     path: str = "auto"
     dtype: str | None = None
+    seed: int = 0  # of every random start vector, probe vector and resample
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def operator_settings(self) -> dict[str, Any]:
         """The five settings that define the operator, by name (to build a part on the same operator)."""
         return {name: getattr(self, name) for name in OPERATOR_FIELDS}
 
-    def check_operator_settings(self) -> None:
-        """ValueError, prefixed with the probe's name, for an unknown curvature, mode, path, dtype or subset."""
+    def check_curvature_settings(self) -> None:
+        """ValueError, prefixed with the probe's name, for a bad operator setting or seed.
+
+        That is an unknown curvature, mode, path, dtype or subset, or a seed that is not an integer ≥ 0.
+        """
         prefix = f"{self.name}: "
         check_choice("curvature", self.curvature, CURVATURES, prefix=prefix)
         if self.subset is not None:
@@ -92,6 +98,7 @@ class CurvatureProbe(Probe):
         check_choice("path", self.path, PATHS, prefix=prefix)
         if self.dtype is not None:
             check_choice("dtype", self.dtype, COMPUTE_DTYPES, prefix=prefix)
+        self.check_int("seed", self.seed, 0)
 
     def check_int(self, name: str, value: Any, minimum: int) -> None:
         """ValueError unless ``value`` is an int ≥ ``minimum``."""
@@ -136,7 +143,7 @@ class CurvatureProbe(Probe):
         2/η when the checkpoint has one.
         """
         meta: dict[str, Any] = {
-            "curvature": self.curvature, "loss": ctx.loss, "mode": self.mode, "seed": getattr(self, "seed", None),
+            "curvature": self.curvature, "loss": ctx.loss, "mode": self.mode, "seed": self.seed,
             "subset": self.subset, "num_params": int(op.shape[0]), "dtype": str(op.dtype).replace("torch.", ""),
             "num_examples": int(sum(int(x.shape[0]) for x, _ in batches)),
         }
