@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lossatlas.batches import as_batches, to_device
+from lossatlas.checks import check_choice
 from lossatlas.errors import UserError
 from lossatlas.losses import LOSSES
 from lossatlas.probes import ProbeContext, Result, get_probe
@@ -249,8 +250,7 @@ def _run(name: str, model: nn.Module, data: Any, loss_name: str, settings: dict,
          state_at: Callable[[int], Mapping[str, Tensor]] | None = None) -> Result:
     """Build the probe ``name`` from ``settings`` and run it once on ``model`` and ``data`` (as ``run_probe`` does)."""
     _check_model(model, "model")
-    if loss_name not in LOSSES:
-        raise UserError(f"unknown loss {loss_name!r}; choose one of {', '.join(LOSSES)}")
+    check_choice("loss", loss_name, LOSSES, error=UserError)
     cls = get_probe(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in (("batch_size", batch_size), ("max_examples", max_examples)):
@@ -296,10 +296,7 @@ def _check_model(model: Any, what: str) -> None:
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return _DTYPES[str(dtype).replace("torch.", "")]
-    except KeyError:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
+    return _DTYPES[check_choice("dtype", str(dtype).replace("torch.", ""), _DTYPES, error=UserError)]
 
 
 def _model_device(model: nn.Module) -> torch.device:

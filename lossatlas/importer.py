@@ -19,6 +19,7 @@ from typing import Iterable, Mapping
 import torch
 
 from lossatlas import models, store
+from lossatlas.checks import check_choice
 from lossatlas.errors import UserError
 from lossatlas.finite import NonFiniteWarning, describe_nonfinite, nonfinite_counts
 from lossatlas.losses import LOSSES
@@ -119,8 +120,8 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
     paths = [Path(p) for p in paths]
     if not paths:
         raise UserError("no checkpoint files given; pass one or more .pt/.pth/.safetensors files")
-    if loss is not None and loss not in LOSSES:
-        raise UserError(f"unknown loss {loss!r} (--loss); choose one of {', '.join(LOSSES)}")
+    if loss is not None:
+        check_choice("loss (--loss)", loss, LOSSES, error=UserError)
     output = Path(output)
     for p in paths:  # --force or not: the output must never replace a checkpoint it is made from
         if store.same_file(p, output):

@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lossatlas.checks import check_choice
+
 LossName = Literal["cross_entropy", "mse", "half_sse"]
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "half_sse")
 
 
 def check_loss_name(name: str) -> str:
     """Return ``name`` if it is a known loss, else raise ValueError naming the choices."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return name
+    return check_choice("loss", name, LOSSES)
 
 
 def _flatten(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,6 +45,7 @@ def _as_targets(out: Tensor, y: Tensor) -> Tensor:
 
 def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
     """ℓ_i for every example (every token for sequence models), shape (n,)."""
+    check_loss_name(name)
     out, y = _flatten(out, y)
     if name == "cross_entropy":
         return F.cross_entropy(out, y.long(), reduction="none")
@@ -53,9 +54,7 @@ def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
     sq = sq.reshape(sq.shape[0], -1)
     if name == "mse":
         return sq.mean(dim=1)
-    if name == "half_sse":
-        return 0.5 * sq.sum(dim=1)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return 0.5 * sq.sum(dim=1)  # half_sse
 
 
 def batch_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
@@ -113,15 +112,14 @@ def output_hessian_product(name: str, out: Tensor, y: Tensor, u: Tensor) -> Tens
 
     cross_entropy: (diag(p) − p pᵀ) u; mse: (2/C) u; half_sse: u. Shapes follow ``out``.
     """
+    check_loss_name(name)
     if name == "cross_entropy":
         p = torch.softmax(out, dim=-1)
         return p * u - p * (p * u).sum(dim=-1, keepdim=True)
     if name == "mse":
         width = out[0].numel() if out.ndim > 1 else 1
         return (2.0 / width) * u
-    if name == "half_sse":
-        return u
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return u  # half_sse
 
 
 def correct_count(out: Tensor, y: Tensor) -> int:

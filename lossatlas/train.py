@@ -12,6 +12,7 @@ import torch
 
 from lossatlas import models
 from lossatlas.batches import as_batches
+from lossatlas.checks import check_choice
 from lossatlas.errors import UserError
 from lossatlas.finite import NonFiniteWarning
 from lossatlas.losses import LOSSES, batch_loss
@@ -54,9 +55,7 @@ class TrainConfig:
                 raise UserError(f"{name} (--{name}) must be a spec like {{\"name\": ..., \"kwargs\": {{...}}}} or a "
                                 f"registered name, got {getattr(self, name)!r}")
         for name, known in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in known:
-                raise UserError(f"unknown {name} {value!r} (--{name}); choose one of {', '.join(known)}")
+            check_choice(f"{name} (--{name})", getattr(self, name), known, error=UserError)
         _number(self, "lr", minimum=0.0, strict=True)
         _number(self, "momentum", minimum=0.0)
         _number(self, "weight_decay", minimum=0.0)

@@ -138,7 +138,7 @@ def test_nc1_pinv_threshold_and_top_variant():
 
 
 def test_nc1_rejects_unknown_variant():
-    with pytest.raises(ValueError, match="nc1 variant must be one of"):
+    with pytest.raises(ValueError, match=r"unknown nc1 variant 'inverse'; choose one of pinv, svd, quotient \(cdnv: use cdnv\(\)\)"):
         nc1(torch.eye(2, dtype=DT), torch.eye(2, dtype=DT), 2, "inverse")
 
 
@@ -324,7 +324,7 @@ def test_collapse_probe_minority_view_in_result():
 
 
 def test_collapse_probe_rejects_bad_settings():
-    with pytest.raises(ValueError, match="nc1_variant must be one of"):
+    with pytest.raises(ValueError, match="unknown nc1_variant 'exact'; choose one of pinv, svd, quotient, cdnv"):
         NeuralCollapse(nc1_variant="exact")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         NeuralCollapse(batch_size=0)

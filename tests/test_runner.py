@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lossatlas.analysis.runner import RunOptions, default_results_path, run_probe
-from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
+from lossatlas.probes.base import PROBES, Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.loss import Loss, evaluate_loss
 from lossatlas.store import ResultsStore
 
@@ -14,7 +14,6 @@ class Interrupt(Exception):
     pass
 
 
-@register_probe
 @dataclass(frozen=True, kw_only=True)
 class CountingProbe(Probe):
     """Test probe: computes i² for i < n one item at a time, saving a partial result after each."""
@@ -35,6 +34,14 @@ class CountingProbe(Probe):
             ctx.save_partial(Result(self.name, self.config(), ctx.step, {"vals": vals.copy(), "done": done.copy()}))
         return Result(self.name, self.config(), ctx.step, {"vals": vals, "done": done},
                       meta={"resumed": ctx.partial is not None})
+
+
+@pytest.fixture(autouse=True)
+def counting_probe_registered():
+    """Register the test probe for this module's tests only, so that it never leaks into the CLI of others."""
+    register_probe(CountingProbe)
+    yield
+    PROBES.pop(CountingProbe.name, None)
 
 
 def test_loss_probe_caches_and_recomputes(tiny_run):

@@ -316,7 +316,7 @@ def test_refusals(tmp_path: Path, run_path: Path) -> None:
         RunWriter(results, model_spec=SPEC)
     with pytest.raises(UserError, match="no such results file"):
         ResultsStore(tmp_path / "none.results.h5", mode="r")
-    with pytest.raises(ValueError, match="mode must be 'r' or 'a'"):
+    with pytest.raises(ValueError, match="unknown mode 'w'; choose one of r, a"):
         ResultsStore(results, mode="w")
 
 
@@ -383,7 +383,7 @@ def test_results_overwrite_entries_latest_and_refusals(tmp_path: Path) -> None:
         assert list(f["surface/k1"]) == ["0000000005", "none"]  # no temporary group left behind
     with pytest.raises(UserError, match="holds results of another run .*pass another results path"):
         ResultsStore(path, run_fingerprint="fp2")
-    with pytest.raises(ValueError, match="status must be one of complete, partial"):
+    with pytest.raises(ValueError, match="unknown status 'done'; choose one of complete, partial"):
         store.write(scalar, key="h1", status="done")
     bad = Result(probe="x", config={}, step=1, values={"v": np.zeros(3)}, dims={"v": ("a",)}, coords={"a": np.zeros(4)})
     with pytest.raises(ValueError, match="coord 'a' has shape"):

@@ -198,9 +198,9 @@ def test_uniformity_probe_output_capture_without_pairs():
 
 
 def test_uniformity_probe_rejects_bad_settings():
-    with pytest.raises(ValueError, match="augmentation must be one of"):
+    with pytest.raises(ValueError, match="unknown augmentation 'crop'; choose one of "):
         Uniformity(augmentation="crop")
-    with pytest.raises(ValueError, match="capture must be one of"):
+    with pytest.raises(ValueError, match="unknown capture 'grad'; choose one of input, output"):
         Uniformity(capture="grad")
     with pytest.raises(ValueError, match="max_pairs_examples must be a positive integer"):
         Uniformity(max_pairs_examples=1)

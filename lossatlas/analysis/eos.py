@@ -20,6 +20,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from lossatlas.checks import check_choice
+
 OPTIMIZERS = ("gd", "heavy_ball", "nesterov", "adam")
 Optimizer = Literal["gd", "heavy_ball", "nesterov", "adam"]
 
@@ -30,8 +32,7 @@ def stability_threshold(lr: Any, *, optimizer: Optimizer = "gd", beta: float = 0
     2/η (GD), (2+2β)/η (heavy ball), (2+2β)/(η(1+2β)) (Nesterov), (2+2β₁)/((1−β₁)η) (Adam's
     preconditioned sharpness; 38/η at β₁ = 0.9). ``beta`` is ignored for ``gd``. Works on arrays.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    check_choice("optimizer", optimizer, OPTIMIZERS)
     if optimizer != "gd" and not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must lie in [0, 1), got {beta!r}")
     eta = np.asarray(lr, dtype=np.float64)

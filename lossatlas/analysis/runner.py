@@ -22,6 +22,7 @@ from torch import nn
 from lossatlas import models, store, trust
 from lossatlas.analysis.steps import select_steps
 from lossatlas.batches import as_batches, fingerprint, to_device
+from lossatlas.checks import check_choice
 from lossatlas.distributed import Distributed
 from lossatlas.errors import UserError
 from lossatlas.finite import check_finite
@@ -168,8 +169,7 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
             trust.require_trusted(spec, trust_factory=options.trust_factory)  # before any work or import
         steps = select_steps(options.steps, reader.steps())
         loss = reader.loss or "cross_entropy"
-        if loss not in LOSSES:
-            raise UserError(f"{run_path}: unknown loss {loss!r} in the run; supported: {', '.join(LOSSES)}")
+        check_choice("loss", loss, LOSSES, prefix=f"{run_path}: ", error=UserError)
         batches = load_batches(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
                                trust_factory=options.trust_factory)
         # a result is reused for the same data and the same model spec: an override's fingerprint joins the data's
@@ -352,10 +352,7 @@ def _finite_or_none(value: Any) -> float | None:
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+    return DTYPES[check_choice("dtype", name, DTYPES, error=UserError)]
 
 
 def _say(options: RunOptions, line: str) -> None:

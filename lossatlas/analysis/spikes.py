@@ -30,6 +30,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from lossatlas.checks import check_choice
+
 MAD_TO_SIGMA = 1.4826  # σ = 1.4826·MAD for Gaussian noise
 SIGMA_FLOOR = 1e-3  # in log-loss units (0.1 %): a perfectly flat curve still needs a real jump
 SpikeKind = Literal["spike", "divergence"]
@@ -141,8 +143,7 @@ def detect_spikes(
         warmup = min(window, 50)
     if not isinstance(warmup, int) or warmup < 5:
         raise ValueError(f"warmup must be an int ≥ 5, got {warmup!r}")
-    if scale not in ("log", "linear"):
-        raise ValueError(f"scale must be 'log' or 'linear', got {scale!r}")
+    check_choice("scale", scale, ("log", "linear"))
     bad = first_nonfinite(x)
     n = x.size if bad is None else bad
     if scale == "log":

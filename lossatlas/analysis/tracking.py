@@ -24,6 +24,7 @@ from lossatlas import store, trust
 from lossatlas.analysis.runner import _dtype, default_results_path, load_batches, load_model
 from lossatlas.analysis.steps import select_steps
 from lossatlas.batches import fingerprint, to_device
+from lossatlas.checks import check_choice
 from lossatlas.curvature import CURVATURES, make_operator
 from lossatlas.finite import nonfinite_counts
 from lossatlas.probes.base import Result
@@ -104,10 +105,8 @@ def track_eigenspaces(
         (NaN at the first step), "matvecs" ("step",), "two_over_lr" ("step",) when the run logged lr,
         and "cold_matvecs" when ``compare_cold``; meta has the total matvecs saved.
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
-    if warm_start not in WARM_STARTS:
-        raise ValueError(f"unknown warm_start {warm_start!r}; choose one of {', '.join(WARM_STARTS)}")
+    check_choice("curvature", curvature, CURVATURES)
+    check_choice("warm_start", warm_start, WARM_STARTS)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:

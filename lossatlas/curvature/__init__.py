@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from lossatlas.checks import check_choice
 from lossatlas.curvature.base import AUTO_BATCHED_MIN_K, MODES, PATHS, CurvatureOperator
 from lossatlas.curvature.blocks import parameter_blocks, resolve_params, select_parameters
 from lossatlas.curvature.fisher import EmpiricalFisherOperator, FisherOperator
@@ -39,8 +40,7 @@ def make_operator(kind: str, model: nn.Module, data: Any, loss: str = "cross_ent
         >>> type(G).__name__, G.kind, G.shape
         ('GGNOperator', 'ggn', (8, 8))
     """
-    if kind not in _OPERATORS:
-        raise ValueError(f"unknown curvature {kind!r}; choose one of {', '.join(CURVATURES)}")
+    check_choice("curvature", kind, CURVATURES)
     return _OPERATORS[kind](model, data, loss, **kw)
 
 

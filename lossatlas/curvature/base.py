@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lossatlas.batches import as_batches, to_device
+from lossatlas.checks import check_choice
 from lossatlas.curvature.blocks import resolve_params
 from lossatlas.distributed import Distributed
 from lossatlas.errors import UserError
@@ -111,10 +112,8 @@ class CurvatureOperator:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.loss = check_loss_name(loss)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if path not in PATHS:
-            raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
+        check_choice("mode", mode, MODES)
+        check_choice("path", path, PATHS)
         if chunk_size is not None and int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

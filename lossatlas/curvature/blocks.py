@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from lossatlas.checks import check_choice
+
 BLOCKINGS: tuple[str, ...] = ("layer", "parameter")
 
 
@@ -29,8 +31,7 @@ def parameter_blocks(model: nn.Module, by: str = "layer") -> dict[str, list[str]
     >>> parameter_blocks(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
     {'0': ['0.weight', '0.bias'], '2': ['2.weight', '2.bias']}
     """
-    if by not in BLOCKINGS:
-        raise ValueError(f"unknown blocking by={by!r}; choose one of {', '.join(BLOCKINGS)}")
+    check_choice("blocking by", by, BLOCKINGS)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     blocks: dict[str, list[str]] = {}
     if by == "parameter":

@@ -6,10 +6,12 @@ An operator is anything with ``shape == (P, P)``, ``dtype``, ``device`` and ``A 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+
+from lossatlas.checks import check_choice
 
 DISTRIBUTIONS: tuple[str, ...] = ("rademacher", "normal")
 
@@ -30,13 +32,6 @@ def check_operator(A: Any) -> tuple[int, torch.dtype, torch.device]:
     if not A.dtype.is_floating_point:
         raise ValueError(f"operator dtype must be floating point, got {A.dtype}; convert it with .double() or .float()")
     return int(shape[0]), A.dtype, torch.device(A.device)
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(repr(c) for c in choices)}")
-    return value
 
 
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:

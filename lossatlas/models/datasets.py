@@ -12,18 +12,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lossatlas.checks import check_choice
 from lossatlas.models.registry import register_data
 
 SPLITS: tuple[str, ...] = ("train", "test", "all")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 OPERATIONS: tuple[str, ...] = ("add", "sub", "mul", "div")
 TARGETS: tuple[str, ...] = ("class", "sequence")
-
-
-def _check_choice(what: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-    return value
 
 
 def _check_fraction(what: str, value: float) -> float:
@@ -49,8 +44,8 @@ def digits(
     """
     from sklearn.datasets import load_digits
 
-    _check_choice("split", split, SPLITS)
-    _check_choice("dtype", dtype, tuple(DTYPES))
+    check_choice("split", split, SPLITS)
+    check_choice("dtype", dtype, tuple(DTYPES))
     _check_fraction("test_fraction", test_fraction)
     bunch = load_digits()
     x = torch.as_tensor(bunch.data, dtype=torch.float64)  # (1797, 64), pixel values 0..16
@@ -137,8 +132,8 @@ def gaussian_mixture(
     ratio n_0/n_{K−1}, or explicit per-class counts given as ``imbalance``. The split is stratified
     (round(test_fraction·n_k) test examples per class); examples come in a seeded shuffled order.
     """
-    _check_choice("split", split, SPLITS)
-    _check_choice("dtype", dtype, tuple(DTYPES))
+    check_choice("split", split, SPLITS)
+    check_choice("dtype", dtype, tuple(DTYPES))
     _check_fraction("test_fraction", test_fraction)
     if int(num_classes) < 1 or int(dim) < 1:
         raise ValueError(f"num_classes and dim must be positive, got {num_classes} and {dim}")
@@ -186,9 +181,9 @@ def modular_arithmetic(
     and vocab_size p + 1. ``target="sequence"``: next-token targets (N, 3) = [b, "=", c] for an LM
     loss over every position (grokking itself scores only the answer).
     """
-    _check_choice("operation", operation, OPERATIONS)
-    _check_choice("split", split, SPLITS)
-    _check_choice("target", target, TARGETS)
+    check_choice("operation", operation, OPERATIONS)
+    check_choice("split", split, SPLITS)
+    check_choice("target", target, TARGETS)
     _check_fraction("train_fraction", train_fraction)
     p = int(p)
     if p < 2:
@@ -246,7 +241,7 @@ def token_stream(
     different sequences from it. Each sequence starts at a uniform token; targets are the inputs
     shifted by one (targets[:, t] = inputs[:, t + 1] for t < T − 1).
     """
-    _check_choice("split", split, ("train", "test"))
+    check_choice("split", split, ("train", "test"))
     vocab_size, block_size, n_sequences, branching = int(vocab_size), int(block_size), int(n_sequences), int(branching)
     if min(vocab_size, block_size, n_sequences) < 1 or not 1 <= branching <= vocab_size:
         raise ValueError(

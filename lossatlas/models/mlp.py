@@ -6,6 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from lossatlas.checks import check_choice
 from lossatlas.models.registry import register_model
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "linear")
@@ -16,15 +17,14 @@ REFERENCE_WIDTHS: tuple[int, ...] = (64, 128, 128, 10)
 
 def make_activation(name: str) -> nn.Module:
     """A fresh, out-of-place activation module by name (in-place ones break double backward)."""
+    check_choice("activation", name, ACTIVATIONS)
     if name == "relu":
         return nn.ReLU()
     if name == "tanh":
         return nn.Tanh()
     if name == "gelu":
         return nn.GELU()
-    if name == "linear":
-        return nn.Identity()
-    raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return nn.Identity()  # linear
 
 
 class MLP(nn.Module):

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lossatlas.checks import check_choice
 from lossatlas.models.registry import register_model
 
 ACTIVATIONS: tuple[str, ...] = ("quadratic", "relu")
@@ -27,8 +28,7 @@ class ModularMLP(nn.Module):
         super().__init__()
         if int(p) < 2 or int(width) < 1:
             raise ValueError(f"modular_mlp needs p ≥ 2 and width ≥ 1, got p={p}, width={width}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        check_choice("activation", activation, ACTIVATIONS)
         if not alpha > 0:
             raise ValueError(f"the output scale alpha must be positive, got {alpha}")
         self.p, self.width, self.activation, self.alpha = int(p), int(width), activation, float(alpha)

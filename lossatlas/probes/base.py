@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lossatlas.checks import check_choice
 from lossatlas.distributed import Distributed
 
 
@@ -263,7 +264,4 @@ def register_probe(cls: type[Probe]) -> type[Probe]:
 
 def get_probe(name: str) -> type[Probe]:
     """The registered probe class called ``name``; ValueError lists the known ones."""
-    try:
-        return PROBES[name]
-    except KeyError:
-        raise ValueError(f"unknown probe {name!r}; known probes: {', '.join(sorted(PROBES))}") from None
+    return PROBES[check_choice("probe", name, sorted(PROBES))]

@@ -34,7 +34,7 @@ from lossatlas.probes.features import (
     resolve_module,
     stream_features,
 )
-from lossatlas.probes.settings import check_finite_number
+from lossatlas.probes.settings import MODES, check_choice, check_finite_number
 
 NC1_VARIANTS: tuple[str, ...] = ("pinv", "svd", "quotient", "cdnv")
 PINV_RTOL = 1e-10
@@ -64,8 +64,10 @@ def nc1(sigma_w: Tensor, sigma_b: Tensor, num_classes: int, variant: str = "pinv
     eigenpairs (Han et al. 2022); ``"quotient"`` tr Σ_W / tr Σ_B (Tirer et al. 2023). For CDNV use
     ``cdnv``. Closed form: Σ_W = (a²/p)I around ETF means of norm r ⇒ (a²/p)(C−1)²/(C r²).
     """
-    if variant not in ("pinv", "svd", "quotient"):
-        raise ValueError(f"nc1 variant must be one of pinv, svd, quotient (cdnv: use cdnv()), got {variant!r}")
+    try:
+        check_choice("nc1 variant", variant, ("pinv", "svd", "quotient"))
+    except ValueError as err:
+        raise ValueError(f"{err} (cdnv: use cdnv())") from None
     sigma_w, sigma_b = sigma_w.to(torch.float64), sigma_b.to(torch.float64)
     if variant == "quotient":
         return float(torch.trace(sigma_w) / torch.trace(sigma_b))
@@ -237,10 +239,13 @@ class NeuralCollapse(Probe):
     minority_threshold: float | None = None
 
     def validate(self) -> None:
-        if self.nc1_variant not in NC1_VARIANTS:
-            raise ValueError(f"nc1_variant must be one of {', '.join(NC1_VARIANTS)}, got {self.nc1_variant!r}")
-        if self.mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train', got {self.mode!r}")
+        """ValueError for a setting out of range.
+
+        Refuses an unknown ``nc1_variant`` or ``mode``, a ``max_examples``/``batch_size`` that is not a positive
+        integer, a ``layers`` tuple holding non-strings, and a ``minority_threshold`` that is not finite and > 0.
+        """
+        check_choice("nc1_variant", self.nc1_variant, NC1_VARIANTS)
+        check_choice("mode", self.mode, MODES)
         for key in ("max_examples", "batch_size"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -258,6 +263,16 @@ class NeuralCollapse(Probe):
         return [resolve_module(model, n)[0] for n in names]
 
     def run(self, ctx: ProbeContext) -> Result:
+        """NC1–NC4 from two float64 passes over the data (class means, then scatter and NCC predictions).
+
+        Scalars: ``nc1`` (the chosen variant) and ``nc1_pinv|svd|quotient|cdnv``, e.g. (1/C) tr(Σ_W Σ_B^†);
+        ``nc2_*_means`` (equinorm, equiangular, max-angle, ETF distance of μ_c − μ_G); ``ncc_accuracy``.
+        When the last Linear acts on the features: ``nc2_*_weights`` of W, ``nc3_self_duality``, ``nc3_zhu``,
+        ``nc4_ncc_mismatch`` (NCC vs classifier disagreement), ``classifier_accuracy``, ``bias_collapse``
+        ||Wμ_G + b||. Per class: counts, mean and weight norms/cosines, variances, NCC accuracy, minority flag;
+        minority/majority mean cosines when both groups have ≥ 2 classes. With ``layers``: ``layer_nc1``,
+        ``layer_ncc_accuracy``, ``layer_width``. ValueError when the data holds fewer than two classes.
+        """
         start = time.perf_counter()
         model = ctx.model
         feature_name, _ = resolve_module(model, self.module)

@@ -151,6 +151,7 @@ class Interpolate(Probe):
     chunk_size: int | None = None  # None: 1 on CPU, 16 on an accelerator
 
     def validate(self) -> None:
+        """ValueError without ``to_step``, for a bad ``alphas`` range or ``dir_type``/``bn``, or a count < 1."""
         if self.to_step is None:
             raise ValueError("interpolate needs to_step: the step of the other checkpoint")
         grid_axis(self.alphas, "alphas")
@@ -162,6 +163,13 @@ class Interpolate(Probe):
             raise ValueError(f"chunk_size must be >= 1 or None (automatic), got {self.chunk_size}")
 
     def run(self, ctx: ProbeContext) -> Result:
+        """Loss, accuracy and error at every θ(α) = (1 − α)θ_a + αθ_b, and the barriers of loss and error.
+
+        ``loss_barrier``/``error_linear_barrier`` are max_α [f(α) − ((1 − α)f(0) + αf(1))];
+        ``loss_midpoint_barrier``/``error_barrier`` are max_α f(α) − (f(0) + f(1))/2 (only when α = 0 and 1
+        are in the grid). ``layerwise`` adds ``single_*``, ``first_*`` and ``last_*`` tables where only that
+        layer group, the first k or the last k groups move. ValueError outside a run file (no other checkpoint).
+        """
         t0 = time.perf_counter()
         if ctx.state_at is None:
             raise ValueError("interpolate needs the other checkpoint (ctx.state_at); run it on a run file")

@@ -70,6 +70,7 @@ class Direction:
 
     @property
     def names(self) -> list[str]:
+        """The tensor names, in the order ``flat`` concatenates them."""
         return list(self.tensors)
 
     def flat(self) -> Tensor:
@@ -109,7 +110,7 @@ def tensor_kinds(model: nn.Module) -> dict[str, str]:
 
 
 def _filter_scale(d: Tensor, w: Tensor, axis: int, unit: bool) -> Tensor:
-    """d with every slice along ``axis`` rescaled to ‖w_i‖ (or to 1 when ``unit``)."""
+    """The tensor d with every slice along ``axis`` rescaled to ‖w_i‖ (or to 1 when ``unit``)."""
     dm = d.movedim(axis, 0).reshape(d.shape[axis], -1)
     dn = dm.norm(dim=1, keepdim=True)
     target = torch.ones_like(dn) if unit else w.movedim(axis, 0).reshape(w.shape[axis], -1).norm(dim=1, keepdim=True)

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lossatlas.checks import check_choice
 from lossatlas.probes.modes import evaluation_mode
 
 CAPTURES: tuple[str, ...] = ("input", "output")
@@ -101,8 +102,7 @@ def capture_activations(
 
     The dict is refilled by every forward; the hooks are removed when the block ends, on error too.
     """
-    if capture not in CAPTURES:
-        raise ValueError(f"capture must be one of {', '.join(CAPTURES)}, got {capture!r}")
+    check_choice("capture", capture, CAPTURES)
     store: dict[str, Tensor] = {}
     handles = []
     try:

@@ -135,6 +135,7 @@ class PointEvaluator:
 
     @property
     def names(self) -> list[str]:
+        """The metric names ``evaluate`` returns: loss, accuracy, then the extra metrics in order."""
         return ["loss", "accuracy", *self.metrics]
 
     def point_state(self, coord: Sequence[float]) -> dict[str, Tensor]:
@@ -180,8 +181,11 @@ class PointEvaluator:
 
 
 def default_chunk_size(evaluator: PointEvaluator, device: torch.device | str, budget_bytes: int = 2**30) -> int:
-    """Points per vmapped forward: 1 on CPU (vmap measured no faster there, slower for convs:
-    benchmarks/bench_surface.py), else as many as fit ``budget_bytes`` of stacked parameters, at most 16."""
+    """Points per vmapped forward: 1 on CPU, else as many as fit ``budget_bytes``, at most 16.
+
+    On CPU vmap measured no faster, and slower for convs (benchmarks/bench_surface.py); on an accelerator
+    the count is ``budget_bytes`` over the bytes of one point's stacked moving tensors.
+    """
     if torch.device(device).type == "cpu":
         return 1
     per_point = sum(evaluator.state[k].numel() * evaluator.state[k].element_size() for k in evaluator.moving)

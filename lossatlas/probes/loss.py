@@ -1,5 +1,7 @@
-"""The ``loss`` probe: loss and accuracy of a checkpoint on a data set; the cheapest probe, and the runner's
-end-to-end proof."""
+"""The ``loss`` probe: loss and accuracy of a checkpoint on a data set.
+
+The cheapest probe, and the runner's end-to-end proof.
+"""
 
 from __future__ import annotations
 
@@ -46,9 +48,14 @@ class Loss(Probe):
     mode: str = "eval"
 
     def validate(self) -> None:
+        """ValueError for a ``mode`` other than "eval" or "train"."""
         check_choice("mode", self.mode, MODES)
 
     def run(self, ctx: ProbeContext) -> Result:
+        """``loss`` L = Σ_b (n_b/N) L_b and ``accuracy`` (correct / N) over every batch, without gradients.
+
+        ValueError for an unknown loss name in the context.
+        """
         check_loss_name(ctx.loss)
         start = time.perf_counter()
         loss, acc, n = evaluate_loss(ctx.model, ctx.data, ctx.loss, mode=self.mode)

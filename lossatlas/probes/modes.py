@@ -7,6 +7,8 @@ from typing import Iterator
 
 from torch import nn
 
+from lossatlas.checks import check_choice
+
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module, mode: str = "eval", *, cumulative_bn: bool = False) -> Iterator[nn.Module]:
@@ -15,8 +17,7 @@ def evaluation_mode(model: nn.Module, mode: str = "eval", *, cumulative_bn: bool
     ``cumulative_bn`` also sets every BatchNorm's momentum to None for the block (running statistics
     become the plain average over the batches seen, as when recomputing them at a new point).
     """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    check_choice("mode", mode, ("eval", "train"))
     saved = [(m, m.training, getattr(m, "momentum", None)) for m in model.modules()]
     try:
         model.train(mode == "train")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from lossatlas.checks import check_choice
 from lossatlas.curvature import MODES
 
 DTYPES: dict[str, torch.dtype] = {
@@ -22,16 +23,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float64")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any], *, prefix: str = "") -> Any:
-    """Return ``value`` if it is one of ``choices``, else raise ValueError naming the choices.
-
-    ``prefix`` (e.g. ``"hessian: "``) says which probe refused it.
-    """
-    if value not in choices:
-        raise ValueError(f"{prefix}unknown {name} {value!r}; {name} must be one of {', '.join(map(str, choices))}")
-    return value
 
 
 def check_finite_number(name: str, value: Any, *, minimum: float | None = None, strict: bool = False,

@@ -27,7 +27,6 @@ from torch.func import functional_call
 
 from lossatlas.batches import Batch, as_batches, num_examples, to_device
 from lossatlas.curvature import HessianOperator
-from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.losses import (
     batch_count,
     batch_loss,
@@ -37,6 +36,7 @@ from lossatlas.losses import (
     output_hessian_product,
     per_example_loss,
 )
+from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import Params, axpy, dot, flatten, l2_norm, multiply, scale, unflatten
 from lossatlas.probes.settings import MODES, check_choice, check_nonneg_int
@@ -76,7 +76,7 @@ def trainable_params(model: nn.Module, dtype: torch.dtype | None = None) -> Para
 
 
 def _scale(params: Params, adaptive: bool, eta: float) -> Params:
-    """c = |w| + η per coordinate (adaptive, every parameter scaled) or c = 1 (standard)."""
+    """The scale c = |w| + η per coordinate (adaptive, every parameter scaled) or c = 1 (standard)."""
     if adaptive:
         return {k: v.abs() + eta for k, v in params.items()}
     return {k: torch.ones_like(v) for k, v in params.items()}
@@ -89,9 +89,13 @@ def _scale(params: Params, adaptive: bool, eta: float) -> Params:
 class Objective(Protocol):
     """θ ↦ L(θ): what every sharpness measure maximises or averages."""
 
-    def value(self, params: Params) -> Tensor: ...
+    def value(self, params: Params) -> Tensor:
+        """L(θ) at θ = ``params`` as a detached 0-d tensor, without building a graph."""
+        ...
 
-    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]: ...
+    def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
+        """(L(θ), ∇_θ L(θ)) at θ = ``params``: the detached value and one gradient tensor per name."""
+        ...
 
 
 class FunctionObjective:
@@ -101,10 +105,12 @@ class FunctionObjective:
         self.fn = fn
 
     def value(self, params: Params) -> Tensor:
+        """fn(θ), detached, evaluated without gradients."""
         with torch.no_grad():
             return self.fn(params).detach()
 
     def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
+        """(fn(θ), ∇fn(θ)) by autograd; a parameter ``fn`` does not use gets a zero gradient."""
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
             out = self.fn(leaves)
@@ -149,11 +155,13 @@ class DataObjective:
         return functional_call(self.model, (params, self.fixed), (x,))
 
     def value(self, params: Params) -> Tensor:
+        """L_S(θ) = Σ_b (n_b/N) L_b(θ) over the fixed batches, without gradients, in the objective's mode."""
         with torch.no_grad(), evaluation_mode(self.model, self.mode):
             total = data_loss(self.loss, lambda x: self.forward(params, x), self.batches, weights=self.weights)
         return total.detach()
 
     def value_and_grad(self, params: Params) -> tuple[Tensor, Params]:
+        """(L_S(θ), ∇L_S(θ)), accumulating (n_b/N)∇L_b with one backward per batch to bound memory."""
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
         total = 0.0
@@ -378,9 +386,9 @@ def keskar_sharpness(
     max_iter: int = 10,
     generator: torch.Generator | None = None,
 ) -> float:
-    """Keskar et al. 2017 ε-sharpness φ = 100·(max_{y ∈ C_ε} L(x + Ay) − L(x)) / (1 + L(x)) in percent
-    (Keskar, Mudigere, Nocedal, Smelyanskiy, Tang, ICLR 2017).
+    """Keskar et al. 2017 ε-sharpness in percent (Keskar, Mudigere, Nocedal, Smelyanskiy, Tang, ICLR 2017).
 
+    φ = 100·(max_{y ∈ C_ε} L(x + Ay) − L(x)) / (1 + L(x)).
     C_ε = {y : |y_i| ≤ ε(|(A⁺x)_i| + 1)} is a box, not a ball. A = I (``subspace=None``), a random (P, p) matrix with
     N(0, 1) entries (``subspace=p``; dense, so P·p numbers must fit in memory) or a given (P, p) tensor. The inner
     maximisation is L-BFGS-B (scipy, float64, ``max_iter`` iterations) from a uniform random point of the box (from
@@ -429,8 +437,10 @@ def keskar_sharpness(
 
 
 def chunk_batches(batches: Sequence[Batch], m: int | None, batch_size: int | None = None) -> list[list[Batch]]:
-    """The examples split into disjoint consecutive chunks of ``m`` (the last may be smaller), each chunk further
-    split into physical batches of ``batch_size`` (None: one batch per chunk). ``m=None``: one chunk, batches as given.
+    """The examples split into disjoint consecutive chunks of ``m`` (the last may be smaller).
+
+    Each chunk is further split into physical batches of ``batch_size`` (None: one batch per chunk).
+    ``m=None``: one chunk, batches as given.
     """
     if m is None:
         if batch_size is None:
@@ -552,8 +562,9 @@ def _generator(seed: int, measure: str) -> torch.Generator:
 @register_probe
 @dataclass(frozen=True, kw_only=True)
 class Sharpness(Probe):
-    """Sharpness measures of a checkpoint: one 0-d value per measure, ``<measure>_stderr`` for
-    Monte-Carlo ones, and the clean loss.
+    """Sharpness measures of a checkpoint.
+
+    One 0-d value per measure, ``<measure>_stderr`` for Monte-Carlo ones, and the clean loss.
 
     Measures: ``grad_norm`` ‖∇L‖; ``fisher_rao`` ‖θ‖_fr; ``keskar`` ε-sharpness (%); ``sam`` / ``adaptive_sam``
     one-step SAM / ASAM on all examples (ρ = ``rho`` / ``adaptive_rho``); ``m_sharpness`` one-step SAM averaged
@@ -599,11 +610,17 @@ class Sharpness(Probe):
         super().__post_init__()
 
     def validate(self) -> None:
+        """ValueError for a setting out of range.
+
+        Refuses an empty, unknown or repeated measure; ``rho``/``adaptive_rho``/``epsilon`` not finite and > 0;
+        ``eta`` not finite and ≥ 0; an unknown ``norm``, ``fisher`` or ``mode``; a negative ``seed``;
+        ``steps``/``keskar_iters`` < 1 or ``num_samples`` < 2; ``m``/``keskar_dim``/``max_examples``/``batch_size``
+        that are neither None nor a positive integer.
+        """
         if not self.measures:
             raise ValueError(f"measures is empty; choose some of {', '.join(MEASURES)}")
         for name in self.measures:
-            if name not in MEASURES:
-                raise ValueError(f"unknown sharpness measure {name!r}; choose from {', '.join(MEASURES)}")
+            check_choice("sharpness measure", name, MEASURES)
         if len(set(self.measures)) != len(self.measures):
             raise ValueError(f"measures lists a measure twice: {list(self.measures)}")
         for field_name in ("rho", "adaptive_rho", "epsilon"):
@@ -638,6 +655,14 @@ class Sharpness(Probe):
         return out
 
     def run(self, ctx: ProbeContext) -> Result:
+        """The clean ``loss`` L(w) and each chosen measure on the first ``max_examples`` examples.
+
+        ``grad_norm`` ‖∇L‖₂; ``fisher_rao`` (E⟨θ,∇_θℓ⟩²)^½; ``keskar`` 100·(max_{C_ε} L − L)/(1 + L);
+        ``sam``/``adaptive_sam`` L(w + ρ c²∇L/‖c∇L‖) − L(w) in one step (l2); ``m_sharpness`` the same per chunk of
+        ``m``, example-weighted; ``worst_case``/``adaptive_worst_case`` max_{‖δ/c‖ ≤ ρ} L(w + δ) − L(w) by
+        Auto-PGD per chunk; ``average_case``/``adaptive_average_case`` E_δ L(w + δ) − L(w) with a ``_stderr``.
+        Optional ``lambda_max`` (Lanczos) and ``trace``/``trace_stderr`` (Hutch++) of the Hessian.
+        """
         check_loss_name(ctx.loss)
         start = time.perf_counter()
         batches = to_device(as_batches(ctx.data, limit=self.max_examples), ctx.device, ctx.dtype)

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lossatlas.checks import check_choice
 from lossatlas.distributed import Distributed
 from lossatlas.estimators import EigResult, TraceEstimate, hutchinson_trace, hutchpp_trace, lanczos_eigs
 
@@ -68,11 +69,10 @@ def trace_estimate(
     "hutchinson" ((1/m) Σ vᵀAv; error O(1/√m)). Under torchrun (``dist``) the probe vectors are
     split across ranks.
     """
+    check_choice("trace method", method, TRACE_METHODS)
     if method == "hutchpp":
         return hutchpp_trace(A, num_matvecs, seed=seed, dist=dist)
-    if method == "hutchinson":
-        return hutchinson_trace(A, num_matvecs, seed=seed, dist=dist)
-    raise ValueError(f"unknown trace method {method!r}; method must be one of {', '.join(TRACE_METHODS)}")
+    return hutchinson_trace(A, num_matvecs, seed=seed, dist=dist)
 
 
 __all__ = ["top_eigenpairs", "trace_estimate", "TOL", "TRACE_METHODS", "TRACE_MATVECS"]

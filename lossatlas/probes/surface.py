@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lossatlas import losses as L
+from lossatlas.distributed import chunks_for_rank
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import (
     DEFAULT_SEED,
@@ -38,7 +39,6 @@ from lossatlas.probes.directions import (
     top_hessian_eigenvectors,
     trajectory_pca,
 )
-from lossatlas.distributed import chunks_for_rank
 from lossatlas.probes.grid import (
     BN_MODES,
     Metric,
@@ -173,6 +173,12 @@ class Surface(Probe):
     quadratic_check: bool = True
 
     def validate(self) -> None:
+        """ValueError for a setting out of range.
+
+        Refuses ``dims`` other than 1 or 2, a bad ``xrange``/``yrange``, an unknown ``directions``/``norm``/
+        ``ignore``/``dir_type``/``bn`` or extra metric, a negative ``seed``/``x_step``/``y_step``, a
+        ``chunk_size``/``save_every``/``bn_batches`` < 1, and ``directions="checkpoints"`` without the steps.
+        """
         if self.dims not in (1, 2):
             raise ValueError(f"dims must be 1 or 2, got {self.dims}")
         grid_axis(self.xrange, "xrange")
@@ -219,6 +225,12 @@ class Surface(Probe):
         return list(pca.directions[:k])
 
     def run(self, ctx: ProbeContext) -> Result:
+        """Loss, accuracy and extra metrics at every grid point θ* + x·d_x (+ y·d_y).
+
+        Resumes a matching ``ctx.partial`` (same settings and grid), saves partial results every ``save_every``
+        points, and under torchrun splits the points over ranks and sums them. With ``quadratic_check``,
+        meta["quadratic"] compares each axis line with q(α) = L + α∇L·d + ½α² dᵀHd (``quadratic_regime``).
+        """
         t0 = time.perf_counter()
         base = model_state(ctx.model, self.dir_type)
         x = grid_axis(self.xrange, "xrange")

@@ -50,6 +50,11 @@ class Trajectory(Probe):
     chunk_size: int | None = None  # None: 1 on CPU, 16 on an accelerator
 
     def validate(self) -> None:
+        """ValueError for a setting out of range.
+
+        Refuses an unknown ``ignore``/``dir_type``, a ``grid`` of 1 or below 0, a negative or non-finite ``margin``,
+        a negative ``final_step``, and a ``chunk_size`` < 1.
+        """
         check_choice("ignore", self.ignore, IGNORES)
         check_choice("dir_type", self.dir_type, DIR_TYPES)
         if self.grid < 0 or self.grid == 1:
@@ -60,6 +65,14 @@ class Trajectory(Probe):
             raise ValueError(f"chunk_size must be >= 1 or None (automatic), got {self.chunk_size}")
 
     def run(self, ctx: ProbeContext) -> Result:
+        """Every checkpoint up to ``final_step`` projected on the PCA plane of d_e = θ_e − θ_T, and its loss there.
+
+        Per checkpoint: ``proj_x`` = ⟨d_e, pc1⟩, ``proj_y`` = ⟨d_e, pc2⟩, ``distance_to_plane``
+        ‖d_e − x_e pc1 − y_e pc2‖, the true ``loss``/``accuracy`` and ``loss_at_projection``/
+        ``accuracy_at_projection`` at θ_T + x_e pc1 + y_e pc2; per component the explained variance (ratio) and
+        singular values; the flat ``direction_x``/``direction_y``; with ``grid`` > 0 ``surface_loss``/
+        ``surface_accuracy``. ValueError outside a run file or when ``final_step`` precedes every checkpoint.
+        """
         t0 = time.perf_counter()
         if ctx.state_at is None or not ctx.steps:
             raise ValueError("trajectory needs the run's checkpoints (ctx.steps, ctx.state_at); run it on a run file")

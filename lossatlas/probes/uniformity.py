@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.features import CAPTURES, Rebatched, collect_features, model_params, resolve_module
-from lossatlas.probes.settings import check_finite_number, check_nonneg_int
+from lossatlas.probes.settings import MODES, check_choice, check_finite_number, check_nonneg_int
 
 NOT_NORMALIZED_WARNING = "features were not L2-normalized; normalized them"
 AUGMENTATIONS: tuple[str, ...] = ("none", "gaussian_noise")
@@ -191,12 +191,15 @@ class Uniformity(Probe):
     seed: int = 0
 
     def validate(self) -> None:
-        if self.capture not in CAPTURES:
-            raise ValueError(f"capture must be one of {', '.join(CAPTURES)}, got {self.capture!r}")
-        if self.mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train', got {self.mode!r}")
-        if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}")
+        """ValueError for a setting out of range.
+
+        Refuses an unknown ``capture``, ``mode`` or ``augmentation``; ``t``/``alpha`` not finite and > 0;
+        ``noise_std`` not finite and ≥ 0; a negative ``seed``; ``max_pairs_examples`` < 2 and
+        ``max_examples``/``batch_size`` < 1 (None passes for all three).
+        """
+        check_choice("capture", self.capture, CAPTURES)
+        check_choice("mode", self.mode, MODES)
+        check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_finite_number("t", self.t, minimum=0.0, strict=True)
         check_finite_number("alpha", self.alpha, minimum=0.0, strict=True)
         check_finite_number("noise_std", self.noise_std, minimum=0.0)
@@ -207,6 +210,14 @@ class Uniformity(Probe):
                 raise ValueError(f"{key} must be a positive integer (≥ 2 for pairs) or None, got {value!r}")
 
     def run(self, ctx: ProbeContext) -> Result:
+        """Feature-geometry scalars of the captured features Z (N, p) and their singular values.
+
+        ``uniformity`` log E_{i<j} exp(−t‖ẑ_i − ẑ_j‖²) on at most ``max_pairs_examples`` unit rows;
+        ``w2_uniformity`` the 2-Wasserstein distance from N(μ, Σ) of ẑ to N(0, I/p);
+        ``tolerance`` the mean same-class cosine (when a class has ≥ 2 examples); ``rankme`` exp(−Σ p_k log p_k),
+        p_k = σ_k/‖σ‖₁ + ε; ``singular_values`` σ_k; with ``augmentation`` ``alignment`` E‖ẑ₁ − ẑ₂‖^α over
+        the two augmented views.
+        """
         start = time.perf_counter()
         name, _ = resolve_module(ctx.model, self.module)
         params = model_params(ctx.model, ctx.device, ctx.dtype)

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from lossatlas._version import __version__
+from lossatlas.checks import check_choice
 from lossatlas.errors import UserError
 from lossatlas.probes.base import Result
 from lossatlas.store import integrity
@@ -115,8 +116,7 @@ class ResultsStore:
     """
 
     def __init__(self, path: str | Path, *, run_fingerprint: str | None = None, mode: str = "a") -> None:
-        if mode not in ("r", "a"):
-            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        check_choice("mode", mode, ("r", "a"))
         self.path, self.mode = Path(path), mode
         self._fingerprint = run_fingerprint or ""
         if self.path.is_dir():
@@ -230,8 +230,7 @@ class ResultsStore:
         """Store ``result`` under ``/<probe>/<key>/<step>``, replacing an earlier entry there."""
         if self.mode != "a":
             raise ValueError(f"{self.path}: opened read-only (mode 'r'); open with mode 'a' to write")
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        check_choice("status", status, STATUSES)
         clash = set(result.values) & set(result.coords)
         if clash:
             raise ValueError(f"Result {result.probe!r}: {sorted(clash)} are both values and coords; rename one")

@@ -1,5 +1,7 @@
-"""Hessian figures: spectral density with bulk and outliers (Sagun et al. 2017; Papyan 2019), top-k
-eigenvalues across steps against the 2/η stability threshold (Cohen et al. 2021), per-layer spectra.
+"""Hessian figures: spectral density, eigenvalues across steps, per-layer spectra.
+
+The spectral density with bulk and outliers (Sagun et al. 2017; Papyan 2019), the top-k eigenvalues across
+steps against the 2/η stability threshold (Cohen et al. 2021), and the per-layer spectra.
 
 Reads the "hessian" Result: "top_eigenvalues" ("k",), "bottom_eigenvalues" ("k",), "trace" + "trace_stderr",
 "density" ("grid",) with coord "grid", "outliers" ("outlier",), meta "bulk_edge", "block_top_eigenvalues"
@@ -150,8 +152,10 @@ def draw_block_spectra(ax, result: ResultLike) -> bool:
 
 @paper_figure_of("hessian")
 def hessian_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None, lr: LrLike = None) -> Figure:
-    """The "hessian" kind: the eigenvalue timeline (several steps, no ``step`` given), the spectrum of one step
-    and its per-layer spectra when stored."""
+    """The "hessian" kind: eigenvalue timeline, one step's spectrum, and its per-layer spectra.
+
+    The timeline appears with several steps and no ``step`` given; the per-layer spectra when stored.
+    """
     results = as_list(results)
     one = pick_step(results, step)
     timeline = step is None and len(results) > 1
