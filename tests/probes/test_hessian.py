@@ -417,7 +417,7 @@ def test_hessian_outliers_experiment_runs_and_reports_counts(tmp_path, monkeypat
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "experiments" / "hessian_outliers.py"
+    path = Path(__file__).parents[2] / "experiments" / "hessian_outliers.py"
     spec = importlib.util.spec_from_file_location("hessian_outliers", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

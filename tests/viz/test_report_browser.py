@@ -48,7 +48,7 @@ def report(tmp_path_factory):
     """A report of a real run with landscape, collapse, loss and (synthetic) Hessian results."""
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium not found (apt-get install chromium chromium-driver)")
-    from test_viz import HESSIAN_STEPS, LR, TINY_MLP, hessian_result
+    from test_figures import HESSIAN_STEPS, LR, TINY_MLP, hessian_result
 
     from lossatlas.analysis.reporting import report_command
     from lossatlas.analysis.runner import RunOptions, default_results_path, run_probe

@@ -1,4 +1,4 @@
-"""Child process for tests/test_store.py's crash test: writes checkpoints in a tight loop.
+"""Child process for tests/store/test_store.py's crash test: writes checkpoints in a tight loop.
 
 Usage: python _store_writer_child.py RUN_PATH. After each ``write_checkpoint`` returns (the
 checkpoint is flushed) it prints ``ckpt <step>``; the parent SIGKILLs it mid-loop. The tensors of
