@@ -5,14 +5,16 @@ command line) and runs it once, on the model as it is now, returning the probe's
 ``result.values[name]`` are numpy arrays (``result.scalar(name)`` for a single number),
 ``result.dims``/``result.coords`` label their axes and ``result.meta`` says how they were computed.
 
-Data is an ``(inputs, targets)`` pair of tensors, a ``torch.utils.data.Dataset`` of pairs or an
-iterable of ``(inputs, targets)`` batches (a DataLoader, a list). It is prepared as ``run_probe``
+Data is an ``(inputs, targets)`` pair of tensors, a ``torch.utils.data.Dataset`` of pairs or of dicts, or an
+iterable of ``(inputs, targets)`` batches or of dict batches with ``labels`` (a DataLoader, a list; see
+``lossatlas.batches``). It is prepared as ``run_probe``
 prepares a run's data (``RunOptions``): split into batches of ``batch_size`` (256) and cut to the
 first ``max_examples`` (all); a probe with settings of those names (sharpness, neural collapse,
 uniformity) gets them too. ``device`` (default: the model's) and ``dtype`` (e.g. ``torch.float64``)
 apply to a copy of the model, never to the caller's module; the floating inputs are cast to the
 dtype the model computes in. The loss over the data is the example-weighted mean of the batch
-means, L = Σ_b (n_b/N) L_b, of ``"cross_entropy"``, ``"mse"`` or ``"half_sse"``.
+means, L = Σ_b (n_b/N) L_b, of ``"cross_entropy"``, ``"mse"``, ``"half_sse"`` or ``"causal_lm"`` (n_b: its
+counted next tokens).
 
 The same numbers as ``run_probe`` on a run file holding this model, with the same settings.
 """

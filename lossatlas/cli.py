@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--model", required=True, help="model spec (JSON) that the checkpoints load into")
     p.add_argument("--data", help="data spec (JSON)")
-    p.add_argument("--loss", help="cross_entropy | mse | half_sse")
+    p.add_argument("--loss", help="cross_entropy | mse | half_sse | causal_lm")
     p.add_argument("--step-pattern", help="regex with one group around the step number in the file name")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_import)

@@ -8,12 +8,15 @@ Conventions: every loss is a mean over *examples* (tokens for sequence models).
 - ``mse``: ``nn.MSELoss()`` convention, mean over all N·C entries.
 - ``half_sse``: Cohen et al.'s ``SquaredLoss``, ½ Σ_c (f_c − y_c)² per example, mean over examples
   (its Hessian is C/2 times the ``mse`` one).
+- ``causal_lm``: next-token cross-entropy of logits (B, T, V)[:, :-1] against labels (B, T)[:, 1:];
+  labels -100 are ignored (``as_batches`` gives padding that label), and a batch's mean is over
+  its counted tokens, so Σ_b (n_b/N) L_b is the mean over every counted token of the data.
 For the MSE losses, integer class labels are one-hot encoded against the output width.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +24,9 @@ from torch import Tensor
 
 from lossatlas.checks import check_choice
 
-LossName = Literal["cross_entropy", "mse", "half_sse"]
-LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "half_sse")
+LossName = Literal["cross_entropy", "mse", "half_sse", "causal_lm"]
+LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "half_sse", "causal_lm")
+IGNORE_INDEX = -100
 
 
 def check_loss_name(name: str) -> str:
@@ -43,9 +47,27 @@ def _as_targets(out: Tensor, y: Tensor) -> Tensor:
     return y.to(out.dtype).reshape(out.shape)
 
 
+def _next_token(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits (B, T-1, V) of the positions that have a next token, their labels (clamped) and 0/1 mask."""
+    if out.ndim != 3 or y.ndim != 2 or out.shape[:2] != y.shape:
+        raise ValueError(
+            f"causal_lm needs logits (B, T, V) and labels (B, T), got {tuple(out.shape)} and {tuple(y.shape)}"
+        )
+    labels = y[:, 1:].long()
+    mask = labels != IGNORE_INDEX
+    return out[:, :-1], labels.clamp(min=0), mask
+
+
 def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
-    """ℓ_i for every example (every token for sequence models), shape (n,)."""
+    """ℓ_i for every example (every token for sequence models), shape (n,).
+
+    ``causal_lm``: the B·(T−1) next-token terms, 0 where the label is ignored.
+    """
     check_loss_name(name)
+    if name == "causal_lm":
+        logits, labels, mask = _next_token(out, y)
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return ((torch.logsumexp(logits, dim=-1) - picked) * mask.to(logits.dtype)).reshape(-1)
     out, y = _flatten(out, y)
     if name == "cross_entropy":
         return F.cross_entropy(out, y.long(), reduction="none")
@@ -58,13 +80,21 @@ def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
 
 
 def batch_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
-    """The batch's mean loss (what a training step would back-propagate)."""
+    """The batch's mean loss (what a training step would back-propagate): mean over its counted terms."""
+    if name == "causal_lm":  # ignored tokens are zeros in the sum and absent from the count
+        counted = (y[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        return per_example_loss(name, out, y).sum() / counted
     return per_example_loss(name, out, y).mean()
 
 
 def batch_count(name: str, y: Tensor) -> int:
-    """How many terms the batch mean averages: examples, or tokens for (B, T) labels."""
-    if name == "cross_entropy" and y.ndim == 2:
+    """How many terms the batch mean averages: examples, tokens for (B, T) class labels, or counted next tokens.
+
+    ``causal_lm``: the labels y[:, 1:] other than -100. Integer (B, T) labels under any other loss: B·T tokens.
+    """
+    if name == "causal_lm":
+        return int((y[:, 1:] != IGNORE_INDEX).sum()) if y.ndim == 2 else 0
+    if y.ndim == 2 and (name == "cross_entropy" or not y.is_floating_point()):
         return int(y.numel())
     return int(y.shape[0])
 
@@ -80,15 +110,16 @@ def batch_weights(name: str, batches: Sequence[tuple[Tensor, Tensor]]) -> list[f
 
 def data_loss(
     name: str,
-    forward: Callable[[Tensor], Tensor],
-    batches: Sequence[tuple[Tensor, Tensor]],
+    forward: Callable[[Any], Tensor],
+    batches: Sequence[tuple[Any, Tensor]],
     *,
     weights: Sequence[float] | None = None,
     on_outputs: Callable[[Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """The loss over a data set, L(θ) = Σ_b (n_b/N)·mean_b(θ), the example-weighted mean of the batch means.
 
-    ``forward(x)`` gives the outputs at θ (the caller sets the train/eval flag and grad mode);
+    ``forward(x)`` gives the outputs at θ for a batch's inputs (``lossatlas.outputs.model_outputs``
+    takes tensor or dict inputs); the caller sets the train/eval flag and grad mode;
     ``weights`` are ``batch_weights(name, batches)`` when not given; ``on_outputs(out, y)`` sees
     every batch's outputs (to count correct predictions in the same pass). A 0-d tensor in the
     outputs' dtype, differentiable when the forward pass is.
@@ -111,8 +142,15 @@ def output_hessian_product(name: str, out: Tensor, y: Tensor, u: Tensor) -> Tens
     G v = (1/N) Σ_i J_iᵀ H_out,i J_i v with J_i = ∂f(x_i)/∂θ and H_out,i = ∂²ℓ_i/∂f².
 
     cross_entropy: (diag(p) − p pᵀ) u; mse: (2/C) u; half_sse: u. Shapes follow ``out``.
+    causal_lm: the cross_entropy product at the positions with a counted next token, 0 elsewhere.
     """
     check_loss_name(name)
+    if name == "causal_lm":
+        _, _, mask = _next_token(out, y)
+        keep = torch.zeros(out.shape[:2], dtype=out.dtype, device=out.device)
+        keep[:, :-1] = mask.to(out.dtype)
+        p = torch.softmax(out, dim=-1)
+        return (p * u - p * (p * u).sum(dim=-1, keepdim=True)) * keep.unsqueeze(-1)
     if name == "cross_entropy":
         p = torch.softmax(out, dim=-1)
         return p * u - p * (p * u).sum(dim=-1, keepdim=True)
@@ -122,8 +160,14 @@ def output_hessian_product(name: str, out: Tensor, y: Tensor, u: Tensor) -> Tens
     return u  # half_sse
 
 
-def correct_count(out: Tensor, y: Tensor) -> int:
-    """How many argmax predictions equal the label (classification and next-token)."""
+def correct_count(out: Tensor, y: Tensor, loss: str | None = None) -> int:
+    """How many argmax predictions equal the label (classification and next-token).
+
+    ``loss="causal_lm"``: argmax of logits[:, t] against the counted labels[:, t + 1].
+    """
+    if loss == "causal_lm":
+        logits, labels, mask = _next_token(out, y)
+        return int(((logits.argmax(dim=-1) == labels) & mask).sum())
     out, y = _flatten(out, y)
     if out.ndim != 2:
         return 0

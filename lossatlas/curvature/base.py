@@ -17,14 +17,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
-from lossatlas.batches import as_batches, to_device
+from lossatlas.batches import as_batches, batch_length, cat_inputs, inputs_signature, map_inputs, to_device
 from lossatlas.checks import check_choice
 from lossatlas.curvature.blocks import resolve_params
 from lossatlas.distributed import Distributed
 from lossatlas.errors import UserError
 from lossatlas.losses import batch_count, batch_loss, check_loss_name
+from lossatlas.outputs import model_outputs
 
 PATHS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
 MODES: tuple[str, ...] = ("eval", "train")
@@ -36,6 +38,11 @@ MODES: tuple[str, ...] = ("eval", "train")
 # from K=2-4, while on a CNN (forward-mode convolutions) it only catches up around K=8.
 AUTO_BATCHED_MIN_K = 8
 DETERMINISM_EXAMPLES = 64  # examples evaluated twice by the dropout check
+# Products run under the math SDPA backend: the fused CPU/CUDA attention kernels have neither double
+# backward nor forward-mode AD. Always, not on a first failure: on a model without attention the
+# context costs nothing measurable, and with attention the default backend can only fail (on CPU a
+# failed try costs about a third of an HVP).
+ATTENTION_BACKEND = "math"
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _PATH_ERRORS = (RuntimeError, NotImplementedError)
@@ -50,7 +57,7 @@ class CurvatureOperator:
     Args:
         model: the network; never mutated, its train/eval flags are restored after every use.
         data: a sequence of ``(inputs, targets)`` batches (anything ``as_batches`` accepts).
-        loss: ``"cross_entropy"``, ``"mse"`` or ``"half_sse"`` (lossatlas.losses).
+        loss: ``"cross_entropy"``, ``"mse"``, ``"half_sse"`` or ``"causal_lm"`` (lossatlas.losses).
         params: None (all trainable parameters), a list of names, a regex, or a dict
             name -> Tensor giving another point; unselected parameters stay at the model's values.
         mode: ``"eval"`` (BatchNorm running stats, dropout off) or ``"train"`` (batch statistics;
@@ -59,7 +66,9 @@ class CurvatureOperator:
         device: None (the model's device) or a device for the copies and the data.
         path: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``; a path that raises
             (an op without forward-mode or double-backward support) falls back to the other one,
-            and ``op.path`` reports what ran.
+            and ``op.path`` reports what ran. Products run under the math SDPA backend
+            (``op.attention_backend``): the fused attention kernels have no second-order autodiff;
+            before the first product the loss under it is checked against the default backend's.
         chunk_size: vectors per vmap call on the forward-over-reverse path (None: all at once).
         check_deterministic: evaluate the first 64 examples twice before the first product and
             raise ValueError if the outputs differ (dropout or another stochastic layer is active).
@@ -145,6 +154,8 @@ class CurvatureOperator:
         self._graphs: dict[int, Any] = {}
         self._graph_bytes = 0
         self._graph_budget_hit = False
+        self.attention_backend: str = ATTENTION_BACKEND  # the SDPA backend every product runs under
+        self.calls_attention: bool | None = None  # whether the model calls SDPA (known after the first use)
 
     # ------------------------------------------------------------------ setup (lazy)
     def _cast(self, t: Tensor) -> Tensor:
@@ -173,7 +184,7 @@ class CurvatureOperator:
                             buffers[key] = None
         raw = self._data
         if isinstance(raw, (list, tuple)) and raw and all(
-            isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[0], Tensor) for b in raw
+            isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[0], (Tensor, Mapping)) for b in raw
         ):
             batches = list(raw)
         else:
@@ -204,7 +215,39 @@ class CurvatureOperator:
             except ValueError:
                 self._state = None
                 raise
+        try:
+            self._check_attention_backend()
+        except ValueError:
+            self._state = None
+            raise
         return self._state
+
+    def _check_attention_backend(self) -> None:
+        """Whether the model calls SDPA; if so, its loss under the math backend must equal the default's.
+
+        On the first ``DETERMINISM_EXAMPLES`` examples, |L_math − L_default| ≤ √ε_dtype · max(1, |L|):
+        the backends differ only by rounding. Costs one small forward pass, two with attention.
+        """
+        if not self._state["batches"]:
+            return  # a rank without a data shard
+        x, y = self._state["batches"][0]
+        x, y = map_inputs(lambda t: t[:DETERMINISM_EXAMPLES], x), y[:DETERMINISM_EXAMPLES]
+        point = self._state["point"]
+        spy = _AttentionSpy()
+        with torch.no_grad(), self._modes():
+            with torch.random.fork_rng(devices=[]), spy:
+                default = float(self._batch_loss(point, x, y))
+            self.calls_attention = spy.called
+            if not spy.called:
+                return
+            with torch.random.fork_rng(devices=[]), sdpa_kernel(SDPBackend.MATH):
+                math_loss = float(self._batch_loss(point, x, y))
+        tol = float(torch.finfo(self.dtype).eps) ** 0.5 * max(1.0, abs(default))
+        if not abs(math_loss - default) <= tol:
+            raise ValueError(
+                f"the model's loss differs between the default attention backend ({default!r}) and the math "
+                f"backend the curvature products use ({math_loss!r}); compute in float64 (dtype=torch.float64)"
+            )
 
     def _check_deterministic(self) -> None:
         """Two evaluations of the first ``DETERMINISM_EXAMPLES`` examples must agree bit for bit.
@@ -215,7 +258,7 @@ class CurvatureOperator:
         if not self._state["batches"]:
             return  # a rank without a data shard
         x, _ = self._state["batches"][0]
-        x = x[:DETERMINISM_EXAMPLES]
+        x = map_inputs(lambda t: t[:DETERMINISM_EXAMPLES], x)
         with torch.no_grad(), self._modes(), torch.random.fork_rng(devices=[]):
             a = self._forward(self._state["point"], x)
             b = self._forward(self._state["point"], x)
@@ -243,13 +286,16 @@ class CurvatureOperator:
                 m.training = not want
 
     # ------------------------------------------------------------------ evaluation helpers
-    def _forward(self, theta: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """f(x; θ) by functional_call on copies (train mode: fresh buffer copies, no BN stats)."""
+    def _forward(self, theta: Mapping[str, Tensor], x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """f(x; θ) by functional_call on copies (train mode: fresh buffer copies, no BN stats).
+
+        Dict inputs are keyword arguments; the output tensor is picked by ``model_outputs``.
+        """
         st = self._state
         buffers = st["buffers"]
         if self.mode == "train":
             buffers = {k: (None if v is None else v.clone()) for k, v in buffers.items()}
-        return functional_call(self._model, {**st["fixed"], **buffers, **theta}, (x,))
+        return model_outputs(self._model, x, params={**st["fixed"], **buffers, **theta})
 
     def _batch_loss(self, theta: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """The batch's mean loss L_b(θ)."""
@@ -323,7 +369,8 @@ class CurvatureOperator:
         if K == 0:
             return torch.zeros_like(M)
         with self._modes():
-            out = self._run_paths(M)
+            with sdpa_kernel(SDPBackend.MATH):
+                out = self._run_paths(M)
         out = self.dist.all_reduce_tensor(out)  # Σ over the ranks' data shards (no-op alone)
         self.matvecs += K
         return out.reshape(-1) if vec else out
@@ -388,8 +435,8 @@ class CurvatureOperator:
         causes = "; ".join(f"{k}: {type(e).__name__}: {e}" for k, e in self._failed.items())
         raise UserError(
             f"{type(self).__name__}: neither double backward nor forward-over-reverse works for this model "
-            f"({causes}); replace ops without double-backward/forward-mode support (e.g. fused attention: "
-            "use the math SDPA backend)"
+            f"({causes}); replace the ops without double-backward/forward-mode support (a custom fused kernel), "
+            "or use path='finite_difference' for Hessian products"
         )
 
     def _matmat_finite_difference(self, M: Tensor) -> Tensor:
@@ -519,10 +566,10 @@ def _coalesce(batches: list, counts: list[int], weights: list[float], limit: int
     for (x, y), c, w in zip(batches, counts, weights):
         if out_b:
             px, py = out_b[-1]
-            fits = px.shape[0] + x.shape[0] <= limit
-            same = px.shape[1:] == x.shape[1:] and py.shape[1:] == y.shape[1:] and px.dtype == x.dtype and py.dtype == y.dtype
+            fits = batch_length(px) + batch_length(x) <= limit
+            same = inputs_signature(px) == inputs_signature(x) and py.shape[1:] == y.shape[1:] and py.dtype == y.dtype
             if fits and same:
-                out_b[-1] = (torch.cat([px, x]), torch.cat([py, y]))
+                out_b[-1] = (cat_inputs(px, x), torch.cat([py, y]))
                 out_c[-1] += c
                 out_w[-1] += w
                 continue
@@ -539,3 +586,18 @@ def grad_or_zeros(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outp
         return [None] * len(inputs)
     outs, gos = zip(*pairs)
     return torch.autograd.grad(outs, list(inputs), list(gos), retain_graph=retain, allow_unused=True)
+
+
+class _AttentionSpy(TorchFunctionMode):
+    """Notes whether scaled_dot_product_attention (or the fused multi-head attention path) is called."""
+
+    _ATTENTION = (torch.nn.functional.scaled_dot_product_attention, torch._native_multi_head_attention)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._ATTENTION:
+            self.called = True
+        return func(*args, **(kwargs or {}))

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
+from lossatlas.batches import batch_length, map_inputs
 from lossatlas.curvature.base import _PATH_ERRORS, CurvatureOperator
 from lossatlas.curvature.ggn import GGNOperator
 from lossatlas.losses import per_example_loss
@@ -69,7 +70,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _per_term_grads(self, x: Tensor, y: Tensor) -> Tensor:
         theta = self._state["point"]
-        per_token = y.ndim == 2 and self.loss == "cross_entropy"
+        per_token = y.ndim == 2 and self.loss in ("cross_entropy", "causal_lm")
         order = []
         if self.mode == "eval" and not per_token:
             order.append("per_example_vmap")
@@ -89,10 +90,11 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _grads_per_example_vmap(self, theta, x, y):
         def loss_i(th, xi, yi):
-            return per_example_loss(self.loss, self._forward(th, xi.unsqueeze(0)), yi.unsqueeze(0)).sum()
+            xi = map_inputs(lambda t: t.unsqueeze(0), xi)
+            return per_example_loss(self.loss, self._forward(th, xi), yi.unsqueeze(0)).sum()
 
         g = vmap(grad(loss_i), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(theta, x, y)
-        return torch.cat([g[n].reshape(x.shape[0], -1) for n in self.param_names], dim=1)
+        return torch.cat([g[n].reshape(batch_length(x), -1) for n in self.param_names], dim=1)
 
     def _grads_jacrev(self, theta, x, y):
         def losses(th):
@@ -114,7 +116,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _run_paths(self, M):
         st = self._state
         out = torch.zeros_like(M)
-        for b, ((x, y), w) in enumerate(zip(st["batches"], st["weights"])):
+        for b, ((x, y), n_b, w) in enumerate(zip(st["batches"], st["counts"], st["weights"])):
             G = self._graphs.get(b)
             if G is None:
                 G = self._per_term_grads(x, y)  # (n_b, P)
@@ -124,5 +126,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
                     self._graph_bytes += nbytes
                 else:
                     self._graph_budget_hit = True
-            out += (w / G.shape[0]) * (G.T @ (G @ M))  # (n_b/N)(1/n_b) Σ_i g_i g_iᵀ V
+            # (n_b/N)(1/n_b) Σ_i g_i g_iᵀ V; causal_lm's ignored tokens are zero rows, not terms
+            terms = n_b if self.loss == "causal_lm" else G.shape[0]
+            out += (w / max(terms, 1)) * (G.T @ (G @ M))
         return out

@@ -4,14 +4,19 @@ A spec names a registered builder or a user's own factory, plus its keyword argu
 
     {"name": "mlp", "kwargs": {"widths": [64, 128, 10]}, "seed": 0}
     {"factory": "mypackage.nets:build", "kwargs": {"width": 32}}
+    {"hf": {"auto_class": "AutoModelForCausalLM", "config": {"model_type": "gpt2"}}}
+    {"timm": "resnet18"}   {"torchvision": "resnet18", "kwargs": {"num_classes": 10}}
 
-Keys: exactly one of ``name``/``factory``; optional ``kwargs`` (a dict of JSON values) and
+Keys: exactly one of ``name``/``factory``/``hf``/``timm``/``torchvision`` (the last three build from
+configuration only, models only: lossatlas.models.builders); optional ``kwargs`` (a dict of JSON values) and
 ``seed`` (int ≥ 0, default 0; may also be given as ``kwargs["seed"]``). The canonical form from
 :func:`normalize_spec` always holds ``kwargs`` and a top-level ``seed`` and never ``kwargs["seed"]``.
 
 A spec read from a run file comes as a :class:`lossatlas.trust.StoredSpec`; one that names a
 factory is built only when this user signed it or the caller passes ``trust_factory=True``
 (checked before anything is imported). A spec the caller writes is the caller's own and trusted.
+A factory's module is imported with the working directory on ``sys.path`` (as ``python -m``
+does), so a module next to the user needs no PYTHONPATH.
 
 Building is deterministic: the factory runs with torch's (and numpy's and Python's) global RNG
 seeded with ``seed`` inside a fork, so the same spec gives identical initial weights and the
@@ -27,8 +32,10 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import random
 import re
+import sys
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -37,11 +44,13 @@ from torch import nn
 
 from lossatlas import trust
 from lossatlas.errors import UserError
+from lossatlas.models import builders
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 DATASETS: dict[str, Callable[..., Any]] = {}
 
-SPEC_KEYS: tuple[str, ...] = ("name", "factory", "kwargs", "seed")
+SPEC_KEYS: tuple[str, ...] = ("name", "factory", "kwargs", "seed", *builders.KINDS)
+_SOURCES: tuple[str, ...] = ("name", "factory", *builders.KINDS)  # a spec gives exactly one
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 _FACTORY_PATH = re.compile(rf"^{_DOTTED}:{_DOTTED}$")  # package.module:function (or :Class.method)
 
@@ -72,7 +81,7 @@ def register_data(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     """The validated, canonical, JSON-able form of a spec (a dict or a JSON string).
 
-    Returns ``{"name" | "factory": str, "kwargs": dict, "seed": int}``; ``kwargs["seed"]`` moves to
+    Returns ``{"name" | "factory" | "hf" | "timm" | "torchvision": ..., "kwargs": dict, "seed": int}``; ``kwargs["seed"]`` moves to
     the top level. Raises UserError with a one-line fix for anything malformed.
     """
     if isinstance(spec, str):
@@ -85,13 +94,15 @@ def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)
     if unknown:
         raise UserError(f"unknown spec key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(SPEC_KEYS)}")
-    has_name, has_factory = "name" in spec, "factory" in spec
-    if has_name == has_factory:
-        which = "both" if has_name else "neither"
+    given = [k for k in _SOURCES if k in spec]
+    if len(given) != 1:
+        which = ("neither of 'name' and 'factory'" if not given else f"both of {given[0]!r} and {given[1]!r}"
+                 if len(given) == 2 else f"all of {', '.join(map(repr, given))}")
         raise UserError(
-            f"spec has {which} of 'name' and 'factory'; give exactly one, "
-            'e.g. {"name": "mlp"} or {"factory": "pkg.module:build"}'
+            f"spec has {which}; give exactly one, "
+            'e.g. {"name": "mlp"}, {"factory": "pkg.module:build"} or {"hf" | "timm" | "torchvision": ...}'
         )
+    has_name = given[0] == "name"
     kwargs = spec.get("kwargs", {})
     if kwargs is None:
         kwargs = {}
@@ -103,7 +114,9 @@ def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         raise UserError(f"spec 'kwargs' must hold only JSON values (numbers, strings, lists, dicts): {err}") from None
     seed = _resolve_seed(spec.get("seed"), kwargs.pop("seed", None))
     out: dict[str, Any] = {}
-    if has_name:
+    if given[0] in builders.KINDS:
+        out[given[0]] = builders.normalize(given[0], spec[given[0]], kwargs)
+    elif has_name:
         name = spec["name"]
         if not isinstance(name, str) or not name:
             raise UserError(f"spec 'name' must be a non-empty string, got {name!r}")
@@ -166,6 +179,8 @@ def build_data(spec: Mapping[str, Any] | str, *, trust_factory: bool = False) ->
 
 
 def _label(canon: Mapping[str, Any]) -> str:
+    if builders.kind_of(canon):
+        return builders.label(canon)
     return repr(canon.get("name", canon.get("factory")))
 
 
@@ -180,13 +195,18 @@ def _resolve(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], 
                 "or give {\"factory\": \"pkg.module:function\"}"
             )
         return table[name]
+    if builders.kind_of(canon):
+        if kind != "model":
+            raise UserError(f"a {builders.kind_of(canon)!r} spec builds a model, not {kind}; give the {kind} as "
+                            "{\"name\": ...} or {\"factory\": ...}")
+        return builders.resolve(canon)
     module_name, _, attr_path = canon["factory"].partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as err:  # an ImportError, or any error raised while importing the user's module
         raise UserError(
             f"cannot import module {module_name!r} for {kind} factory {canon['factory']!r} "
-            f"({type(err).__name__}: {err}); check that it is installed or on sys.path"
+            f"({type(err).__name__}: {err}); check that it is installed, on sys.path or in the working directory"
         ) from None
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
@@ -227,20 +247,42 @@ def _bound_kwargs(canon: Mapping[str, Any], fn: Callable[..., Any], kind: str) -
 
 
 def _call(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kind: str) -> Any:
-    fn = _resolve(canon, table, kind)
-    kwargs = _bound_kwargs(canon, fn, kind)
-    seed = canon["seed"]
-    with _seeded(seed):
-        try:
-            return fn(**kwargs)
-        except UserError:
-            raise  # the factory's own one-line message
-        except (TypeError, ValueError) as err:
-            raise UserError(f"{kind} {_label(canon)} rejected its kwargs: {err}") from err
-        except Exception as err:  # a factory is the user's code: name it and what it raised, in one line
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            raise UserError(f"{kind} {_label(canon)} failed while building: {type(err).__name__}"
-                            f"{': ' + first if first else ''}; fix the factory or its kwargs") from err
+    with _cwd_on_path() if "factory" in canon else contextlib.nullcontext():
+        fn = _resolve(canon, table, kind)
+        kwargs = _bound_kwargs(canon, fn, kind)
+        with _seeded(canon["seed"]):
+            return _run(fn, kwargs, canon, kind)
+
+
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """The working directory first on ``sys.path`` while a factory is imported and called, as ``python -m`` puts it.
+
+    Only for a factory already found trusted (its callers check first); removed again afterwards.
+    """
+    cwd = os.getcwd()
+    present = any(os.path.abspath(p or os.curdir) == cwd for p in sys.path)
+    if not present:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if not present and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _run(fn: Callable[..., Any], kwargs: dict[str, Any], canon: Mapping[str, Any], kind: str) -> Any:
+    """``fn(**kwargs)``, any failure turned into one UserError line naming the builder."""
+    try:
+        return fn(**kwargs)
+    except UserError:
+        raise  # the factory's own one-line message
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{kind} {_label(canon)} rejected its kwargs: {err}") from err
+    except Exception as err:  # a factory is the user's code: name it and what it raised, in one line
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{kind} {_label(canon)} failed while building: {type(err).__name__}"
+                        f"{': ' + first if first else ''}; fix the factory or its kwargs") from err
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lossatlas.checks import check_choice
+from lossatlas.outputs import model_outputs
 from lossatlas.probes.modes import evaluation_mode
 
 CAPTURES: tuple[str, ...] = ("input", "output")
@@ -143,10 +144,7 @@ def stream_features(
     with torch.no_grad(), evaluation_mode(model, mode), capture_activations(model, names, capture) as store:
         for x, y in batches:
             store.clear()
-            if params is None:
-                model(x)
-            else:
-                torch.func.functional_call(model, dict(params), (x,))
+            model_outputs(model, x, params=None if params is None else dict(params))
             missing = [n for n in names if n not in store]
             if missing:
                 raise ValueError(f"module(s) {missing} did not run in the forward pass; pick modules the model calls")

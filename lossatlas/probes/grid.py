@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from lossatlas import losses as L
+from lossatlas.outputs import model_outputs
 from lossatlas.probes.directions import Direction, model_state
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import linear_combination
@@ -161,7 +162,7 @@ class PointEvaluator:
                     outs = self._forward(states, x)  # (C, B, ...): every point of the chunk on this batch
                     for i, out in enumerate(outs):
                         sums["loss"][i] += w * float(L.batch_loss(self.loss, out, y))
-                        sums["accuracy"][i] += L.correct_count(out, y)
+                        sums["accuracy"][i] += L.correct_count(out, y, self.loss)
                         for name, fn in self.metrics.items():
                             sums[name][i] += w * float(fn(out, y))
         sums["accuracy"] /= self.num_examples
@@ -169,7 +170,7 @@ class PointEvaluator:
 
     def _forward(self, states: list[dict[str, Tensor]], x: Tensor) -> list[Tensor]:
         def f(moving: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return functional_call(self.model, ({**self.fixed, **moving},), (inputs,))
+            return model_outputs(self.model, inputs, params=({**self.fixed, **moving},))
 
         if self.vectorized_ok and len(states) > 1:
             stacked = {k: torch.stack([s[k] for s in states]) for k in self.moving}

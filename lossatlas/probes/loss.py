@@ -14,6 +14,7 @@ import torch
 
 from lossatlas._moved import renamed
 from lossatlas.losses import batch_count, check_loss_name, correct_count, data_loss
+from lossatlas.outputs import model_outputs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.settings import MODES, check_choice
@@ -28,10 +29,10 @@ def evaluate_loss(model: torch.nn.Module, batches, loss: str, *, mode: str = "ev
     correct = [0]
 
     def count_correct(out: torch.Tensor, y: torch.Tensor) -> None:
-        correct[0] += correct_count(out, y)
+        correct[0] += correct_count(out, y, loss)
 
     with torch.no_grad(), evaluation_mode(model, mode):
-        value = data_loss(loss, model, batches, on_outputs=count_correct)
+        value = data_loss(loss, lambda x: model_outputs(model, x), batches, on_outputs=count_correct)
     count = sum(batch_count(loss, y) for _, y in batches)
     return float(value), correct[0] / count, count
 

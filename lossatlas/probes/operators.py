@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lossatlas.batches import Batch, as_batches
+from lossatlas.batches import Batch, as_batches, num_examples
 from lossatlas.curvature import CURVATURES, PATHS, CurvatureOperator, make_operator
 from lossatlas.finite import describe_nonfinite, nonfinite_counts
 from lossatlas.probes.base import Probe, ProbeContext
@@ -139,13 +139,14 @@ class CurvatureProbe(Probe):
     def operator_meta(self, ctx: ProbeContext, op: CurvatureOperator, batches: Sequence[Batch]) -> dict[str, Any]:
         """What every curvature result records about its operator and checkpoint.
 
-        Curvature, loss, mode, seed, subset, parameter count, dtype, examples, and the learning rate with
-        2/η when the checkpoint has one.
+        Curvature, loss, mode, seed, subset, parameter count, dtype, examples, the SDPA backend the products
+        run under, and the learning rate with 2/η when the checkpoint has one.
         """
         meta: dict[str, Any] = {
             "curvature": self.curvature, "loss": ctx.loss, "mode": self.mode, "seed": self.seed,
             "subset": self.subset, "num_params": int(op.shape[0]), "dtype": str(op.dtype).replace("torch.", ""),
-            "num_examples": int(sum(int(x.shape[0]) for x, _ in batches)),
+            "num_examples": num_examples(batches),
+            "attention_backend": op.attention_backend,
         }
         if ctx.lr is not None and ctx.lr > 0:
             meta["lr"] = float(ctx.lr)

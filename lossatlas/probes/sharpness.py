@@ -23,7 +23,6 @@ import numpy as np
 import scipy.optimize
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lossatlas.batches import Batch, as_batches, num_examples, to_device
 from lossatlas.curvature import HessianOperator
@@ -36,6 +35,7 @@ from lossatlas.losses import (
     output_hessian_product,
     per_example_loss,
 )
+from lossatlas.outputs import model_outputs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import Params, axpy, dot, flatten, l2_norm, multiply, scale, unflatten
@@ -152,7 +152,7 @@ class DataObjective:
 
     def forward(self, params: Params, x: Tensor) -> Tensor:
         """Model outputs f(x; θ) with θ = ``params`` (call inside the objective's mode)."""
-        return functional_call(self.model, (params, self.fixed), (x,))
+        return model_outputs(self.model, x, params=(params, self.fixed))
 
     def value(self, params: Params) -> Tensor:
         """L_S(θ) = Σ_b (n_b/N) L_b(θ) over the fixed batches, without gradients, in the objective's mode."""

@@ -22,10 +22,10 @@ from typing import ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lossatlas import losses as L
 from lossatlas.distributed import chunks_for_rank
+from lossatlas.outputs import model_outputs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import (
     DEFAULT_SEED,
@@ -75,7 +75,7 @@ def directional_derivatives(
         for (x, y), w in zip(data, L.batch_weights(loss, data)):
             leaf = {k: params[k].detach().clone().requires_grad_(True) for k in names}
             rest = {k: v.detach() for k, v in params.items() if k not in leaf}
-            out = functional_call(model, ({**rest, **leaf}, buffers), (x,))
+            out = model_outputs(model, x, params=({**rest, **leaf}, buffers))
             lb = L.batch_loss(loss, out, y)
             grads = torch.autograd.grad(lb, [leaf[k] for k in names], create_graph=True)
             gd = dot(dict(zip(names, grads)), direction, dtype=None)  # ∇L_b·d, differentiable
