@@ -157,10 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("import", help="make a run file from existing .pt/.pth/.safetensors checkpoints")
-    p.add_argument("checkpoints", nargs="+")
+    p = sub.add_parser("import", help="make a run file from existing .pt/.pth/.safetensors checkpoints or "
+                                      "Hugging Face folders (save_pretrained, Trainer checkpoint-N)")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files, save_pretrained folders, or a Trainer output "
+                                                  "folder holding checkpoint-N folders")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--model", required=True, help="model spec (JSON) that the checkpoints load into")
+    p.add_argument("--model", help="model spec (JSON) that the checkpoints load into (a Hugging Face folder's "
+                                   "config.json is used when not given)")
+    p.add_argument("--step", type=_int_at_least(0), help="the step of a lone checkpoint (default: from its name; "
+                                                         "0 for a lone save_pretrained folder)")
     p.add_argument("--data", help="data spec (JSON)")
     p.add_argument("--loss", help="cross_entropy | mse | half_sse | causal_lm")
     p.add_argument("--step-pattern", help="regex with one group around the step number in the file name")
@@ -521,7 +526,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     steps = import_checkpoints(args.checkpoints, args.output, model_spec=_spec_arg(args.model, "--model"),
                                data_spec=_spec_arg(args.data, "--data"), loss=args.loss,
-                               step_pattern=args.step_pattern, overwrite=args.force)
+                               step_pattern=args.step_pattern, overwrite=args.force, step=args.step)
     print(f"imported {len(steps)} checkpoint(s) (steps {steps[0]}…{steps[-1]}) into {args.output}")
     return 0
 

@@ -5,6 +5,10 @@ arbitrary objects unpickled is refused, never executed. ``.safetensors`` files a
 safetensors. Accepted layouts: a plain state_dict, ``{"state_dict": ...}`` (Lightning),
 ``{"model": ...}`` (nanoGPT), ``{"model_state_dict": ...}``; the ``_orig_mod.`` prefix of
 ``torch.compile`` and the ``module.`` prefix of DDP are stripped.
+
+Hugging Face folders (``save_pretrained`` output, Trainer ``checkpoint-N`` folders) bring their
+own model spec (config.json, rebuilt without remote code), their log (``trainer_state.json``)
+and Adam's state (``optimizer.pt``, weights-only or skipped).
 """
 
 from __future__ import annotations
@@ -113,10 +117,16 @@ def step_from_name(path: str | Path, pattern: str | None = None) -> int:
     return int(numbers[-1])
 
 
-def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model_spec: dict | str,
+def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model_spec: dict | str | None = None,
                        data_spec: dict | str | None = None, loss: str | None = None,
-                       step_pattern: str | None = None, overwrite: bool = False) -> list[int]:
-    """Write a run file holding the given checkpoints; returns the imported steps."""
+                       step_pattern: str | None = None, overwrite: bool = False, step: int | None = None) -> list[int]:
+    """Write a run file holding the given checkpoints; returns the imported steps.
+
+    ``paths`` are checkpoint files, or Hugging Face folders: ``save_pretrained`` output (its model
+    spec comes from config.json, so ``model_spec`` may be None) and Trainer ``checkpoint-N``
+    folders or their parent (steps from the names, the log from the last ``trainer_state.json``,
+    Adam's state from ``optimizer.pt``). ``step`` sets the step of a lone checkpoint.
+    """
     paths = [Path(p) for p in paths]
     if not paths:
         raise UserError("no checkpoint files given; pass one or more .pt/.pth/.safetensors files")
@@ -133,35 +143,284 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
         raise UserError(f"{output}: already exists; pass --force (overwrite=True) to replace it")
     if store.writer_attached(output):
         raise UserError(f"{output}: another process is writing this run; stop it or write to another file")
+    paths = expand_folders(paths)
+    folders = [p for p in paths if p.is_dir()]
+    if folders and len(folders) != len(paths):
+        raise UserError("give either checkpoint files or Hugging Face folders (config.json inside), not both")
+    if step is not None and len(paths) != 1:
+        raise UserError(f"--step sets the step of one checkpoint, but {len(paths)} are given; drop --step "
+                        "(steps then come from the names)")
+    if model_spec is None:
+        if not folders:
+            raise UserError("--model is needed for checkpoint files; give the model spec (JSON) they load into, "
+                            "or pass a Hugging Face save_pretrained folder, whose config.json is the spec")
+        model_spec = hf_model_spec(folders[-1])
     spec = models.normalize_spec(model_spec)
     dspec = models.normalize_spec(data_spec) if data_spec is not None else None
     if dspec is not None:
         models.check_builder(dspec, "data")  # a name no probe could build is refused now, not at every probe
     model = models.build_model(spec)
     param_names = {n for n, _ in model.named_parameters()}
-    buffer_names = set(model.state_dict()) - param_names  # persistent buffers
+    buffer_names = set(model.state_dict()) - param_names  # persistent buffers (and tied copies of parameters)
     by_step: dict[int, Path] = {}
     for p in paths:
-        step = step_from_name(p, step_pattern)
-        if step in by_step:
-            raise UserError(f"{p} and {by_step[step]} both have step {step}; give --step-pattern to tell them apart")
-        by_step[step] = p
+        s = step if step is not None else _step_of(p, step_pattern, lone=len(paths) == 1)
+        if s in by_step:
+            raise UserError(f"{p} and {by_step[s]} both have step {s}; give --step-pattern to tell them apart")
+        by_step[s] = p
     from lossatlas.analysis.runner import load_state  # the key/shape check with a clear message
 
+    steps = sorted(by_step)
+    log = trainer_log(by_step[steps[-1]]) if folders else {}
+    optimizers: dict[int, tuple | None] = {}
+    for s in steps:  # read first: the run's header names the optimizer
+        if folders and (by_step[s] / "optimizer.pt").is_file():
+            optimizers[s] = load_optimizer(by_step[s] / "optimizer.pt", model)
+    optimizer_spec = next((o[1] for o in optimizers.values() if o is not None and o[1] is not None), None)
     # built under a temporary name and renamed when complete: a failed import leaves no half-written run,
     # and --force replaces an existing output only with the finished new one
     with store.written_aside(output, overwrite=overwrite) as staging:
-        with store.RunWriter(staging, model_spec=spec, data_spec=dspec, loss=loss,
+        with store.RunWriter(staging, model_spec=spec, data_spec=dspec, loss=loss, optimizer=optimizer_spec,
                              attrs={"imported_from": json.dumps([str(p) for p in paths][:50])}) as writer:
-            for step in sorted(by_step):
-                state = load_state_dict(by_step[step])
-                load_state(model, state, source=str(by_step[step]))  # validates keys and shapes
+            for s in steps:
+                source = by_step[s]
+                state = load_hf_weights(source) if source.is_dir() else load_state_dict(source)
+                if source.is_dir():
+                    state = fill_tied(model, state)
+                load_state(model, state, source=str(source))  # validates keys and shapes
                 bad = nonfinite_counts(state)
                 if bad:  # imported all the same: a diverged checkpoint is worth keeping; probes refuse it
-                    warnings.warn(f"{by_step[step]}: checkpoint at step {step} holds {describe_nonfinite(bad)}; "
+                    warnings.warn(f"{source}: checkpoint at step {s} holds {describe_nonfinite(bad)}; "
                                   "imported; probes refuse it unless given --allow-nonfinite",
                                   NonFiniteWarning, stacklevel=2)
                 params = {k: v for k, v in state.items() if k in param_names}
                 buffers = {k: v for k, v in state.items() if k in buffer_names and k not in param_names}
-                writer.write_checkpoint(step, params, buffers)
-    return sorted(by_step)
+                opt = optimizers.get(s)
+                lrs = [row["lr"] for t, row in sorted(log.items()) if t <= s and "lr" in row]
+                writer.write_checkpoint(s, params, buffers, optimizer_state=opt[0] if opt else None,
+                                        attrs={"lr": lrs[-1]} if lrs else None)
+            for t in sorted(log):
+                writer.log(t, log[t])
+    return steps
+
+
+def _step_of(path: Path, pattern: str | None, *, lone: bool) -> int:
+    """A checkpoint's step: ``checkpoint-N`` folders give N, a lone other folder 0, files their name."""
+    match = _TRAINER_DIR.match(path.name) if path.is_dir() else None
+    if match and pattern is None:
+        return int(match.group(1))
+    if path.is_dir() and lone and pattern is None:
+        return 0
+    return step_from_name(path, pattern)
+
+
+# --- Hugging Face folders: ``save_pretrained`` output and Trainer ``checkpoint-N`` folders ---------------------
+
+_TRAINER_DIR = re.compile(r"^checkpoint-(\d+)$")
+_NOT_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
+# (Auto class, transformers' table of the architectures it builds, name suffixes for when that table is absent)
+_AUTO_CLASSES = (
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel")),
+    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+     ("ForSequenceClassification",)),
+    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", ("ForImageClassification",)),
+    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", ("ForMaskedLM",)),
+    ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", ("ForTokenClassification",)),
+    ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", ("ForQuestionAnswering",)),
+)
+# log_history keys kept, with their name in the run's log; ``eval_*`` keys are kept as they are
+_LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "epoch": "epoch"}
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A ``save_pretrained`` folder: a directory holding ``config.json``."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def expand_folders(paths: list[Path]) -> list[Path]:
+    """Inputs with each Trainer output folder (no config.json, ``checkpoint-N`` inside) replaced by its checkpoints."""
+    out: list[Path] = []
+    for p in paths:
+        if not p.is_dir() or is_hf_folder(p):
+            out.append(p)
+            continue
+        inner = sorted((d for d in p.iterdir() if _TRAINER_DIR.match(d.name) and is_hf_folder(d)),
+                       key=lambda d: int(_TRAINER_DIR.match(d.name).group(1)))  # type: ignore[union-attr]
+        if not inner:
+            raise UserError(f"{p}: a directory with neither a config.json (a save_pretrained folder) nor "
+                            "checkpoint-N folders (a Trainer output); pass checkpoint files or such a folder")
+        out.extend(inner)
+    return out
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object read from ``path``; UserError naming ``what`` when it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable {what} ({_first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: a {what} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def auto_class_for(architecture: str | None) -> str:
+    """The ``AutoModel*`` class that builds ``architecture`` (e.g. GPT2LMHeadModel → AutoModelForCausalLM)."""
+    if not architecture:
+        return "AutoModel"
+    try:
+        from transformers.models.auto import modeling_auto as tables
+    except ImportError:
+        tables = None
+    for auto_class, table, _ in _AUTO_CLASSES:
+        names = getattr(tables, table, {}) if tables is not None else {}
+        for v in names.values():
+            if architecture == v or (isinstance(v, (tuple, list)) and architecture in v):
+                return auto_class
+    for auto_class, _, suffixes in _AUTO_CLASSES:
+        if architecture.endswith(suffixes):
+            return auto_class
+    return "AutoModel"
+
+
+def hf_model_spec(folder: Path) -> dict:
+    """``{"hf": {"auto_class": ..., "config": ...}}`` from a folder's config.json (configuration only)."""
+    config = read_json(folder / "config.json", "Hugging Face config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise UserError(f"{folder / 'config.json'}: no 'model_type'; it is not a transformers model config")
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    return {"hf": {"auto_class": auto_class_for(arch),
+                   "config": {k: v for k, v in config.items() if k not in _NOT_CONFIG}}}
+
+
+def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``save_pretrained`` folder: one file, or the shards named by its index."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return load_state_dict(folder / single)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        weight_map = read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: no 'weight_map' of tensor name → shard file; save the model again")
+        state: dict[str, torch.Tensor] = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            if Path(shard).name != shard:  # shards live in the folder itself, never elsewhere
+                raise UserError(f"{index}: shard {shard!r} is not a file name inside {folder}")
+            state.update(load_state_dict(folder / shard))
+        missing = [k for k in weight_map if k not in state]
+        if missing:
+            raise UserError(f"{index}: tensors {', '.join(missing[:5])} are in no shard; the folder is incomplete")
+        return state
+    raise UserError(f"{folder}: no model.safetensors, sharded model-*.safetensors with model.safetensors.index.json, "
+                    "or pytorch_model.bin; save the model with save_pretrained")
+
+
+def fill_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus each key the file left out because the model ties it to another (e.g. lm_head to wte)."""
+    expected = model.state_dict()
+    out = dict(state)
+    for k, t in expected.items():
+        if k in out:
+            continue
+        for j, s in expected.items():  # the same storage in the rebuilt model: a tied weight
+            if j in state and t.numel() and s.data_ptr() == t.data_ptr() and s.shape == t.shape:
+                out[k] = state[j]
+                break
+    return out
+
+
+def trainer_log(folder: Path) -> dict[int, dict[str, float]]:
+    """``trainer_state.json``'s log_history as rows by step: loss, lr, grad_norm, epoch and eval_* entries."""
+    path = folder / "trainer_state.json"
+    if not path.is_file():
+        return {}
+    history = read_json(path, "trainer_state.json").get("log_history")
+    if not isinstance(history, list):
+        raise UserError(f"{path}: 'log_history' must be a list of log entries")
+    rows: dict[int, dict[str, float]] = {}
+    for entry in history:
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            continue
+        for key, value in entry.items():
+            name = _LOG_KEYS.get(key, key if key.startswith("eval_") else None)
+            if name and isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.setdefault(step, {})[name] = float(value)
+    return rows
+
+
+def _decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names in Trainer's two optimizer groups: with weight decay (not bias or norm), then without."""
+    norm_params = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)
+                   for n, _ in mod.named_parameters(recurse=False)}
+    no_decay = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    decay = [n for n in names if n not in norm_params and not no_decay.search(n.lower())]
+    return decay, [n for n in names if n not in decay]
+
+
+def load_optimizer(path: Path, model: torch.nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+    """An ``optimizer.pt`` (a torch optimizer state_dict) keyed by parameter name, and its spec; None with a warning.
+
+    Read with ``weights_only=True``. Integer ids follow the parameters' order in the optimizer's
+    groups: ``named_parameters()`` order, or Trainer's decay/no-decay split when its two groups match it.
+    """
+    def skip(why: str) -> None:
+        warnings.warn(f"{path}: optimizer state skipped ({why}); the checkpoint is imported without it", stacklevel=3)
+
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickled object, a corrupt file: nothing is executed, the state is left out
+        skip(_first_line(exc))
+        return None
+    groups = raw.get("param_groups") if isinstance(raw, dict) else None
+    states = raw.get("state") if isinstance(raw, dict) else None
+    if not isinstance(groups, list) or not isinstance(states, dict) or \
+            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        skip("not a torch optimizer state_dict")
+        return None
+    ids = [i for g in groups for i in g["params"]]
+    params = dict(model.named_parameters())
+    orders = [list(params)]
+    decay, no_decay = _decay_split(model)
+    if len(groups) == 2 and len(groups[0]["params"]) == len(decay):
+        orders.insert(0, decay + no_decay)
+    for names in orders:
+        if len(names) != len(ids):
+            continue
+        by_name = {}
+        for i, name in zip(ids, names):
+            st = states.get(i, {})
+            tensors = {k: (v if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+                       for k, v in (st.items() if isinstance(st, dict) else ())
+                       if isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+            if any(v.dim() and v.shape != params[name].shape for v in tensors.values()):
+                break
+            if tensors:
+                by_name[name] = tensors
+        else:
+            spec = None
+            if any("exp_avg_sq" in v for v in by_name.values()):
+                g = groups[0]
+                decayed = any(_number_or_list(gr.get("weight_decay")) for gr in groups)
+                spec = {"name": "AdamW" if decayed else "Adam",
+                        "defaults": {k: _number_or_list(g[k]) for k in ("lr", "betas", "eps", "weight_decay")
+                                     if _number_or_list(g.get(k)) is not None}}
+            return by_name, spec
+    skip(f"its {len(ids)} parameter ids do not match the model's {len(params)} parameters by shape")
+    return None
+
+
+def _number_or_list(value: object) -> float | list[float] | None:
+    """A JSON-able hyper-parameter: a number or a list of numbers (tensors read as such); None otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    return None
