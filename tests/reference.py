@@ -32,6 +32,14 @@ LOSSES = ("cross_entropy", "mse", "half_sse")
 
 
 # ------------------------------------------------------------------------------------------------- losses
+def close(a: Tensor, b: Tensor, rtol: float = 1e-10) -> None:
+    """Assert max|a − b| ≤ rtol · max|b| (b is the reference; it must not be all zeros)."""
+    scale = float(b.abs().max())
+    assert scale > 0
+    err = float((a - b).abs().max())
+    assert err <= rtol * scale, f"max abs error {err:.3e} > {rtol:.0e} * {scale:.3e}"
+
+
 def _is_labels(y: Tensor) -> bool:
     return not (y.is_floating_point() or y.is_complex())
 

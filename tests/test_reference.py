@@ -21,6 +21,7 @@ from reference import (
     DT,
     accuracy,
     build_case,
+    close,
     eigendecomposition,
     eigenvalues,
     empirical_fisher,
@@ -33,14 +34,6 @@ from reference import (
     trace,
     unflatten,
 )
-
-
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> None:
-    """max|a − b| ≤ rtol · max|b| (b must not be all zeros)."""
-    scale = float(b.abs().max())
-    assert scale > 0
-    err = float((a - b).abs().max())
-    assert err <= rtol * scale, f"max abs error {err:.3e} > {rtol:.0e} * {scale:.3e}"
 
 
 def _split(x, y, sizes):

@@ -9,6 +9,7 @@ partial one is handed back to the probe (``ctx.partial``) to resume.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import time
@@ -339,7 +340,16 @@ def distributed_from_env() -> Distributed:
 
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("LOSSATLAS_BACKEND") != "gloo" else "gloo")
+        atexit.register(_leave_process_group)
     return Distributed(rank=tdist.get_rank(), world_size=tdist.get_world_size())
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits: gloo's threads otherwise race the exit (abort)."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def _finite_or_none(value: Any) -> float | None:
