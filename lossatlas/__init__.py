@@ -33,6 +33,8 @@ _EXPORTS = {
     "RunReader": "lossatlas.store",
     "RunWriter": "lossatlas.store",
     "ResultsStore": "lossatlas.store",
+    # stored results as xarray Datasets (the optional extra lossatlas[xarray]), imported on first use
+    "open_results": "lossatlas.export",
     # errors: bad input, with a message that says how to fix it
     "UserError": "lossatlas.errors",
 }

@@ -14,7 +14,11 @@ uniformity) gets them too. ``device`` (default: the model's) and ``dtype`` (e.g.
 apply to a copy of the model, never to the caller's module; the floating inputs are cast to the
 dtype the model computes in. The loss over the data is the example-weighted mean of the batch
 means, L = Σ_b (n_b/N) L_b, of ``"cross_entropy"``, ``"mse"``, ``"half_sse"`` or ``"causal_lm"`` (n_b: its
-counted next tokens).
+counted next tokens), or ``"model"``: the model's own ``outputs.loss`` computed from the ``labels`` that
+dict batches then keep in their inputs (n_b: the labels it counts; see ``lossatlas.losses``). Data may
+also be a single dict batch (``input_ids``, ``attention_mask``, ``labels``, ...). ``output`` names the model
+output to use (default "logits", e.g. "start_logits"); the caller's module is left as it was.
+Every result's meta records the "loss" and "output" used.
 
 The same numbers as ``run_probe`` on a run file holding this model, with the same settings.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -31,7 +36,8 @@ from torch import Tensor, nn
 from lossatlas.batches import as_batches, to_device
 from lossatlas.checks import check_choice
 from lossatlas.errors import UserError
-from lossatlas.losses import LOSSES
+from lossatlas.losses import MODEL_LOSS, model_loss_batches, model_loss_precision, resolve_loss_and_output
+from lossatlas.outputs import using_output
 from lossatlas.probes import ProbeContext, Result, get_probe
 from lossatlas.probes import registry as _registry  # noqa: F401  (every probe registers itself)
 
@@ -43,7 +49,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 # ------------------------------------------------------------------------------------------------- the functions
 def loss(model: nn.Module, data: Any, loss: str = "cross_entropy", *, mode: str = "eval", batch_size: int | None = 256,
          max_examples: int | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> Result:
+         dtype: str | torch.dtype | None = None, output: str | None = None) -> Result:
     """Loss L = Σ_b (n_b/N) L_b and accuracy (fraction of argmax predictions equal to the label) on the data.
 
     ``mode`` "eval" (default) or "train" sets the train/eval flag for the evaluation only.
@@ -59,13 +65,13 @@ def loss(model: nn.Module, data: Any, loss: str = "cross_entropy", *, mode: str 
     >>> 0.0 <= res.scalar("accuracy") <= 1.0
     True
     """
-    return _run("loss", model, data, loss, dict(mode=mode), batch_size, max_examples, device, dtype)
+    return _run("loss", model, data, loss, dict(mode=mode), batch_size, max_examples, device, dtype, output=output)
 
 
 def hessian_spectrum(model: nn.Module, data: Any, loss: str = "cross_entropy", *, top_k: int = 5, trace: bool = False,
                      density: bool = False, curvature: str = "hessian", batch_size: int | None = 256,
                      max_examples: int | None = None, device: str | torch.device | None = None,
-                     dtype: str | torch.dtype | None = None, **settings: Any) -> Result:
+                     dtype: str | torch.dtype | None = None, output: str | None = None, **settings: Any) -> Result:
     """Top eigenvalues, trace and spectral density of the curvature of the mean loss at the model's parameters.
 
     ``curvature``: "hessian" H = ∇²L(θ) (default), "ggn" G = (1/N) Σ_i J_iᵀ (∂²ℓ_i/∂f²) J_i (Martens 2014),
@@ -89,13 +95,13 @@ def hessian_spectrum(model: nn.Module, data: Any, loss: str = "cross_entropy", *
     ((3,), True)
     """
     probe = dict(top_k=top_k, trace=trace, density=density, curvature=curvature, **settings)
-    return _run("hessian", model, data, loss, probe, batch_size, max_examples, device, dtype)
+    return _run("hessian", model, data, loss, probe, batch_size, max_examples, device, dtype, output=output)
 
 
 def sharpness(model: nn.Module, data: Any, loss: str = "cross_entropy", *, measures: tuple[str, ...] | None = None,
               rho: float = 0.05, batch_size: int | None = 256, max_examples: int | None = 1024,
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-              **settings: Any) -> Result:
+              output: str | None = None, **settings: Any) -> Result:
     """Sharpness measures of the model: how much the loss rises under a small weight perturbation.
 
     ``measures`` (default all): "grad_norm" ‖∇L‖; "fisher_rao" ‖θ‖_fr (Liang et al. 2019); "keskar"
@@ -118,14 +124,14 @@ def sharpness(model: nn.Module, data: Any, loss: str = "cross_entropy", *, measu
     probe = dict(rho=rho, **settings)
     if measures is not None:
         probe["measures"] = (measures,) if isinstance(measures, str) else tuple(measures)
-    return _run("sharpness", model, data, loss, probe, batch_size, max_examples, device, dtype)
+    return _run("sharpness", model, data, loss, probe, batch_size, max_examples, device, dtype, output=output)
 
 
 def surface(model: nn.Module, data: Any, loss: str = "cross_entropy", *, dims: int = 2,
             xrange: tuple[float, float, int] = (-1.0, 1.0, 51), yrange: tuple[float, float, int] | None = None,
             directions: str = "random", batch_size: int | None = 256, max_examples: int | None = None,
             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-            **settings: Any) -> Result:
+            output: str | None = None, **settings: Any) -> Result:
     """Loss and accuracy on a 1-D line or 2-D plane through the model's parameters, L(θ + x d₁ + y d₂).
 
     ``directions``: "random" Gaussian directions, filter-normalised so that each filter of d has
@@ -151,21 +157,21 @@ def surface(model: nn.Module, data: Any, loss: str = "cross_entropy", *, dims: i
                         "'eigenvectors' here, or run `lossatlas surface RUN` on a run file")
     probe = dict(dims=dims, xrange=tuple(xrange), yrange=None if yrange is None else tuple(yrange),
                  directions=directions, **settings)
-    return _run("surface", model, data, loss, probe, batch_size, max_examples, device, dtype)
+    return _run("surface", model, data, loss, probe, batch_size, max_examples, device, dtype, output=output)
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, data: Any, loss: str = "cross_entropy", *,
                 alphas: tuple[float, float, int] = (0.0, 1.0, 31), batch_size: int | None = 256,
                 max_examples: int | None = None, device: str | torch.device | None = None,
-                dtype: str | torch.dtype | None = None, **settings: Any) -> Result:
+                dtype: str | torch.dtype | None = None, output: str | None = None, **settings: Any) -> Result:
     """Loss and error on the straight line θ(α) = (1 − α) θ_a + α θ_b between two models, and its barriers.
 
     ``alphas``: (min, max, num), default (0, 1, 31). The loss barrier is max_α L(θ(α)) − ((1 − α) L(θ_a)
     + α L(θ_b)) (Frankle et al. 2020: linear mode connectivity); the error barriers likewise.
     ``settings``: the other fields of the ``interpolate`` probe (``dir_type`` "states" moves buffers too,
     ``bn="recompute"``, ``layerwise=True``). ``model_b`` must have the architecture of ``model_a``.
-    Values: "loss", "accuracy", "error" along "alpha"; "loss_barrier", "loss_midpoint_barrier",
-    "error_barrier", "error_linear_barrier" (0-d).
+    Values: "loss", "accuracy", "error" along "alpha"; "loss_barrier", "error_barrier" (over the chord
+    between the endpoints), "loss_endpoint_mean_barrier", "error_endpoint_mean_barrier" (0-d).
 
     >>> import torch, lossatlas
     >>> _ = torch.manual_seed(0)
@@ -192,12 +198,13 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data: Any, loss: str = "
         return {k: v.detach() for k, v in model_b.state_dict().items()}
 
     return _run("interpolate", model_a, data, loss, probe, batch_size, max_examples, device, dtype,
-                step=0, steps=(0, 1), state_at=state_at)
+                step=0, steps=(0, 1), state_at=state_at, output=output)
 
 
-def neural_collapse(model: nn.Module, data: Any, *, module: str | None = None, batch_size: int | None = 256,
+def neural_collapse(model: nn.Module, data: Any, *, module: str | None = None, loss: str = "cross_entropy",
+                    batch_size: int | None = 256,
                     max_examples: int | None = None, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, **settings: Any) -> Result:
+                    dtype: str | torch.dtype | None = None, output: str | None = None, **settings: Any) -> Result:
     """Neural collapse NC1–NC4 of the features entering ``module`` (default: the last nn.Linear, the classifier).
 
     With class means μ_c, global mean μ_G, within-class covariance Σ_W and between-class Σ_B:
@@ -205,7 +212,9 @@ def neural_collapse(model: nn.Module, data: Any, *, module: str | None = None, b
     centred means and classifier rows from a simplex ETF, NC3 the self-duality ‖Wᵀ/‖W‖_F − M/‖M‖_F‖²_F,
     NC4 the mismatch between the classifier and the nearest-class-centre rule (Papyan, Han & Donoho
     2020). ``settings``: the other fields of the ``collapse`` probe (``layers="depth"``, ``nc1_variant``,
-    ``mode``, ``minority_threshold``). Targets must be class labels. Values: "nc1" and its variants,
+    ``mode``, ``minority_threshold``). Targets must be class labels; for a sequence model each counted token is an
+    example, and with ``loss="causal_lm"`` (or a causal LM's own ``"model"``) its class is the next token (Wu &
+    Papyan 2024, "Linguistic Collapse"). Values: "nc1" and its variants,
     "nc2_*", "nc3_*", "nc4_ncc_mismatch", "ncc_accuracy" and per-class arrays "class_*".
 
     >>> import torch, lossatlas
@@ -217,20 +226,22 @@ def neural_collapse(model: nn.Module, data: Any, *, module: str | None = None, b
     (True, True)
     """
     probe = dict(module=module, **settings)
-    return _run("collapse", model, data, "cross_entropy", probe, batch_size, max_examples, device, dtype)
+    return _run("collapse", model, data, loss, probe, batch_size, max_examples, device, dtype, output=output)
 
 
-def uniformity(model: nn.Module, data: Any, *, module: str | None = None, capture: str = "input", t: float = 2.0,
+def uniformity(model: nn.Module, data: Any, *, module: str | None = None, loss: str = "cross_entropy",
+               capture: str = "input", t: float = 2.0,
                batch_size: int | None = 256, max_examples: int | None = None,
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               **settings: Any) -> Result:
+               output: str | None = None, **settings: Any) -> Result:
     """Uniformity, alignment, tolerance and RankMe of the features at ``module`` (default: the last nn.Linear).
 
     On the L2-normalised features z: uniformity log E exp(−t ‖z_i − z_j‖²) with t = 2 (Wang & Isola
     2020), W2 uniformity (Fang et al. 2024), tolerance (mean same-class cosine similarity; Wang & Liu
     2021) and RankMe exp(H(σ/‖σ‖₁)) of the singular values (Garrido et al. 2023). ``capture``: the
     "input" (default) or "output" of ``module``. ``settings``: the other fields of the ``uniformity``
-    probe (``augmentation="gaussian_noise"`` adds alignment, ``max_pairs_examples``, ``seed``, ...).
+    probe (``augmentation="gaussian_noise"`` adds alignment, ``max_pairs_examples``, ``seed``, ...). ``loss`` only
+    pairs a causal LM's token features with the next token's label for "tolerance" (``"causal_lm"``).
     Values: "uniformity", "w2_uniformity", "tolerance", "rankme" (0-d) and "singular_values".
 
     >>> import torch, lossatlas
@@ -242,17 +253,17 @@ def uniformity(model: nn.Module, data: Any, *, module: str | None = None, captur
     (True, True)
     """
     probe = dict(module=module, capture=capture, t=t, **settings)
-    return _run("uniformity", model, data, "cross_entropy", probe, batch_size, max_examples, device, dtype)
+    return _run("uniformity", model, data, loss, probe, batch_size, max_examples, device, dtype, output=output)
 
 
 # ------------------------------------------------------------------------------------------------- shared steps
 def _run(name: str, model: nn.Module, data: Any, loss_name: str, settings: dict, batch_size: int | None,
          max_examples: int | None, device: str | torch.device | None, dtype: str | torch.dtype | None, *,
          step: int | None = None, steps: tuple[int, ...] = (),
-         state_at: Callable[[int], Mapping[str, Tensor]] | None = None) -> Result:
+         state_at: Callable[[int], Mapping[str, Tensor]] | None = None, output: str | None = None) -> Result:
     """Build the probe ``name`` from ``settings`` and run it once on ``model`` and ``data`` (as ``run_probe`` does)."""
     _check_model(model, "model")
-    check_choice("loss", loss_name, LOSSES, error=UserError)
+    loss_name, output = resolve_loss_and_output(None, loss_name, output)
     cls = get_probe(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in (("batch_size", batch_size), ("max_examples", max_examples)):
@@ -271,15 +282,18 @@ def _run(name: str, model: nn.Module, data: Any, loss_name: str, settings: dict,
     target = torch.device(device) if device is not None else model_device
     if torch_dtype is not None or target != model_device:  # a copy: the caller's module stays as it was
         model = copy.deepcopy(model).to(device=target, dtype=torch_dtype)
-    if isinstance(data, (str, bytes, dict)):
-        raise UserError(f"cannot use {type(data).__name__} as data: give an (inputs, targets) pair of tensors, a torch "
-                        "Dataset or an iterable of batches; for a named data set, build it first, e.g. "
-                        "lossatlas.models.build_data({'name': 'digits'})")
+    if isinstance(data, (str, bytes)) or (isinstance(data, Mapping) and "labels" not in data):
+        raise UserError(f"cannot use {type(data).__name__} as data: give an (inputs, targets) pair of tensors, a dict "
+                        "batch with 'labels', a torch Dataset or an iterable of batches; for a named data set, build "
+                        "it first, e.g. lossatlas.models.build_data({'name': 'digits'})")
     try:
-        batches = as_batches(data, batch_size, limit=max_examples)
+        batches = as_batches(data, batch_size, limit=max_examples, keep_labels=loss_name == MODEL_LOSS)
     except ValueError as exc:
         raise UserError(f"data: {exc}") from None
     batches = to_device(batches, target, torch_dtype or _model_dtype(model))
+    precision = None
+    if loss_name == MODEL_LOSS:  # the targets count what the model's own loss averages
+        batches = model_loss_batches(model, batches)
 
     def state_at_here(s: int) -> dict[str, Tensor]:
         """Another model's state on this device and in this dtype."""
@@ -287,7 +301,16 @@ def _run(name: str, model: nn.Module, data: Any, loss_name: str, settings: dict,
 
     ctx = ProbeContext(model=model, data=batches, loss=loss_name, step=step, device=target, dtype=torch_dtype,
                        steps=steps, state_at=state_at_here if state_at is not None else None)
-    return probe.run(ctx)
+    with using_output(model, output):  # the caller's module keeps its own choice afterwards
+        if loss_name == MODEL_LOSS:
+            precision = model_loss_precision(model, batches)
+            if precision is not None:
+                warnings.warn(precision, stacklevel=3)
+        result = probe.run(ctx)
+    result.meta.update(loss=loss_name, output=output)
+    if precision is not None:
+        result.meta["loss_precision_warning"] = precision
+    return result
 
 
 def _check_model(model: Any, what: str) -> None:

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 from lossatlas._version import __version__
 from lossatlas.errors import UserError
 
-COMMON = {"steps", "step", "data", "batch_size", "max_examples", "results", "dtype", "device", "force", "json", "quiet", "run",
-          "model", "trust_factory", "allow_nonfinite"}
+COMMON = {"steps", "step", "data", "batch_size", "max_examples", "max_tokens", "results", "dtype", "device", "force", "json", "quiet", "run",
+          "model", "trust_factory", "allow_nonfinite", "loss", "output"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=_cmd_report)
 
+    from lossatlas import export
+
+    export.add_parser(sub)
     for name in sorted(PROBES):
         _add_probe_parser(sub, PROBES[name])
     return parser
@@ -325,10 +328,18 @@ def _add_probe_parser(sub, cls) -> None:
     p.add_argument("--steps", "--step", dest="steps", default="last", help="all | last | first | 1000 | 100,200 | 0:5000:500")
     p.add_argument("--data", help="data spec (JSON) to use instead of the run's own")
     p.add_argument("--batch-size", type=_int_at_least(1), default=256)
-    p.add_argument("--max-examples", type=_int_at_least(1), help="use only the first N examples")
+    p.add_argument("--max-examples", type=_int_at_least(1), metavar="N",
+                   help="use N examples: the first N, or a seeded subset of N for tokens/hf_dataset/image_folder "
+                        "data specs (recorded in the results)")
+    p.add_argument("--max-tokens", type=_int_at_least(1), metavar="N",
+                   help="token data specs (tokens, hf_dataset): a seeded subset of at most N tokens, recorded in "
+                        "the results")
     p.add_argument("--results", help="results file (default: RUN.results.h5 next to the run)")
     p.add_argument("--dtype", choices=["float32", "float64"], help="compute in this precision")
     p.add_argument("--device", type=_device_arg, default="cpu", help="cpu | cuda | cuda:N | mps (default: cpu)")
+    p.add_argument("--loss", help="the loss instead of the run's own: cross_entropy | mse | half_sse | causal_lm | "
+                                  "model (the model's own outputs.loss, from the labels of dict batches)")
+    p.add_argument("--output", help="the model output the probe uses, e.g. start_logits (default: logits)")
     _add_allow_nonfinite(p)
     p.add_argument("--force", action="store_true", help="recompute even if a stored result exists")
     p.add_argument("--json", action="store_true", help="print JSON only on stdout")
@@ -387,9 +398,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         raise UserError(_with_prefix(cls.name, exc)) from None
     options = RunOptions(steps=args.steps, results_path=_results_arg(args.results), data=_spec_arg(args.data, "--data"),
                          model=_spec_arg(args.model, "--model"), trust_factory=args.trust_factory,
-                         batch_size=args.batch_size, max_examples=args.max_examples, dtype=args.dtype,
-                         device=args.device, force=args.force, progress=progress.status,
-                         allow_nonfinite=args.allow_nonfinite)
+                         batch_size=args.batch_size, max_examples=args.max_examples, max_tokens=args.max_tokens,
+                         dtype=args.dtype, device=args.device, force=args.force, progress=progress.status,
+                         allow_nonfinite=args.allow_nonfinite, loss=args.loss, output=args.output)
     try:
         report = run_probe(_existing(args.run), probe, options)
     except ValueError as exc:  # a probe's refusal of this checkpoint or data (too few examples, no such layer, …)

@@ -8,7 +8,11 @@ safetensors. Accepted layouts: a plain state_dict, ``{"state_dict": ...}`` (Ligh
 
 Hugging Face folders (``save_pretrained`` output, Trainer ``checkpoint-N`` folders) bring their
 own model spec (config.json, rebuilt without remote code), their log (``trainer_state.json``)
-and Adam's state (``optimizer.pt``, weights-only or skipped).
+and Adam's state (``optimizer.pt``, weights-only or skipped). Their tensors, and those of a file
+imported with an ``{"hf": ...}`` spec, are keyed as ``from_pretrained`` would load them: weights
+tied to another filled in, a missing or extra base-model prefix fixed, the causal-mask buffers
+older transformers saved dropped, and on-disk layouts that transformers 5 converts on load
+converted by it; each fix is said once, as a warning, after the import.
 """
 
 from __future__ import annotations
@@ -171,6 +175,8 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
     from lossatlas.analysis.runner import load_state  # the key/shape check with a clear message
 
     steps = sorted(by_step)
+    hf_model = bool(folders) or "hf" in spec  # a transformers model: its key layouts and tied weights apply
+    notes: dict[str, list[str]] = {}  # what was fixed in the checkpoints' keys, said once after the import
     log = trainer_log(by_step[steps[-1]]) if folders else {}
     optimizers: dict[int, tuple | None] = {}
     for s in steps:  # read first: the run's header names the optimizer
@@ -185,8 +191,8 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
             for s in steps:
                 source = by_step[s]
                 state = load_hf_weights(source) if source.is_dir() else load_state_dict(source)
-                if source.is_dir():
-                    state = fill_tied(model, state)
+                if hf_model:
+                    state = converted_layout(model, fill_tied(model, fit_hf_keys(model, state, notes)), notes)
                 load_state(model, state, source=str(source))  # validates keys and shapes
                 bad = nonfinite_counts(state)
                 if bad:  # imported all the same: a diverged checkpoint is worth keeping; probes refuse it
@@ -201,6 +207,9 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
                                         attrs={"lr": lrs[-1]} if lrs else None)
             for t in sorted(log):
                 writer.log(t, log[t])
+    for what, keys in notes.items():
+        warnings.warn(f"{paths[0] if len(paths) == 1 else paths[0].parent}: {what} ({', '.join(keys[:3])}"
+                      f"{' …' if len(keys) > 3 else ''})", stacklevel=2)
     return steps
 
 
@@ -319,6 +328,107 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
                     "or pytorch_model.bin; save the model with save_pretrained")
 
 
+# Causal-mask buffers that older transformers kept in the state_dict (GPT-2's ``attn.bias``, a (1, 1, n, n)
+# lower-triangular mask, and ``attn.masked_bias``, the scalar -1e4): today's models build their masks themselves.
+_MASK_BUFFER = re.compile(r"(?:^|\.)(?:attn|attention|self_attn|crossattention)\.(?:bias|masked_bias)$")
+
+
+def fit_hf_keys(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                notes: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """A Hugging Face checkpoint's tensors keyed as ``model`` names them, as ``from_pretrained`` would load them.
+
+    Two fixes, each applied only to keys ``model`` lacks: the base-model prefix (``transformer.`` for
+    GPT-2, ``model.`` for Llama, ``bert.`` ...) added to a base model's keys loaded into a model with a
+    head (old hub GPT-2 files hold ``h.0.attn.c_attn.weight``), or removed for the reverse; and mask
+    tensors dropped — the legacy causal masks (``attn.bias``/``attn.masked_bias`` of 0 or 4 dimensions)
+    and what the model class itself declares safe to ignore (``_keys_to_ignore_on_load_unexpected``,
+    names that are not mask names only).
+    Each fix is recorded in ``notes`` (message → keys) for the caller to say once.
+    """
+    expected = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and not all(k in expected for k in state):
+        head = prefix + "."
+        model_has = any(k.startswith(head) for k in expected)
+        state_has = any(k.startswith(head) for k in state)
+        if model_has and not state_has and any(head + k in expected for k in state):
+            moved = [k for k in state if head + k in expected or (_MASK_BUFFER.search(k) and k not in expected)]
+            state = {(head + k if k in moved else k): v for k, v in state.items()}
+            _note(notes, f"added the '{head}' prefix to a base model's keys", moved)
+        elif state_has and not model_has and any(k[len(head):] in expected for k in state if k.startswith(head)):
+            moved = [k for k in state if k.startswith(head) and k not in expected]
+            state = {(k[len(head):] if k in moved else k): v for k, v in state.items()}
+            _note(notes, f"removed the '{head}' prefix the model does not use", moved)
+    extra = [k for k in state if k not in expected]
+    masks = [k for k in extra if _MASK_BUFFER.search(k) and state[k].dim() in (0, 4)]  # a scalar or (1, 1, n, n)
+    _note(notes, "ignored causal-mask buffers that older transformers saved in the state_dict; the model "
+                 "builds its masks itself", masks)
+    patterns = _ignored_by_class(model)
+    # what the class says from_pretrained drops (old rotary inv_freq buffers, unused heads); a tensor named like a
+    # mask but not shaped like one is no mask, and stays an error
+    ignored = [k for k in extra if not _MASK_BUFFER.search(k) and any(p.search(k) for p in patterns)]
+    _note(notes, f"ignored tensors that {type(model).__name__} declares unused (as from_pretrained does)", ignored)
+    dropped = set(masks) | set(ignored)
+    return {k: v for k, v in state.items() if k not in dropped}
+
+
+def _ignored_by_class(model: torch.nn.Module) -> list[re.Pattern]:
+    """The patterns of the keys that a transformers model class lets ``from_pretrained`` drop unread."""
+    declared = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None)
+    return [re.compile(p) for p in declared if isinstance(p, str)] if isinstance(declared, (list, tuple)) else []
+
+
+def converted_layout(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                     notes: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """``state`` renamed (or split/fused) from a checkpoint's on-disk layout to ``model``'s, by transformers itself.
+
+    transformers 5 saves some architectures under their original checkpoint names (ViT's
+    ``encoder.layer.0.attention.attention.query`` for the module ``layers.0.attention.q_proj``) and
+    converts them on load; the conversion is left to ``from_pretrained(None, config=..., state_dict=...)``,
+    which builds no remote code and reads no file. ``state`` is returned unchanged when its keys already
+    are the model's, when it holds a key that ``from_pretrained`` would drop unread, or when the
+    conversion leaves a key missing, unexpected or of the wrong shape (the key check that follows names
+    them).
+    """
+    expected = model.state_dict()
+    if set(state) == set(expected) or not hasattr(type(model), "from_pretrained"):
+        return state
+    patterns = _ignored_by_class(model)
+    if any(p.search(k) for k in state for p in patterns):  # from_pretrained would drop it without a word
+        return state
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.set_verbosity_error()  # its load report is read below, not printed
+        hf_logging.disable_progress_bar()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded, info = type(model).from_pretrained(None, config=model.config, state_dict=dict(state),
+                                                       output_loading_info=True)
+    except Exception:  # any refusal: the key check that follows explains the mismatch
+        return state
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")):
+        return state
+    out = {k: v.detach() for k, v in loaded.state_dict().items()}
+    if set(out) != set(expected):
+        return state
+    _note(notes, "renamed the checkpoint's keys to the model's with transformers' own conversion (as "
+                 "from_pretrained does)", sorted(k for k in state if k not in expected))
+    return out
+
+
+def _note(notes: dict[str, list[str]] | None, what: str, keys: list[str]) -> None:
+    """Record ``keys`` under the message ``what`` (each key once)."""
+    if notes is not None and keys:
+        found = notes.setdefault(what, [])
+        found.extend(k for k in keys if k not in found)
+
+
 def fill_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` plus each key the file left out because the model ties it to another (e.g. lm_head to wte)."""
     expected = model.state_dict()
@@ -405,7 +515,8 @@ def load_optimizer(path: Path, model: torch.nn.Module) -> tuple[dict[str, dict[s
         else:
             spec = None
             if any("exp_avg_sq" in v for v in by_name.values()):
-                g = groups[0]
+                # the constructor's lr: a torch LR scheduler keeps it as "initial_lr" and overwrites "lr"
+                g = {**groups[0], "lr": groups[0].get("initial_lr", groups[0].get("lr"))}
                 decayed = any(_number_or_list(gr.get("weight_decay")) for gr in groups)
                 spec = {"name": "AdamW" if decayed else "Adam",
                         "defaults": {k: _number_or_list(g[k]) for k in ("lr", "betas", "eps", "weight_decay")

@@ -11,6 +11,17 @@ Conventions: every loss is a mean over *examples* (tokens for sequence models).
 - ``causal_lm``: next-token cross-entropy of logits (B, T, V)[:, :-1] against labels (B, T)[:, 1:];
   labels -100 are ignored (``as_batches`` gives padding that label), and a batch's mean is over
   its counted tokens, so Σ_b (n_b/N) L_b is the mean over every counted token of the data.
+- ``model``: the model's own loss, ``outputs.loss`` of ``model(**inputs, labels=labels)`` (dict
+  batches keep their ``labels`` in the inputs, ``as_batches(keep_labels=True)``, and the model's
+  output "loss" is taken, ``lossatlas.outputs``). A batch's weight n_b counts what a Hugging Face
+  loss averages: the labels other than -100 for integer (B, T, ...) labels, where a causal language
+  model (``shifts_labels``: a class whose name ends in "ForCausalLM", or a transformers causal-LM
+  class such as GPT2LMHeadModel) counts the shifted labels y[:, 1:] only (``model_loss_batches``
+  marks y[:, 0] as -100 in the targets, never in the model's own labels); examples for 1-D or float
+  labels. With a model that means its terms this way (HF's causal LM loss does) Σ_b (n_b/N) L_b is
+  the same mean over every counted term as ``causal_lm``. It has no per-example terms or output
+  Hessian: the GGN, the Fisher matrices, per-example losses and accuracy are unavailable
+  (``require_output_loss`` refuses them).
 For the MSE losses, integer class labels are one-hot encoded against the output width.
 """
 
@@ -20,13 +31,108 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lossatlas.checks import check_choice
+from lossatlas.errors import UserError
+from lossatlas.outputs import LOSS_OUTPUT, OUTPUT, check_output_name
 
-LossName = Literal["cross_entropy", "mse", "half_sse", "causal_lm"]
-LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "half_sse", "causal_lm")
+LossName = Literal["cross_entropy", "mse", "half_sse", "causal_lm", "model"]
+LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "half_sse", "causal_lm", "model")
+MODEL_LOSS = "model"  # the model's own outputs.loss
+OUTPUT_LOSSES: tuple[str, ...] = tuple(n for n in LOSSES if n != MODEL_LOSS)  # losses of the model's outputs
 IGNORE_INDEX = -100
+
+
+def resolve_loss_and_output(run_loss: str | None, loss: str | None, output: str | None, *,
+                            prefix: str = "") -> tuple[str, str]:
+    """(loss, output) of a run: ``loss`` or the run's own (default "cross_entropy"), and the output to use.
+
+    The loss "model" uses the model's output "loss" (an ``output`` other than that is refused);
+    any other loss uses ``output`` (default "logits"). UserError for an unknown loss or output name.
+    """
+    name = loss if loss is not None else (run_loss or "cross_entropy")
+    check_choice("loss", name, LOSSES, prefix=prefix, error=UserError)
+    if output is not None:
+        check_output_name(output)
+    if name == MODEL_LOSS:
+        if output not in (None, OUTPUT, LOSS_OUTPUT):
+            raise UserError(f"{prefix}--output {output} does not apply with --loss model, which uses the model's "
+                            "own 'loss' output; leave --output out, or pick --loss causal_lm or cross_entropy")
+        return name, LOSS_OUTPUT
+    return name, output or OUTPUT
+
+
+def model_loss_precision(model: nn.Module, batches: Sequence[tuple[Any, Tensor]]) -> str | None:
+    """A one-line warning when ``model``'s own loss is computed in a lower precision than its parameters, else None.
+
+    transformers' causal-LM loss casts the logits with ``.float()`` (float32) before its cross-entropy, so a
+    float64 model's own loss carries float32 rounding (relative ~1e-7), which every quantity of the loss
+    "model" inherits; ``causal_lm`` computes the same mean in the model's dtype. One forward pass of one
+    example, without gradients and with the random state restored.
+    """
+    from lossatlas.batches import map_inputs
+    from lossatlas.outputs import model_outputs
+
+    want = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if want is None or not batches:
+        return None
+    x = map_inputs(lambda t: t[:1], batches[0][0])
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        got = model_outputs(model, x, output=LOSS_OUTPUT).dtype
+    if not got.is_floating_point or torch.finfo(got).eps <= torch.finfo(want).eps:
+        return None
+    return (f"the model computes its own loss in {str(got).replace('torch.', '')} although it runs in "
+            f"{str(want).replace('torch.', '')} (transformers' causal-LM loss casts the logits with .float()), so "
+            "--loss model quantities carry that rounding; use --loss causal_lm for the same loss in full precision")
+
+
+def require_output_loss(name: str, what: str, fix: str = "use --loss causal_lm or --loss cross_entropy") -> str:
+    """``name`` unless it is ``"model"``; ValueError saying ``what`` needs a loss of the model's outputs.
+
+    The model's own loss is one scalar per batch: it has no per-example terms, output Hessian or
+    predictions, which the GGN, the Fisher matrices, per-example losses and accuracy need.
+    """
+    if name == MODEL_LOSS:
+        raise ValueError(f"{what} needs a loss of the model's outputs (per-example terms or its output Hessian), "
+                         f"which --loss model (the model's own scalar loss) does not give; {fix}")
+    return name
+
+
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether ``model``'s own loss is a causal LM's: it scores logits[:, t] against labels[:, t + 1].
+
+    True for a class whose name ends in "ForCausalLM" and for the causal-LM classes transformers maps
+    (e.g. GPT2LMHeadModel); then the labels at position 0 are never counted.
+    """
+    cls = type(model)
+    if cls.__name__.endswith("ForCausalLM"):
+        return True
+    if not cls.__module__.startswith("transformers."):
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - an old transformers
+        return False
+    return cls.__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def model_loss_batches(model: nn.Module, batches: Sequence[tuple[Any, Tensor]]) -> list[tuple[Any, Tensor]]:
+    """The batches for the loss ``"model"``: targets marked as ``model``'s own loss counts them.
+
+    For a causal LM (``shifts_labels``) the targets' position 0 becomes -100 (a copy: the labels in the
+    inputs, which the model reads, are left as they are), so ``batch_count("model", y)`` counts the
+    shifted labels y[:, 1:] other than -100, as Hugging Face's causal-LM loss averages them.
+    """
+    if not shifts_labels(model):
+        return list(batches)
+    out = []
+    for x, y in batches:
+        if y.ndim >= 2 and not y.is_floating_point():
+            y = y.clone()
+            y[:, 0] = IGNORE_INDEX
+        out.append((x, y))
+    return out
 
 
 def check_loss_name(name: str) -> str:
@@ -61,9 +167,11 @@ def _next_token(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
     """ℓ_i for every example (every token for sequence models), shape (n,).
 
-    ``causal_lm``: the B·(T−1) next-token terms, 0 where the label is ignored.
+    ``causal_lm``: the B·(T−1) next-token terms, 0 where the label is ignored. ``model``: ValueError
+    (the model's own loss has no per-example terms).
     """
     check_loss_name(name)
+    require_output_loss(name, "per-example losses")
     if name == "causal_lm":
         logits, labels, mask = _next_token(out, y)
         picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -80,7 +188,16 @@ def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
 
 
 def batch_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
-    """The batch's mean loss (what a training step would back-propagate): mean over its counted terms."""
+    """The batch's mean loss (what a training step would back-propagate): mean over its counted terms.
+
+    ``model``: ``out`` is the model's own loss (0-d), returned as it is.
+    """
+    if name == MODEL_LOSS:
+        if out.ndim != 0:
+            raise ValueError(f"loss 'model' takes the model's own loss, a scalar, but the model gave outputs of shape "
+                             f"{tuple(out.shape)}; attach its 'loss' output (lossatlas.outputs.use_output(model, "
+                             "'loss')) and keep the labels in its inputs (as_batches(..., keep_labels=True))")
+        return out
     if name == "causal_lm":  # ignored tokens are zeros in the sum and absent from the count
         counted = (y[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         return per_example_loss(name, out, y).sum() / counted
@@ -91,7 +208,13 @@ def batch_count(name: str, y: Tensor) -> int:
     """How many terms the batch mean averages: examples, tokens for (B, T) class labels, or counted next tokens.
 
     ``causal_lm``: the labels y[:, 1:] other than -100. Integer (B, T) labels under any other loss: B·T tokens.
+    ``model``: integer labels of two or more axes count their entries other than -100 (a causal LM's
+    y[:, 0] is marked -100 by ``model_loss_batches``); 1-D or float labels count examples.
     """
+    if name == MODEL_LOSS:
+        if y.ndim >= 2 and not y.is_floating_point():
+            return int((y != IGNORE_INDEX).sum())
+        return int(y.shape[0])
     if name == "causal_lm":
         return int((y[:, 1:] != IGNORE_INDEX).sum()) if y.ndim == 2 else 0
     if y.ndim == 2 and (name == "cross_entropy" or not y.is_floating_point()):
@@ -143,8 +266,10 @@ def output_hessian_product(name: str, out: Tensor, y: Tensor, u: Tensor) -> Tens
 
     cross_entropy: (diag(p) − p pᵀ) u; mse: (2/C) u; half_sse: u. Shapes follow ``out``.
     causal_lm: the cross_entropy product at the positions with a counted next token, 0 elsewhere.
+    model: ValueError (the model's own loss has no output Hessian).
     """
     check_loss_name(name)
+    require_output_loss(name, "the output Hessian (GGN, Fisher)")
     if name == "causal_lm":
         _, _, mask = _next_token(out, y)
         keep = torch.zeros(out.shape[:2], dtype=out.dtype, device=out.device)
@@ -163,8 +288,10 @@ def output_hessian_product(name: str, out: Tensor, y: Tensor, u: Tensor) -> Tens
 def correct_count(out: Tensor, y: Tensor, loss: str | None = None) -> int:
     """How many argmax predictions equal the label (classification and next-token).
 
-    ``loss="causal_lm"``: argmax of logits[:, t] against the counted labels[:, t + 1].
+    ``loss="causal_lm"``: argmax of logits[:, t] against the counted labels[:, t + 1]. ``loss="model"``:
+    ValueError (the outputs are the loss, no prediction; see ``accuracy_available``).
     """
+    require_output_loss(loss or "", "accuracy")
     if loss == "causal_lm":
         logits, labels, mask = _next_token(out, y)
         return int(((logits.argmax(dim=-1) == labels) & mask).sum())
@@ -173,3 +300,8 @@ def correct_count(out: Tensor, y: Tensor, loss: str | None = None) -> int:
         return 0
     labels = y.argmax(dim=-1) if y.ndim == 2 and y.is_floating_point() else y.long()
     return int((out.argmax(dim=-1) == labels).sum())
+
+
+def accuracy_available(loss: str | None) -> bool:
+    """Whether the outputs under ``loss`` are predictions that ``correct_count`` can score (not for ``model``)."""
+    return loss != MODEL_LOSS

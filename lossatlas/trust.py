@@ -10,8 +10,10 @@ when it is trusted:
 - anything else needs ``trust_factory=True`` (``--trust-factory``), or the spec passed again
   by the caller (``--model``/``--data``): a spec the caller gives is always trusted.
 
-Registered names (``{"name": "mlp"}``) and configuration-only specs (``{"hf": ...}``, ``{"timm": ...}``,
-``{"torchvision": ...}``: a library's own builder, no remote code, no weights) never need trust.
+Registered names (``{"name": "mlp"}``), configuration-only specs (``{"hf": ...}``, ``{"timm": ...}``,
+``{"torchvision": ...}``: a library's own builder, no remote code, no weights) and local data specs
+(``{"tokens": ...}``, ``{"hf_dataset": ...}``, ``{"image_folder": ...}``: they name files, read as data
+without pickle or remote code, lossatlas.models.local_data) never need trust.
 The key is 32 random bytes in ``$LOSSATLAS_CONFIG_DIR/signing.key``, else ``$XDG_CONFIG_HOME/lossatlas/signing.key``, else
 ``~/.config/lossatlas/signing.key``; created on first signing (mode 0600, folder 0700), and not
 used while another user owns it or anyone else may read or write it. Deleting it revokes trust in

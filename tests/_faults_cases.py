@@ -795,7 +795,7 @@ SEMANTIC: dict[str, dict[str, dict[str, Any]]] = {
         "--curvature": {"bogus": 2, "HESSIAN": 2, "ggn": 0}, "--top-k": {"0": 2, "-5": 2},
         "--bottom-k": {"1": 0}, "--tol": {"0": 2, "1e30": SKIP},
         "--criterion": {"bogus": 2, "eigenvalue": 0}, "--max-iter": {"0": 2}, "--block-size": {"0": 2},
-        "--trace-method": {"bogus": 2}, "--trace-matvecs": {"0": 2, "100": 2}, "--num-probes": {"0": 2},
+        "--trace-method": {"bogus": 2}, "--trace-matvecs": {"0": 2, "99": 2}, "--num-probes": {"0": 2},
         "--num-steps": {"0": 2, "1": 2}, "--sigma-squared": {"0": 2}, "--outlier-delta": {"0": 0},
         "--blocks": {"(": 2, "": 2, "layers": 0}, "--block-k": {"0": 2}, "--subset": {"class=abc": 2, "bogus": 2,
                                                                                       "class=": 2, "class=99": 2, "class=3": 0},

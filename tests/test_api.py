@@ -78,8 +78,8 @@ CASES = {
     # name: (probe settings for the runner, the plain call with the same settings, the data form)
     "loss": ({}, lambda m, d, **kw: lossatlas.loss(m, d, **kw), "pair"),
     "hessian": (
-        dict(top_k=2, trace=True, trace_matvecs=9, density=True, num_probes=2, num_steps=12),
-        lambda m, d, **kw: lossatlas.hessian_spectrum(m, d, top_k=2, trace=True, trace_matvecs=9, density=True,
+        dict(top_k=2, trace=True, trace_matvecs=12, density=True, num_probes=2, num_steps=12),
+        lambda m, d, **kw: lossatlas.hessian_spectrum(m, d, top_k=2, trace=True, trace_matvecs=12, density=True,
                                                       num_probes=2, num_steps=12, **kw),
         "list",
     ),

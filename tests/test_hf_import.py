@@ -157,3 +157,75 @@ def test_pickled_optimizer_is_skipped_with_a_warning_and_never_run(tmp_path, cap
     with RunReader(out) as r:
         assert r.steps() == [10] and r.optimizer is None
         assert r.checkpoint(10, optimizer_state=True).optimizer_state is None
+
+
+def old_hub_state(model, prefix):
+    """GPT-2's state_dict as older transformers saved it: causal-mask buffers in it, maybe no 'transformer.'."""
+    n = CONFIG["n_positions"]
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: not saved
+    for i in range(CONFIG["n_layer"]):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return state if prefix else {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("form", ["folder", "file"])
+def test_old_hub_gpt2_layouts_import_and_load(tmp_path, capsys, prefix, form):
+    model = tiny_gpt2()
+    state = old_hub_state(model, prefix)
+    assert ("transformer.h.0.attn.c_attn.weight" in state) == prefix and ("h.0.attn.c_attn.weight" in state) != prefix
+    out = tmp_path / "run.h5"
+    if form == "folder":  # config.json with pytorch_model.bin, as old hub repositories hold them
+        folder = tmp_path / "gpt2-old"
+        model.config.architectures = ["GPT2LMHeadModel"]  # as save_pretrained writes it
+        model.config.save_pretrained(folder)
+        torch.save(state, folder / "pytorch_model.bin")
+        argv = ["import", str(folder), "-o", str(out)]
+    else:  # a lone file with the model spec given
+        torch.save(state, tmp_path / "gpt2_40.bin")
+        spec = {"hf": {"auto_class": "AutoModelForCausalLM", "config": {"model_type": "gpt2", **CONFIG}}}
+        argv = ["import", str(tmp_path / "gpt2_40.bin"), "-o", str(out), "--model", json.dumps(spec)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "ignored causal-mask buffers" in err and "transformer.h.0.attn.masked_bias" in err
+    assert ("added the 'transformer.' prefix" in err) != prefix
+    with RunReader(out) as r:
+        assert r.steps() == ([0] if form == "folder" else [40])
+        assert_same_state(r.checkpoint(r.steps()[0]).state_dict(), model)  # no mask buffer stored
+        rebuilt = load_model(r, r.steps()[0]).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x).logits, model(x).logits)
+
+
+def test_a_prefixed_checkpoint_loads_into_the_base_model(tmp_path, capsys):
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path / "lm")  # keys transformer.*, lm_head tied so not saved
+    spec = {"hf": {"auto_class": "AutoModel", "config": {"model_type": "gpt2", **CONFIG}}}
+    out = tmp_path / "base.h5"
+    assert main(["import", str(tmp_path / "lm"), "-o", str(out), "--model", json.dumps(spec)]) == 0
+    assert "removed the 'transformer.' prefix" in capsys.readouterr().err
+    with RunReader(out) as r:
+        back = r.checkpoint(0).state_dict()
+        base = load_model(r, 0).eval()
+    assert isinstance(base, transformers.GPT2Model)
+    for k, v in model.transformer.state_dict().items():
+        assert torch.equal(back[k], v), k
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(base(x).last_hidden_state, model.transformer(x).last_hidden_state)
+
+
+def test_keys_that_are_not_mask_buffers_are_still_refused(tmp_path, capsys):
+    model = tiny_gpt2()
+    state = old_hub_state(model, prefix=True)
+    state["transformer.h.0.attn.bias"] = torch.zeros(16)  # not a mask: a real tensor the model lacks
+    folder = tmp_path / "odd"
+    model.config.architectures = ["GPT2LMHeadModel"]
+    model.config.save_pretrained(folder)
+    torch.save(state, folder / "pytorch_model.bin")
+    assert main(["import", str(folder), "-o", str(tmp_path / "run.h5")]) == 2
+    assert "unexpected transformer.h.0.attn.bias" in capsys.readouterr().err
+    assert not (tmp_path / "run.h5").exists()

@@ -10,6 +10,10 @@ quadratic under each update rule):
 - ``nesterov``: (2 + 2β)/(η(1 + 2β))
 - ``adam``: the *preconditioned* sharpness λ₁(P⁻¹H) equilibrates at (2 + 2β₁)/((1 − β₁)η),
   38/η for β₁ = 0.9 (Cohen et al. 2022, arXiv 2207.14484); pass preconditioned sharpness values.
+
+The rule for a run's own optimizer (read from its stored settings: SGD momentum, dampening, Nesterov,
+weight decay; Adam's β₁), the largest stable step and the rule's text that results carry as
+``max_stable_lr`` / ``stability_rule``: ``lossatlas.probes.stability`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from lossatlas.checks import check_choice
+from lossatlas.probes.stability import StabilityRule, stability_meta, stability_rule  # noqa: F401  (re-exported)
 
 OPTIMIZERS = ("gd", "heavy_ball", "nesterov", "adam")
 Optimizer = Literal["gd", "heavy_ball", "nesterov", "adam"]

@@ -24,10 +24,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from lossatlas.batches import as_batches
-from lossatlas.losses import batch_loss, check_loss_name
+from lossatlas.batches import as_batches, batch_length, map_inputs
+from lossatlas.losses import batch_loss, check_loss_name, require_output_loss
+from lossatlas.outputs import model_outputs
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,9 @@ def gradient_noise_scale(model: nn.Module, data: Any, loss: str = "cross_entropy
     Each example's loss is ``batch_loss(loss, f(x_i), y_i)`` (a sequence's mean token loss for a
     language model). The model runs in its current train/eval mode and is never modified; use
     ``params`` to evaluate at another point. Per-example gradients are formed ``chunk_size`` at a
-    time and reduced to running sums (memory: chunk_size × #params).
+    time and reduced to running sums (memory: chunk_size × #params). Inputs may be tensors or dict
+    batches (``model(**x)``; the output is taken by ``lossatlas.outputs.model_outputs``). The loss
+    "model" is refused: its scalar has no per-example terms to vmap over.
 
     Args:
         model: the network.
@@ -129,14 +132,15 @@ def gradient_noise_scale(model: nn.Module, data: Any, loss: str = "cross_entropy
         chunk_size: examples per vmap call (None: a whole batch at once).
     """
     check_loss_name(loss)
+    require_output_loss(loss, "the gradient noise scale (per-example gradients)")
     if params is None:
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     else:
         params = {n: p.detach() for n, p in params.items()}
     names = list(params)
 
-    def example_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(model, theta, (x.unsqueeze(0),))
+    def example_loss(theta: dict[str, Tensor], x: Tensor | dict[str, Tensor], y: Tensor) -> Tensor:
+        out = model_outputs(model, map_inputs(lambda t: t.unsqueeze(0), x), params=theta)
         return batch_loss(loss, out, y.unsqueeze(0))
 
     per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
@@ -145,10 +149,11 @@ def gradient_noise_scale(model: nn.Module, data: Any, loss: str = "cross_entropy
     n = 0
     for x, y in as_batches(data, None):
         if max_examples is not None:
-            x, y = x[: max_examples - n], y[: max_examples - n]
-        step = chunk_size or x.shape[0]
-        for i in range(0, x.shape[0], step):
-            g = per_example(params, x[i:i + step], y[i:i + step])
+            x, y = map_inputs(lambda t, k=max_examples - n: t[:k], x), y[: max_examples - n]
+        size = batch_length(x)
+        step = chunk_size or size
+        for i in range(0, size, step):
+            g = per_example(params, map_inputs(lambda t, i=i, s=step: t[i:i + s], x), y[i:i + step])
             flat = torch.cat([g[k].reshape(g[k].shape[0], -1) for k in names], dim=1).double()  # (b, P)
             sum_sq += float((flat**2).sum())
             s = flat.sum(0)

@@ -10,7 +10,7 @@ import datetime
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from lossatlas.analysis import kinds
 from lossatlas.analysis.parts import parts_of, with_parts
 from lossatlas.analysis.runner import default_results_path
 from lossatlas.errors import UserError
+from lossatlas.store import labels
 from lossatlas.viz import figures as vizfig
 from lossatlas.viz.report import SECTIONS, ReportItem, ReportSection, figures_page, render_report
 from lossatlas.viz.style import MATPLOTLIB_FORMATS, save_figure
@@ -61,18 +62,43 @@ def results_by_config(results: store.ResultsStore, probe: str | None = None) -> 
     return out
 
 
+def _probe_groups(results: store.ResultsStore, probe: str) -> dict[tuple[str, str], list]:
+    """``probe``'s stored groups with its parts merged in (lossatlas.analysis.parts), newest first."""
+    groups = results_by_config(results, probe)
+    for part in parts_of(probe):  # shown with it, merged step by step
+        groups.update(results_by_config(results, part))
+    return {g: found for g, found in with_parts(groups).items() if g[0] == probe}
+
+
 def latest_results(results: store.ResultsStore | None, probe: str) -> list:
     """The Results of ``probe`` under its most recently written config, over all its stored steps."""
     if results is None:
         return []
-    groups = results_by_config(results, probe)
-    for part in parts_of(probe):  # shown with it, merged step by step (lossatlas.analysis.parts)
-        groups.update(results_by_config(results, part))
-    groups = {g: found for g, found in with_parts(groups).items() if g[0] == probe}
+    groups = _probe_groups(results, probe)
     if not groups:
         return []
     first = next(iter(groups.values()))
     return [found[0] for found, _ in first if found is not None]
+
+
+def selected_results(results: store.ResultsStore | None, probe: str, select: str | None,
+                     where: Any = "the results file") -> tuple[list, dict | None]:
+    """The Results of the one configuration of ``probe`` that ``select`` names, and that configuration.
+
+    ``select`` is a user name, a label, a config key or ``probe/key`` (``lossatlas.store.labels.choose``);
+    None picks the only stored configuration and refuses (UserError, exit 2, listing label, key and steps of
+    each) when there are several: a figure never guesses which settings it shows. ``([], None)`` when none
+    is stored.
+    """
+    if results is None:
+        return [], None
+    groups = _probe_groups(results, probe)
+    if not groups:
+        return [], None
+    configs = [c for c in labels.configurations(results.entries(probe)) if (c["probe"], c["key"]) in groups]
+    chosen = labels.pick_one(configs, select, f"{probe!r} results", where)
+    found = groups[(chosen["probe"], chosen["key"])]
+    return [f[0] for f, _ in found if f is not None], chosen
 
 
 def _lr_series(reader: store.RunReader) -> tuple[np.ndarray, np.ndarray] | None:
@@ -118,10 +144,12 @@ def _write_atomically(output: Path, write) -> Path:
 
 # -- plot ---------------------------------------------------------------------------------------------------------
 def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, output: str | Path,
-                 overwrite: bool = False, results_path: str | Path | None = None) -> Path:
+                 overwrite: bool = False, results_path: str | Path | None = None, select: str | None = None) -> Path:
     """Draw ``kind`` ("training" or a probe name) of a run to ``output``; returns the written path.
 
-    The suffix picks the format: .pdf/.png/.svg via matplotlib, .html via plotly (self-contained).
+    The suffix picks the format: .pdf/.png/.svg via matplotlib, .html via plotly (self-contained). ``select``
+    names the configuration to draw (``selected_results``); with several stored and none named the command is
+    refused, listing them. The figure's title carries the configuration's label.
     """
     try:
         kinds.check_kind(kind)
@@ -130,14 +158,17 @@ def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, ou
     output = _check_output(output, overwrite, PLOT_FORMATS, run_path, results_path)
     run_path = Path(run_path)
     reader = _open_run(run_path)
-    log, results, lr = None, None, None
+    log, results, lr, label = None, None, None, None
     if kind == "training":
         log = reader.log()
         if log["step"].size == 0:
             raise UserError(f"{run_path}: the run has no per-step log to plot; record one with lossatlas.Recorder "
                             "(`lossatlas train` does)")
     else:
-        results = latest_results(_results_store(run_path, results_path, reader), kind)
+        store_ = _results_store(run_path, results_path, reader)
+        where = store_.path if store_ is not None else run_path
+        results, chosen = selected_results(store_, kind, select, where)
+        label = labels.title_of(chosen) if chosen is not None else None
         if not results:
             cmd = kinds.command_of(kind).replace("RUN", str(run_path))
             raise UserError(f"no {kind!r} result stored for {run_path} yet; compute it with `{cmd}`")
@@ -148,13 +179,13 @@ def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, ou
         lr = _lr_series(reader)
     figure = kinds.figure_of(kind)
     if output.suffix.lower() == ".html":
-        figs = vizfig.interactive_figures(figure, results, log=log, step=step, lr=lr)
+        figs = vizfig.interactive_figures(figure, results, log=log, step=step, lr=lr, label=label)
         if not figs:
             raise UserError(f"the stored {kind!r} result holds nothing to draw; recompute it with "
                             f"`{kinds.command_of(kind).replace('RUN', str(run_path))} --force`")
-        page = figures_page(f"{kind} — {run_path.name}", figs, subtitle=_subtitle(reader, run_path))
+        page = figures_page(f"{label or kind} — {run_path.name}", figs, subtitle=_subtitle(reader, run_path))
         return _write_atomically(output, lambda p: p.write_text(page, encoding="utf-8"))
-    fig = vizfig.paper_figure(figure, results, log=log, step=step, lr=lr)
+    fig = vizfig.paper_figure(figure, results, log=log, step=step, lr=lr, label=label)
     return _write_atomically(output, lambda p: save_figure(fig, p))
 
 
@@ -189,7 +220,7 @@ def _maybe_json(v: Any) -> Any:
     return v
 
 
-def _result_item(probe: str, key: str, found: list, figures: list) -> ReportItem:
+def _result_item(probe: str, key: str, found: list, figures: list, label: str | None = None) -> ReportItem:
     results = [r for (r, _), _e in found]
     infos = [info for (_, info), _e in found]
     last = results[-1]
@@ -200,10 +231,11 @@ def _result_item(probe: str, key: str, found: list, figures: list) -> ReportItem
         if arr.ndim == 0 and arr.dtype.kind in "fiub" and len(table) < 24:
             table[name] = float(arr) if arr.dtype.kind == "f" else arr.item()
     partial = sum(i["status"] == "partial" for i in infos)
-    subtitle = (f"config key {key} · steps {', '.join(map(str, steps))} · values of step {last.step} below"
+    subtitle = (f"{label} · " if label else "") + (f"config key {key} · steps {', '.join(map(str, steps))} · values of step {last.step} below"
                 + (f" · {partial} partial (rerun the command to finish)" if partial else "")
-                + f" · {sum(i['elapsed_s'] for i in infos):.1f} s compute")
-    return ReportItem(title=kinds.title_of(probe), subtitle=subtitle, table=table, config=last.config, figures=figures)
+                + f" · {sum(i['elapsed_s'] for i in infos):.1f} s compute"))
+    title = kinds.title_of(probe) + (f" — {label}" if label else "")  # which settings this card shows
+    return ReportItem(title=title, subtitle=subtitle, table=table, config=last.config, figures=figures)
 
 
 def _diagnosis_item(reader) -> ReportItem:
@@ -221,12 +253,25 @@ def _diagnosis_item(reader) -> ReportItem:
                       table=table, figures=[fig] if fig is not None else [])
 
 
+def _selected_groups(configs: list[dict], select: Sequence[str] | str | None, where: Any) -> dict[str, set] | None:
+    """{probe: keys to show} for the probes ``select`` names (None: show everything)."""
+    if not select:
+        return None
+    keep: dict[str, set] = {}
+    for text in [select] if isinstance(select, str) else select:
+        for c in labels.choose(configs, text, "result", where):
+            keep.setdefault(c["probe"], set()).add(c["key"])
+    return keep
+
+
 def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool = False,
-                   results_path: str | Path | None = None) -> Path:
+                   results_path: str | Path | None = None, select: Sequence[str] | str | None = None) -> Path:
     """Write ONE self-contained, offline HTML report of a run; returns the written path.
 
     The report holds an overview (specs, training curves, telemetry) and every stored result with its figures and
-    config, in sections.
+    config, in sections: one card per stored configuration, titled with its label (and user name), so it never
+    has to pick one configuration of a probe over another. ``select`` (names, labels or keys, as ``plot
+    --select``) keeps, of each probe it names, only the configurations it names.
     """
     output = _check_output(output, overwrite, (".html",), run_path, results_path)
     run_path = Path(run_path)
@@ -249,14 +294,19 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
     lr = _lr_series(reader) if log["step"].size else None
     results = _results_store(run_path, results_path, reader)
     if results is not None:
+        configs = {(c["probe"], c["key"]): c for c in labels.configurations(results.entries())}
+        keep = _selected_groups(list(configs.values()), select, results.path)
         for (probe, key), found in with_parts(results_by_config(results)).items():
             found = [(f, e) for f, e in found if f is not None]
-            if not found:
+            if not found or (keep is not None and probe in keep and key not in keep[probe]):
                 continue
             rs = [f[0] for f, _ in found]
-            figs = vizfig.interactive_figures(kinds.figure_of(probe), rs, lr=lr)
+            c = configs.get((probe, key))
+            label = labels.title_of(c) if c else None
+            figs = vizfig.interactive_figures(kinds.figure_of(probe), rs, lr=lr, label=label)
             section = kinds.section_of(probe)
-            sections.setdefault(section, ReportSection(section)).items.append(_result_item(probe, key, found, figs))
+            sections.setdefault(section, ReportSection(section)).items.append(
+                _result_item(probe, key, found, figs, label))
     for name, spec in SECTIONS.items():
         if not sections[name].items:
             if spec.shown_empty:

@@ -5,14 +5,21 @@ checkpoint, builds the data set and calls ``probe.run``. Each Result is stored i
 file under ``/<probe>/<config hash>/<step>`` with the data fingerprint. A complete result with the
 same config and data is reused (skipped); one with another data fingerprint is recomputed; a
 partial one is handed back to the probe (``ctx.partial``) to resume.
+
+``RunOptions.output`` (the model output the probes use, "logits" by default) and ``RunOptions.loss``
+(a loss other than the run's own, e.g. "model": the model's own ``outputs.loss``) are recorded in
+every result's meta ("output", "loss") and, when not the defaults, join its key and data
+fingerprint, so a result computed with another output or loss is never reused.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,7 +34,8 @@ from lossatlas.checks import check_choice
 from lossatlas.distributed import Distributed
 from lossatlas.errors import UserError
 from lossatlas.finite import check_finite
-from lossatlas.losses import LOSSES
+from lossatlas.losses import MODEL_LOSS, model_loss_batches, model_loss_precision, resolve_loss_and_output
+from lossatlas.outputs import LOSS_OUTPUT, OUTPUT, use_output
 from lossatlas.probes.base import Probe, ProbeContext, Result
 from lossatlas.probes.settings import DTYPES  # every dtype a checkpoint can be loaded in
 from lossatlas.store import default_results_path  # noqa: F401  (re-exported for analysis and viz)
@@ -85,22 +93,38 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str)
 
 
 def load_batches(data_spec: dict | str | None, *, batch_size: int | None = 256, max_examples: int | None = None,
-                 what: str = "run", trust_factory: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Build the data set from its spec and split it into fixed batches.
+                 what: str = "run", trust_factory: bool = False, keep_labels: bool = False,
+                 max_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Build the data set from its spec and split it into fixed batches (``load_data`` without the subset record)."""
+    return load_data(data_spec, batch_size=batch_size, max_examples=max_examples, what=what,
+                     trust_factory=trust_factory, keep_labels=keep_labels, max_tokens=max_tokens)[0]
+
+
+def load_data(data_spec: dict | str | None, *, batch_size: int | None = 256, max_examples: int | None = None,
+              what: str = "run", trust_factory: bool = False, keep_labels: bool = False,
+              max_tokens: int | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict | None]:
+    """The fixed batches of the data spec, and the record of the subset they hold (None for other data).
 
     A factory named by a spec read from a file (``reader.data_spec``) is imported only when this
-    user signed the file or ``trust_factory`` is set.
+    user signed the file or ``trust_factory`` is set. ``keep_labels``: dict batches keep their
+    ``labels`` in the inputs (the loss "model"). For local data specs (``tokens``, ``hf_dataset``,
+    ``image_folder``) ``max_examples``/``max_tokens`` pick the spec's seeded subset, recorded with the
+    path, counts, seed and a hash of the chosen offsets; for any other data the first ``max_examples``.
     """
     if data_spec is None:
         raise UserError(f"the {what} has no data spec; pass --data '{{\"name\": \"digits\"}}' or another data spec")
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
-        raise UserError(f"max_examples must be a positive number of examples, got {max_examples!r}; "
-                        "leave it out to use every example")
-    data = models.build_data(data_spec, trust_factory=trust_factory)
+    for name, value in (("max_examples", max_examples), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{name} must be a positive number, got {value!r}; leave it out to use every example")
+    spec, limited = models.limit_data_spec(data_spec, max_examples=max_examples, max_tokens=max_tokens)
+    data = models.build_data(spec, trust_factory=trust_factory)
     try:
-        return as_batches(data, batch_size, limit=max_examples)
+        batches = as_batches(data, batch_size, limit=None if limited else max_examples, keep_labels=keep_labels)
     except ValueError as exc:
         raise UserError(f"data spec {data_spec}: {exc}") from None
+    from lossatlas.models import local_data
+
+    return batches, local_data.describe(data)
 
 
 @dataclass
@@ -114,11 +138,29 @@ class RunOptions:
     trust_factory: bool = False  # import a factory named by the run's specs even if this user did not sign them
     batch_size: int | None = 256
     max_examples: int | None = None
+    max_tokens: int | None = None  # token data specs: a seeded subset of at most this many tokens
     dtype: str | None = None
     device: str = "cpu"
     force: bool = False
     progress: Callable[[str], None] | None = None  # called with a status line per step
     allow_nonfinite: bool = False  # compute on checkpoints holding NaN/inf instead of refusing them
+    output: str | None = None  # the model output the probes use (None: "logits"; "loss" under loss "model")
+    loss: str | None = None  # the loss to use instead of the run's own ("model": the model's own outputs.loss)
+
+
+def choice_suffix(run_loss: str | None, loss: str, output: str) -> str:
+    """What joins the key and data fingerprint: "" for the run's own loss and the output "logits"."""
+    parts = []
+    if loss != (run_loss or "cross_entropy"):
+        parts.append(f"+loss:{loss}")
+    if output != OUTPUT and not (loss == MODEL_LOSS and output == LOSS_OUTPUT):
+        parts.append(f"+output:{output}")
+    return "".join(parts)
+
+
+def _keyed(key: str, suffix: str) -> str:
+    """A probe's results-file key, changed (still 12 hex digits) when a non-default loss or output is used."""
+    return key if not suffix else hashlib.sha256(f"{key}{suffix}".encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -169,20 +211,22 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
         for spec in (options.model if options.model is not None else reader.model_spec, data_spec):
             trust.require_trusted(spec, trust_factory=options.trust_factory)  # before any work or import
         steps = select_steps(options.steps, reader.steps())
-        loss = reader.loss or "cross_entropy"
-        check_choice("loss", loss, LOSSES, prefix=f"{run_path}: ", error=UserError)
-        batches = load_batches(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
-                               trust_factory=options.trust_factory)
-        # a result is reused for the same data and the same model spec: an override's fingerprint joins the data's
-        data_fp = fingerprint(batches) + model_override_fingerprint(reader, options, steps)
+        loss, output = resolve_loss_and_output(reader.loss, options.loss, options.output, prefix=f"{run_path}: ")
+        batches, subset = load_data(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
+                                    max_tokens=options.max_tokens, trust_factory=options.trust_factory,
+                                    keep_labels=loss == MODEL_LOSS)
+        # a result is reused for the same data and the same model spec: an override's fingerprint joins the data's;
+        # so do a loss other than the run's own and an output other than the logits
+        suffix = choice_suffix(reader.loss, loss, output)
+        data_fp = fingerprint(batches) + model_override_fingerprint(reader, options, steps) + suffix
         batches = to_device(batches, options.device, dtype)
         units = (probe, *probe.parts())
-        keys = [u.config_hash() for u in units]
+        keys = [_keyed(u.config_hash(), suffix) for u in units]
         results_path = Path(options.results_path) if options.results_path else default_results_path(run_path)
         report = RunReport(probe=probe.name, key=keys[0], results_path=results_path,
                            keys={u.name: k for u, k in zip(units, keys)})
         results = store.ResultsStore(results_path, run_fingerprint=reader.fingerprint()) if dist.rank == 0 else None
-        job = _StepJob(reader, results, probe, units, keys, batches, data_fp, loss, dtype, options, dist)
+        job = _StepJob(reader, results, probe, units, keys, batches, data_fp, loss, dtype, options, dist, output, subset)
         try:
             found = dist.broadcast({s: job.lookup(s) for s in steps} if results is not None else None)
             pending = [s for s in steps if not all(_is_cached(f, data_fp) for f in found[s])]
@@ -257,6 +301,8 @@ class _StepJob:
     dtype: Any
     options: RunOptions
     dist: Distributed
+    output: str = OUTPUT  # the model output every probe uses ("loss" under the loss "model")
+    subset: dict | None = None  # the record of a local data spec's seeded subset (path, counts, seed, offsets hash)
 
     def lookup(self, step: int) -> list:
         """What the store holds for each unit at ``step`` (None for each under ``force``)."""
@@ -277,12 +323,17 @@ class _StepJob:
         model = load_model(reader, step, dtype=self.dtype, device=options.device,
                            trust_factory=options.trust_factory, model_spec=options.model,
                            allow_nonfinite=options.allow_nonfinite)
+        use_output(model, self.output)  # every model_outputs call of every probe takes this output
+        batches = model_loss_batches(model, self.batches) if self.loss == MODEL_LOSS else self.batches
+        precision = model_loss_precision(model, batches) if self.loss == MODEL_LOSS else None
+        if precision is not None:
+            warnings.warn(precision, stacklevel=2)
         attrs = reader.checkpoint_attrs(step)
         optimizer_state = None
         if any(self.units[i].needs_optimizer_state for i in todo):
             optimizer_state = reader.checkpoint(step, optimizer_state=True).optimizer_state
         base = ProbeContext(
-            model=model, data=self.batches, loss=self.loss, step=step,
+            model=model, data=batches, loss=self.loss, step=step,
             lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
             device=torch.device(options.device), dtype=self.dtype, steps=tuple(reader.steps()), dist=dist,
             state_at=lambda s: checkpoint_state(reader, s, allow_nonfinite=options.allow_nonfinite),
@@ -307,6 +358,14 @@ class _StepJob:
             _say(options, f"{unit.name} step {step}: {status}")
             t0 = time.perf_counter()
             results[i] = unit.run_own(ctx)
+            results[i].meta.update(loss=self.loss, output=self.output)  # how it was computed, in every result
+            if self.subset is not None:
+                results[i].meta["data_subset"] = self.subset
+            for limit in ("max_examples", "max_tokens"):  # the data size asked for: shown in the result's label
+                if getattr(options, limit) is not None:
+                    results[i].meta[limit] = getattr(options, limit)
+            if precision is not None:
+                results[i].meta["loss_precision_warning"] = precision
             fresh.append((key, results[i], time.perf_counter() - t0))
             statuses[unit.name] = status
         own = statuses[self.probe.name]

@@ -9,7 +9,7 @@ from torch.func import grad, jacrev, vmap
 from lossatlas.batches import batch_length, map_inputs
 from lossatlas.curvature.base import _PATH_ERRORS, CurvatureOperator
 from lossatlas.curvature.ggn import GGNOperator
-from lossatlas.losses import per_example_loss
+from lossatlas.losses import per_example_loss, require_output_loss
 
 
 class FisherOperator(GGNOperator):
@@ -67,6 +67,11 @@ class EmpiricalFisherOperator(CurvatureOperator):
     """
 
     kind = "empirical_fisher"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # g_i = ∇ℓ_i needs per-example terms of an output-space loss: the model's own loss has none
+        require_output_loss(self.loss, f"the {self.kind} curvature (--curvature {self.kind})")
 
     def _per_term_grads(self, x: Tensor, y: Tensor) -> Tensor:
         theta = self._state["point"]

@@ -6,7 +6,7 @@ import torch
 from torch.func import jvp, vjp
 
 from lossatlas.curvature.base import CurvatureOperator, grad_or_zeros
-from lossatlas.losses import output_hessian_product
+from lossatlas.losses import output_hessian_product, require_output_loss
 
 
 class GGNOperator(CurvatureOperator):
@@ -38,6 +38,11 @@ class GGNOperator(CurvatureOperator):
     """
 
     kind = "ggn"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # J_iᵀ H_out,i J_i needs the loss as a function of the outputs: the model's own loss is not one
+        require_output_loss(self.loss, f"the {self.kind} curvature (--curvature {self.kind})")
 
     def _functional_batch_product(self, theta, x, y, n_b):
         def out_of(th):

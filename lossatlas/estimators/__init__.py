@@ -1,7 +1,7 @@
 """Eigensolvers and stochastic estimators over any symmetric linear operator.
 
 Lanczos and power iteration for extreme eigenvalues, stochastic Lanczos quadrature for the spectral
-density and the outlier count, Hutchinson and Hutch++ for the trace.
+density and the outlier count, Hutchinson, Hutch++, XTrace and an automatic choice for the trace.
 
 An operator is anything with ``shape`` (P, P), ``dtype``, ``device`` and ``A @ V`` for V of shape
 (P,) or (P, K) — a curvature operator or a dense tensor with a known spectrum. Each function
@@ -22,7 +22,16 @@ from lossatlas.estimators.lanczos import (
     lanczos_tridiagonal,
     power_iteration,
 )
-from lossatlas.estimators.trace import TraceEstimate, bootstrap_ci, hutchinson_trace, hutchpp_trace
+from lossatlas.estimators.trace import (
+    TRACE_ESTIMATORS,
+    TraceEstimate,
+    auto_trace,
+    bootstrap_ci,
+    hutchinson_trace,
+    hutchpp_trace,
+    trace_estimate,
+    xtrace,
+)
 
 __all__ = [
     # eigenvalues
@@ -41,5 +50,9 @@ __all__ = [
     "TraceEstimate",
     "hutchinson_trace",
     "hutchpp_trace",
+    "xtrace",
+    "auto_trace",
+    "trace_estimate",
+    "TRACE_ESTIMATORS",
     "bootstrap_ci",
 ]

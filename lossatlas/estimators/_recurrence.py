@@ -21,7 +21,9 @@ column of B_j to zero and continues from a random vector orthogonal to V_n (PyHe
 so no NaN appears and T_n stays a valid projection.
 
 Storage: the basis is kept as rows, ``V[r]`` of shape (n, P), so ``V[r, :n]`` is contiguous and
-the reorthogonalization is two batched GEMMs. The small matrices are kept in float64 NumPy.
+the reorthogonalization is two batched GEMMs. The small matrices are kept in float64 NumPy, and
+every dot product (α_j, B_j, the reorthogonalization coefficients, norms) accumulates in float64
+whatever the basis dtype (``gram64``: slices upcast, no float64 copy of the basis).
 ``on_disk=True`` keeps the basis in a ``numpy.memmap`` over an anonymous temporary file (under
 ``tempfile.gettempdir()``, i.e. $TMPDIR), for when max_iter·b·P floats fit neither the device nor RAM;
 the file has no name in the directory and its space is freed when the basis is.
@@ -41,6 +43,32 @@ from lossatlas.estimators._checks import apply
 _DGKS_ETA = 0.7071  # reorthogonalize again when the norm dropped below η of its value (Daniel et al. 1976)
 _BREAKDOWN_FACTOR = 50.0  # a residual norm ≤ this · eps · ‖T‖ counts as breakdown
 _INITIAL_ROWS = 32  # basis rows allocated up front
+_CHUNK_ELEMS = 1 << 22  # float64 elements upcast at a time by ``gram64`` (32 MiB)
+
+
+def gram64(X: Tensor, Y: Tensor) -> Tensor:
+    """X Yᵀ over the last axis, accumulated in float64: (..., m, P) × (..., n, P) → (..., m, n) float64.
+
+    Vectors stay in their dtype; slices of at most 2²² elements are upcast, so a float32 or bf16
+    basis gets float64 dot products without a float64 copy of the basis.
+    """
+    if X.dtype == torch.float64 and Y.dtype == torch.float64:
+        return X @ Y.transpose(-1, -2)
+    P = X.shape[-1]
+    rows = max(1, X.shape[:-1].numel() + Y.shape[:-1].numel())
+    step = max(1024, _CHUNK_ELEMS // rows)
+    out = None
+    for s0 in range(0, P, step):
+        part = X[..., s0 : s0 + step].double() @ Y[..., s0 : s0 + step].double().transpose(-1, -2)
+        out = part if out is None else out + part
+    return out
+
+
+def norm64(W: Tensor) -> Tensor:
+    """‖w‖ of each row of W (..., P), accumulated in float64 (float64 result)."""
+    if W.dtype == torch.float64:
+        return torch.linalg.vector_norm(W, dim=-1)
+    return torch.sqrt(torch.diagonal(gram64(W.unsqueeze(-2), W.unsqueeze(-2)), dim1=-2, dim2=-1)[..., 0])
 
 
 class BlockLanczos:
@@ -102,15 +130,15 @@ class BlockLanczos:
         # the basis may live elsewhere (CPU RAM) than the operator (GPU): only this block travels
         W = apply(self.A, X.to(getattr(self.A, "device", X.device))).to(self.device).T.reshape(R, b, P).contiguous()
         self.matvecs += R * b
-        ref = torch.linalg.vector_norm(W, dim=2)  # ‖A q‖: the DGKS reference
+        ref = norm64(W)  # ‖A q‖: the DGKS reference
         if self._B_prev is not None:
             W -= self._B_prev @ self.V[:, j0 - b : j0]
-        Aj = Qj @ W.transpose(1, 2)  # (R, b, b)
+        Aj = gram64(Qj, W)  # (R, b, b) in float64 whatever the basis dtype
         Aj = 0.5 * (Aj + Aj.transpose(1, 2))
-        W -= Aj @ Qj
+        W -= Aj.to(W.dtype) @ Qj
         if self.reorth == "full":
             W = self._reorthogonalize(W, self.V[:, : j0 + b], ref)
-        Aj_np = Aj.detach().to("cpu", torch.float64).numpy()
+        Aj_np = Aj.detach().to("cpu").numpy()
         self.anorm = np.maximum(self.anorm, np.abs(Aj_np).sum(axis=2).max(axis=1))
         room = need_next and j0 + 2 * b <= self.cap
         if room and j0 + 2 * b > self.V.shape[1]:
@@ -141,21 +169,21 @@ class BlockLanczos:
         w = apply(self.A, q.reshape(P, 1).to(getattr(self.A, "device", q.device))).to(self.device).reshape(P)
         w = w.clone() if w.data_ptr() == q.data_ptr() else w  # never update the basis through an alias
         self.matvecs += 1
-        ref = float(torch.linalg.vector_norm(w))  # ‖A q‖: the DGKS reference
+        ref = float(norm64(w))  # ‖A q‖: the DGKS reference
         beta_prev = float(self.betas[-1][0, 0, 0]) if self.betas else 0.0
         if beta_prev != 0.0:
             w.sub_(self.V[0, j - 1], alpha=beta_prev)
-        alpha = float(torch.dot(q, w))
+        alpha = float(gram64(q[None], w[None])[0, 0])  # α_j = q_jᵀ w accumulated in float64
         w.sub_(q, alpha=alpha)
         if self.reorth == "full":
             V = self.V[0, : j + 1]
-            w = torch.addmv(w, V.T, V @ w, alpha=-1)
-            nrm = float(torch.linalg.vector_norm(w))
+            w = torch.addmv(w, V.T, self._coeffs(V, w), alpha=-1)
+            nrm = float(norm64(w))
             if nrm < _DGKS_ETA * ref:
-                w = torch.addmv(w, V.T, V @ w, alpha=-1)
-                nrm = float(torch.linalg.vector_norm(w))
+                w = torch.addmv(w, V.T, self._coeffs(V, w), alpha=-1)
+                nrm = float(norm64(w))
         else:
-            nrm = float(torch.linalg.vector_norm(w))
+            nrm = float(norm64(w))
         self.anorm = np.maximum(self.anorm, abs(alpha))
         broken = nrm <= _BREAKDOWN_FACTOR * self.eps * max(float(self.anorm[0]), np.finfo(float).tiny)
         beta = 0.0 if broken else nrm
@@ -171,6 +199,12 @@ class BlockLanczos:
                 self.V[0, j + 1] = self._random_orthogonal(0, j + 1, q[:0])
             else:
                 torch.div(w, nrm, out=self.V[0, j + 1])
+
+    def _coeffs(self, V: Tensor, w: Tensor) -> Tensor:
+        """V w (the reorthogonalization coefficients) accumulated in float64, in w's dtype for the update."""
+        if V.dtype == torch.float64:
+            return V @ w
+        return gram64(V, w[None])[:, 0].to(w.dtype)
 
     def basis(self, r: int = 0) -> Tensor:
         """The orthonormal basis rows V_n of run ``r``, (n, P)."""
@@ -211,10 +245,10 @@ class BlockLanczos:
         The cancellation that spoils orthogonality happens in the recurrence itself (β ≪ ‖A q‖
         once Ritz values converge), so ‖A q‖ is the reference, not the norm before this pass.
         """
-        W = torch.baddbmm(W, W @ V.transpose(1, 2), V, alpha=-1)  # (R, b, P)
-        after = torch.linalg.vector_norm(W, dim=2)
+        W = torch.baddbmm(W, gram64(W, V).to(W.dtype), V, alpha=-1)  # (R, b, P); coefficients in float64
+        after = norm64(W)
         if bool((after < _DGKS_ETA * ref).any()):
-            W = torch.baddbmm(W, W @ V.transpose(1, 2), V, alpha=-1)
+            W = torch.baddbmm(W, gram64(W, V).to(W.dtype), V, alpha=-1)
         return W
 
     def _qr_with_restart(self, W: Tensor, basis_len: int, make_next: bool) -> tuple[Tensor, np.ndarray]:
@@ -222,8 +256,9 @@ class BlockLanczos:
         R, b = self.R, self.b
         thresh = _BREAKDOWN_FACTOR * self.eps * np.maximum(self.anorm, np.finfo(float).tiny)
         if b == 1:
-            norms = torch.linalg.vector_norm(W[:, 0], dim=1)  # (R,)
-            norms_np = norms.detach().to("cpu", torch.float64).numpy()
+            norms64 = norm64(W[:, 0])  # (R,), accumulated in float64
+            norms = norms64.to(W.dtype)
+            norms_np = norms64.detach().to("cpu").numpy()
             broken = norms_np <= thresh
             Bn = np.where(broken, 0.0, norms_np).reshape(R, 1, 1)
             Q = W / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None, None]
@@ -257,10 +292,10 @@ class BlockLanczos:
         for i in range(b):
             w = W[i].clone()
             for _ in range(2):
-                c = Q[:i] @ w
-                w -= Q[:i].T @ c
-                Rm[:i, i] += c.detach().to("cpu", torch.float64).numpy()
-            nrm = float(torch.linalg.vector_norm(w))
+                c = gram64(Q[:i], w[None])[:, 0]  # float64 coefficients
+                w -= Q[:i].T @ c.to(w.dtype)
+                Rm[:i, i] += c.detach().to("cpu").numpy()
+            nrm = float(norm64(w))
             if nrm > thr:
                 Rm[i, i] = nrm
                 Q[i] = w / nrm
@@ -273,8 +308,8 @@ class BlockLanczos:
         z = torch.randn(self.P, generator=self.generators[r], dtype=self.dtype, device=self.device)
         V = torch.cat([self.V[r, :basis_len], others.reshape(-1, self.P)], dim=0)
         for _ in range(2):
-            z = z - V.T @ (V @ z)
-        nrm = float(torch.linalg.vector_norm(z))
+            z = z - V.T @ gram64(V, z[None])[:, 0].to(z.dtype)
+        nrm = float(norm64(z))
         if nrm <= 1e3 * self.eps * np.sqrt(self.P):
             self.exhausted = True  # no room left: P directions already used
             return torch.zeros_like(z)

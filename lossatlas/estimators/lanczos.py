@@ -26,9 +26,11 @@ from lossatlas.estimators._checks import (
     make_generator,
     random_vectors,
 )
-from lossatlas.estimators._recurrence import BlockLanczos
+from lossatlas.estimators._recurrence import BlockLanczos, gram64, norm64
 
 WHICH: tuple[str, ...] = ("LA", "SA", "LM")
+_ROUNDING_FACTOR = 16.0  # rounding floor of every error bound: this · ε(dtype) · ‖T‖
+_TRUSTED_NEIGHBOUR = 0.1  # a neighbour Ritz value bounds a gap only once its residual is ≤ this · the gap
 _STEMR_MAX_N = 64  # up to this order all Ritz pairs in one LAPACK call are cheaper than two selective ones
 REORTH: tuple[str, ...] = ("full", "none")
 
@@ -39,9 +41,14 @@ class EigResult:
 
     ``eigenvalues`` are sorted descending for ``"LA"``, ascending for ``"SA"`` and by descending
     magnitude for ``"LM"``; ``eigenvectors`` (P, k) are unit columns in the operator's dtype (or
-    None); ``converged[i]`` says ``residuals[i] ≤ tol·max(|θ_i|, ε^{2/3}‖T‖)`` (ε of the operator
-    dtype). Converged pairs are accurate Ritz pairs, not a proof that no eigenvalue was missed:
-    a single start vector can miss copies of a multiple eigenvalue (see :func:`lanczos_eigs`).
+    None); ``error_bounds[i]`` bounds |λ − θ_i| for the eigenvalue λ that θ_i approximates
+    (min of r_i and the Kato–Temple bound where a converged neighbour makes it safe, plus a
+    rounding floor ≈ 16 ε‖T‖; see :func:`lanczos_eigs`); ``converged[i]`` says the bound the
+    criterion stops on (r_i + floor for ``"residual"``, ``error_bounds[i]`` for ``"eigenvalue"``)
+    is ≤ ``tol·max(|θ_i|, ε^{2/3}‖T‖)`` (ε of the operator dtype), so a converged pair always has
+    ``error_bounds[i] ≤ tol·scale``. Converged pairs are accurate Ritz pairs, not a proof that no
+    eigenvalue was missed: a single start vector can miss copies of a multiple eigenvalue (see
+    :func:`lanczos_eigs`).
     """
 
     eigenvalues: np.ndarray
@@ -51,7 +58,7 @@ class EigResult:
     matvecs: int
     iterations: int
     which: str
-    error_bounds: np.ndarray | None = None  # min(r, r²/gap, ‖R‖²/δ): the eigenvalue error estimate (``_error``)
+    error_bounds: np.ndarray | None = None  # min(r, r²/(θ − a)) + floor: a bound on |λ − θ| (``_error``)
 
 
 CRITERIA = ("residual", "eigenvalue")
@@ -78,8 +85,8 @@ def lanczos_eigs(
     Builds V_n, T_n = V_nᵀ A V_n (block tridiagonal) and Ritz pairs θ_i = eig(T_n), y_i = V_n s_i;
     the residual is ‖A y_i − θ_i y_i‖ = ‖B_m s_i[last block]‖ (= β_m |s_i[m]| for b = 1), and the
     run stops once every wanted pair has ``residual ≤ tol·max(|θ_i|, ε^{2/3}‖T‖)`` (Ghorbani,
-    Krishnan & Xiao 2019). The small problem is solved in float64 (``eigh_tridiagonal`` / banded
-    ``eigh``); the basis is kept in the operator's dtype. On breakdown (an invariant Krylov space)
+    Krishnan & Xiao 2019). The small problem and every dot product of the recurrence accumulate in
+    float64 (``eigh_tridiagonal`` / banded ``eigh``); the basis is kept in the operator's dtype. On breakdown (an invariant Krylov space)
     the found Ritz values are exact and the run continues from a random vector orthogonal to the
     basis, so there is never a NaN.
 
@@ -111,13 +118,17 @@ def lanczos_eigs(
             numpy.memmap over an anonymous temporary file in $TMPDIR (freed with the basis) when it
             fits in no memory; only the current block travels to the operator's device (default:
             the operator's device).
-        criterion: ``"residual"`` stops when every wanted residual r_i ≤ tol·|θ_i| (a guaranteed
-            eigenvalue error ≤ r_i); ``"eigenvalue"`` stops when the eigenvalue error estimate
-            min(r_i, r_i²/gap_i, ‖R‖²/δ) ≤ tol·|θ_i|, gap_i the distance from θ_i to the nearest other
-            Ritz value and δ that of the wanted Ritz values to the rest (Kato–Temple and the cluster
-            quadratic residual bound with Ritz values for the unknown gaps; Parlett, *The Symmetric
-            Eigenvalue Problem*, §11-7; Mathias 1998). Eigenvalues converge quadratically faster than vectors, so
-            "eigenvalue" needs far fewer products when only λ is wanted; ``converged`` follows it too.
+        criterion: ``"residual"`` (default) stops when every wanted r_i + floor ≤ tol·|θ_i| (an
+            eigenvalue lies within r_i of θ_i); ``"eigenvalue"`` stops when the eigenvalue error
+            bound min(r_i, r_i²/(θ_i − a)) + floor ≤ tol·|θ_i|: the one-sided Kato–Temple bound
+            (Kato 1949; Parlett, *The Symmetric Eigenvalue Problem*, §10-5) with θ_i ≤ λ from Cauchy
+            interlacing and a = θ_j + r_j the bound on the next eigenvalue inward from its Ritz value
+            θ_j — used only when that neighbour is converged relative to the gap (r_j ≤ 0.1·|θ_i − θ_j|),
+            never with an unconverged Ritz value standing in for an unknown eigenvalue (inside a
+            cluster the bound is r_i). floor = 16·ε·‖T‖ (ε of the dtype) covers the rounding of the
+            products. Eigenvalues converge quadratically faster than vectors, so "eigenvalue" needs
+            fewer products for isolated eigenvalues when only λ is wanted and never reports a
+            bound below the true error of a seen eigenvalue; ``converged`` follows it too.
 
     Returns:
         An :class:`EigResult` with ``min(k, n)`` pairs.
@@ -158,6 +169,11 @@ def lanczos_eigs(
         gen = make_generator(seed, start.device)
     run = BlockLanczos(A, start.T.unsqueeze(0), max_iter, reorth, gen, on_disk=on_disk)
     tiny_rel = float(torch.finfo(dtype).eps) ** (2 / 3)  # ARPACK-style floor for θ ≈ 0
+
+    def floor() -> float:
+        # rounding in the products and the basis: Ritz values are exact for a perturbed A + E, ‖E‖ ≈ ε‖A‖
+        return _ROUNDING_FACTOR * float(torch.finfo(dtype).eps) * float(run.anorm[0])
+
     ritz = None
     while run.steps < max_iter and not run.exhausted:
         run.step(need_next=run.steps + 1 < max_iter)
@@ -166,15 +182,15 @@ def lanczos_eigs(
         if run.n < k or not _due(run.n, k, run.steps, max_iter):
             continue
         ritz = _ritz(run, k, which)
-        theta, _, res, every = ritz
+        theta, _, res, every, every_res, idx = ritz
         scale = np.maximum(np.abs(theta), tiny_rel * max(run.anorm[0], np.finfo(float).tiny))
-        if np.all(_error(theta, res, every, criterion) <= tol * scale):
+        if np.all(_error(ritz, which, floor(), criterion) <= tol * scale):
             break
     if ritz is None or ritz[0].shape[0] < min(k, run.n) or _stale(ritz, run):
         ritz = _ritz(run, k, which)
-    theta, S, res, every = ritz
+    theta, S, res, every, every_res, idx = ritz
     scale = np.maximum(np.abs(theta), tiny_rel * max(run.anorm[0], np.finfo(float).tiny))
-    bounds = _error(theta, res, every, "eigenvalue")
+    bounds = _error(ritz, which, floor(), "eigenvalue")
     vecs = None
     if return_eigenvectors:
         S_t = torch.as_tensor(S, dtype=dtype, device=run.device)  # (n, k), beside the basis
@@ -183,7 +199,7 @@ def lanczos_eigs(
         eigenvalues=theta,
         eigenvectors=vecs,
         residuals=res,
-        converged=(res if criterion == "residual" else bounds) <= tol * scale,
+        converged=_error(ritz, which, floor(), criterion) <= tol * scale,  # the bound it stopped on ≤ tol·scale
         matvecs=run.matvecs,
         iterations=run.steps,
         which=which,
@@ -191,27 +207,42 @@ def lanczos_eigs(
     )
 
 
-def _error(theta: np.ndarray, res: np.ndarray, every: np.ndarray, criterion: str) -> np.ndarray:
-    """The residual, or the eigenvalue error estimate min(r_i, r_i²/gap_i, ‖R‖²/δ) from the Ritz values.
+def _error(ritz: tuple, which: str, floor: float, criterion: str) -> np.ndarray:
+    """The bound on |λ − θ_i| a criterion stops on: r_i + floor, or the Kato–Temple bound where it is safe.
 
-    r_i²/gap_i (gap to the nearest other Ritz value) is Kato–Temple's bound for an isolated Ritz
-    value; ‖R‖²/δ, with ‖R‖² = Σ_wanted r_j² and δ the gap between the wanted Ritz values and every
-    other one, is the quadratic residual bound for the wanted cluster as a whole (Mathias 1998;
-    Parlett, The Symmetric Eigenvalue Problem, §11.7), which stays small when the wanted
-    eigenvalues are close to each other but apart from the rest of the spectrum.
+    ``"residual"``: r_i + floor, r_i = ‖A y_i − θ_i y_i‖ (some eigenvalue lies within r_i of θ_i;
+    Parlett, The Symmetric Eigenvalue Problem, Thm 4-5-1). ``"eigenvalue"``: also the one-sided
+    Kato–Temple bound (Kato 1949; Temple 1928; Parlett §10-5) for the eigenvalue λ that θ_i
+    approximates from its side of the spectrum: for ``"LA"`` Cauchy interlacing gives λ ≥ θ_i, and
+    if no eigenvalue lies in (a, λ) for some a < θ_i, then
+
+        0 ≤ λ − θ_i ≤ r_i² / (θ_i − a)
+
+    (mirrored for ``"SA"`` and for the negative Ritz values of ``"LM"``). The level a must bound
+    the next eigenvalue inward; Ritz values are no such bound inside a cluster (an unconverged Ritz
+    value is a mixture; eigenvalues of small weight lie up to r_j/|c| from it), so a = θ_j + r_j
+    (θ_j the next Ritz value inward, of any rank, wanted or not) is used only when that neighbour
+    is converged relative to the gap, r_j ≤ 0.1·|θ_i − θ_j|; otherwise the bound is r_i. Every
+    bound includes ``floor`` ≈ 16 ε‖T‖, the rounding of the products and the basis. The bound is
+    for the eigenvalues the Krylov space sees: a copy of a multiple eigenvalue (or an eigenvector
+    orthogonal to the start) is never seen and no bound can account for it.
     """
+    theta, _, res, every, every_res, idx = ritz
+    r = res + floor
     if criterion == "residual":
-        return res
-    D = np.abs(every[:, None] - theta[None, :])  # (n, k): every Ritz value against each wanted one
-    itself = D <= 1e-12 * np.maximum(np.abs(theta), 1e-300)[None, :]  # the Ritz value θ_i itself
-    gaps = np.where(itself, np.inf, D).min(axis=0)  # gap_i to the nearest other Ritz value
-    out = np.minimum(res, np.where(np.isfinite(gaps), res**2 / gaps, np.inf))  # no other Ritz value: r
-    tiny = 1e-12 * max(float(np.max(np.abs(theta))), 1e-300)
-    others = D.min(axis=1) > tiny  # the unwanted Ritz values
-    if others.any():
-        delta = float(D[others].min())
-        out = np.minimum(out, float(np.sum(res**2)) / max(delta, np.finfo(float).tiny))
-    return out
+        return r
+    n = every.shape[0]
+    inward = np.where((which == "SA") | ((which == "LM") & (theta < 0)), 1, -1)  # +1: next Ritz value above
+    j = idx + inward
+    has = (j >= 0) & (j < n)
+    jj = np.clip(j, 0, n - 1)
+    gap = np.where(has, np.abs(theta - every[jj]), 0.0)  # distance to the next Ritz value inward
+    rj = np.where(has, every_res[jj] + floor, np.inf)  # its residual (inf: not computed)
+    trusted = has & (rj <= _TRUSTED_NEIGHBOUR * gap)
+    delta = np.where(trusted, gap - rj, 0.0)  # θ_i − a ≥ 0.9·gap: distance to the bound a on the next eigenvalue
+    with np.errstate(divide="ignore"):
+        quad = np.where(trusted, r**2 / np.where(trusted, delta, 1.0), np.inf)
+    return np.minimum(r, quad + floor)  # the floor also on the quadratic bound: rounding is not squared
 
 
 def extreme_eigs(A: Any, top_k: int = 5, bottom_k: int = 5, **kwargs: Any) -> tuple[EigResult, EigResult]:
@@ -320,9 +351,9 @@ def power_iteration(A: Any, *, tol: float = 1e-6, max_iter: int = 1000, seed: in
     while it < max_iter:
         it += 1  # one matvec per iteration; read after the loop
         w = apply(A, v.reshape(P, 1))[:, 0]
-        theta = float(v @ w)
-        res = float(torch.linalg.vector_norm(w - theta * v))
-        nw = float(torch.linalg.vector_norm(w))
+        theta = float(gram64(v[None], w[None])[0, 0])  # accumulated in float64 whatever the dtype
+        res = float(norm64(w - theta * v))
+        nw = float(norm64(w))
         if res <= tol * abs(theta) or nw == 0.0:
             converged = True
             break
@@ -367,31 +398,40 @@ def _stale(ritz: tuple, run: BlockLanczos) -> bool:
     return ritz[1].shape[0] != run.n
 
 
-def _ritz(run: BlockLanczos, k: int, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Wanted Ritz values θ (k,), their T-eigenvectors S (n, k), residual norms (k,) and all Ritz values (n,)."""
+def _ritz(run: BlockLanczos, k: int, which: str) -> tuple:
+    """The wanted Ritz pairs and their neighbours.
+
+    Returns θ (k,), their T-eigenvectors S (n, k), residual norms (k,), all Ritz values ascending
+    (n,), the residual of each Ritz value (n,; NaN where not computed — long b = 1 runs compute
+    only the wanted end and the next one inward) and the index of each wanted one in that list.
+    """
     n, b = run.n, run.b
     k = min(k, n)
+    every_res = np.full(n, np.nan)
     if b == 1:
         alpha, beta = run.tridiagonal(0)
-        if n <= _STEMR_MAX_N or which == "LM":
-            every, S = _tridiagonal_eigh(alpha, beta)
-            theta = every
-        else:  # long runs: eigenvectors of the wanted end only
-            lo, hi = (n - k, n - 1) if which == "LA" else (0, k - 1)
-            theta, S = scipy.linalg.eigh_tridiagonal(alpha, beta, select="i", select_range=(lo, hi))
+        if n <= _STEMR_MAX_N or which == "LM" or k + 1 >= n:
+            every, S_all = _tridiagonal_eigh(alpha, beta)
+            cols = np.arange(n)
+        else:  # long runs: eigenvectors of the wanted end and the next Ritz value inward only
+            lo, hi = (n - k - 1, n - 1) if which == "LA" else (0, k)
+            vals, S_all = scipy.linalg.eigh_tridiagonal(alpha, beta, select="i", select_range=(lo, hi))
             every = scipy.linalg.eigvalsh_tridiagonal(alpha, beta)
+            every[lo : hi + 1] = vals  # the same numbers as the selected pairs
+            cols = np.arange(lo, hi + 1)
     else:
-        every, S = scipy.linalg.eigh(run.banded(0))
-        theta = every
+        every, S_all = scipy.linalg.eigh(run.banded(0))
+        cols = np.arange(n)
+    every_res[cols] = np.linalg.norm(run.last_beta(0) @ S_all[n - b :, :], axis=0)  # ‖B_m s[last block]‖
+    sub = every[cols]
     if which == "LA":
-        order = np.argsort(-theta, kind="stable")[:k]
+        order = np.argsort(-sub, kind="stable")[:k]
     elif which == "SA":
-        order = np.argsort(theta, kind="stable")[:k]
+        order = np.argsort(sub, kind="stable")[:k]
     else:
-        order = np.argsort(-np.abs(theta), kind="stable")[:k]
-    theta, S = theta[order], S[:, order]
-    res = np.linalg.norm(run.last_beta(0) @ S[n - b :, :], axis=0)  # ‖B_m s[last block]‖
-    return theta, S, res, every
+        order = np.argsort(-np.abs(sub), kind="stable")[:k]
+    idx = cols[order]
+    return every[idx], S_all[:, order], every_res[idx], every, every_res, idx
 
 
 def _tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -90,6 +90,12 @@ def _library(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError:
         raise UserError(f"this spec needs {name}, which is not installed; pip install {name}") from None
+    except RuntimeError as exc:  # a wheel built for another torch: its C++ operators fail to register
+        import torch
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"this spec needs {name}, which does not work with the installed torch {torch.__version__} "
+                        f"({first}); install the {name} build made for this torch") from None
 
 
 def resolve(canon: Mapping[str, Any]) -> Callable[..., nn.Module]:

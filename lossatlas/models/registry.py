@@ -6,11 +6,17 @@ A spec names a registered builder or a user's own factory, plus its keyword argu
     {"factory": "mypackage.nets:build", "kwargs": {"width": 32}}
     {"hf": {"auto_class": "AutoModelForCausalLM", "config": {"model_type": "gpt2"}}}
     {"timm": "resnet18"}   {"torchvision": "resnet18", "kwargs": {"num_classes": 10}}
+    {"tokens": {"path": "train.bin", "block_size": 64, "max_examples": 256}, "seed": 0}
+    {"hf_dataset": {"path": "ds_dir", "tokenizer": "tok_dir", "max_length": 128}}   {"image_folder": {"path": "imgs/"}}
 
-Keys: exactly one of ``name``/``factory``/``hf``/``timm``/``torchvision`` (the last three build from
-configuration only, models only: lossatlas.models.builders); optional ``kwargs`` (a dict of JSON values) and
-``seed`` (int ≥ 0, default 0; may also be given as ``kwargs["seed"]``). The canonical form from
-:func:`normalize_spec` always holds ``kwargs`` and a top-level ``seed`` and never ``kwargs["seed"]``.
+Keys: exactly one of ``name``/``factory``/``hf``/``timm``/``torchvision``/``tokens``/``hf_dataset``/
+``image_folder`` (``hf``/``timm``/``torchvision`` build models from configuration only:
+lossatlas.models.builders; ``tokens``/``hf_dataset``/``image_folder`` build data from local files:
+lossatlas.models.local_data, their options in their own dict, defaults filled in by
+:func:`normalize_spec`); optional ``kwargs`` (a dict of JSON values; none for the local data kinds) and
+``seed`` (int ≥ 0, default 0; may also be given as ``kwargs["seed"]``, or inside a local data kind's
+options). The canonical form from :func:`normalize_spec` always holds ``kwargs`` and a top-level
+``seed`` and never ``kwargs["seed"]``.
 
 A spec read from a run file comes as a :class:`lossatlas.trust.StoredSpec`; one that names a
 factory is built only when this user signed it or the caller passes ``trust_factory=True``
@@ -44,13 +50,13 @@ from torch import nn
 
 from lossatlas import trust
 from lossatlas.errors import UserError
-from lossatlas.models import builders
+from lossatlas.models import builders, local_data
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 DATASETS: dict[str, Callable[..., Any]] = {}
 
-SPEC_KEYS: tuple[str, ...] = ("name", "factory", "kwargs", "seed", *builders.KINDS)
-_SOURCES: tuple[str, ...] = ("name", "factory", *builders.KINDS)  # a spec gives exactly one
+SPEC_KEYS: tuple[str, ...] = ("name", "factory", "kwargs", "seed", *builders.KINDS, *local_data.KINDS)
+_SOURCES: tuple[str, ...] = ("name", "factory", *builders.KINDS, *local_data.KINDS)  # a spec gives exactly one
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 _FACTORY_PATH = re.compile(rf"^{_DOTTED}:{_DOTTED}$")  # package.module:function (or :Class.method)
 
@@ -81,8 +87,9 @@ def register_data(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     """The validated, canonical, JSON-able form of a spec (a dict or a JSON string).
 
-    Returns ``{"name" | "factory" | "hf" | "timm" | "torchvision": ..., "kwargs": dict, "seed": int}``; ``kwargs["seed"]`` moves to
-    the top level. Raises UserError with a one-line fix for anything malformed.
+    Returns ``{"name" | "factory" | "hf" | "timm" | "torchvision" | "tokens" | "hf_dataset" | "image_folder": ...,
+    "kwargs": dict, "seed": int}``; ``kwargs["seed"]`` (or a local data kind's ``seed`` option) moves to the
+    top level. Raises UserError with a one-line fix for anything malformed.
     """
     if isinstance(spec, str):
         try:
@@ -100,7 +107,8 @@ def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
                  if len(given) == 2 else f"all of {', '.join(map(repr, given))}")
         raise UserError(
             f"spec has {which}; give exactly one, "
-            'e.g. {"name": "mlp"}, {"factory": "pkg.module:build"} or {"hf" | "timm" | "torchvision": ...}'
+            'e.g. {"name": "mlp"}, {"factory": "pkg.module:build"}, {"hf" | "timm" | "torchvision": ...} '
+            'or {"tokens" | "hf_dataset" | "image_folder": {"path": ...}}'
         )
     has_name = given[0] == "name"
     kwargs = spec.get("kwargs", {})
@@ -112,9 +120,17 @@ def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
         kwargs = json.loads(json.dumps(dict(kwargs)))  # canonical JSON values: tuples become lists
     except (TypeError, ValueError) as err:
         raise UserError(f"spec 'kwargs' must hold only JSON values (numbers, strings, lists, dicts): {err}") from None
-    seed = _resolve_seed(spec.get("seed"), kwargs.pop("seed", None))
+    seed_in_kwargs = kwargs.pop("seed", None)
     out: dict[str, Any] = {}
-    if given[0] in builders.KINDS:
+    local = given[0] in local_data.KINDS
+    if local:  # local files: the options dict may hold the seed, checked like one in kwargs
+        out[given[0]], inner_seed = local_data.normalize(given[0], spec[given[0]], kwargs)
+        if inner_seed is not None:
+            seed_in_kwargs = _resolve_seed(inner_seed, seed_in_kwargs)
+    seed = _resolve_seed(spec.get("seed"), seed_in_kwargs)
+    if local:
+        pass  # normalized above
+    elif given[0] in builders.KINDS:
         out[given[0]] = builders.normalize(given[0], spec[given[0]], kwargs)
     elif has_name:
         name = spec["name"]
@@ -178,7 +194,31 @@ def build_data(spec: Mapping[str, Any] | str, *, trust_factory: bool = False) ->
     return data
 
 
+def limit_data_spec(spec: Mapping[str, Any] | str, *, max_examples: int | None = None,
+                    max_tokens: int | None = None) -> tuple[Any, bool]:
+    """``(spec, applied)``: a local data spec with ``--max-examples``/``--max-tokens`` moved into its options.
+
+    For ``tokens``/``hf_dataset``/``image_folder`` specs the limits become the spec's own (the
+    smaller one wins), so the subset is the seeded one the spec describes and ``applied`` is True:
+    the caller then takes every example the data gives. Any other spec comes back as it was with
+    ``applied`` False (the caller keeps the first ``max_examples``); ``max_tokens`` on it is refused.
+    """
+    canon = normalize_spec(spec)
+    kind = local_data.kind_of(canon)
+    if kind is None:
+        if max_tokens is not None:
+            raise UserError(f"--max-tokens applies to token data specs (tokens, hf_dataset), not {_label(canon)}; "
+                            "drop it or use --max-examples")
+        return spec, False
+    if max_examples is None and max_tokens is None:
+        return canon, True
+    limited = local_data.with_limits(canon[kind], kind, max_examples=max_examples, max_tokens=max_tokens)
+    return {**canon, kind: limited}, True
+
+
 def _label(canon: Mapping[str, Any]) -> str:
+    if local_data.kind_of(canon):
+        return local_data.label(canon)
     if builders.kind_of(canon):
         return builders.label(canon)
     return repr(canon.get("name", canon.get("factory")))
@@ -195,6 +235,11 @@ def _resolve(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], 
                 "or give {\"factory\": \"pkg.module:function\"}"
             )
         return table[name]
+    if local_data.kind_of(canon):
+        if kind != "data":
+            raise UserError(f"a {local_data.kind_of(canon)!r} spec reads data, not a {kind}; give the {kind} as "
+                            "{\"name\": ...}, {\"factory\": ...} or {\"hf\": ...}")
+        return local_data.resolve(canon)
     if builders.kind_of(canon):
         if kind != "model":
             raise UserError(f"a {builders.kind_of(canon)!r} spec builds a model, not {kind}; give the {kind} as "
@@ -225,6 +270,8 @@ def check_builder(spec: Mapping[str, Any] | str, kind: str) -> None:
     Nothing is built, and a factory spec is left alone (checking it would import the factory's module).
     """
     canon = normalize_spec(spec)
+    if local_data.kind_of(canon) and kind != "data":
+        _resolve(canon, MODELS, kind)  # refuses: a local data spec builds no model
     if "name" in canon:
         _bound_kwargs(canon, _resolve(canon, MODELS if kind == "model" else DATASETS, kind), kind)
 

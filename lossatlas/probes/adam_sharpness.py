@@ -20,6 +20,7 @@ from lossatlas.estimators import EigResult
 from lossatlas.probes.base import ProbeContext, Result, register_probe
 from lossatlas.probes.operators import CurvatureProbe
 from lossatlas.probes.spectrum import TOL, top_eigenpairs
+from lossatlas.probes.stability import stability_meta
 
 
 class _Sandwich:
@@ -141,6 +142,9 @@ class AdamSharpness(CurvatureProbe):
         if ctx.lr is not None and ctx.lr > 0:
             # frozen-Adam stability threshold (2 + 2β₁)/((1 − β₁)η) = 38/η at β₁ = 0.9 (Cohen et al. 2022)
             res.meta["adam_threshold"] = (2 + 2 * betas[0]) / ((1 - betas[0]) * float(ctx.lr))
+        # the largest stable step on λ_max(P⁻¹H): 2(1 + β₁)/((1 − β₁)λ), and the rule used
+        res.meta.update(stability_meta(ctx.optimizer or {"name": optimizer, "defaults": {"betas": list(betas)}},
+                                       float(eig.eigenvalues[0]), ctx.lr, preconditioned=True))
         res.meta.update(path=op.path, matvecs=int(op.matvecs), elapsed_s={"preconditioned": time.perf_counter() - t0})
         return res
 

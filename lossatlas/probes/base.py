@@ -11,15 +11,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from lossatlas.checks import check_choice
-from lossatlas.distributed import Distributed
+
+if TYPE_CHECKING:  # torch is imported where a context is built, so that Result and the probe table stay torch-free
+    import torch
+    from torch import Tensor, nn
+
+    from lossatlas.distributed import Distributed
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,21 @@ class Result:
         return self
 
 
+
+def _torch():
+    """torch, imported on first use (reading Results and the probe table never needs it)."""
+    import torch
+
+    return torch
+
+
+def _single_process() -> "Distributed":
+    """The default ``ProbeContext.dist``: one process (imports torch.distributed on first use)."""
+    from lossatlas.distributed import Distributed
+
+    return Distributed()
+
+
 @dataclass
 class ProbeContext:
     """Everything a probe may use: the model, a fixed data set and the loss, at one checkpoint.
@@ -109,7 +128,7 @@ class ProbeContext:
     lr: float | None = None
     optimizer_state: Mapping[str, Mapping[str, Tensor]] | None = None
     optimizer: Mapping[str, Any] | None = None
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: _torch().device("cpu"))
     dtype: torch.dtype | None = None
     progress: Callable[[int, int], None] | None = None
     partial: Result | None = None  # a stored partial result to resume from (surfaces)
@@ -117,7 +136,7 @@ class ProbeContext:
     steps: Sequence[int] = ()  # every checkpoint step of the run
     state_at: Callable[[int], dict[str, Tensor]] | None = None  # the state_dict at another step
     seed: int = 0
-    dist: "Distributed" = field(default_factory=lambda: Distributed())  # rank and world size under torchrun
+    dist: "Distributed" = field(default_factory=lambda: _single_process())  # rank and world size under torchrun
 
 
 class Probe:
@@ -244,7 +263,8 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
-    if isinstance(value, torch.dtype):
+    torch = sys.modules.get("torch")  # a torch dtype can only be here once torch is imported
+    if torch is not None and isinstance(value, torch.dtype):
         return str(value).replace("torch.", "")
     return value
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lossatlas.batches import Batch
+from lossatlas.batches import Batch, batch_length, take
 from lossatlas.curvature import make_operator
 from lossatlas.distributed import Distributed
 from lossatlas.probes.base import ProbeContext, Result, register_probe
@@ -25,21 +25,25 @@ from lossatlas.probes.operators import CurvatureProbe
 from lossatlas.probes.spectrum import TOL, top_eigenpairs
 
 
-def minibatches(batches: Sequence[Batch], size: int, count: int, gen: torch.Generator) -> list[Batch]:
-    """``count`` disjoint mini-batches of ``size`` examples drawn without replacement (seeded)."""
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    n = x.shape[0]
+def minibatches(batches: Sequence[Batch], size: int, count: int, gen: torch.Generator) -> list[list[Batch]]:
+    """``count`` disjoint mini-batches of ``size`` examples drawn without replacement (seeded).
+
+    Each mini-batch is a list of batches: one, or one per shape when the examples differ in shape
+    (sequences of other lengths, ``lossatlas.batches.take``), weighted by their counted terms.
+    """
+    n = sum(batch_length(bx) for bx, _ in batches)
     if size > n:
         raise ValueError(f"batch_size_scan size {size} exceeds the {n} examples of the data; use sizes <= {n}")
     count = max(1, min(count, n // size))
-    perm = torch.randperm(n, generator=gen).to(x.device)
-    return [(x[perm[i * size : (i + 1) * size]], y[perm[i * size : (i + 1) * size]]) for i in range(count)]
+    perm = torch.randperm(n, generator=gen)
+    return [take(batches, perm[i * size : (i + 1) * size]) for i in range(count)]
 
 
-def scan(operator_of: Callable[[Batch], Any], batches: Sequence[Batch], sizes: Sequence[int], *,
+def scan(operator_of: Callable[[list[Batch]], Any], batches: Sequence[Batch], sizes: Sequence[int], *,
          num_batches: int = 4, tol: float = TOL, seed: int = 0) -> dict[str, np.ndarray]:
     """The scan over ``sizes`` with ``operator_of(minibatch)`` giving each mini-batch's curvature operator.
+
+    A mini-batch is a list of batches (``minibatches``).
 
     Returns ``batch_sizes``, ``batch_lambda_max_mean``, ``batch_lambda_max_std`` (ddof 1; NaN for one batch),
     ``batch_max_stable_lr`` (2/mean; inf where the mean is ≤ 0) and ``matvecs``.
@@ -79,8 +83,8 @@ def batch_size_scan(
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """λ_max of mini-batch curvature at each batch size on any model and list of batches (see ``scan``)."""
-    def operator_of(mb: Batch) -> Any:
-        return make_operator(curvature, model, [mb], loss, mode=mode, dtype=dtype, check_deterministic=False)
+    def operator_of(mb: list[Batch]) -> Any:
+        return make_operator(curvature, model, mb, loss, mode=mode, dtype=dtype, check_deterministic=False)
 
     return scan(operator_of, batches, sizes, num_batches=num_batches, tol=tol, seed=seed)
 
@@ -127,8 +131,8 @@ class BatchScan(CurvatureProbe):
         batches = self.curvature_batches(ctx)
         op = self.curvature_operator(ctx, batches)
 
-        def operator_of(mb: Batch) -> Any:  # each rank solves the whole mini-batch: no products to split
-            return self.curvature_operator(ctx, [mb], check_deterministic=False, dist=Distributed())
+        def operator_of(mb: list[Batch]) -> Any:  # each rank solves the whole mini-batch: no products to split
+            return self.curvature_operator(ctx, mb, check_deterministic=False, dist=Distributed())
 
         out = scan(operator_of, batches, self.batch_size_scan, num_batches=self.scan_batches, tol=self.tol,
                    seed=self.seed)

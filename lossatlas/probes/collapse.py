@@ -31,6 +31,7 @@ from lossatlas.probes.features import (
     depth_module_names,
     last_linear_name,
     model_params,
+    next_token_labels,
     resolve_module,
     stream_features,
 )
@@ -283,14 +284,15 @@ class NeuralCollapse(Probe):
         w_full, b_full = classifier_weights(model, last_linear_name(model), params)
 
         stats = {n: ClassStatistics() for n in names}
-        for feats, y in stream_features(model, data, names, mode=self.mode, params=params):
+        next_token = next_token_labels(model, ctx.loss)  # a causal LM's token t has the class of token t + 1
+        for feats, y in stream_features(model, data, names, mode=self.mode, params=params, next_token=next_token):
             for n in names:
                 stats[n].update_means(feats[n], y)
         head = stats[feature_name]
         p = head.global_mean.shape[0]
         use_classifier = w_full.shape[1] == p and w_full.shape[0] >= head.counts.shape[0]
         w_full, b_full = w_full.to(head.global_mean.device), None if b_full is None else b_full.to(head.global_mean.device)
-        for feats, y in stream_features(model, data, names, mode=self.mode, params=params):
+        for feats, y in stream_features(model, data, names, mode=self.mode, params=params, next_token=next_token):
             for n in names:
                 logits = None
                 if n == feature_name and use_classifier:

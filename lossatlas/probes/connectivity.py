@@ -3,8 +3,13 @@
 Path: θ(α) = θ_a + α(θ_b − θ_a), i.e. (1 − α)θ_a + αθ_b (Goodfellow, Vinyals, Saxe 2015), α ∈ [0, 1] for
 barriers (31 points by default) or wider (−0.5:1.5) for plots. Barriers on the α ∈ [0, 1] part of the grid:
 
-- midpoint barrier (Frankle, Dziugaite, Roy, Carbin 2020): max_α E(α) − ½(E(0) + E(1));
-- linear barrier (Entezari, Sedghi, Saukh, Neyshabur 2022): sup_α L(α) − ((1 − α)L(0) + αL(1)).
+- the barrier (primary; ``loss_barrier``, ``error_barrier``): the largest rise over the chord between
+  the endpoints, max_α [f(α) − ((1 − α)f(0) + αf(1))] (Entezari, Sedghi, Saukh, Neyshabur 2022, "The Role
+  of Permutation Invariance in Linear Mode Connectivity of Neural Networks"); 0 for a convex f, and it
+  does not count the difference between the endpoints as a barrier;
+- the endpoint-mean barrier (secondary; ``loss_endpoint_mean_barrier``, ``error_endpoint_mean_barrier``):
+  max_α f(α) − ½(f(0) + f(1)), the "instability" of Frankle, Dziugaite, Roy, Carbin 2020 ("Linear Mode
+  Connectivity and the Lottery Ticket Hypothesis"); it exceeds the chord form by up to ½|f(1) − f(0)|.
 
 Both are stored for the loss and for the error (1 − accuracy). Layer-wise (Adilova et al. 2024): only the
 tensors of one group of layers move along the path, the rest stay at θ_a; the barrier of that cut uses the
@@ -25,12 +30,18 @@ from lossatlas.probes.directions import DIR_TYPES, checkpoint_direction, model_s
 from lossatlas.probes.grid import BN_MODES, PointEvaluator, auto_chunk_size, evaluate_grid, grid_axis
 from lossatlas.probes.settings import check_choice
 
+BARRIER_DEFINITION = ("*_barrier: max over α of f(α) − ((1−α)f(0) + αf(1)), the rise over the chord between the "
+                      "endpoints (Entezari et al. 2022); *_endpoint_mean_barrier: max over α of f(α) − (f(0)+f(1))/2 "
+                      "(Frankle et al. 2020)")
+
 
 def barriers(alphas: np.ndarray, values: np.ndarray) -> dict[str, float]:
-    """Midpoint (Frankle et al. 2020) and linear (Entezari et al. 2022) barriers of a curve on α ∈ [0, 1].
+    """The chord barrier (Entezari et al. 2022) and the endpoint-mean barrier (Frankle et al. 2020) on α ∈ [0, 1].
 
-    ``alphas`` must contain 0 and 1; points outside [0, 1] are ignored. Returns "midpoint",
-    "linear" and "argmax_linear" (the α of the linear barrier).
+    chord = max_α [f(α) − ((1 − α)f(0) + αf(1))] (the primary barrier); endpoint_mean = max_α f(α) −
+    ½(f(0) + f(1)). ``alphas`` must contain 0 and 1; points outside [0, 1] are ignored. Returns "chord",
+    "endpoint_mean" and "argmax_chord" (the α of the chord barrier), and the same under their former
+    names "linear", "midpoint" and "argmax_linear".
     """
     a = np.asarray(alphas, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
@@ -41,11 +52,9 @@ def barriers(alphas: np.ndarray, values: np.ndarray) -> dict[str, float]:
     inside = (a >= 0.0) & (a <= 1.0)
     lin = v[inside] - ((1.0 - a[inside]) * v0 + a[inside] * v1)
     j = int(np.argmax(lin))
-    return {
-        "midpoint": float(v[inside].max() - 0.5 * (v0 + v1)),
-        "linear": float(lin[j]),
-        "argmax_linear": float(a[inside][j]),
-    }
+    chord, endpoint_mean, at = float(lin[j]), float(v[inside].max() - 0.5 * (v0 + v1)), float(a[inside][j])
+    return {"chord": chord, "endpoint_mean": endpoint_mean, "argmax_chord": at,
+            "linear": chord, "midpoint": endpoint_mean, "argmax_linear": at}  # former names, same values
 
 
 def layer_groups(model: nn.Module, names: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -94,10 +103,10 @@ def layerwise_barriers(
 ) -> dict:
     """Layer-wise linear mode connectivity (Adilova, Andriushchenko, Kamp, Fischer, Jaggi, ICLR 2024).
 
-    For each group ℓ: the curve with only group ℓ interpolated, its linear and midpoint loss barriers and
-    its error barrier; with ``cumulative``, the same for the first k and the last k groups (k = 1..G).
+    For each group ℓ: the curve with only group ℓ interpolated, its chord and endpoint-mean loss barriers and
+    its chord error barrier; with ``cumulative``, the same for the first k and the last k groups (k = 1..G).
     Returns {"groups": names, "single"|"first"|"last": {"loss": (G, A), "error": (G, A),
-    "loss_barrier": (G,), "loss_midpoint_barrier": (G,), "error_barrier": (G,)}}.
+    "loss_barrier": (G,), "loss_endpoint_mean_barrier": (G,), "error_barrier": (G,)}} (``*_barrier``: chord form).
     """
     if groups is None:
         groups = layer_groups(model, [k for k in start if start[k].is_floating_point()])
@@ -116,9 +125,9 @@ def layerwise_barriers(
         table[kind] = {
             "loss": np.stack([r["loss"] for r in rows]),
             "error": np.stack([r["error"] for r in rows]),
-            "loss_barrier": np.array([b["linear"] for b in lb]),
-            "loss_midpoint_barrier": np.array([b["midpoint"] for b in lb]),
-            "error_barrier": np.array([b["midpoint"] for b in eb]),
+            "loss_barrier": np.array([b["chord"] for b in lb]),
+            "loss_endpoint_mean_barrier": np.array([b["endpoint_mean"] for b in lb]),
+            "error_barrier": np.array([b["chord"] for b in eb]),
         }
     return table
 
@@ -128,8 +137,9 @@ def layerwise_barriers(
 class Interpolate(Probe):
     """Loss and error on the straight path from this checkpoint to ``to_step``, and its barriers.
 
-    θ(α) = (1 − α)θ_a + αθ_b (Goodfellow, Vinyals, Saxe 2015); midpoint barrier (Frankle et al. 2020) and
-    linear barrier (Entezari et al. 2022) of the loss and of the error.
+    θ(α) = (1 − α)θ_a + αθ_b (Goodfellow, Vinyals, Saxe 2015); the barrier over the chord between the
+    endpoints (Entezari et al. 2022; primary) and the endpoint-mean barrier (Frankle et al. 2020) of the
+    loss and of the error.
 
     Settings: ``to_step`` (the other checkpoint), ``alphas`` (min, max, num), default (0, 1, 31);
     ``dir_type`` "states" (buffers move too, as Li et al. advise) or "weights"; ``bn`` "keep" |
@@ -165,9 +175,9 @@ class Interpolate(Probe):
     def run(self, ctx: ProbeContext) -> Result:
         """Loss, accuracy and error at every θ(α) = (1 − α)θ_a + αθ_b, and the barriers of loss and error.
 
-        ``loss_barrier``/``error_linear_barrier`` are max_α [f(α) − ((1 − α)f(0) + αf(1))];
-        ``loss_midpoint_barrier``/``error_barrier`` are max_α f(α) − (f(0) + f(1))/2 (only when α = 0 and 1
-        are in the grid). ``layerwise`` adds ``single_*``, ``first_*`` and ``last_*`` tables where only that
+        ``loss_barrier``/``error_barrier`` are max_α [f(α) − ((1 − α)f(0) + αf(1))] (over the chord);
+        ``loss_endpoint_mean_barrier``/``error_endpoint_mean_barrier`` are max_α f(α) − (f(0) + f(1))/2 (only
+        when α = 0 and 1 are in the grid); ``meta["barrier"]`` states the definition. ``layerwise`` adds ``single_*``, ``first_*`` and ``last_*`` tables where only that
         layer group, the first k or the last k groups move. ValueError outside a run file (no other checkpoint).
         """
         t0 = time.perf_counter()
@@ -184,10 +194,11 @@ class Interpolate(Probe):
             res.add(k, curve[k], ("alpha",), {"alpha": a})
         if (a == 0.0).any() and (a == 1.0).any():
             lb, eb = barriers(a, curve["loss"]), barriers(a, curve["error"])
-            res.add("loss_barrier", np.float64(lb["linear"]))
-            res.add("loss_midpoint_barrier", np.float64(lb["midpoint"]))
-            res.add("error_barrier", np.float64(eb["midpoint"]))
-            res.add("error_linear_barrier", np.float64(eb["linear"]))
+            res.add("loss_barrier", np.float64(lb["chord"]))  # primary: over the chord between the endpoints
+            res.add("loss_endpoint_mean_barrier", np.float64(lb["endpoint_mean"]))  # secondary (Frankle et al.)
+            res.add("error_barrier", np.float64(eb["chord"]))
+            res.add("error_endpoint_mean_barrier", np.float64(eb["endpoint_mean"]))
+            res.meta["barrier"] = BARRIER_DEFINITION
             if self.layerwise:
                 table = layerwise_barriers(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
                 res.meta["groups"] = table["groups"]

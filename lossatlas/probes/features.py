@@ -12,6 +12,12 @@ Two ways to get features:
 - ``stream_features`` + ``ClassStatistics``: per-class counts, means, Σ_W and Σ_B accumulated in
   float64 over a two-pass stream (class means first, then within-class scatter), without keeping
   the features (neural collapse).
+
+Inputs may be tensors or dicts (``model(**x)``). A sequence model's (B, T, p) features with (B, T)
+integer labels give one row per token whose label is not -100; for a causal language model
+(``next_token_labels``) the feature at position t is paired with the label at t + 1, the token it
+predicts, as in the neural collapse of language models (Wu & Papyan 2024, "Linguistic Collapse:
+Neural Collapse in (Large) Language Models").
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lossatlas.batches import batch_length, map_inputs, take
 from lossatlas.checks import check_choice
+from lossatlas.losses import IGNORE_INDEX, MODEL_LOSS, shifts_labels
 from lossatlas.outputs import model_outputs
 from lossatlas.probes.modes import evaluation_mode
 
@@ -88,11 +96,23 @@ def labels_of(y: Tensor) -> Tensor:
     return y.reshape(-1).long()
 
 
-def _rows(feature: Tensor, y: Tensor) -> Tensor:
-    """Feature rows aligned with ``labels_of(y)``: tokens for (B, T, p) with (B, T) labels, else (B, -1)."""
+def next_token_labels(model: nn.Module, loss: str) -> bool:
+    """Whether a token's features pair with the next token's label: the loss causal_lm, or a causal LM's own loss."""
+    return loss == "causal_lm" or (loss == MODEL_LOSS and shifts_labels(model))
+
+
+def _rows(feature: Tensor, y: Tensor, next_token: bool = False) -> tuple[Tensor, Tensor]:
+    """(feature rows, their integer labels): tokens for (B, T, p) with (B, T) labels, else one row per example.
+
+    Token rows drop the labels -100; ``next_token`` pairs the feature at t with the label at t + 1.
+    """
     if feature.ndim == 3 and y.ndim == 2 and not y.is_floating_point() and tuple(feature.shape[:2]) == tuple(y.shape):
-        return feature.reshape(-1, feature.shape[-1])
-    return feature.reshape(feature.shape[0], -1)
+        if next_token:  # position t predicts the token at t + 1; the last position predicts nothing
+            feature, y = feature[:, :-1], y[:, 1:]
+        rows, labels = feature.reshape(-1, feature.shape[-1]), y.reshape(-1).long()
+        keep = labels != IGNORE_INDEX
+        return rows[keep], labels[keep]
+    return feature.reshape(feature.shape[0], -1), labels_of(y)
 
 
 @contextlib.contextmanager
@@ -131,12 +151,14 @@ def stream_features(
     capture: str = "input",
     mode: str = "eval",
     params: Mapping[str, Tensor] | None = None,
+    next_token: bool = False,
 ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
     """Yield ``({module: H_b (n_b, p) float64}, labels (n_b,))`` per batch: one forward for all modules.
 
     ``modules``: a name, a list of names, or None (the last ``nn.Linear``). ``params`` (optional)
     are evaluated with ``functional_call``; the model's train/eval flag is ``mode`` during the
-    pass and restored afterwards.
+    pass and restored afterwards. Sequence features give token rows (``_rows``); ``next_token``
+    pairs each with the next token's label (``next_token_labels``).
     """
     if isinstance(modules, str) or modules is None:
         modules = [modules]
@@ -148,10 +170,12 @@ def stream_features(
             missing = [n for n in names if n not in store]
             if missing:
                 raise ValueError(f"module(s) {missing} did not run in the forward pass; pick modules the model calls")
-            labels = labels_of(y)
+            labels = None
             out = {}
             for n in names:
-                rows = _rows(store[n], y).to(torch.float64)
+                rows, row_labels = _rows(store[n], y, next_token)
+                rows = rows.to(torch.float64)
+                labels = row_labels if labels is None else labels
                 if rows.shape[0] != labels.shape[0]:
                     raise ValueError(
                         f"module {n!r} gives {rows.shape[0]} feature rows for {labels.shape[0]} labels; "
@@ -169,10 +193,12 @@ def collect_features(
     *,
     capture: str = "input",
     params: Mapping[str, Tensor] | None = None,
+    next_token: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(H (N, p) float64, y (N,))``: one module's activations over all batches (default: last-linear input)."""
     hs, ys = [], []
-    for feats, labels in stream_features(model, batches, module, capture=capture, mode=mode, params=params):
+    for feats, labels in stream_features(model, batches, module, capture=capture, mode=mode, params=params,
+                                         next_token=next_token):
         (h,) = feats.values()
         hs.append(h)
         ys.append(labels)
@@ -354,6 +380,8 @@ def model_params(
 class Rebatched:
     """Re-iterable view of ``batches``: the first ``limit`` examples, regrouped into ``batch_size`` rows.
 
+    Inputs may be tensors or dicts; examples of unequal shapes come out as one batch per shape (``take``).
+
     Inputs are moved to ``device`` and floating inputs cast to ``dtype`` batch by batch, so only one
     batch is converted at a time. None keeps the original grouping / all examples / device / dtype.
     """
@@ -371,11 +399,13 @@ class Rebatched:
     def _limited(self) -> Iterator[tuple[Tensor, Tensor]]:
         seen = 0
         for x, y in self.batches:
-            if self.limit is not None and seen + x.shape[0] > self.limit:
-                x, y = x[: self.limit - seen], y[: self.limit - seen]
-            if x.shape[0]:
+            n = batch_length(x)
+            if self.limit is not None and seen + n > self.limit:
+                n = self.limit - seen
+                x, y = map_inputs(lambda t, n=n: t[:n], x), y[:n]
+            if n:
                 yield x, y
-            seen += x.shape[0]
+            seen += n
             if self.limit is not None and seen >= self.limit:
                 return
 
@@ -383,23 +413,23 @@ class Rebatched:
         if self.batch_size is None:
             yield from self._limited()
             return
-        xs, ys, held = [], [], 0
+        held_batches: list = []
+        held = 0
         for x, y in self._limited():
-            xs.append(x)
-            ys.append(y)
-            held += x.shape[0]
-            while held >= self.batch_size:
-                x_all, y_all = torch.cat(xs), torch.cat(ys)
-                yield x_all[: self.batch_size], y_all[: self.batch_size]
-                xs, ys = [x_all[self.batch_size:]], [y_all[self.batch_size:]]
+            held_batches.append((x, y))
+            held += batch_length(x)
+            while held >= self.batch_size:  # examples of unequal shapes come out as one batch per shape (take)
+                yield from take(held_batches, torch.arange(self.batch_size))
+                held_batches = take(held_batches, torch.arange(self.batch_size, held))
                 held -= self.batch_size
         if held:
-            yield torch.cat(xs), torch.cat(ys)
+            yield from take(held_batches, torch.arange(held))
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        def move(t: Tensor) -> Tensor:
+            if self.dtype is not None and t.is_floating_point():
+                t = t.to(self.dtype)
+            return t.to(self.device) if self.device is not None else t
+
         for x, y in self._grouped():
-            if self.dtype is not None and x.is_floating_point():
-                x = x.to(self.dtype)
-            if self.device is not None:
-                x, y = x.to(self.device), y.to(self.device)
-            yield x, y
+            yield map_inputs(move, x), (y.to(self.device) if self.device is not None else y)

@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from lossatlas import losses as L
 from lossatlas.outputs import model_outputs
@@ -60,6 +60,7 @@ def recompute_bn_stats(
     Reset (mean 0, var 1, count 0), then forward ``batches`` in train mode with momentum=None, i.e. the
     running statistics become the plain average of the per-batch statistics (PyTorch's cumulative
     moving average). Works on copies of ``buffers``; the model's own buffers and flags are untouched.
+    Inputs may be tensors or dicts (``model(**x)``, by ``model_outputs``).
     """
     fresh = {k: v.clone() for k, v in buffers.items()}
     for name in _bn_stat_names(model):
@@ -68,7 +69,7 @@ def recompute_bn_stats(
             t.fill_(1 if name.endswith("running_var") else 0)
     with torch.no_grad(), evaluation_mode(model, "train", cumulative_bn=True):
         for x, _ in batches:
-            functional_call(model, (dict(params), fresh), (x,))  # updates `fresh` in place
+            model_outputs(model, x, params=(dict(params), fresh))  # updates `fresh` in place
     return fresh
 
 
@@ -157,12 +158,16 @@ class PointEvaluator:
         with torch.no_grad():
             states = [self.point_state(c) for c in coords]
             sums = {n: np.zeros(len(states)) for n in self.names}
+            scored = L.accuracy_available(self.loss)
+            if not scored:
+                sums["accuracy"][:] = np.nan
             with evaluation_mode(self.model, "eval"):
                 for (x, y), w in zip(self.data, self.weights):
                     outs = self._forward(states, x)  # (C, B, ...): every point of the chunk on this batch
                     for i, out in enumerate(outs):
                         sums["loss"][i] += w * float(L.batch_loss(self.loss, out, y))
-                        sums["accuracy"][i] += L.correct_count(out, y, self.loss)
+                        if scored:  # the loss "model" gives the loss, not predictions: accuracy is NaN
+                            sums["accuracy"][i] += L.correct_count(out, y, self.loss)
                         for name, fn in self.metrics.items():
                             sums[name][i] += w * float(fn(out, y))
         sums["accuracy"] /= self.num_examples

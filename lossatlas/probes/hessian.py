@@ -45,6 +45,7 @@ from lossatlas.probes.hessian_ci import HessianCI, check_trace_settings
 from lossatlas.probes.operators import CurvatureProbe, class_subset, parse_subset
 from lossatlas.probes.settings import check_choice
 from lossatlas.probes.spectrum import TOL, TRACE_MATVECS, TRACE_METHODS, top_eigenpairs, trace_estimate
+from lossatlas.probes.stability import stability_meta
 
 
 @register_probe
@@ -66,7 +67,9 @@ class HessianProbe(CurvatureProbe):
             ≤ tol·|θ|: fewer products when only the eigenvalues are wanted).
         max_iter: most Lanczos steps (None: the estimator's default).
         block_size: Lanczos block size (> 1 sees multiple eigenvalues, e.g. clustered outliers).
-        trace / trace_method / trace_matvecs: tr(A) by "hutchpp" (budget divisible by 3) or "hutchinson".
+        trace / trace_method / trace_matvecs: tr(A) by "auto" (XTrace when a first block's sketch captures
+            most of ‖A‖_F², else Hutchinson; meta "trace_reason" says why), "xtrace", "hutchpp" (budget
+            divisible by 3) or "hutchinson"; 96 products by default.
         density / num_probes / num_steps / sigma_squared / outlier_delta: SLQ density (``num_probes`` runs of
             ``num_steps`` Lanczos steps, Gaussian kernel of variance sigma_squared·max(1, λ_max − λ_min), as
             Ghorbani et al.) and the count of Ritz values above bulk_edge·(1 + δ), δ = 0.1 by default.
@@ -97,7 +100,7 @@ class HessianProbe(CurvatureProbe):
     max_iter: int | None = None
     block_size: int = 1
     trace: bool = False
-    trace_method: str = "hutchpp"
+    trace_method: str = "auto"
     trace_matvecs: int = TRACE_MATVECS
     density: bool = False
     num_probes: int = 4
@@ -213,8 +216,10 @@ class HessianProbe(CurvatureProbe):
             meta["top_converged"] = [bool(c) for c in top.converged]
             meta["top_matvecs"] = int(top.matvecs)
             meta["lambda_max"] = float(top.eigenvalues[0])
-            if meta["lambda_max"] > 0:
-                meta["max_stable_lr"] = 2.0 / meta["lambda_max"]
+            # the largest stable step under the run's optimizer (GD, heavy ball, Nesterov), and the rule used;
+            # for Adam the rule bounds λ_max(P⁻¹H): the preconditioned part reports it when asked for
+            if not (self.preconditioned and (ctx.optimizer or {}).get("name") in ("Adam", "AdamW")):
+                meta.update(stability_meta(ctx.optimizer, meta["lambda_max"], ctx.lr))
             if self.store_eigenvectors:
                 res.add("eigenvectors", top.eigenvectors.T.detach().cpu().numpy(), ("k", "param"))
         if self.bottom_k:
@@ -233,6 +238,8 @@ class HessianProbe(CurvatureProbe):
             res.add("trace", tr.value)
             res.add("trace_stderr", tr.stderr)
             meta["trace_method"] = tr.method
+            if tr.reason:
+                meta["trace_reason"] = tr.reason
             meta["trace_matvecs"] = int(tr.matvecs)
         if self.density:
             t0 = time.perf_counter()
@@ -251,6 +258,7 @@ class HessianProbe(CurvatureProbe):
                                                                 eigenvalues=res.values["top_eigenvalues"]))
             meta["density_sigma_squared_abs"] = float(dens.sigma_squared_abs)
         meta["path"] = op.path or probe_op.path
+        meta["path_choice"] = op.path_report()  # what path="auto" timed, sized and chose per block size
         meta["matvecs"] = int(op.matvecs) + int(split_matvecs)
         meta["elapsed_s"] = elapsed
         return res

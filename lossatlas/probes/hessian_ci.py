@@ -15,7 +15,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
-from lossatlas.batches import Batch
+from lossatlas.batches import Batch, batch_length, map_inputs, split, take
 from lossatlas.probes.base import ProbeContext, Result, register_probe
 from lossatlas.probes.operators import CurvatureProbe
 from lossatlas.probes.settings import check_choice
@@ -25,28 +25,38 @@ SEED_OFFSET = 7919  # the resampling generator's seed is seed + this (apart from
 
 
 def bootstrap_batches(batches: Sequence[Batch], gen: torch.Generator) -> list[Batch]:
-    """A bootstrap resample of the examples (with replacement), cut into batches of the original sizes."""
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    idx = torch.randint(0, x.shape[0], (x.shape[0],), generator=gen).to(x.device)
-    x, y = x[idx], y[idx]
-    out, start = [], 0
-    for bx, _ in batches:
-        n = bx.shape[0]
-        out.append((x[start : start + n], y[start : start + n]))
-        start += n
-    return out
+    """A bootstrap resample of the examples (with replacement), cut into batches of the original sizes.
+
+    Examples of unequal shapes (dict batches of sequences of other lengths) are regrouped by shape
+    (``lossatlas.batches.take``) into batches of at most the largest original size: in eval mode the
+    token-weighted loss does not depend on how the examples are batched.
+    """
+    sizes = [batch_length(bx) for bx, _ in batches]
+    n = sum(sizes)
+    idx = torch.randint(0, n, (n,), generator=gen)
+    groups = take(batches, idx)
+    if len(groups) == 1:  # one shape: the original batch sizes
+        x, y = groups[0]
+        out, start = [], 0
+        for size in sizes:
+            out.append((map_inputs(lambda t, a=start, b=start + size: t[a:b], x), y[start : start + size]))
+            start += size
+        return out
+    return [part for group in groups for part in split(group, max(sizes))]
 
 
 def check_trace_settings(prefix: str, method: str, matvecs: object) -> None:
     """ValueError unless ``method`` is a trace method and ``matvecs`` a budget it accepts (Hutch++: a multiple of 3)."""
     check_choice("trace_method", method, TRACE_METHODS, prefix=prefix)
-    low = 3 if method == "hutchpp" else 2
+    low = {"hutchpp": 3, "auto": 4}.get(method, 2)
     if isinstance(matvecs, bool) or not isinstance(matvecs, int) or matvecs < low:
         raise ValueError(f"{prefix}trace_matvecs must be an integer >= {low}, got {matvecs!r}")
     if method == "hutchpp" and matvecs % 3:
         raise ValueError(f"{prefix}trace_matvecs must be divisible by 3 for Hutch++, got {matvecs}; "
                          f"use {3 * max(1, round(matvecs / 3))}")
+    if method in ("auto", "xtrace") and matvecs % 2:
+        raise ValueError(f"{prefix}trace_matvecs must be even for trace_method={method!r}, got {matvecs}; "
+                         f"use {matvecs + 1}")
 
 
 @register_probe
@@ -76,7 +86,7 @@ class HessianCI(CurvatureProbe):
 
     lambda_max: bool = True
     trace: bool = False
-    trace_method: str = "hutchpp"
+    trace_method: str = "auto"
     trace_matvecs: int = TRACE_MATVECS
     data_resamples: int = 10
     ci_level: float = 0.95

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lossatlas._moved import renamed
-from lossatlas.losses import batch_count, check_loss_name, correct_count, data_loss
+from lossatlas.losses import accuracy_available, batch_count, check_loss_name, correct_count, data_loss
 from lossatlas.outputs import model_outputs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.modes import evaluation_mode
@@ -23,18 +23,21 @@ from lossatlas.probes.settings import MODES, check_choice
 def evaluate_loss(model: torch.nn.Module, batches, loss: str, *, mode: str = "eval") -> tuple[float, float, int]:
     """Example-weighted mean loss L = Σ_b (n_b/N) L_b, accuracy in [0, 1], and N.
 
-    The model's train/eval flag is set to ``mode`` for the evaluation and restored afterwards.
+    The model's train/eval flag is set to ``mode`` for the evaluation and restored afterwards. The
+    accuracy is NaN under the loss "model", whose outputs are the loss, not predictions.
     """
     batches = list(batches)
     correct = [0]
+    scored = accuracy_available(loss)
 
     def count_correct(out: torch.Tensor, y: torch.Tensor) -> None:
-        correct[0] += correct_count(out, y, loss)
+        if scored:
+            correct[0] += correct_count(out, y, loss)
 
     with torch.no_grad(), evaluation_mode(model, mode):
         value = data_loss(loss, lambda x: model_outputs(model, x), batches, on_outputs=count_correct)
     count = sum(batch_count(loss, y) for _, y in batches)
-    return float(value), correct[0] / count, count
+    return float(value), (correct[0] / count if scored else float("nan")), count
 
 
 @register_probe

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lossatlas.batches import Batch, as_batches, num_examples
+from lossatlas.batches import Batch, as_batches, map_inputs, num_examples
 from lossatlas.curvature import CURVATURES, PATHS, CurvatureOperator, make_operator
 from lossatlas.finite import describe_nonfinite, nonfinite_counts
 from lossatlas.probes.base import Probe, ProbeContext
@@ -56,7 +56,7 @@ def class_subset(batches: Sequence[Batch], classes: Sequence[int]) -> list[Batch
             )
         keep = torch.isin(y, wanted.to(y.device))
         if bool(keep.any()):
-            out.append((x[keep], y[keep]))
+            out.append((map_inputs(lambda t, keep=keep: t[keep], x), y[keep]))
     if not out:
         raise ValueError(f"no example has a label in {list(wanted.tolist())}; check the subset's class numbers")
     return out

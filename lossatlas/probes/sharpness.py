@@ -23,8 +23,9 @@ import numpy as np
 import scipy.optimize
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lossatlas.batches import Batch, as_batches, num_examples, to_device
+from lossatlas.batches import Batch, as_batches, num_examples, split, take, to_device
 from lossatlas.curvature import HessianOperator
 from lossatlas.losses import (
     batch_count,
@@ -34,6 +35,7 @@ from lossatlas.losses import (
     data_loss,
     output_hessian_product,
     per_example_loss,
+    require_output_loss,
 )
 from lossatlas.outputs import model_outputs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
@@ -448,13 +450,12 @@ def chunk_batches(batches: Sequence[Batch], m: int | None, batch_size: int | Non
         m = num_examples(batches)
     if int(m) < 1:
         raise ValueError(f"m must be a positive number of examples, got {m!r}")
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
+    n = num_examples(batches)
     size = int(batch_size) if batch_size is not None else int(m)
     chunks = []
-    for i in range(0, x.shape[0], int(m)):
-        xc, yc = x[i : i + int(m)], y[i : i + int(m)]
-        chunks.append([(xc[j : j + size], yc[j : j + size]) for j in range(0, xc.shape[0], size)])
+    for i in range(0, n, int(m)):  # examples of unequal shapes: one group per shape (``take``), each cut in ``size``
+        groups = take(batches, torch.arange(i, min(i + int(m), n)))
+        chunks.append([part for group in groups for part in split(group, size)])
     return chunks
 
 
@@ -529,21 +530,26 @@ def fisher_rao_norm(
     ReLU net with L hidden layers J_θ θ = (L+1) f, giving Liang's closed form (L+1)² E⟨∂ℓ/∂f, f⟩².
     ``target="empirical"``: y are the data labels; ``"model"``: E over y ~ p_θ(·|x), which for these losses (negative
     log-likelihoods) is E_x[(Jθ)ᵀ (∂²ℓ/∂f²)(Jθ)] in closed form (softmax: diag(p) − ppᵀ; half_sse: I; mse: (2/C) I).
-    The expectation over x is the example-weighted mean over the batches.
+    The expectation over x is the example-weighted mean over the batches. The products run under PyTorch's math
+    attention backend (fused attention kernels have no double backward). ValueError for the loss "model".
     """
     check_loss_name(loss)
+    require_output_loss(loss, "sharpness measure fisher_rao (per-example gradients ⟨θ, ∇ℓ_i⟩)")
     check_choice("target", target, FISHER_TARGETS)
     obj = DataObjective(model, batches, loss, mode=mode, dtype=next(iter(params.values())).dtype)
     tangent = {k: v.detach() for k, v in params.items()}
     total = 0.0
-    with evaluation_mode(model, mode):
+    with evaluation_mode(model, mode), sdpa_kernel(SDPBackend.MATH):
         for (x, y), n in zip(obj.batches, obj.counts):
             out, jv = _output_and_jvp(obj, tangent, x)  # f, Jθ: (n, C)
             if target == "empirical":
                 leaf = out.clone().requires_grad_(True)
                 with torch.enable_grad():
                     dl = torch.autograd.grad(per_example_loss(loss, leaf, y).sum(), leaf)[0]  # ∂ℓ_i/∂f_i
-                inner = (dl * jv).reshape(n, -1).sum(dim=1)  # ⟨θ, ∇_θ ℓ_i⟩, (n,)
+                if out.ndim == 3 and y.ndim == 2:  # token terms: ℓ_(b,t) depends on f[b, t] only
+                    inner = (dl * jv).sum(dim=-1).reshape(-1)  # ⟨θ, ∇_θ ℓ_(b,t)⟩, 0 at an uncounted token
+                else:
+                    inner = (dl * jv).reshape(n, -1).sum(dim=1)  # ⟨θ, ∇_θ ℓ_i⟩, (n,)
                 total += float((inner**2).sum())
             else:
                 total += float((jv * output_hessian_product(loss, out, y, jv)).sum())
@@ -664,6 +670,9 @@ class Sharpness(Probe):
         Optional ``lambda_max`` (Lanczos) and ``trace``/``trace_stderr`` (Hutch++) of the Hessian.
         """
         check_loss_name(ctx.loss)
+        if "fisher_rao" in self.measures:  # the one measure that needs per-example terms of an output loss
+            require_output_loss(ctx.loss, "the sharpness measure fisher_rao",
+                                "drop it from --measures, or use --loss causal_lm or --loss cross_entropy")
         start = time.perf_counter()
         batches = to_device(as_batches(ctx.data, limit=self.max_examples), ctx.device, ctx.dtype)
         if self.batch_size is not None:

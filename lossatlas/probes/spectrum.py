@@ -21,11 +21,13 @@ from torch import Tensor
 
 from lossatlas.checks import check_choice
 from lossatlas.distributed import Distributed
-from lossatlas.estimators import EigResult, TraceEstimate, hutchinson_trace, hutchpp_trace, lanczos_eigs
+from lossatlas.estimators import EigResult, TraceEstimate, lanczos_eigs
+from lossatlas.estimators.trace import TRACE_ESTIMATORS
+from lossatlas.estimators.trace import trace_estimate as _estimate
 
 TOL: float = 1e-4  # relative Ritz residual ‖A y − θ y‖ ≤ TOL·|θ|
-TRACE_METHODS: tuple[str, ...] = ("hutchpp", "hutchinson")
-TRACE_MATVECS: int = 99  # divisible by 3, as Hutch++ needs
+TRACE_METHODS: tuple[str, ...] = TRACE_ESTIMATORS  # "auto", "hutchinson", "hutchpp", "xtrace"
+TRACE_MATVECS: int = 96  # even (auto, XTrace) and divisible by 3 (Hutch++): a budget every method takes
 
 
 def top_eigenpairs(
@@ -59,20 +61,20 @@ def trace_estimate(
     A: Any,
     num_matvecs: int = TRACE_MATVECS,
     *,
-    method: str = "hutchpp",
+    method: str = "auto",
     seed: int = 0,
     dist: Distributed | None = None,
 ) -> TraceEstimate:
     """tr(A) and its standard error with ``num_matvecs`` products of A (Rademacher probes).
 
-    ``method``: "hutchpp" (Hutch++; ``num_matvecs`` divisible by 3; error O(1/m) for PSD A) or
-    "hutchinson" ((1/m) Σ vᵀAv; error O(1/√m)). Under torchrun (``dist``) the probe vectors are
-    split across ranks.
+    ``method``: "auto" (default: XTrace when a sketch of a first block of products captures more than
+    half of ‖A‖_F², else Hutchinson; the estimate says which and why), "hutchpp" (Hutch++; budget
+    divisible by 3; error O(1/m) for a fast-decaying spectrum; Meyer et al. 2021), "xtrace"
+    (Epperly, Tropp & Webber 2024; even budget) or "hutchinson" ((1/m) Σ vᵀAv; error O(1/√m);
+    Hutchinson 1989). Under torchrun (``dist``) the probe vectors are split across ranks.
     """
     check_choice("trace method", method, TRACE_METHODS)
-    if method == "hutchpp":
-        return hutchpp_trace(A, num_matvecs, seed=seed, dist=dist)
-    return hutchinson_trace(A, num_matvecs, seed=seed, dist=dist)
+    return _estimate(A, num_matvecs, estimator=method, seed=seed, dist=dist)
 
 
 __all__ = ["top_eigenpairs", "trace_estimate", "TOL", "TRACE_METHODS", "TRACE_MATVECS"]

@@ -22,6 +22,7 @@ from typing import ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lossatlas import losses as L
 from lossatlas.distributed import chunks_for_rank
@@ -66,12 +67,13 @@ def directional_derivatives(
     """(L(θ), ∇L·d, dᵀ∇²L d) on the data set, by double backward.
 
     Each batch contributes (n_b/N)·(its mean loss, its gradient and its Hessian-vector product);
-    eval mode; only the parameters in ``direction`` are differentiated.
+    eval mode; only the parameters in ``direction`` are differentiated. Runs under PyTorch's math attention
+    backend: fused attention kernels (flash, memory-efficient) have no double backward.
     """
     names = [k for k in params if k in direction]
     buffers = dict(buffers) if buffers is not None else {k: b.detach() for k, b in model.named_buffers()}
     value = grad_d = curv = 0.0
-    with evaluation_mode(model, "eval"):
+    with evaluation_mode(model, "eval"), sdpa_kernel(SDPBackend.MATH):
         for (x, y), w in zip(data, L.batch_weights(loss, data)):
             leaf = {k: params[k].detach().clone().requires_grad_(True) for k in names}
             rest = {k: v.detach() for k, v in params.items() if k not in leaf}
@@ -118,7 +120,54 @@ def quadratic_regime(alphas: np.ndarray, line: np.ndarray, value: float, slope: 
         "alpha_min": a_min,
         "alpha_max": a_max,
         "tolerance": tol,
+        "verdict": _quadratic_verdict(alphas, a_min, a_max, ratio, tol),
     }
+
+
+def _quadratic_verdict(alphas: np.ndarray, a_min: float, a_max: float, ratio: float, tol: float) -> str:
+    """The quadratic check in words: is the slice quadratic at the grid's scale, and where does it stop being so."""
+    span = f"α ∈ [{alphas.min():.3g}, {alphas.max():.3g}]"
+    fit = f"the fitted curvature is {ratio:.3g}× dᵀHd" if np.isfinite(ratio) else "dᵀHd is 0"
+    if not np.isfinite(a_min):
+        return (f"not quadratic at this scale: the loss is off its quadratic model by more than {tol:.0%} already at "
+                f"the grid point nearest α = 0; {fit}; use a smaller range than {span}")
+    if a_min <= alphas.min() and a_max >= alphas.max():
+        return f"quadratic at this scale: within {tol:.0%} of its quadratic model over all of {span}; {fit}"
+    return (f"not quadratic at this scale: within {tol:.0%} of its quadratic model only for α ∈ [{a_min:.3g}, "
+            f"{a_max:.3g}] of {span}; {fit}")
+
+
+BN_EXPLODES = 10.0  # an edge loss above this many times the centre loss (or NaN/inf) under bn="keep" is warned about
+
+
+def warn_bn_keep(model: nn.Module, bn: str, loss: np.ndarray, x: np.ndarray, y: np.ndarray | None) -> str | None:
+    """Warn (``warnings.warn``) when a BatchNorm model's surface under ``bn="keep"`` explodes at its edges.
+
+    With the checkpoint's running statistics kept, moving the weights shifts every BN input while the
+    normalisation does not follow, so the loss far from θ* can blow up for that reason alone (Li et al. 2018,
+    "Visualizing the Loss Landscape of Neural Nets", recompute the statistics). Fires when the model has a
+    BatchNorm layer and the largest loss on the grid's border is non-finite or > ``BN_EXPLODES``× the loss at
+    the grid point nearest the centre. Returns the message, or None.
+    """
+    import warnings
+
+    if bn != "keep" or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    z = np.asarray(loss, dtype=np.float64)
+    if y is None:  # a 1-D line
+        centre = float(z[int(np.argmin(np.abs(x)))])
+    else:  # a (ny, nx) grid
+        z = z.reshape(len(y), len(x))
+        centre = float(z[int(np.argmin(np.abs(y))), int(np.argmin(np.abs(x)))])
+    border = np.concatenate([z[0], z[-1], z[:, 0], z[:, -1]]) if z.ndim == 2 else z[[0, -1]]
+    worst = float(np.max(np.where(np.isfinite(border), border, np.inf)))
+    if np.isfinite(worst) and not worst > BN_EXPLODES * abs(centre):
+        return None
+    what = "non-finite" if not np.isfinite(worst) else f"{worst:.3g}, {worst / abs(centre):.0f}× the centre's {centre:.3g}"
+    msg = (f"the loss at the surface's edges explodes ({what}) on a BatchNorm model with bn=keep (running statistics "
+           "fixed at the checkpoint's); rerun with --bn recompute to recompute them at every point")
+    warnings.warn(msg, stacklevel=3)
+    return msg
 
 
 # ----------------------------------------------------------------------------------------- the probe
@@ -274,6 +323,7 @@ class Surface(Probe):
         else:
             evaluate_grid(ev, coords, done=done, out=out, chunk_size=chunk, on_chunk=on_chunk)
         quad = self._quadratic(ctx, base, dirs, ev, out, x, y, chunk) if self.quadratic_check else None
+        warn_bn_keep(ctx.model, self.bn, out["loss"], x, y)  # BN statistics kept: say so when the edges explode
         res = self._result(ctx, out, done, shape, x, y, dirs, status="complete", t0=t0, quadratic=quad, vectorized=ev.vectorized_ok)
         res.meta["chunk_size"] = chunk
         return res

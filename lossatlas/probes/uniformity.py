@@ -21,8 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lossatlas.batches import map_inputs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
-from lossatlas.probes.features import CAPTURES, Rebatched, collect_features, model_params, resolve_module
+from lossatlas.probes.features import (
+    CAPTURES,
+    Rebatched,
+    collect_features,
+    model_params,
+    next_token_labels,
+    resolve_module,
+)
 from lossatlas.probes.settings import MODES, check_choice, check_finite_number, check_nonneg_int
 
 NOT_NORMALIZED_WARNING = "features were not L2-normalized; normalized them"
@@ -133,10 +141,24 @@ def subsample_rows(z: Tensor, max_rows: int | None, seed: int = 0) -> Tensor:
 
 
 def gaussian_noise(std: float) -> Augment:
-    """An augmentation x ↦ x + std·ε, ε ∼ N(0, I) drawn from the given generator."""
-    def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        return x + std * noise.to(x.device)
+    """An augmentation x ↦ x + std·ε, ε ∼ N(0, I) drawn from the given generator.
+
+    Dict inputs: every floating tensor (``pixel_values``, ``inputs_embeds``) gets its noise; ValueError when
+    there is none (token ids cannot be perturbed so).
+    """
+    def noisy(t: Tensor, generator: torch.Generator) -> Tensor:
+        if not t.is_floating_point():
+            return t
+        noise = torch.randn(t.shape, generator=generator, dtype=t.dtype)
+        return t + std * noise.to(t.device)
+
+    def augment(x, generator: torch.Generator):
+        if isinstance(x, Tensor):
+            return noisy(x, generator)
+        if not any(isinstance(v, Tensor) and v.is_floating_point() for v in x.values()):
+            raise ValueError(f"augmentation gaussian_noise needs floating inputs, but the inputs {sorted(x)} are all "
+                             "integer (token ids); use augmentation='none'")
+        return map_inputs(lambda t: noisy(t, generator), x)
     return augment
 
 
@@ -150,6 +172,7 @@ def positive_pair_features(
     capture: str = "input",
     params: Mapping[str, Tensor] | None = None,
     seed: int = 0,
+    next_token: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Features of two augmented views ``augment(x, g)`` of every input: (Z₁, Z₂), each (N, p) float64."""
     g = torch.Generator().manual_seed(seed)
@@ -157,8 +180,8 @@ def positive_pair_features(
     for x, y in batches:
         views[0].append((augment(x, g), y))
         views[1].append((augment(x, g), y))
-    z1, _ = collect_features(model, views[0], module, mode, capture=capture, params=params)
-    z2, _ = collect_features(model, views[1], module, mode, capture=capture, params=params)
+    z1, _ = collect_features(model, views[0], module, mode, capture=capture, params=params, next_token=next_token)
+    z2, _ = collect_features(model, views[1], module, mode, capture=capture, params=params, next_token=next_token)
     return z1, z2
 
 
@@ -222,7 +245,9 @@ class Uniformity(Probe):
         name, _ = resolve_module(ctx.model, self.module)
         params = model_params(ctx.model, ctx.device, ctx.dtype)
         data = Rebatched(ctx.data, self.batch_size, self.max_examples, ctx.device, ctx.dtype)
-        z, labels = collect_features(ctx.model, data, name, self.mode, capture=self.capture, params=params)
+        next_token = next_token_labels(ctx.model, ctx.loss)  # a causal LM's token t has the label of token t + 1
+        z, labels = collect_features(ctx.model, data, name, self.mode, capture=self.capture, params=params,
+                                     next_token=next_token)
         unit, changed = normalize_rows(z)
         warnings = [NOT_NORMALIZED_WARNING] if changed else []
         res = self.new_result(ctx.step)
@@ -232,7 +257,8 @@ class Uniformity(Probe):
 
         if self.augmentation == "gaussian_noise":
             z1, z2 = positive_pair_features(ctx.model, data, gaussian_noise(self.noise_std), name, self.mode,
-                                            capture=self.capture, params=params, seed=self.seed)
+                                            capture=self.capture, params=params, seed=self.seed,
+                                            next_token=next_token)
             scalar("alignment", alignment_loss(normalize_rows(z1)[0], normalize_rows(z2)[0], self.alpha))
         pairs = subsample_rows(unit, self.max_pairs_examples, self.seed)
         scalar("uniformity", uniformity_loss(pairs, self.t))

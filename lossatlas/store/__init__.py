@@ -57,14 +57,21 @@ the writer dies, so ``writer_attached()`` is False after a kill, and a stale sid
 A checkpoint that would not fit on the disk is refused before HDF5 writes it (HDF5 crashes on a
 full disk).
 
-Results file (format 1), one group per (probe, config key, step)::
+Results file (format 2; format 1 is read too), one group per (probe, config key, step)::
 
-    /                             attrs: lossatlas_format="results", format_version=1, run_fingerprint
+    /                             attrs: lossatlas_format="results", format_version=2, run_fingerprint
     /<probe>/<key>/<step>/        step zero-padded to 10 digits, or "none"; one dataset per value and
-                                  coord; a 1-D coord named like a value's axis is that axis' HDF5
-                                  dimension scale (every axis is labelled); bool arrays are uint8 and
-                                  strings variable-length UTF-8, with attr ``dtype`` saying so; each
-                                  dataset's attr ``digest`` is the checksum of its dtype, shape and bytes
+                                  coord; every axis of every dataset has an HDF5 dimension scale, so
+                                  each group is a netCDF-4 group (xarray with engine="h5netcdf", netCDF-C):
+                                  a 1-D coord named like a value's axis is that axis' scale, any other
+                                  axis a coordinate-less scale (attr role="dimension", no data, NAME
+                                  "This is a netCDF dimension but not a netCDF variable." + length),
+                                  named as the axis or, where that name is taken or has another length
+                                  in the group, "<axis>_<value>"; the HDF5 dimension label is the axis
+                                  name; bool arrays are uint8 and strings variable-length UTF-8, with
+                                  attr ``dtype`` saying so; each value's and coord's attr ``digest`` is
+                                  the checksum of its dtype, shape and bytes. Format 1 had no scale on
+                                  an axis without coords (a group netCDF readers refuse).
                                   attrs: config, meta, dims (JSON), data_fingerprint, lossatlas_version,
                                          elapsed_s, status ("complete" | "partial"), written_at,
                                          digest (of these attrs and the dataset names)

@@ -16,18 +16,22 @@ import contextlib
 import errno
 import functools
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import h5py
 import numpy as np
-import torch
-from torch import Tensor
 
 from lossatlas.errors import UserError
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:  # torch is imported where a tensor is built, so that reading metadata stays torch-free
+    from torch import Tensor
+
+FORMAT_VERSION = 1  # the run file's format
+# the results file's format: 2 labels every axis with an HDF5 dimension scale (netCDF-4 readable); 1 is read too
+RESULTS_FORMAT_VERSION = 2
 LOCK_WAIT_S = 30.0  # how long an open waits for another process's HDF5 file lock
 
 # what an HDF5 error means, where h5py's exception type does not say it
@@ -144,9 +148,10 @@ def check_kind(f: h5py.File, path: Path, want: str | None) -> str:
         raise UserError(f"{path}: an HDF5 file but not a lossatlas file (no lossatlas_format attribute); "
                         "pass a run file written by lossatlas (see `lossatlas import`)")
     version = int(f.attrs.get("format_version", 0))
-    if version > FORMAT_VERSION:
+    newest = RESULTS_FORMAT_VERSION if kind == "results" else FORMAT_VERSION
+    if version > newest:
         raise UserError(f"{path}: written by a newer lossatlas (format_version {version}, this one reads "
-                        f"{FORMAT_VERSION}); upgrade lossatlas (pip install -U lossatlas)")
+                        f"{newest}); upgrade lossatlas (pip install -U lossatlas)")
     if want is not None and kind != want:
         hint = "pass the run file, not its .results.h5" if want == "run" else "pass a results file"
         raise UserError(f"{path}: a lossatlas {kind} file, not a {want} file; {hint}")
@@ -172,7 +177,8 @@ def _json_default(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, torch.dtype):
+    torch = sys.modules.get("torch")  # a torch dtype can only reach here once torch is imported
+    if torch is not None and isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
@@ -192,35 +198,38 @@ def dumps(obj: Any, what: str) -> str:
         raise ValueError(f"{what} must be JSON-able (dicts, lists, numbers, strings): {e}") from None
 
 
-# dtypes numpy cannot hold: stored as their raw bits
-_RAW_BITS: dict[torch.dtype, tuple[torch.dtype, np.dtype]] = {
-    torch.bfloat16: (torch.int16, np.dtype(np.uint16)),
-    **{getattr(torch, n): (torch.uint8, np.dtype(np.uint8))
-       for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)},
+# dtypes numpy cannot hold, by torch dtype name: stored as their raw bits (the torch view dtype, the numpy dtype)
+_RAW_BITS: dict[str, tuple[str, np.dtype]] = {
+    "bfloat16": ("int16", np.dtype(np.uint16)),
+    **{n: ("uint8", np.dtype(np.uint8)) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")},
 }
 
 
 def tensor_to_numpy(value: Any, what: str) -> tuple[np.ndarray, str]:
     """A tensor as a numpy array holding the same bits, and the torch dtype's name."""
+    import torch  # lazily: only writers build tensors' bits (readers of metadata never import torch)
+
     t = torch.as_tensor(value).detach()
     name = str(t.dtype).removeprefix("torch.")
     t = t.cpu().resolve_conj().resolve_neg().contiguous()
-    if t.dtype in _RAW_BITS:
-        int_dtype, np_dtype = _RAW_BITS[t.dtype]
-        return t.view(int_dtype).numpy().view(np_dtype), name
+    if name in _RAW_BITS:
+        int_dtype, np_dtype = _RAW_BITS[name]
+        return t.view(getattr(torch, int_dtype)).numpy().view(np_dtype), name
     try:
         return t.numpy(), name
     except TypeError as e:
         raise ValueError(f"{what}: cannot store a tensor of dtype {t.dtype}: {e}") from None
 
 
-def numpy_to_tensor(arr: np.ndarray, dtype_name: str) -> Tensor:
+def numpy_to_tensor(arr: np.ndarray, dtype_name: str) -> "Tensor":
     """The tensor of torch dtype ``dtype_name`` whose bits ``arr`` holds (the inverse of ``tensor_to_numpy``)."""
+    import torch  # lazily: the first tensor a reader builds imports torch, never a metadata read
+
     dtype = getattr(torch, dtype_name)
     arr = np.asarray(arr)  # h5py hands back a numpy scalar for a 0-d row
     if not arr.flags.c_contiguous:
         arr = arr.copy()
-    if dtype in _RAW_BITS:
-        int_dtype, _ = _RAW_BITS[dtype]
-        return torch.from_numpy(arr.view(str(int_dtype).removeprefix("torch."))).view(dtype)
+    if dtype_name in _RAW_BITS:
+        int_dtype, _ = _RAW_BITS[dtype_name]
+        return torch.from_numpy(arr.view(int_dtype)).view(dtype)
     return torch.from_numpy(arr)

@@ -1,5 +1,8 @@
 """The results file: one labelled group per (probe, config key, step), every change copy-on-write.
 
+Each entry also carries a readable ``label`` attribute (``hessian · ggn · class=3 · 256 examples``, see
+``lossatlas.store.labels``) and each ``/<probe>/<key>`` group may carry the user's ``name`` (``--name``).
+
 Every change happens under an exclusive lock, and every dataset and entry is checksummed (the layout is in
 ``lossatlas.store``).
 """
@@ -23,8 +26,8 @@ from lossatlas.errors import UserError
 from lossatlas.probes.base import Result
 from lossatlas.store import integrity
 from lossatlas.store.h5 import (
-    FORMAT_VERSION,
     LOCKED,
+    RESULTS_FORMAT_VERSION,
     TRUNCATED,
     OpenError,
     check_kind,
@@ -36,9 +39,12 @@ from lossatlas.store.h5 import (
     unescape,
 )
 from lossatlas.store.integrity import Damaged
+from lossatlas.store.labels import label_of
 from lossatlas.store.locks import exclusive
 
 STATUSES = ("complete", "partial")
+LABEL_ATTR = "label"  # an entry's readable label (lossatlas.store.labels.label_of), written with it
+NAME_ATTR = "name"  # a configuration's user name (--name), an attribute of its /<probe>/<key> group
 
 
 def default_results_path(run_path: str | Path) -> Path:
@@ -81,6 +87,58 @@ def _read_array(ds: h5py.Dataset) -> np.ndarray:
     if kind == "str":
         return np.asarray(ds.asstr()[()], dtype=str)
     return np.asarray(ds[()])
+
+
+# the NAME of an HDF5 dimension scale that is a netCDF dimension without a coordinate variable, followed by its
+# length in 10 characters: the netCDF-4 convention (netCDF-C, h5netcdf) for an axis that has no coordinates
+_NOT_A_VARIABLE = "This is a netCDF dimension but not a netCDF variable."
+DIMENSION_ROLE = "dimension"  # the role of such a scale: it holds no data and is no value or coord of the Result
+
+
+def _dimension_scale(g: h5py.Group, scales: dict[tuple[str, int], h5py.Dataset], dim: str, n: int,
+                     owner: str) -> h5py.Dataset:
+    """The dimension scale of an axis ``dim`` of ``n`` points that has no coordinates, created on first use.
+
+    netCDF-4 gives each dimension of a group one length and one name, the scale's link name: the axis keeps the
+    name ``dim`` unless another axis of that name has another length (then ``<dim>_<owner>``, ``owner`` the value
+    that first has it, as "k_bottom_eigenvalues" beside "k") or a value or coord already holds the name (then
+    ``_dim`` is appended). Axes with the same name and length share one scale. The scale stores nothing (an
+    unwritten dataset takes no space in the file): its NAME marks it as a dimension without a variable.
+    """
+    known = scales.get((dim, n))
+    if known is not None:
+        return known
+    for link in (escape(dim), escape(f"{dim}_{owner}")):
+        if link not in g:
+            break
+    while link in g:
+        link += "_dim"
+    ds = g.create_dataset(link, shape=(n,), dtype="f4")
+    ds.make_scale(f"{_NOT_A_VARIABLE}{n:10d}")
+    ds.attrs["role"] = DIMENSION_ROLE
+    scales[(dim, n)] = ds
+    return ds
+
+
+def _label_axes(g: h5py.Group, result: Result) -> None:
+    """Attach an HDF5 dimension scale to every axis of every value and coord of ``result`` stored in ``g``.
+
+    A 1-D coord is the scale of its own axis (a netCDF coordinate variable); any other axis gets a
+    coordinate-less scale (``_dimension_scale``). An axis half-labelled (a scale on some axes, none on others)
+    makes netCDF-4 readers (h5netcdf, xarray) refuse the whole group, so no axis is left out. Each axis also
+    keeps its lossatlas name as the HDF5 dimension label.
+    """
+    scales: dict[tuple[str, int], h5py.Dataset] = {}
+    for name in [*result.values, *result.coords]:
+        ds = g[escape(name)]
+        if name in result.coords and ds.ndim == 1:
+            continue  # a coordinate variable: the scale of its own axis
+        dims = result.dims[name] if name in result.values else tuple(f"{name}_dim{i}" for i in range(ds.ndim))
+        for axis, dim in enumerate(dims):
+            c = result.coords.get(dim) if name in result.values else None
+            scale = g[escape(dim)] if c is not None else _dimension_scale(g, scales, dim, ds.shape[axis], name)
+            ds.dims[axis].label = dim
+            ds.dims[axis].attach_scale(scale)
 
 
 _ENTRY_ATTRS = ("config", "meta", "dims", "data_fingerprint", "lossatlas_version", "elapsed_s", "status", "written_at")
@@ -166,7 +224,7 @@ class ResultsStore:
         """Write the header under a temporary name and link it into place (called under the lock)."""
         image = io.BytesIO()
         with h5py.File(image, "w") as f:
-            f.attrs.update(lossatlas_format="results", format_version=FORMAT_VERSION,
+            f.attrs.update(lossatlas_format="results", format_version=RESULTS_FORMAT_VERSION,
                            run_fingerprint=self._fingerprint, lossatlas_version=__version__)
         self._install(image.getvalue(), overwrite=False)
 
@@ -245,26 +303,27 @@ class ResultsStore:
                  "data_fingerprint": data_fingerprint, "lossatlas_version": __version__,
                  "elapsed_s": float(elapsed_s), "status": status, "written_at": time.time()}
         name = _step_name(result.step)
+        label = label_of(result.probe, result.config, result.meta, key=key)  # readable: what differs from defaults
 
         def change(f: h5py.File) -> None:
             parent = f.require_group(escape(result.probe)).require_group(escape(key))
             if name in parent:
                 del parent[name]
             g = parent.create_group(name, track_order=True)
+            stored = []
             for c, arr in result.coords.items():
-                ds = _write_array(g, escape(c), arr, "coord")
+                stored.append(ds := _write_array(g, escape(c), arr, "coord"))
                 if ds.ndim == 1:
                     ds.make_scale(c)
             for v, arr in result.values.items():
-                ds = _write_array(g, escape(v), arr, "value")
-                for axis, dim in enumerate(result.dims[v]):
-                    ds.dims[axis].label = dim
-                    if dim in result.coords:
-                        ds.dims[axis].attach_scale(g[escape(dim)])
-            for ds in g.values():
+                stored.append(_write_array(g, escape(v), arr, "value"))
+            _label_axes(g, result)  # every axis named by a dimension scale: the group reads as netCDF-4
+            for ds in stored:
                 ds.attrs["digest"] = np.uint64(_array_digest(_read_array(ds)))
+            f.attrs["format_version"] = RESULTS_FORMAT_VERSION  # a file of format 1 now holds a group of format 2
             g.attrs.update(attrs)
             g.attrs["digest"] = np.uint64(_entry_digest(attrs, list(g)))
+            g.attrs[LABEL_ATTR] = label  # outside the digest: entries written before labels verify as they did
 
         self._change(change)
 
@@ -279,6 +338,8 @@ class ResultsStore:
             if ds is None:  # h5py gives None for an object it cannot open
                 raise Damaged(None, f"{what} cannot be read (its object header is damaged)")
             try:
+                if ds.attrs.get("role") == DIMENSION_ROLE:
+                    continue  # the scale of an axis without coordinates: no part of the Result (its name is checked)
                 arr, want, role = _read_array(ds), ds.attrs.get("digest"), ds.attrs.get("role")
             except OSError as e:
                 raise Damaged(None, f"{what} cannot be read: {first_line(e)}") from None
@@ -336,7 +397,12 @@ class ResultsStore:
                         yield unescape(p), unescape(k), None if s == "none" else int(s), g
 
     def entries(self, probe: str | None = None) -> list[dict]:
-        """Every stored entry (of ``probe`` if given): probe, key, step, status, config, data_fingerprint."""
+        """Every stored entry (of ``probe`` if given).
+
+        Each is a dict: probe, key, step, status, config, data_fingerprint, elapsed_s, written_at, ``label`` (the
+        readable label stored with it, or built now for an entry written before labels) and ``name`` (the user
+        name of its configuration, None without one).
+        """
         out = []
         if not self.path.exists():  # nothing written yet
             return out
@@ -344,13 +410,57 @@ class ResultsStore:
             for p, k, s, g in self._groups(f, probe):
                 try:
                     a = g.attrs
-                    out.append({"probe": p, "key": k, "step": s, "status": str(a["status"]),
-                                "config": json.loads(a["config"]), "data_fingerprint": str(a["data_fingerprint"]),
-                                "elapsed_s": float(a["elapsed_s"]), "written_at": float(a["written_at"])})
+                    entry = {"probe": p, "key": k, "step": s, "status": str(a["status"]),
+                             "config": json.loads(a["config"]), "data_fingerprint": str(a["data_fingerprint"]),
+                             "elapsed_s": float(a["elapsed_s"]), "written_at": float(a["written_at"])}
+                    name = g.parent.attrs.get(NAME_ATTR)
+                    entry["name"] = str(name) if name else None
+                    label = a.get(LABEL_ATTR)
+                    entry["label"] = str(label) if label else label_of(p, entry["config"], json.loads(a["meta"]),
+                                                                       key=k)
+                    out.append(entry)
                 except (KeyError, ValueError, OSError, AttributeError) as e:
                     damage = Damaged(None, f"its attributes cannot be read: {first_line(e)}")
                     raise self._damaged(p, k, s, damage) from None
         return out
+
+    def names(self, probe: str) -> dict[str, str]:
+        """The user names (``--name``) of ``probe``'s configurations: {key: name}."""
+        out: dict[str, str] = {}
+        if not self.path.exists():
+            return out
+        with damage_is_user_error(self.path), open_h5(self.path, "r") as f:
+            pg = f.get(escape(probe))
+            for k, kg in (pg.items() if pg is not None else ()):
+                name = kg.attrs.get(NAME_ATTR) if kg is not None else None
+                if name:
+                    out[unescape(k)] = str(name)
+        return out
+
+    def check_name(self, probe: str, key: str | None, name: str) -> None:
+        """UserError (one line) when ``name`` is empty or names another configuration of ``probe`` than ``key``."""
+        if not name.strip() or name != name.strip() or "\n" in name:
+            raise UserError(f"--name {name!r}: a name must be non-empty, on one line, without surrounding spaces; "
+                            "e.g. --name full-data")
+        taken = {k: n for k, n in self.names(probe).items() if n == name and k != key}
+        if taken:
+            other = next(iter(taken))
+            raise UserError(f"--name {name!r} already names another {probe} configuration (key {other}) in "
+                            f"{self.path}; choose another name, or see `lossatlas info {self.path}`")
+
+    def set_name(self, probe: str, key: str, name: str) -> None:
+        """Name the configuration ``/<probe>/<key>`` (an attribute of its group); refused if another has the name."""
+        if self.mode != "a":
+            raise ValueError(f"{self.path}: opened read-only (mode 'r'); open with mode 'a' to write")
+        self.check_name(probe, key, name)
+
+        def change(f: h5py.File) -> None:
+            path = f"{escape(probe)}/{escape(key)}"
+            if path not in f:
+                raise UserError(f"{self.path}: no {probe} result under key {key} to name; compute it first")
+            f[path].attrs[NAME_ATTR] = name
+
+        self._change(change)
 
     def verify(self) -> list[dict]:
         """Every entry with its checksums checked: probe, key, step and status.

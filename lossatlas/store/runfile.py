@@ -15,11 +15,10 @@ import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
-from torch import Tensor
 
 from lossatlas import trust
 from lossatlas._version import __version__
@@ -39,6 +38,9 @@ from lossatlas.store.h5 import (
 from lossatlas.store.integrity import Damaged
 from lossatlas.store.locks import WriterLock, writer_attached
 from lossatlas.store.recovery import open_read, truncation
+
+if TYPE_CHECKING:  # tensors are built by h5.numpy_to_tensor, which imports torch on first use
+    from torch import Tensor
 
 _ROW_CHUNK_BYTES = 64 * 2**20  # at most this much per chunk of a checkpoint row
 _DISK_MARGIN = 2**20  # free bytes a checkpoint leaves for HDF5's metadata and the log

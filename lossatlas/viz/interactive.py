@@ -227,7 +227,7 @@ def interpolate_plotly(result: ResultLike):
     if err is not None:
         fig.add_trace(go.Scatter(x=_clean(a), y=_clean(err), mode="lines", name="error", yaxis="y2", line=dict(dash="dash")))
     b = scalar(result, "loss_barrier")
-    title = "linear interpolation" + (f" (loss barrier {b:.3g})" if b is not None else "")
+    title = "linear interpolation" + (f" (loss barrier over the chord {b:.3g})" if b is not None else "")
     _layout(fig, title, "α", "loss")
     if err is not None:
         fig.update_layout(yaxis2=dict(title="error", overlaying="y", side="right", range=[0, 1], showgrid=False),

@@ -111,7 +111,7 @@ def draw_interpolation(ax, result: ResultLike) -> bool:
     barrier = scalar(result, "loss_barrier")
     if len(i0) and len(i1):
         v0, v1 = loss[i0[0]], loss[i1[0]]
-        ax.plot([0, 1], [v0, v1], color="0.5", ls=":", lw=0.8, label="linear baseline")
+        ax.plot([0, 1], [v0, v1], color="0.5", ls=":", lw=0.8, label="chord between the endpoints")
         inside = (a >= 0) & (a <= 1)
         gap = np.where(inside, loss - ((1 - a) * v0 + a * v1), -np.inf)
         j = int(np.argmax(gap))
@@ -119,7 +119,8 @@ def draw_interpolation(ax, result: ResultLike) -> bool:
         base = (1 - a[j]) * v0 + a[j] * v1
         ax.annotate("", xy=(a[j], loss[j]), xytext=(a[j], base),
                     arrowprops=dict(arrowstyle="<->", color="C3", lw=0.8))
-        ax.text(a[j], (loss[j] + base) / 2, f"  barrier {b:.3g}", color="C3", va="center", fontsize=6)
+        ax.text(a[j], (loss[j] + base) / 2, f"  barrier over the chord {b:.3g}", color="C3", va="center",
+                fontsize=6)
     err = array(result, "error")
     if err is not None:
         ax2 = ax.twinx()

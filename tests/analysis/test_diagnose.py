@@ -271,3 +271,20 @@ def test_checkpoint_sharpness_is_the_cached_hessian_probe(tmp_path):
     w.write_checkpoint(0, state)
     w.close()
     assert checkpoint_sharpness(bare)(0) is None
+
+
+def test_diagnose_without_a_loss_log_exits_2_saying_how_to_add_one(tmp_path, capsys):
+    """An imported run (checkpoints, no per-step log): one line on stderr, exit 2, no traceback."""
+    from lossatlas.cli import main
+
+    path = tmp_path / "imported.h5"
+    w = RunWriter(path, model_spec=None)
+    w.write_checkpoint(100, {"w": torch.zeros(2)})
+    w.close()
+    for extra in ([], ["--json"], ["--no-curvature"]):
+        assert main(["diagnose", str(path), *extra]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "has no loss log" in lines[0] and "--log FILE" in lines[0] and "Recorder" in lines[0]

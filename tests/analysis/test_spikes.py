@@ -24,7 +24,7 @@ def test_no_false_positives_on_noisy_decreasing_curves():
     assert total == 0
     # the same curves at a very sensitive setting do flag noise: the test above can fail
     t, loss, _ = _curve(0)
-    assert len(detect_spikes(t, loss, sensitivity=2.0)) > 0
+    assert len(detect_spikes(t, loss, sensitivity=2.0, height_sigmas=2.0)) > 0
 
 
 def test_recall_on_planted_spikes():
@@ -56,11 +56,12 @@ def test_recall_on_planted_spikes():
     recall = {k: v[0] / v[1] for k, v in found.items()}
     overall = sum(v[0] for v in found.values()) / sum(v[1] for v in found.values())
     print("recall", recall, "overall", overall)
-    # measured: ≈0.65-0.8 just above the nominal threshold kσ (noise at the peak cuts both ways),
-    # 1.0 from 1.5 kσ on (documented in detect_spikes)
+    # measured: ≈0.4 just above the nominal threshold kσ (noise at the peak and in the level it is
+    # measured from cut both ways; the height test trades this for no false alarm on heavy-tailed
+    # mini-batch noise), ≈0.97 from 1.5 kσ on (documented in detect_spikes)
     assert recall[">=1.5x"] >= 0.95
-    assert recall["1-1.5x"] >= 0.5
-    assert overall >= 0.85
+    assert recall["1-1.5x"] >= 0.3
+    assert overall >= 0.75
     assert false == 0
 
 
@@ -122,3 +123,38 @@ def test_no_false_positive_where_a_steep_first_drop_bends_into_a_plateau():
             loss = (0.8 + 3 * np.exp(-t / tau)) * np.exp(0.01 * rng.standard_normal(t.size))
             found += len(detect_spikes(t, loss))
     assert found == 0
+
+
+def _heavy_tailed(seed, n=1000):
+    """A flat log-loss with heavy-tailed noise: 80 % N(0, 0.01²), 20 % N(0, 0.025²) (batches holding hard examples)."""
+    rng = np.random.default_rng(seed)
+    y = 0.01 * rng.standard_normal(n)
+    tail = rng.random(n) < 0.2
+    y[tail] = 0.025 * rng.standard_normal(int(tail.sum()))
+    return np.arange(1, n + 1), y
+
+
+def test_heavy_tailed_noise_is_not_a_spike_but_a_real_rise_is():
+    """The robust z alone calls the tail of heavy-tailed noise a ≥6σ̂ event; the height test over σ_n does not."""
+    z_only = both = 0
+    for seed in range(10):
+        t, y = _heavy_tailed(seed)
+        z_only += len(detect_spikes(t, np.exp(y), height_sigmas=0.0))
+        both += len(detect_spikes(t, np.exp(y)))
+    # measured: 12 with the robust z alone, 2 with both tests (this mixture's tail is heavier than
+    # mini-batch noise's; on real clean runs both tests give 0 where the z alone gives 11: bench_diagnose)
+    assert z_only >= 8  # the z-only rule fires on this noise: the assertion below can fail
+    assert both <= z_only // 4
+    t, y = _heavy_tailed(3)
+    y[400] += 0.6  # ≈ 20 σ_n: a real spike
+    spikes = detect_spikes(t, np.exp(y))
+    assert [sp.start for sp in spikes] == [401]
+    sp = spikes[0]
+    # σ_n = std(Δy)/√2 over the previous 100 accepted steps, the level the median of the last 10
+    # (the detector refits every 5 steps: the window it used ends ≤ 5 steps earlier, hence the tolerance)
+    sigma_n = np.std(np.diff(y[300:400])) / np.sqrt(2)
+    assert sp.noise_std == pytest.approx(sigma_n, rel=0.1)
+    assert sp.height_sigmas == pytest.approx((y[400] - np.median(y[390:400])) / sigma_n, rel=0.1)
+    assert sp.noise_std > 1.1 * sp.noise_sigma  # heavy tail: the std is above the MAD-based σ̂ (theory: 1.24×)
+    with pytest.raises(ValueError, match="height_sigmas"):
+        detect_spikes(t, np.exp(y), height_sigmas=-1.0)

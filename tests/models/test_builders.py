@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -10,9 +11,14 @@ import torch
 from torch import nn
 
 from lossatlas import trust
+from lossatlas.analysis.runner import load_model
+from lossatlas.curvature import make_operator
 from lossatlas.errors import UserError
-from lossatlas.models import build_data, build_model, normalize_spec, spec_fingerprint
+from lossatlas.importer import import_checkpoints
+from lossatlas.models import build_data, build_model, builders, normalize_spec, spec_fingerprint
 from lossatlas.store.runfile import RunReader, RunWriter
+
+import reference as ref
 
 GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 50, "n_positions": 16}
 HF = {"hf": {"auto_class": "AutoModelForCausalLM", "config": GPT2}, "seed": 3}
@@ -92,6 +98,59 @@ def test_missing_library_says_how_to_install_it(library, monkeypatch):
     monkeypatch.setitem(sys.modules, library, None)  # an import of it raises ImportError
     with pytest.raises(UserError, match=f"pip install {library}$"):
         build_model({library: "resnet18"})
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_a_library_built_for_another_torch_is_refused_in_one_line(library, monkeypatch):
+    def broken(name, *args, **kwargs):  # what torchvision's CUDA wheel does on a CPU torch build
+        raise RuntimeError("operator torchvision::nms does not exist\nmore lines")
+
+    monkeypatch.setattr(builders.importlib, "import_module", broken)
+    with pytest.raises(UserError, match=f"needs {library}, which does not work with the installed torch .*"
+                                        "torchvision::nms does not exist") as err:
+        build_model({library: "resnet18"})
+    assert "\n" not in str(err.value)
+
+
+def real_library(name):
+    """The installed library, or a skip saying why it cannot be used here."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.skip(f"{name} is not installed ({exc}); pip install {name}")
+    except RuntimeError as exc:  # e.g. torchvision's CUDA wheel on a CPU torch: "operator torchvision::nms ..."
+        pytest.skip(f"{name} does not work with torch {torch.__version__}: {str(exc).splitlines()[0]}")
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_real_resnet18_builds_imports_and_has_the_exact_hvp(library, tmp_path):
+    real_library(library)
+    spec = {library: "resnet18", "kwargs": {"num_classes": 3}, "seed": 0}
+    model = build_model(spec).eval()
+    assert same_weights(model, build_model(spec)) and not same_weights(model, build_model({**spec, "seed": 1}))
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+    torch.save(model.state_dict(), tmp_path / "ckpt_5.pt")
+    assert import_checkpoints([tmp_path / "ckpt_5.pt"], tmp_path / "run.h5", model_spec=spec,
+                              loss="cross_entropy") == [5]
+    with RunReader(tmp_path / "run.h5") as r:
+        rebuilt = load_model(r, 5).eval()
+    assert same_weights(model, rebuilt)  # BatchNorm running statistics included
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 3, 16, 16, generator=gen), torch.tensor([0, 2, 1])),
+            (torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([1, 1]))]
+    names = [n for n, _ in rebuilt.named_parameters() if n.startswith(("fc.", "layer4.1."))]
+    op = make_operator("hessian", rebuilt, data, "cross_entropy", params=names, dtype=torch.float64)
+    v = torch.randn(op.num_params, dtype=torch.float64, generator=gen)
+    # the reference: double backward on a float64 copy, L = (1/N) Σ_i ℓ_i over the N = 5 examples
+    plain = build_model(spec).double().eval()
+    plain.load_state_dict({k: t.double() if t.is_floating_point() else t for k, t in model.state_dict().items()})
+    params = dict(plain.named_parameters())
+    theta = [params[n] for n in op.param_names]
+    loss = sum(torch.nn.functional.cross_entropy(plain(x.double()), y, reduction="sum") for x, y in data) / 5
+    grads = torch.autograd.grad(loss, theta, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat @ v, theta)])
+    ref.close(op @ v, expected, rtol=1e-10)
 
 
 def test_timm_and_torchvision_specs_call_their_builders_without_weights(monkeypatch):

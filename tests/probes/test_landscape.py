@@ -350,7 +350,7 @@ def test_convex_regression_has_no_linear_barrier_and_probe_stores_both():
     assert r.values["loss"].shape == (31,) and r.dims["loss"] == ("alpha",)
     assert r.scalar("loss_barrier") <= 1e-12
     b = barriers(r.coords["alpha"], r.values["loss"])
-    assert r.scalar("loss_midpoint_barrier") == b["midpoint"] and r.scalar("loss_barrier") == b["linear"]
+    assert r.scalar("loss_endpoint_mean_barrier") == b["endpoint_mean"] and r.scalar("loss_barrier") == b["chord"]
     ends = PointEvaluator(model, other, [], data, "mse").evaluate(np.zeros((1, 0)))["loss"][0]
     assert r.values["loss"][-1] == pytest.approx(ends, rel=1e-12)
     plot = Interpolate(to_step=2, alphas=(-0.5, 1.5, 9)).run(ctx)  # α = 0, 0.25, ..., 1 inside: barrier on them
