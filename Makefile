@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 OUT ?= demo_out
 
-.PHONY: demo lint test bench experiments clean
+.PHONY: demo lint test bench bench-scale experiments clean
 
 $(VENV)/.installed: pyproject.toml setup.py lossatlas/_fastnorms.c
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: lint
 
 bench: $(VENV)/.bench
 	OMP_NUM_THREADS=2 $(PY) benchmarks/run_all.py
+
+# GPT-2 small (124M) and ResNet-18 (11M) beside PyHessian and curvlinops, then the cost laws; hours on a
+# 2-core CPU, run on an otherwise idle machine. SCALE_ARGS=--quick for the minutes-long version.
+bench-scale: $(VENV)/.bench
+	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_scale.py $(SCALE_ARGS)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_costlaws.py $(if $(SCALE_ARGS),--small)
 
 experiments: $(VENV)/.installed
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m slow tests

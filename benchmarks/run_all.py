@@ -8,7 +8,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 BENCHMARKS = ["bench_hvp.py", "bench_eigs.py", "bench_top1.py", "bench_lanczos_overhead.py", "bench_surface.py",
-              "bench_recorder.py", "bench_distributed.py"]
+              "bench_recorder.py", "bench_distributed.py", "bench_diagnose.py", "bench_paths.py",
+              "bench_scale.py", "bench_costlaws.py"]  # the last two take hours at full size (benchmarks/README.md)
 
 
 def main() -> int:

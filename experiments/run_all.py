@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXPERIMENTS = ("hessian_outliers", "eos_gd", "transformer_spikes", "neural_collapse", "grokking")
+EXPERIMENTS = ("hessian_outliers", "eos_gd", "transformer_spikes", "neural_collapse", "grokking",
+               "block_heterogeneity")
 
 
 def one_line(name: str, summary: dict) -> str:
@@ -38,6 +39,10 @@ def one_line(name: str, summary: dict) -> str:
     if name == "grokking":
         return (f"train acc {v['final_train_accuracy']:.3f}, test acc {v['final_test_accuracy']:.3f} after "
                 f"{v['steps']} steps; test ≥ 0.9 at step {v['test_acc_90_step']}")
+    if name == "block_heterogeneity":
+        return (f"JS⁰ of the weight blocks: GPT {v['js0_gpt']:.4f} vs CNN {v['js0_cnn']:.4f} ({v['ratio']:.2f}×); "
+                f"every tensor: GPT {v['js0_all_blocks_gpt']:.4f} vs CNN {v['js0_all_blocks_cnn']:.4f}; "
+                "claim: transformers more heterogeneous")
     return json.dumps(v)[:200]
 
 

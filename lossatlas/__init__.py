@@ -28,8 +28,10 @@ _EXPORTS = {
     "Probe": "lossatlas.probes.base",
     "ProbeContext": "lossatlas.probes.base",
     "Result": "lossatlas.probes.base",
+    # a run in a notebook: its steps, log and stored results, and a method per probe (lossatlas.run)
+    "open_run": "lossatlas.run",
+    "Run": "lossatlas.run",
     # files: read a run, write one by hand, read stored results
-    "open_run": "lossatlas.store",
     "RunReader": "lossatlas.store",
     "RunWriter": "lossatlas.store",
     "ResultsStore": "lossatlas.store",

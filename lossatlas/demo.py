@@ -61,8 +61,8 @@ def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool 
 
     probe(Loss(), "all")
     probe(HessianProbe(top_k=5, tol=1e-4), "all", max_examples=1024)
-    probe(HessianProbe(top_k=5, bottom_k=3, tol=1e-4, trace=True, density=True, num_steps=60, blocks="layers"),
-          last, max_examples=1024)
+    spectrum = HessianProbe(top_k=5, bottom_k=3, tol=1e-4, trace=True, density=True, num_steps=60, blocks="layers")
+    probe(spectrum, last, max_examples=1024)
     probe(Sharpness(measures=("grad_norm", "sam", "adaptive_sam", "average_case", "fisher_rao"), lambda_max=True,
                     max_examples=512), "all")
     probe(Surface(dims=2, xrange=(-1.0, 1.0, 21), yrange=(-1.0, 1.0, 21)), last, max_examples=512)
@@ -91,12 +91,14 @@ def run_demo(out: str | Path = "demo_out", *, steps: int = 600, overwrite: bool 
 
     with ResultsStore(results_path, mode="r") as stored:
         probes_run = {e["probe"] for e in stored.entries()}
+    chosen = {"hessian": spectrum.config_hash()}  # of two hessian configurations, the full spectrum (its key)
     for kind in plot_kinds():
         if kind != "training" and kind not in probes_run:
             status(f"[demo] no {kind} result: the demo does not run that probe, so it draws no {kind} figure")
             continue
         for ext in ("png", "pdf"):
-            paths[f"{kind}.{ext}"] = plot_command(run_path, kind, output=figures / f"{kind}.{ext}", overwrite=True)
+            paths[f"{kind}.{ext}"] = plot_command(run_path, kind, output=figures / f"{kind}.{ext}", overwrite=True,
+                                                  select=chosen.get(kind))
     paths["surface.html"] = plot_command(run_path, "surface", output=figures / "surface.html", overwrite=True)
     paths["report"] = report_command(run_path, output=out / "report.html", overwrite=True)
 

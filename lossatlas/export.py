@@ -183,7 +183,7 @@ def to_dataset(results: Sequence[Any], infos: Sequence[Mapping[str, Any]] | None
 
 def _results_path(path: str | Path) -> Path:
     """The results file of ``path``: itself if it is one, else the ``.results.h5`` next to a run file."""
-    from lossatlas.store import default_results_path, file_kind
+    from lossatlas.store import RunReader, default_results_path, file_kind
 
     path = Path(path)
     if not path.exists():
@@ -192,6 +192,8 @@ def _results_path(path: str | Path) -> Path:
         raise UserError(f"{path} is a folder; pass a run file (.h5) or its results file (.results.h5)")
     if file_kind(path) == "results":
         return path
+    with RunReader(path):  # a run file that is not one, truncated or damaged is refused here, in one line
+        pass
     results = default_results_path(path)
     if not results.exists():
         raise UserError(f"{results}: no results stored for this run yet; run a probe first (e.g. `lossatlas surface "
@@ -403,16 +405,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _choose(configs: list[dict], select: str | None, what: str, path: Path) -> list[dict]:
-    """The configurations ``select`` names (all if None); a UserError listing the candidates if it names none."""
-    if select is None:
-        return configs
-    chosen = [c for c in configs if select in (c["name"], c["label"], c["key"], f"{c['probe']}/{c['key']}")]
-    if not chosen:
-        chosen = [c for c in configs if c["probe"] == select]
-    if not chosen:
-        raise UserError(f"--select {select!r} names no stored {what} in {path}; choose one of: "
-                        f"{_listing(configs)}")
-    return chosen
+    """The configurations ``select`` names (all if None); a UserError listing the candidates if it names none.
+
+    The one resolver that ``plot`` and ``report`` use too (``lossatlas.store.labels.choose``).
+    """
+    from lossatlas.store.labels import choose
+
+    return choose(configs, select, what, path)
 
 
 def _listing(configs: Iterable[dict]) -> str:

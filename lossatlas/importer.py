@@ -13,16 +13,30 @@ imported with an ``{"hf": ...}`` spec, are keyed as ``from_pretrained`` would lo
 tied to another filled in, a missing or extra base-model prefix fixed, the causal-mask buffers
 older transformers saved dropped, and on-disk layouts that transformers 5 converts on load
 converted by it; each fix is said once, as a warning, after the import.
+
+A checkpoint dict may also carry the optimizer's state beside the model's (``{"model": ...,
+"optimizer": ...}`` as nanoGPT saves it, ``"optimizer_state_dict"``, Lightning's
+``"optimizer_states"``): it is imported keyed by parameter name — the optimizer's ids follow its
+param_groups in order, matched against the model's ``named_parameters()`` order, the order in which
+``torch.optim.Optimizer(model.parameters())`` numbers them — or skipped with a warning saying why.
+
+``log`` (``--log FILE``) brings the training log from anywhere: CSV/TSV or JSONL rows with a
+``step`` column (plus ``loss`` and any of ``lr``, ``grad_norm``, ``accuracy`` ...), TensorBoard
+event files (read with the ``tensorboard`` package, an optional dependency), or a Hugging Face
+``trainer_state.json``; common spellings (``train/loss``, ``learning_rate``, ``train_acc``) get the
+run log's names, so ``diagnose`` and ``plot training`` read them like a recorded run's.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -33,11 +47,21 @@ from lossatlas.finite import NonFiniteWarning, describe_nonfinite, nonfinite_cou
 from lossatlas.losses import LOSSES
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim")  # beside the model's tensors
 PREFIXES = ("_orig_mod.", "module.")
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state_dict held in a ``.pt``/``.pth``/``.safetensors`` file, unwrapped and de-prefixed."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping | None]:
+    """``(state_dict, optimizer_state_dict or None)`` of a checkpoint file; the model's unwrapped and de-prefixed.
+
+    The optimizer's state is the entry under one of ``OPTIMIZER_KEYS`` in a checkpoint dict (Lightning's
+    list ``optimizer_states``: its first optimizer), as torch's ``Optimizer.state_dict()`` holds it.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file; check the path")
@@ -62,7 +86,20 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # torch raises many types on a corrupt or foreign file
             raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); check that the file is "
                             "complete (an empty or cut-off copy fails like this)") from None
-    return strip_prefixes(unwrap(raw, path))
+    return strip_prefixes(unwrap(raw, path)), _optimizer_entry(raw)
+
+
+def _optimizer_entry(raw: object) -> Mapping | None:
+    """The optimizer state_dict a checkpoint dict carries beside the model (None when it carries none)."""
+    if not isinstance(raw, Mapping):
+        return None
+    for key in OPTIMIZER_KEYS:
+        entry = raw.get(key)
+        if isinstance(entry, (list, tuple)) and entry:  # Lightning: one state_dict per optimizer, the first used
+            entry = entry[0]
+        if isinstance(entry, Mapping):
+            return entry
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -123,13 +160,16 @@ def step_from_name(path: str | Path, pattern: str | None = None) -> int:
 
 def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model_spec: dict | str | None = None,
                        data_spec: dict | str | None = None, loss: str | None = None,
-                       step_pattern: str | None = None, overwrite: bool = False, step: int | None = None) -> list[int]:
+                       step_pattern: str | None = None, overwrite: bool = False, step: int | None = None,
+                       log: str | Path | None = None) -> list[int]:
     """Write a run file holding the given checkpoints; returns the imported steps.
 
     ``paths`` are checkpoint files, or Hugging Face folders: ``save_pretrained`` output (its model
     spec comes from config.json, so ``model_spec`` may be None) and Trainer ``checkpoint-N``
     folders or their parent (steps from the names, the log from the last ``trainer_state.json``,
-    Adam's state from ``optimizer.pt``). ``step`` sets the step of a lone checkpoint.
+    Adam's state from ``optimizer.pt``). ``step`` sets the step of a lone checkpoint. ``log`` is a
+    training log file (see :func:`read_log`); its rows join (and override, step by step and name by
+    name) those of a Trainer folder's ``trainer_state.json``.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -163,6 +203,11 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
     dspec = models.normalize_spec(data_spec) if data_spec is not None else None
     if dspec is not None:
         models.check_builder(dspec, "data")  # a name no probe could build is refused now, not at every probe
+    extra_log = read_log(log) if log is not None else {}  # read before anything is built: a bad log fails fast
+    if extra_log and not any("loss" in row for row in extra_log.values()):
+        names = sorted({n for row in extra_log.values() for n in row})
+        warnings.warn(f"{log}: the log has no loss (found {', '.join(names[:6])}); diagnose needs one: name the "
+                      "training loss column 'loss'", stacklevel=2)
     model = models.build_model(spec)
     param_names = {n for n, _ in model.named_parameters()}
     buffer_names = set(model.state_dict()) - param_names  # persistent buffers (and tied copies of parameters)
@@ -177,12 +222,19 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
     steps = sorted(by_step)
     hf_model = bool(folders) or "hf" in spec  # a transformers model: its key layouts and tied weights apply
     notes: dict[str, list[str]] = {}  # what was fixed in the checkpoints' keys, said once after the import
-    log = trainer_log(by_step[steps[-1]]) if folders else {}
+    rows = trainer_log(by_step[steps[-1]]) if folders else {}
+    for t, row in extra_log.items():
+        rows.setdefault(t, {}).update(row)
     optimizers: dict[int, tuple | None] = {}
     for s in steps:  # read first: the run's header names the optimizer
         if folders and (by_step[s] / "optimizer.pt").is_file():
             optimizers[s] = load_optimizer(by_step[s] / "optimizer.pt", model)
     optimizer_spec = next((o[1] for o in optimizers.values() if o is not None and o[1] is not None), None)
+    first = read_checkpoint(by_step[steps[0]]) if not folders else None  # its optimizer entry names the optimizer
+    if first is not None and first[1] is not None:
+        mapped = map_optimizer(first[1], model)
+        optimizer_spec = mapped[1] if not isinstance(mapped, str) else None
+    skipped: dict[str, list[str]] = {}  # why an optimizer entry was left out → the checkpoints it was left out of
     # built under a temporary name and renamed when complete: a failed import leaves no half-written run,
     # and --force replaces an existing output only with the finished new one
     with store.written_aside(output, overwrite=overwrite) as staging:
@@ -190,7 +242,16 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
                              attrs={"imported_from": json.dumps([str(p) for p in paths][:50])}) as writer:
             for s in steps:
                 source = by_step[s]
-                state = load_hf_weights(source) if source.is_dir() else load_state_dict(source)
+                opt = optimizers.get(s)
+                if source.is_dir():
+                    state = load_hf_weights(source)
+                else:  # one file at a time (the first one was read already), its optimizer entry mapped to names
+                    (state, raw_opt), first = (first if s == steps[0] and first is not None
+                                               else read_checkpoint(source)), None
+                    mapped = map_optimizer(raw_opt, model) if raw_opt is not None else None
+                    if isinstance(mapped, str):
+                        skipped.setdefault(mapped, []).append(str(source))
+                    opt = mapped if isinstance(mapped, tuple) else None
                 if hf_model:
                     state = converted_layout(model, fill_tied(model, fit_hf_keys(model, state, notes)), notes)
                 load_state(model, state, source=str(source))  # validates keys and shapes
@@ -201,12 +262,15 @@ def import_checkpoints(paths: Iterable[str | Path], output: str | Path, *, model
                                   NonFiniteWarning, stacklevel=2)
                 params = {k: v for k, v in state.items() if k in param_names}
                 buffers = {k: v for k, v in state.items() if k in buffer_names and k not in param_names}
-                opt = optimizers.get(s)
-                lrs = [row["lr"] for t, row in sorted(log.items()) if t <= s and "lr" in row]
+                lrs = [row["lr"] for t, row in sorted(rows.items()) if t <= s and "lr" in row]
                 writer.write_checkpoint(s, params, buffers, optimizer_state=opt[0] if opt else None,
                                         attrs={"lr": lrs[-1]} if lrs else None)
-            for t in sorted(log):
-                writer.log(t, log[t])
+            for t in sorted(rows):
+                writer.log(t, rows[t])
+    for why, sources in skipped.items():
+        more = f" and {len(sources) - 1} more checkpoint(s)" if len(sources) > 1 else ""
+        warnings.warn(f"{sources[0]}{more}: optimizer state skipped ({why}); the checkpoints are imported without it",
+                      stacklevel=2)
     for what, keys in notes.items():
         warnings.warn(f"{paths[0] if len(paths) == 1 else paths[0].parent}: {what} ({', '.join(keys[:3])}"
                       f"{' …' if len(keys) > 3 else ''})", stacklevel=2)
@@ -448,6 +512,11 @@ def trainer_log(folder: Path) -> dict[int, dict[str, float]]:
     path = folder / "trainer_state.json"
     if not path.is_file():
         return {}
+    return _trainer_rows(path)
+
+
+def _trainer_rows(path: Path) -> dict[int, dict[str, float]]:
+    """The rows of one ``trainer_state.json`` file (see :func:`trainer_log`)."""
     history = read_json(path, "trainer_state.json").get("log_history")
     if not isinstance(history, list):
         raise UserError(f"{path}: 'log_history' must be a list of log entries")
@@ -460,6 +529,168 @@ def trainer_log(folder: Path) -> dict[int, dict[str, float]]:
             name = _LOG_KEYS.get(key, key if key.startswith("eval_") else None)
             if name and isinstance(value, (int, float)) and not isinstance(value, bool):
                 rows.setdefault(step, {})[name] = float(value)
+    return rows
+
+
+# --- training logs from anywhere: CSV/TSV, JSONL, TensorBoard event files, trainer_state.json ------------------
+
+# common spellings → the run log's names (what the Recorder writes, and diagnose / plot training read)
+_LOG_ALIASES = {
+    "loss": "loss", "train_loss": "loss", "training_loss": "loss", "train/loss": "loss", "loss/train": "loss",
+    "train_loss_step": "loss", "lr": "lr", "learning_rate": "lr", "train/learning_rate": "lr", "train/lr": "lr",
+    "lr-sgd": "lr", "lr-adam": "lr", "lr-adamw": "lr", "grad_norm": "grad_norm", "gradient_norm": "grad_norm",
+    "train/grad_norm": "grad_norm", "accuracy": "accuracy", "acc": "accuracy", "train_acc": "accuracy",
+    "train_accuracy": "accuracy", "train/acc": "accuracy", "train/accuracy": "accuracy",
+}
+_STEP_COLUMNS = ("step", "global_step", "iteration", "iter", "iter_num")
+_NOT_LOGGED = ("epoch_float", "wall_time", "walltime", "timestamp", "time")  # clocks are not training signals
+
+
+def log_name(raw: str) -> str:
+    """The run log's name for a logged quantity: an alias above, or the name with '/' and spaces as '_'."""
+    key = raw.strip().lower()
+    return _LOG_ALIASES.get(key, re.sub(r"[/\s]+", "_", raw.strip()))
+
+
+def read_log(path: str | Path) -> dict[int, dict[str, float]]:
+    """A training log file as rows by step: ``{step: {name: value}}``, names as :func:`log_name` gives them.
+
+    Formats, by name and content: a Hugging Face ``trainer_state.json`` (its log_history, as in a Trainer
+    folder); ``.csv``/``.tsv`` with a header row; ``.jsonl``/``.ndjson`` (one JSON object a line) or a
+    ``.json`` list of objects; a TensorBoard event file (``events.out.tfevents.*``) or a folder of them
+    (scalars, read with the ``tensorboard`` package). Rows need a step column (``step``, ``global_step``,
+    ``iteration``, ``iter``, ``iter_num``) holding non-negative integers; rows of one step merge (the
+    last value of a name wins); empty cells are not logged; a column holding text is left out with a
+    warning. Refused with one line when nothing numeric besides the step is found.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such log file; give a CSV/JSONL file, a TensorBoard event file or folder, "
+                        "or a trainer_state.json")
+    if path.is_dir():
+        if (path / "trainer_state.json").is_file():
+            return _nonempty(_trainer_rows(path / "trainer_state.json"), path)
+        if any(path.rglob("*tfevents*")):
+            return _nonempty(_tensorboard_rows(path), path)
+        raise UserError(f"{path}: a folder with no trainer_state.json and no TensorBoard event files "
+                        "(events.out.tfevents.*); give the log file itself")
+    if "tfevents" in path.name:
+        return _nonempty(_tensorboard_rows(path), path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = _read_json_any(path)
+        if isinstance(data, Mapping) and "log_history" in data:
+            return _nonempty(_trainer_rows(path), path)
+        if not isinstance(data, list):
+            raise UserError(f"{path}: a JSON log must be a list of objects with a 'step' (or a trainer_state.json "
+                            "with 'log_history'); write one row per step")
+        return _nonempty(_records(data, path), path)
+    if suffix in (".jsonl", ".ndjson"):
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}: line {number} is not JSON ({err.msg}); write one JSON object a line") from None
+        return _nonempty(_records(records, path), path)
+    if suffix in (".csv", ".tsv", ".txt"):
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        delimiter = "\t" if suffix == ".tsv" or ("\t" in text.split("\n", 1)[0] and "," not in text.split("\n", 1)[0]) else ","
+        rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+        return _nonempty(_records(rows, path, text_cells=True), path)
+    raise UserError(f"{path}: unknown log format {path.suffix or '(no suffix)'!r}; give a .csv, .tsv, .jsonl, "
+                    "trainer_state.json, or a TensorBoard events.out.tfevents.* file")
+
+
+def _read_json_any(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); check the file") from None
+
+
+def _records(records: list, path: Path, *, text_cells: bool = False) -> dict[int, dict[str, float]]:
+    """Rows by step from dicts (CSV rows when ``text_cells``: numbers as text, '' for not logged)."""
+    if not records:
+        return {}
+    if not all(isinstance(r, Mapping) for r in records):
+        raise UserError(f"{path}: every log row must be an object like {{\"step\": 10, \"loss\": 2.3}}")
+    columns = list(dict.fromkeys(k for r in records for k in r if isinstance(k, str)))
+    step_col = next((c for c in columns if c.strip().lower() in _STEP_COLUMNS), None)
+    if step_col is None:
+        raise UserError(f"{path}: no step column (one of {', '.join(_STEP_COLUMNS)}) among "
+                        f"{', '.join(columns[:8]) or 'no columns'}; add the training step of each row")
+    rows: dict[int, dict[str, float]] = {}
+    text_columns: list[str] = []
+    for number, record in enumerate(records, 1):
+        raw_step = record.get(step_col)
+        if raw_step in (None, ""):
+            continue  # a row logged by epoch only: no step to put it at
+        value = _number(raw_step, text_cells)
+        if value is None or not math.isfinite(value) or value < 0 or value != int(value):
+            raise UserError(f"{path}: row {number} has step {raw_step!r}, not a non-negative integer; "
+                            "the step column must count training steps")
+        row = rows.setdefault(int(value), {})
+        for column, cell in record.items():
+            if column == step_col or not isinstance(column, str) or column.strip().lower() in _NOT_LOGGED \
+                    or cell in (None, "") or column in text_columns:
+                continue
+            number_value = _number(cell, text_cells)
+            if number_value is None:
+                text_columns.append(column)
+                continue
+            row[log_name(column)] = number_value
+    if text_columns:
+        for row in rows.values():  # a column is numbers throughout or left out: no half-logged signals
+            for column in text_columns:
+                row.pop(log_name(column), None)
+        warnings.warn(f"{path}: column(s) {', '.join(text_columns[:5])} hold text, not numbers; left out of the log",
+                      stacklevel=3)
+    return {t: r for t, r in rows.items() if r}
+
+
+def _number(cell: Any, text: bool) -> float | None:
+    """A cell as a float (NaN/inf kept: a divergence is worth importing); None when it is not a number."""
+    if isinstance(cell, bool):
+        return None
+    if isinstance(cell, (int, float)):
+        return float(cell)
+    if text and isinstance(cell, str):
+        try:
+            return float(cell.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _tensorboard_rows(path: Path) -> dict[int, dict[str, float]]:
+    """The scalars of a TensorBoard event file (or a folder of them) as rows by step, read with tensorboard's reader."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise UserError(f"{path}: reading TensorBoard event files needs the tensorboard package; "
+                        "pip install tensorboard (or export the scalars to CSV and pass that)") from None
+    files = sorted(path.rglob("*tfevents*")) if path.is_dir() else [path]
+    rows: dict[int, dict[str, float]] = {}
+    for file in files:  # each file on its own: a folder of runs (one per subfolder) is read whole
+        acc = EventAccumulator(str(file), size_guidance={"scalars": 0})  # 0: keep every scalar, not a sample
+        try:
+            acc.Reload()
+        except Exception as exc:  # a truncated or foreign file: tensorboard raises its own error types
+            raise UserError(f"{file}: not a readable TensorBoard event file ({_first_line(exc)})") from None
+        for tag in acc.Tags().get("scalars", []):
+            for event in acc.Scalars(tag):
+                if event.step >= 0:
+                    rows.setdefault(int(event.step), {})[log_name(tag)] = float(event.value)
+    return rows
+
+
+def _nonempty(rows: dict[int, dict[str, float]], path: Path) -> dict[int, dict[str, float]]:
+    if not rows:
+        raise UserError(f"{path}: the log holds no numeric values with a step; it needs a step column and a loss "
+                        "(e.g. step,loss,lr)")
     return rows
 
 
@@ -476,8 +707,7 @@ def _decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
 def load_optimizer(path: Path, model: torch.nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
     """An ``optimizer.pt`` (a torch optimizer state_dict) keyed by parameter name, and its spec; None with a warning.
 
-    Read with ``weights_only=True``. Integer ids follow the parameters' order in the optimizer's
-    groups: ``named_parameters()`` order, or Trainer's decay/no-decay split when its two groups match it.
+    Read with ``weights_only=True``; mapped by :func:`map_optimizer`.
     """
     def skip(why: str) -> None:
         warnings.warn(f"{path}: optimizer state skipped ({why}); the checkpoint is imported without it", stacklevel=3)
@@ -487,13 +717,31 @@ def load_optimizer(path: Path, model: torch.nn.Module) -> tuple[dict[str, dict[s
     except Exception as exc:  # a pickled object, a corrupt file: nothing is executed, the state is left out
         skip(_first_line(exc))
         return None
-    groups = raw.get("param_groups") if isinstance(raw, dict) else None
-    states = raw.get("state") if isinstance(raw, dict) else None
-    if not isinstance(groups, list) or not isinstance(states, dict) or \
-            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        skip("not a torch optimizer state_dict")
+    mapped = map_optimizer(raw, model)
+    if isinstance(mapped, str):
+        skip(mapped)
         return None
+    return mapped
+
+
+def map_optimizer(raw: object, model: torch.nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None] | str:
+    """A torch optimizer state_dict keyed by parameter name, and its spec; or the reason it cannot be (a str).
+
+    ``Optimizer.state_dict()`` numbers the parameters 0, 1, … in the order of its param_groups and,
+    within a group, of the parameters given to it; they are matched to ``model.named_parameters()``
+    in order (the optimizer built as ``Optimizer(model.parameters())``), or to Trainer's decay/no-decay
+    split when its two groups match it. Every state tensor must have its parameter's shape (scalars
+    such as ``step`` excepted). The spec names Adam/AdamW (``exp_avg_sq`` in the state; AdamW when a
+    group has weight decay) or SGD (``momentum`` in the groups) with the constructor's hyper-parameters.
+    """
+    groups = raw.get("param_groups") if isinstance(raw, Mapping) else None
+    states = raw.get("state") if isinstance(raw, Mapping) else None
+    if not isinstance(groups, list) or not isinstance(states, Mapping) or \
+            not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+        return "not a torch optimizer state_dict (no 'state' and 'param_groups')"
     ids = [i for g in groups for i in g["params"]]
+    if not ids:
+        return "its param_groups list no parameters"
     params = dict(model.named_parameters())
     orders = [list(params)]
     decay, no_decay = _decay_split(model)
@@ -504,26 +752,35 @@ def load_optimizer(path: Path, model: torch.nn.Module) -> tuple[dict[str, dict[s
             continue
         by_name = {}
         for i, name in zip(ids, names):
-            st = states.get(i, {})
+            st = states.get(i, states.get(str(i), {}))  # a JSON round trip turns the ids into strings
             tensors = {k: (v if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
-                       for k, v in (st.items() if isinstance(st, dict) else ())
+                       for k, v in (st.items() if isinstance(st, Mapping) else ())
                        if isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool))}
             if any(v.dim() and v.shape != params[name].shape for v in tensors.values()):
                 break
             if tensors:
                 by_name[name] = tensors
         else:
-            spec = None
-            if any("exp_avg_sq" in v for v in by_name.values()):
-                # the constructor's lr: a torch LR scheduler keeps it as "initial_lr" and overwrites "lr"
-                g = {**groups[0], "lr": groups[0].get("initial_lr", groups[0].get("lr"))}
-                decayed = any(_number_or_list(gr.get("weight_decay")) for gr in groups)
-                spec = {"name": "AdamW" if decayed else "Adam",
-                        "defaults": {k: _number_or_list(g[k]) for k in ("lr", "betas", "eps", "weight_decay")
-                                     if _number_or_list(g.get(k)) is not None}}
-            return by_name, spec
-    skip(f"its {len(ids)} parameter ids do not match the model's {len(params)} parameters by shape")
-    return None
+            return by_name, _optimizer_spec(groups, by_name)
+    return (f"its {len(ids)} parameter ids do not match the model's {len(params)} parameters "
+            "in named_parameters() order by count and shape")
+
+
+def _optimizer_spec(groups: list, by_name: Mapping[str, Mapping[str, torch.Tensor]]) -> dict | None:
+    """``{"name": "Adam" | "AdamW" | "SGD", "defaults": {...}}`` read from the param_groups (None when unknown)."""
+    # the constructor's lr: a torch LR scheduler keeps it as "initial_lr" and overwrites "lr"
+    g = {**groups[0], "lr": groups[0].get("initial_lr", groups[0].get("lr"))}
+    if any("exp_avg_sq" in v for v in by_name.values()):
+        decayed = any(_number_or_list(gr.get("weight_decay")) for gr in groups)
+        name, keys = ("AdamW" if decayed else "Adam"), ("lr", "betas", "eps", "weight_decay")
+    elif "momentum" in g:
+        name, keys = "SGD", ("lr", "momentum", "dampening", "weight_decay")
+    else:
+        return None
+    defaults: dict[str, Any] = {k: _number_or_list(g[k]) for k in keys if _number_or_list(g.get(k)) is not None}
+    if name == "SGD" and isinstance(g.get("nesterov"), bool):
+        defaults["nesterov"] = g["nesterov"]
+    return {"name": name, "defaults": defaults}
 
 
 def _number_or_list(value: object) -> float | list[float] | None:

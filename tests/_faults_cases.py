@@ -62,8 +62,8 @@ def _registered_probes() -> tuple[str, ...]:
 
 
 PROBES = _registered_probes()
-SUBCOMMANDS = ("demo", "train", "import", "info", "diagnose", "track", "plot", "report", *PROBES)
-RUN_READERS = ("info", "diagnose", "track", "plot", "report", *PROBES)  # take a run file
+SUBCOMMANDS = ("demo", "train", "import", "info", "diagnose", "track", "plot", "report", "export", *PROBES)
+RUN_READERS = ("info", "diagnose", "track", "plot", "report", "export", *PROBES)  # take a run file
 MODEL_BUILDERS = ("diagnose", "track", *PROBES)  # rebuild the run's model and data
 
 # fixture name -> file name in the library (a run's companions are copied with it)
@@ -727,6 +727,7 @@ BASE = {
     "track": (["track", "{run}"], {"--top-k": ["2"], "--max-examples": ["64"], "--steps": ["15,20"]}),
     "plot": (["plot", "{run}", "loss"], {"-o": ["fig.png"]}),
     "report": (["report", "{run}"], {"-o": ["report.html"]}),
+    "export": (["export", "{run}"], {"--format": ["xarray"], "-o": ["out.nc"]}),
     **{p: ([p, "{run}"], PROBE_BASE.get(p, {"--max-examples": ["64"]})) for p in PROBES},
 }
 SKIP = None  # a value whose right answer is arguable: not tried
@@ -788,6 +789,9 @@ SEMANTIC: dict[str, dict[str, dict[str, Any]]] = {
                "fig.pdf": 0},
         "--results": {**RESULTS_BAD, "{missing}": 2, "{results_flip_data}": 2},
     },
+    "export": {"--format": {"bogus": 2, "XARRAY": 2, "vtk": 0, "loss-landscape": 0},
+               "-o": {"{dir}": 2, "{nodir}/r.nc": 2, "{run}": 2, "{html}": 2},
+               "--select": {"bogus": 2, "": 2}, "--step": {"7": 2, "-1": 2}},
     "report": {"-o": {"{dir}": 2, "report.pdf": 2, "{html}": 2, "{nodir}/r.html": 2},
                "--results": {**RESULTS_BAD, "{missing}": 2, "{results_flip_data}": 2}},
     "loss": {"--mode": {"bogus": 2, "EVAL": 2, "train": 0}, "--max-examples": {"1000000000": 0}},
@@ -909,7 +913,8 @@ def option_cases(sub: str, subparser) -> list[Case]:
         for value, expect in values.items():
             if expect is SKIP:
                 continue
-            tokens = value.split(" ") if (action.nargs in ("+", "*") and value) else [value]
+            tokens = value.split(" ") if ((action.nargs in ("+", "*") or isinstance(action.nargs, int)) and value) \
+                else [value]
             rest = [t for k, v in base.items() if k != opt for t in (k, *v)]
             if sub == "diagnose" and opt in ("--model", "--data", "--trust-factory"):
                 rest = [t for t in rest if t != "--no-curvature"]
@@ -990,8 +995,8 @@ def run_path_cases() -> list[Case]:
     cases = []
     for sub in RUN_READERS:
         for path, match in RUN_PATHS.items():
-            if sub == "info" and path == "{results}":  # info describes a results file too
-                cases.append(Case("run-paths", run_argv(sub, path), 0))
+            if sub in ("info", "export") and path == "{results}":  # info and export read a results file too
+                cases.append(Case("run-paths", run_argv(sub, path), 0, outputs=("out.nc",) if sub == "export" else ()))
                 continue
             cases.append(Case("run-paths", run_argv(sub, path), 2, match=match))
     for sub in MODEL_BUILDERS:

@@ -391,20 +391,23 @@ def test_allow_nonfinite_computes_and_writes_strict_json(nan_run, tmp_path, caps
     assert code == 0, err
     data = strict_loads(out)
     last = data["steps"][-1]
-    assert last["step"] == NAN_STEP and last["values"]["loss"] is None
-    assert data["nonfinite"] == {"/steps/2/values/loss": "nan"}
-    assert all(math.isfinite(s["values"]["loss"]) for s in data["steps"][:2])
+    assert last["step"] == NAN_STEP and last["values"]["loss"]["data"] is None
+    assert data["nonfinite"] == {"/steps/2/values/loss/data": "nan"}
+    assert all(math.isfinite(s["values"]["loss"]["data"]) for s in data["steps"][:2])
 
 
 def test_track_allow_nonfinite_gives_a_nan_row(nan_run, tmp_path, capsys):
     code, out, err = run(capsys, "track", nan_run, "--top-k", "2", "--allow-nonfinite", "--json",
                          "--results", tmp_path / "r.h5")
     assert code == 0, err
-    data = strict_loads(out)
+    full = strict_loads(out)
+    data = {k: v["data"] for k, v in full["steps"][0]["values"].items()}  # the one result's values
     assert data["steps"] == [100, 200, NAN_STEP]
     assert data["top_eigenvalues"][2] == [None, None] and data["matvecs"][2] == 0
     assert all(v is not None and v > 0 for v in data["top_eigenvalues"][0])
-    assert data["nonfinite"]["/top_eigenvalues/2/0"] == "nan" and data["nonfinite"]["/overlap/0"] == "nan"
+    values = "/steps/0/values"
+    assert full["nonfinite"][f"{values}/top_eigenvalues/data/2/0"] == "nan"
+    assert full["nonfinite"][f"{values}/overlap/data/0"] == "nan"
     assert data["overlap"][1] is not None and 0 <= data["overlap"][1] <= 1 + 1e-9
 
 

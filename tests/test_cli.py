@@ -35,7 +35,7 @@ def test_probe_json_and_cache(tiny_run, capsys):
     assert code == 0
     data = json.loads(out)
     assert [s["step"] for s in data["steps"]] == [0, 10, 20]
-    assert data["steps"][0]["values"]["loss"] > data["steps"][-1]["values"]["loss"]
+    assert data["steps"][0]["values"]["loss"]["data"] > data["steps"][-1]["values"]["loss"]["data"]
     code, out, _ = run(capsys, "loss", str(tiny_run), "--steps", "0:20:10", "--json")
     assert [s["status"] for s in json.loads(out)["steps"]] == ["cached"] * 3
     results = data["results"]
@@ -43,6 +43,7 @@ def test_probe_json_and_cache(tiny_run, capsys):
     summary = json.loads(out)
     assert code == 0 and summary["kind"] == "results" and summary["entries"] == 3
     assert [(r["probe"], r["steps"], r["partial"]) for r in summary["results"]] == [("loss", [0, 10, 20], 0)]
+    assert summary["results"][0]["label"] == "loss" and summary["results"][0]["settings"] == {}
     code, out, _ = run(capsys, "info", results)
     assert code == 0 and "3 (1 probe settings)" in out and "steps 0 … 20 (3)" in out
 

@@ -8,8 +8,7 @@ section, headed by its name, drawn as every stored scalar vs step.
 
 from __future__ import annotations
 
-import lossatlas.probes.registry  # noqa: F401  (registers every probe)
-from lossatlas.probes import PROBES
+from lossatlas.probes.catalog import declared  # the probes' declarations without importing them (nor torch)
 from lossatlas.viz.registry import TRAINING
 from lossatlas.viz.report import SECTIONS
 
@@ -22,7 +21,7 @@ def plot_kinds() -> tuple[str, ...]:
     The probes come in report-section order (registration order within a section).
     """
     order = {name: i for i, name in enumerate(SECTIONS)}
-    drawn = [cls for cls in PROBES.values() if cls.figure is not None]
+    drawn = [cls for cls in declared().values() if cls.figure is not None]
     return (TRAINING, *(cls.name for cls in sorted(drawn, key=lambda c: order.get(c.section, len(order)))))
 
 
@@ -36,23 +35,23 @@ def check_kind(kind: str) -> str:
 
 def figure_of(kind: str) -> str:
     """The viz figure name that draws ``kind`` (the kind itself when no registered probe declares one)."""
-    cls = PROBES.get(kind)
+    cls = declared().get(kind)
     return cls.figure if cls is not None and cls.figure is not None else kind
 
 
 def section_of(probe: str) -> str:
     """The report section of ``probe``'s results ("other" for an unregistered probe)."""
-    cls = PROBES.get(probe)
+    cls = declared().get(probe)
     return cls.section if cls is not None else OTHER
 
 
 def title_of(probe: str) -> str:
     """The heading of ``probe``'s results in the report."""
-    cls = PROBES.get(probe)
+    cls = declared().get(probe)
     return (cls.title if cls is not None else "") or probe
 
 
 def command_of(probe: str) -> str:
     """The command that stores ``probe``'s results (what the user runs when they are missing), RUN for the run."""
-    usage = PROBES[probe].usage
+    usage = declared()[probe].usage
     return f"lossatlas {probe} RUN {usage}" if usage else f"lossatlas {probe} RUN"

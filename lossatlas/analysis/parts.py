@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import lossatlas.probes.registry  # noqa: F401  (registers every probe)
-from lossatlas.probes import PROBES
+from lossatlas.probes.catalog import declared  # the probes' declarations without importing them (nor torch)
 
 Group = tuple[str, str]  # (probe, config key)
 
 
 def parts_of(probe: str) -> tuple[str, ...]:
     """The registered probes that are parts of ``probe`` (their ``part_of``), in registration order."""
-    return tuple(name for name, cls in PROBES.items() if cls.part_of == probe)
+    return tuple(name for name, cls in declared().items() if cls.part_of == probe)
 
 
 def with_parts(groups: dict[Group, list]) -> dict[Group, list]:
@@ -53,9 +52,10 @@ def with_parts(groups: dict[Group, list]) -> dict[Group, list]:
 
 
 def _owner(probe: str) -> str | None:
-    cls = PROBES.get(probe)
+    probes = declared()
+    cls = probes.get(probe)
     owner = cls.part_of if cls is not None else None
-    return owner if owner in PROBES else None
+    return owner if owner in probes else None
 
 
 def _config(found: list) -> dict:
@@ -68,7 +68,7 @@ def _steps(found: list) -> set:
 
 def _agree(owner: str, owner_config: dict, part_config: dict) -> bool:
     """Equal on every setting both have, the owner's ``part_fields`` aside."""
-    skip = set(PROBES[owner].part_fields)
+    skip = set(declared()[owner].part_fields)
     return all(owner_config[k] == v for k, v in part_config.items() if k in owner_config and k not in skip)
 
 
@@ -84,7 +84,7 @@ def _merged(owner: str, found: Any, entry: dict, part_groups: list[list]) -> tup
                     f[1].get("data_fingerprint") == info.get("data_fingerprint"):
                 parts.append(f[0])
                 break
-    return (PROBES[owner].merge(result, parts), info), entry
+    return (declared()[owner].merge(result, parts), info), entry
 
 
 __all__ = ["parts_of", "with_parts"]

@@ -16,13 +16,15 @@ import numpy as np
 
 from lossatlas import store
 from lossatlas.analysis import kinds
+from lossatlas.analysis.findings import summarize
 from lossatlas.analysis.parts import parts_of, with_parts
-from lossatlas.analysis.runner import default_results_path
 from lossatlas.errors import UserError
-from lossatlas.store import labels
+from lossatlas.store import default_results_path  # not from the runner, which imports torch
+from lossatlas.store.labels import choose, configurations, pick_one, title_of
 from lossatlas.viz import figures as vizfig
 from lossatlas.viz.report import SECTIONS, ReportItem, ReportSection, figures_page, render_report
 from lossatlas.viz.style import MATPLOTLIB_FORMATS, save_figure
+from lossatlas.viz.training import constants_sentence
 
 PLOT_FORMATS: tuple[str, ...] = (*MATPLOTLIB_FORMATS, ".html")
 
@@ -95,8 +97,8 @@ def selected_results(results: store.ResultsStore | None, probe: str, select: str
     groups = _probe_groups(results, probe)
     if not groups:
         return [], None
-    configs = [c for c in labels.configurations(results.entries(probe)) if (c["probe"], c["key"]) in groups]
-    chosen = labels.pick_one(configs, select, f"{probe!r} results", where)
+    configs = [c for c in configurations(results.entries(probe)) if (c["probe"], c["key"]) in groups]
+    chosen = pick_one(configs, select, f"{probe!r} results", where)
     found = groups[(chosen["probe"], chosen["key"])]
     return [f[0] for f, _ in found if f is not None], chosen
 
@@ -168,7 +170,7 @@ def plot_command(run_path: str | Path, kind: str, *, step: int | None = None, ou
         store_ = _results_store(run_path, results_path, reader)
         where = store_.path if store_ is not None else run_path
         results, chosen = selected_results(store_, kind, select, where)
-        label = labels.title_of(chosen) if chosen is not None else None
+        label = title_of(chosen) if chosen is not None else None
         if not results:
             cmd = kinds.command_of(kind).replace("RUN", str(run_path))
             raise UserError(f"no {kind!r} result stored for {run_path} yet; compute it with `{cmd}`")
@@ -206,7 +208,7 @@ def _overview_item(reader: store.RunReader) -> ReportItem:
     }
     for k, v in reader.attrs.items():
         table[k] = _maybe_json(v)
-    return ReportItem(title="Run", table=table)
+    return ReportItem(title="Run settings", table=table, folded=True)  # the summary opens the page; specs fold away
 
 
 def _maybe_json(v: Any) -> Any:
@@ -231,11 +233,19 @@ def _result_item(probe: str, key: str, found: list, figures: list, label: str | 
         if arr.ndim == 0 and arr.dtype.kind in "fiub" and len(table) < 24:
             table[name] = float(arr) if arr.dtype.kind == "f" else arr.item()
     partial = sum(i["status"] == "partial" for i in infos)
-    subtitle = (f"{label} · " if label else "") + (f"config key {key} · steps {', '.join(map(str, steps))} · values of step {last.step} below"
+    subtitle = ((f"{label} · " if label else "")
+                + f"config key {key} · steps {', '.join(map(str, steps))} · values of step {last.step} below"
                 + (f" · {partial} partial (rerun the command to finish)" if partial else "")
-                + f" · {sum(i['elapsed_s'] for i in infos):.1f} s compute"))
+                + f" · {sum(i['elapsed_s'] for i in infos):.1f} s compute")
     title = kinds.title_of(probe) + (f" — {label}" if label else "")  # which settings this card shows
     return ReportItem(title=title, subtitle=subtitle, table=table, config=last.config, figures=figures)
+
+
+def _diagnosis(reader) -> dict:
+    """The spike diagnosis of the run's log as a dict (``Diagnosis.to_dict()``), for the summary's findings."""
+    from lossatlas.analysis.diagnose import diagnose
+
+    return diagnose(reader).to_dict()
 
 
 def _diagnosis_item(reader) -> ReportItem:
@@ -259,7 +269,7 @@ def _selected_groups(configs: list[dict], select: Sequence[str] | str | None, wh
         return None
     keep: dict[str, set] = {}
     for text in [select] if isinstance(select, str) else select:
-        for c in labels.choose(configs, text, "result", where):
+        for c in choose(configs, text, "result", where):
             keep.setdefault(c["probe"], set()).add(c["key"])
     return keep
 
@@ -283,7 +293,8 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
     if log["step"].size:
         curves = [f for f in vizfig.interactive_figures("training", log=log)]
         overview.items.append(ReportItem(title="Training curves", figures=curves[:1],
-                                         subtitle=f"{log['step'].size} logged steps"))
+                                         subtitle=f"{log['step'].size} logged steps",
+                                         note=constants_sentence(log)))  # a constant (η) is a sentence, not a panel
         sections["instabilities"].items.append(ReportItem(
             title="Per-tensor telemetry", figures=curves[1:],
             subtitle="gradient norm per parameter tensor (log colour scale): a layer whose norm jumps first "
@@ -293,16 +304,18 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
         overview.items.append(ReportItem(title="Training curves", subtitle="the run has no per-step log"))
     lr = _lr_series(reader) if log["step"].size else None
     results = _results_store(run_path, results_path, reader)
+    shown: dict[tuple[str, str], list] = {}
     if results is not None:
-        configs = {(c["probe"], c["key"]): c for c in labels.configurations(results.entries())}
+        configs = {(c["probe"], c["key"]): c for c in configurations(results.entries())}
         keep = _selected_groups(list(configs.values()), select, results.path)
         for (probe, key), found in with_parts(results_by_config(results)).items():
             found = [(f, e) for f, e in found if f is not None]
             if not found or (keep is not None and probe in keep and key not in keep[probe]):
                 continue
             rs = [f[0] for f, _ in found]
+            shown[(probe, key)] = rs  # what the summary's findings read
             c = configs.get((probe, key))
-            label = labels.title_of(c) if c else None
+            label = title_of(c) if c else None
             figs = vizfig.interactive_figures(kinds.figure_of(probe), rs, lr=lr, label=label)
             section = kinds.section_of(probe)
             sections.setdefault(section, ReportSection(section)).items.append(
@@ -314,6 +327,7 @@ def report_command(run_path: str | Path, *, output: str | Path, overwrite: bool 
             else:
                 del sections[name]
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    summary = summarize(reader, shown, _diagnosis(reader) if log["step"].size else None)
     page = render_report(f"lossatlas report — {run_path.name}", list(sections.values()),
-                         subtitle=_subtitle(reader, run_path) + f" · report written {stamp}")
+                         subtitle=_subtitle(reader, run_path) + f" · report written {stamp}", summary=summary)
     return _write_atomically(output, lambda p: p.write_text(page, encoding="utf-8"))

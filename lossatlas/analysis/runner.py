@@ -38,6 +38,7 @@ from lossatlas.losses import MODEL_LOSS, model_loss_batches, model_loss_precisio
 from lossatlas.outputs import LOSS_OUTPUT, OUTPUT, use_output
 from lossatlas.probes.base import Probe, ProbeContext, Result
 from lossatlas.probes.settings import DTYPES  # every dtype a checkpoint can be loaded in
+from lossatlas.progress import task as progress_task
 from lossatlas.store import default_results_path  # noqa: F401  (re-exported for analysis and viz)
 
 
@@ -146,6 +147,7 @@ class RunOptions:
     allow_nonfinite: bool = False  # compute on checkpoints holding NaN/inf instead of refusing them
     output: str | None = None  # the model output the probes use (None: "logits"; "loss" under loss "model")
     loss: str | None = None  # the loss to use instead of the run's own ("model": the model's own outputs.loss)
+    fsdp: bool = False  # hessian probe only: FSDP2-sharded finite-difference products (lossatlas.curvature.sharded)
 
 
 def choice_suffix(run_loss: str | None, loss: str, output: str) -> str:
@@ -217,7 +219,7 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
                                     keep_labels=loss == MODEL_LOSS)
         # a result is reused for the same data and the same model spec: an override's fingerprint joins the data's;
         # so do a loss other than the run's own and an output other than the logits
-        suffix = choice_suffix(reader.loss, loss, output)
+        suffix = choice_suffix(reader.loss, loss, output) + ("+fsdp" if options.fsdp else "")  # never mix with exact
         data_fp = fingerprint(batches) + model_override_fingerprint(reader, options, steps) + suffix
         batches = to_device(batches, options.device, dtype)
         units = (probe, *probe.parts())
@@ -357,7 +359,13 @@ class _StepJob:
             ctx = dataclasses.replace(base, partial=partial, save_partial=self._partial_saver(key))
             _say(options, f"{unit.name} step {step}: {status}")
             t0 = time.perf_counter()
-            results[i] = unit.run_own(ctx)
+            with progress_task(f"{unit.name} step {step}"):  # names the estimators' progress lines
+                if options.fsdp:  # every rank shards the model; sharded finite-difference products, rank 0 stores
+                    from lossatlas.curvature.sharded import run_sharded_hessian
+
+                    results[i] = run_sharded_hessian(unit, ctx)
+                else:
+                    results[i] = unit.run_own(ctx)
             results[i].meta.update(loss=self.loss, output=self.output)  # how it was computed, in every result
             if self.subset is not None:
                 results[i].meta["data_subset"] = self.subset

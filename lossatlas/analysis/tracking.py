@@ -27,6 +27,15 @@ from lossatlas.batches import fingerprint, to_device
 from lossatlas.checks import check_choice
 from lossatlas.curvature import CURVATURES, make_operator
 from lossatlas.finite import nonfinite_counts
+from lossatlas.memory import (
+    BASIS_DEVICES,
+    LanczosWork,
+    MemoryPlan,
+    Planner,
+    check_plan,
+    compute_dtype,
+    default_max_iter,
+)
 from lossatlas.probes.base import Result
 from lossatlas.probes.spectrum import TOL, top_eigenpairs
 
@@ -72,6 +81,7 @@ def track_eigenspaces(
     model: dict | str | None = None,
     trust_factory: bool = False,
     allow_nonfinite: bool = False,
+    basis_device: str | None = None,
 ) -> Result:
     """Top-k eigenpairs at successive checkpoints, warm-started, with the overlap of consecutive eigenspaces.
 
@@ -99,6 +109,12 @@ def track_eigenspaces(
         trust_factory: import a factory named by the run's specs even if this user did not sign the file.
         allow_nonfinite: accept checkpoints holding NaN/inf, each giving a NaN row (0 matvecs) after which
             the next checkpoint starts cold (default: refuse them, naming the tensors).
+        basis_device: where the Lanczos basis lives: None (``device``), "cpu" or "disk" (memory-mapped);
+            the same numbers, so not part of the key.
+
+    Before the first checkpoint's products the memory plan of one checkpoint's Lanczos run is printed on
+    stderr and a UserError refuses a run whose estimated peak does not fit the available memory
+    (``lossatlas.memory``). A float16/bfloat16 checkpoint is analysed in float32.
 
     Returns:
         A Result with values "steps" ("step",), "top_eigenvalues" ("step", "k"), "overlap" ("step",)
@@ -107,6 +123,8 @@ def track_eigenspaces(
     """
     check_choice("curvature", curvature, CURVATURES)
     check_choice("warm_start", warm_start, WARM_STARTS)
+    if basis_device is not None:
+        check_choice("basis_device", basis_device, BASIS_DEVICES)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
@@ -127,6 +145,7 @@ def track_eigenspaces(
         batches = to_device(batches, device, torch_dtype)
         eigs, overlaps, matvecs, cold, lrs = [], [], [], [], []
         prev: torch.Tensor | None = None
+        plan = None
         for step in chosen:
             net = load_model(reader, step, dtype=torch_dtype, device=device, trust_factory=trust_factory,
                              model_spec=model, allow_nonfinite=allow_nonfinite)
@@ -144,16 +163,20 @@ def track_eigenspaces(
                 cold.extend([0] if compare_cold else [])
                 prev = None
                 continue
-            op = make_operator(curvature, net, batches, loss, mode=mode, dtype=torch_dtype, device=device)
+            op = make_operator(curvature, net, batches, loss, mode=mode, dtype=compute_dtype(torch_dtype, net),
+                               device=device)
+            if plan is None:  # one checkpoint's run, planned once: every checkpoint has the same shapes
+                plan = _plan(op, net, batches, k, max_iter, warm_start, compare_cold, basis_device)
             v0 = _warm_vector(prev, warm_start, None)
-            res = top_eigenpairs(op, k, tol=tol, max_iter=max_iter, v0=v0, seed=seed)
+            res = top_eigenpairs(op, k, tol=tol, max_iter=max_iter, v0=v0, seed=seed, basis_device=basis_device)
             V = res.eigenvectors  # (P, k)
             V = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)
             overlaps.append(float("nan") if prev is None else subspace_overlap(prev, V))
             eigs.append(res.eigenvalues)
             matvecs.append(res.matvecs)
             if compare_cold:
-                cold_res = top_eigenpairs(op, k, tol=tol, max_iter=max_iter, seed=seed, return_eigenvectors=False)
+                cold_res = top_eigenpairs(op, k, tol=tol, max_iter=max_iter, seed=seed, return_eigenvectors=False,
+                                          basis_device=basis_device)
                 cold.append(cold_res.matvecs)
             prev = V
         results_file = Path(results_path) if results_path else default_results_path(run_path)
@@ -172,6 +195,8 @@ def track_eigenspaces(
         dims["two_over_lr"] = ("step",)
     meta: dict[str, Any] = {"loss": loss, "curvature": curvature, "mode": mode, "seed": seed,
                             "dtype": dtype or "model", "total_matvecs": int(sum(matvecs))}
+    if plan is not None:
+        meta["memory_plan"] = plan.as_meta()
     if compare_cold:
         values["cold_matvecs"], dims["cold_matvecs"] = np.asarray(cold, dtype=np.int64), ("step",)
         # the first step has no warm start: count the savings from the second step on
@@ -184,6 +209,19 @@ def track_eigenspaces(
         with store.ResultsStore(results_file, run_fingerprint=run_fp) as results:
             results.write(result, key=key, status="complete", data_fingerprint=data_fp)
     return result
+
+
+def _plan(op: Any, net: torch.nn.Module, batches: Sequence[Any], k: int, max_iter: int | None, warm_start: str,
+          compare_cold: bool, basis_device: str | None) -> MemoryPlan:
+    """The memory plan of one checkpoint: a block-k Lanczos run for ``warm_start="block"``, else b = 1."""
+    P = op.shape[0]
+    k = min(k, P)
+    work = []
+    for b in ((k if warm_start == "block" else 1), *((1,) if compare_cold else ())):
+        steps = default_max_iter(k, b, P) if max_iter is None else min(P // b, max_iter)
+        work.append(LanczosWork(runs=1, block=b, steps=steps, ritz_vectors=k))
+    plan = Planner(op, net, batches).plan(work, basis_device=basis_device, offer=("basis_device", "max_examples"))
+    return check_plan(plan, PROBE_NAME)
 
 
 __all__ = ["track_eigenspaces", "subspace_overlap", "PROBE_NAME"]

@@ -25,6 +25,7 @@ from lossatlas.estimators._checks import (
     probe_vectors,
 )
 from lossatlas.estimators.lanczos import lanczos_tridiagonal
+from lossatlas.progress import task
 
 SCALES: tuple[str, ...] = ("linear", "log")
 BULK_LEVEL = 1e-6  # the density "returns to the bulk level" below this fraction of its maximum
@@ -101,6 +102,7 @@ def slq_density(
     log_epsilon: float = 1e-5,
     progress: Callable[[int, int], None] | None = None,
     dist: Distributed | None = None,
+    basis_device: str | None = None,
 ) -> Density:
     """Spectral density φ(t) = (1/P) Σ_i δ(t − λ_i) smoothed by a Gaussian, by stochastic Lanczos quadrature.
 
@@ -133,6 +135,8 @@ def slq_density(
         log_epsilon: the shift ε of the log scale.
         progress: called as ``progress(step, num_steps)``.
         dist: the torchrun job to split the runs over (None or one process: all runs here).
+        basis_device: where the n_v·m·P basis values live: None (the operator's device), ``"cpu"`` or
+            ``"disk"`` (memory-mapped; ``lossatlas.estimators.lanczos_tridiagonal``).
 
     Returns:
         A :class:`Density`; ``bulk_edge`` and ``outliers`` as in :func:`find_bulk_edge`.
@@ -167,7 +171,8 @@ def slq_density(
     if len(mine):
         V0 = probe_vectors(P, mine, distribution, seed, dtype, device)  # (P, n_mine), normalized inside
         restarts = [probe_seed(seed, l, stream=1) for l in mine]
-        alpha, beta = lanczos_tridiagonal(A, V0, m, seed=restarts, progress=progress)
+        with task("SLQ"):  # its Lanczos reports read "SLQ · Lanczos: ..."
+            alpha, beta = lanczos_tridiagonal(A, V0, m, seed=restarts, progress=progress, basis_device=basis_device)
         nodes, weights = tridiag_quadrature(alpha, beta)  # (n_mine, m) each
     nodes = dist.all_gather_split(torch.from_numpy(nodes), n_v).numpy()  # (n_v, m)
     weights = dist.all_gather_split(torch.from_numpy(weights), n_v).numpy()

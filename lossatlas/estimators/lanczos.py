@@ -27,6 +27,7 @@ from lossatlas.estimators._checks import (
     random_vectors,
 )
 from lossatlas.estimators._recurrence import BlockLanczos, gram64, norm64
+from lossatlas.progress import report
 
 WHICH: tuple[str, ...] = ("LA", "SA", "LM")
 _ROUNDING_FACTOR = 16.0  # rounding floor of every error bound: this · ε(dtype) · ‖T‖
@@ -175,10 +176,12 @@ def lanczos_eigs(
         return _ROUNDING_FACTOR * float(torch.finfo(dtype).eps) * float(run.anorm[0])
 
     ritz = None
+    report(run.matvecs, max_iter * b, "products", "Lanczos", bound=True)  # the task's start: rate and time left
     while run.steps < max_iter and not run.exhausted:
         run.step(need_next=run.steps + 1 < max_iter)
         if progress is not None:
             progress(run.steps, max_iter)
+        report(run.matvecs, max_iter * b, "products", "Lanczos", bound=True)  # a cap: converged runs stop early
         if run.n < k or not _due(run.n, k, run.steps, max_iter):
             continue
         ritz = _ritz(run, k, which)
@@ -270,6 +273,7 @@ def lanczos_tridiagonal(
     reorth: str = "full",
     seed: int | Sequence[int] = 0,
     progress: Callable[[int, int], None] | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The Lanczos tridiagonal T_m = tridiag(β, α, β) of A for a start vector, or for n at once.
 
@@ -279,7 +283,8 @@ def lanczos_tridiagonal(
     Σ_k τ_k² θ_k^j = vᵀA^j v. A breakdown (β ≈ 0) is recorded as 0
     and the run continues from a random orthogonal vector (``seed``; a sequence gives each run its
     own restart seed), which leaves the quadrature unchanged. Float64 in the small problem, the
-    operator's dtype in the basis.
+    operator's dtype in the basis. ``basis_device`` as in :func:`lanczos_eigs`: the n·m·P basis
+    values on ``"cpu"`` or memory-mapped on ``"disk"`` (default: the operator's device).
 
     Example:
         Three steps reproduce vᵀA^j v for j ≤ 5; with v = 1/√5 and A = diag(1, …, 5), the moments
@@ -317,11 +322,20 @@ def lanczos_tridiagonal(
         gens = [make_generator(s, device) for s in seed]
     else:
         gens = make_generator(seed, device)
-    run = BlockLanczos(A, start, m, reorth, gens)
+    on_disk = basis_device == "disk"
+    if basis_device is not None:  # the basis (and the restart generators) live off the operator's device
+        start = start.to("cpu" if on_disk else basis_device)
+        if isinstance(seed, (list, tuple, range)):
+            gens = [make_generator(s, start.device) for s in seed]
+        else:
+            gens = make_generator(seed, start.device)
+    run = BlockLanczos(A, start, m, reorth, gens, on_disk=on_disk)
+    report(0, m * n, "products", "Lanczos")
     for i in range(m):
         run.step(need_next=i + 1 < m)
         if progress is not None:
             progress(i + 1, m)
+        report((i + 1) * n, m * n, "products", "Lanczos")  # one product per start vector and step
     alpha = np.stack([run.tridiagonal(r)[0] for r in range(n)])
     beta = np.stack([run.tridiagonal(r)[1] for r in range(n)])
     return (alpha[0], beta[0]) if single else (alpha, beta)

@@ -29,6 +29,7 @@ from lossatlas.estimators._checks import (
     probe_vectors,
 )
 from lossatlas.estimators._recurrence import gram64
+from lossatlas.progress import report
 
 MIN_SAMPLES_FOR_STOP = 8  # never trust a standard error from fewer samples
 
@@ -92,6 +93,7 @@ def hutchinson_trace(
     dist = dist if dist is not None else Distributed()
     samples: list[np.ndarray] = []
     done = start  # probes 0 … start−1 were applied by the caller (auto_trace's first block)
+    report(done, K, "products", "trace", bound=target_stderr is not None)
     while done < K:
         size = min(block, K - done)
         mine = dist.split(size)
@@ -99,6 +101,7 @@ def hutchinson_trace(
         s = dist.all_gather_split(_coldots(V, apply(A, V)), size)  # (size,): v_kᵀ A v_k in float64
         samples.append(s.to("cpu").numpy())
         done += size
+        report(done, K, "products", "trace", bound=target_stderr is not None)
         if target_stderr is not None and done >= MIN_SAMPLES_FOR_STOP:
             if _stderr(np.concatenate(samples)) <= target_stderr:
                 break
@@ -137,14 +140,18 @@ def hutchpp_trace(
     dist = dist if dist is not None else Distributed()
     third = m // 3
     mine = dist.split(third)
+    report(0, m, "products", "trace")
     S = probe_vectors(P, mine, distribution, seed, dtype, device)  # (P, my share of m/3)
     Q, _ = torch.linalg.qr(dist.all_gather_split(apply(A, S), third, dim=1))  # (P, min(P, m/3))
+    report(third, m, "products", "trace")
     q = dist.split(Q.shape[1])
     AQ = dist.all_gather_split(apply(A, Q[:, q.start : q.stop]), Q.shape[1], dim=1)
+    report(2 * third, m, "products", "trace")
     low_rank = float(_coldots(Q, AQ).sum()) if Q.shape[1] else 0.0  # tr(Qᵀ A Q) accumulated in float64
     G = probe_vectors(P, range(third + mine.start, third + mine.stop), distribution, seed, dtype, device)
     G = G - Q @ gram64(Q.T, G.T).to(dtype)  # (I − QQᵀ) G with the coefficients Qᵀ G in float64
     s = dist.all_gather_split(_coldots(G, apply(A, G)), third)
+    report(m, m, "products", "trace")
     s = s.to("cpu", torch.float64).numpy()  # (m/3,)
     return TraceEstimate(value=low_rank + float(s.mean()), stderr=_stderr(s), matvecs=m, samples=s, method="hutch++")
 
@@ -184,6 +191,7 @@ def xtrace(A: Any, num_matvecs: int = 100, *, seed: int = 0, distribution: str =
     m = K // 2
     dist = dist if dist is not None else Distributed()
     Om = probe_vectors(P, range(m), distribution, seed, dtype, device)  # (P, m)
+    report(0, K, "products", "trace")
     return _xtrace_from(A, Om, _split_apply(A, Om, dist), "xtrace", dist)
 
 
@@ -201,7 +209,9 @@ def _xtrace_from(A: Any, Om: torch.Tensor, Y: torch.Tensor, method: str,
     m = Om.shape[1]
     Q64, R = torch.linalg.qr(Y.detach().double())  # (P, m), (m, m): the QR in float64
     Q = Q64.to(Om.dtype)
+    report(m, 2 * m, "products", "trace")  # AΩ done, AQ next
     Z = _split_apply(A, Q, dist if dist is not None else Distributed())  # (P, m): AQ
+    report(2 * m, 2 * m, "products", "trace")
     H = gram64(Q.T, Z.T)  # Qᵀ A Q (m, m)
     H = 0.5 * (H + H.T)
     C = gram64(Q.T, Om.T)  # Qᵀ Ω (m, m)
@@ -252,7 +262,9 @@ def auto_trace(
     m = K // 2
     mine = dist.split(m)
     Om_mine = probe_vectors(P, mine, distribution, seed, dtype, device)
+    report(0, K, "products", "trace")
     Y = dist.all_gather_split(apply(A, Om_mine), m, dim=1)  # (P, m): the first block, on every rank
+    report(m, K, "products", "trace")
     Om = probe_vectors(P, range(m), distribution, seed, dtype, device)
     h = m // 2
     Q1 = torch.linalg.qr(Y[:, :h].detach().double())[0].to(dtype)  # sketch of the first half

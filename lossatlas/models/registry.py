@@ -14,20 +14,28 @@ Keys: exactly one of ``name``/``factory``/``hf``/``timm``/``torchvision``/``toke
 lossatlas.models.builders; ``tokens``/``hf_dataset``/``image_folder`` build data from local files:
 lossatlas.models.local_data, their options in their own dict, defaults filled in by
 :func:`normalize_spec`); optional ``kwargs`` (a dict of JSON values; none for the local data kinds) and
-``seed`` (int ≥ 0, default 0; may also be given as ``kwargs["seed"]``, or inside a local data kind's
-options). The canonical form from :func:`normalize_spec` always holds ``kwargs`` and a top-level
-``seed`` and never ``kwargs["seed"]``.
+``seed`` (int ≥ 0; may also be given as ``kwargs["seed"]``, or inside a local data kind's options).
+A spec means what it says about the seed: a ``factory`` spec without one calls the factory without
+a ``seed`` argument, so the factory's own default applies (``def data(seed=1)`` gets 1); the other
+kinds (registered names, configuration-only models, local data) default to seed 0, which is what
+their builders default to. The canonical form from :func:`normalize_spec` always holds ``kwargs``
+and never ``kwargs["seed"]``; it holds a top-level ``seed`` except for a factory spec that gives
+none, so a spec with a seed and one without never share a fingerprint.
 
 A spec read from a run file comes as a :class:`lossatlas.trust.StoredSpec`; one that names a
 factory is built only when this user signed it or the caller passes ``trust_factory=True``
 (checked before anything is imported). A spec the caller writes is the caller's own and trusted.
-A factory's module is imported with the working directory on ``sys.path`` (as ``python -m``
-does), so a module next to the user needs no PYTHONPATH.
+A factory's module is looked up on ``sys.path`` with two more folders: the working directory
+first (as ``python -m`` puts it), and, for a spec read from a run file, that file's folder last
+(where the training script that wrote it usually sits). So ``nets.py`` beside the user's script is
+found without PYTHONPATH when lossatlas runs in that folder or the run file lies in it; a script run
+as ``python train.py`` has its own folder on ``sys.path`` already.
 
-Building is deterministic: the factory runs with torch's (and numpy's and Python's) global RNG
-seeded with ``seed`` inside a fork, so the same spec gives identical initial weights and the
-caller's RNG state is left as it was. A factory whose signature has a ``seed`` parameter (the data
-builders) also receives the seed as an argument.
+Building is deterministic: the builder runs with torch's (and numpy's and Python's) global RNG
+seeded inside a fork (with the spec's seed, or 0 for a factory spec that gives none), so the same
+spec gives identical initial weights and the caller's RNG state is left as it was. A builder whose
+signature has a ``seed`` parameter also receives the seed as an argument, a factory only when its
+spec gives one.
 """
 
 from __future__ import annotations
@@ -80,7 +88,12 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def register_data(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: make a data builder reachable as ``{"name": name, "kwargs": {...}}``."""
+    """Decorator: make a data builder reachable as ``{"name": name, "kwargs": {...}}``.
+
+    A registered builder with a ``seed`` parameter always receives the spec's seed (default 0), so
+    ``{"name": name}`` and ``{"name": name, "seed": 0}`` are the same data; use a ``factory`` spec
+    to keep a function's own default seed.
+    """
     return _register(DATASETS, "data", name)
 
 
@@ -89,7 +102,8 @@ def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
 
     Returns ``{"name" | "factory" | "hf" | "timm" | "torchvision" | "tokens" | "hf_dataset" | "image_folder": ...,
     "kwargs": dict, "seed": int}``; ``kwargs["seed"]`` (or a local data kind's ``seed`` option) moves to the
-    top level. Raises UserError with a one-line fix for anything malformed.
+    top level. A factory spec that gives no seed has no ``seed`` key (its factory's own default applies);
+    every other kind defaults to seed 0. Raises UserError with a one-line fix for anything malformed.
     """
     if isinstance(spec, str):
         try:
@@ -143,17 +157,19 @@ def normalize_spec(spec: Mapping[str, Any] | str) -> dict[str, Any]:
             raise UserError(f"spec 'factory' must look like 'package.module:function', got {path!r}")
         out["factory"] = path
     out["kwargs"] = kwargs
-    out["seed"] = seed
+    if seed is not None or "factory" not in out:  # a factory without a seed keeps its own default
+        out["seed"] = 0 if seed is None else seed
     return out
 
 
-def _resolve_seed(top: Any, in_kwargs: Any) -> int:
+def _resolve_seed(top: Any, in_kwargs: Any) -> int | None:
+    """The one seed a spec gives (at the top or in kwargs), or None when it gives none."""
     for value in (top, in_kwargs):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise UserError(f"spec 'seed' must be a non-negative integer, got {value!r}")
     if top is not None and in_kwargs is not None and top != in_kwargs:
         raise UserError(f"spec gives two seeds ({top} at the top, {in_kwargs} in kwargs); keep one")
-    return int(top if top is not None else in_kwargs if in_kwargs is not None else 0)
+    return int(top) if top is not None else int(in_kwargs) if in_kwargs is not None else None
 
 
 def spec_fingerprint(spec: Mapping[str, Any] | str) -> str:
@@ -169,7 +185,7 @@ def build_model(spec: Mapping[str, Any] | str, *, trust_factory: bool = False) -
     """
     trust.require_trusted(spec, trust_factory=trust_factory)
     canon = normalize_spec(spec)
-    model = _call(canon, MODELS, "model")
+    model = _call(canon, MODELS, "model", near=_source_folder(spec))
     if not isinstance(model, nn.Module):
         raise UserError(f"model factory {_label(canon)} returned {type(model).__name__}; it must return a torch.nn.Module")
     return model
@@ -182,7 +198,7 @@ def build_data(spec: Mapping[str, Any] | str, *, trust_factory: bool = False) ->
     """
     trust.require_trusted(spec, trust_factory=trust_factory)
     canon = normalize_spec(spec)
-    data = _call(canon, DATASETS, "data")
+    data = _call(canon, DATASETS, "data", near=_source_folder(spec))
     is_pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
     is_dataset = isinstance(data, torch.utils.data.Dataset)
     is_iterable = hasattr(data, "__iter__") and not isinstance(data, (str, bytes, torch.Tensor, Mapping))
@@ -283,7 +299,7 @@ def _bound_kwargs(canon: Mapping[str, Any], fn: Callable[..., Any], kind: str) -
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: just call
         return kwargs
-    if "seed" in signature.parameters:
+    if "seed" in signature.parameters and canon.get("seed") is not None:  # a factory's own default otherwise
         kwargs["seed"] = canon["seed"]
     try:
         signature.bind(**kwargs)
@@ -293,29 +309,45 @@ def _bound_kwargs(canon: Mapping[str, Any], fn: Callable[..., Any], kind: str) -
     return kwargs
 
 
-def _call(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kind: str) -> Any:
-    with _cwd_on_path() if "factory" in canon else contextlib.nullcontext():
+def _call(canon: Mapping[str, Any], table: Mapping[str, Callable[..., Any]], kind: str,
+          near: str | None = None) -> Any:
+    with _factory_path(near) if "factory" in canon else contextlib.nullcontext():
         fn = _resolve(canon, table, kind)
         kwargs = _bound_kwargs(canon, fn, kind)
-        with _seeded(canon["seed"]):
+        with _seeded(canon.get("seed", 0)):  # a factory without a seed still builds the same way every time
             return _run(fn, kwargs, canon, kind)
 
 
-@contextlib.contextmanager
-def _cwd_on_path() -> Iterator[None]:
-    """The working directory first on ``sys.path`` while a factory is imported and called, as ``python -m`` puts it.
+def _source_folder(spec: Any) -> str | None:
+    """The folder of the run file a stored spec was read from (None for a spec the caller wrote)."""
+    source = getattr(spec, "source", None) if isinstance(spec, trust.StoredSpec) else None
+    return os.path.dirname(os.path.abspath(source)) if isinstance(source, str) and source else None
 
-    Only for a factory already found trusted (its callers check first); removed again afterwards.
+
+@contextlib.contextmanager
+def _factory_path(near: str | None = None) -> Iterator[None]:
+    """Where a factory's module is looked up: the working directory first, ``near`` (the run file's folder) last.
+
+    The working directory goes first, as ``python -m`` puts it; the run file's folder goes last, so it
+    only finds a module nothing else provides. Only for a factory already found trusted (its callers
+    check first); both are removed again afterwards.
     """
+    added: list[str] = []
     cwd = os.getcwd()
-    present = any(os.path.abspath(p or os.curdir) == cwd for p in sys.path)
-    if not present:
-        sys.path.insert(0, cwd)
+    for folder, first in ((cwd, True), (near, False)):
+        if folder is None or any(os.path.abspath(p or os.curdir) == folder for p in sys.path):
+            continue
+        if first:
+            sys.path.insert(0, folder)
+        else:
+            sys.path.append(folder)
+        added.append(folder)
     try:
         yield
     finally:
-        if not present and cwd in sys.path:
-            sys.path.remove(cwd)
+        for folder in added:
+            if folder in sys.path:
+                sys.path.remove(folder)
 
 
 def _run(fn: Callable[..., Any], kwargs: dict[str, Any], canon: Mapping[str, Any], kind: str) -> Any:

@@ -13,6 +13,12 @@ mutated), several points per forward pass through ``torch.func.vmap`` over stack
 ``bn="recompute"`` the BatchNorm running statistics are recomputed at every point as the plain average
 of per-batch statistics over the ``bn_data`` batches.
 
+First-layer trick (``first_layer=True``, the default): the first layer's output is affine in its own
+parameters, f₁(x; W + Σ_k c_k D_k, b + Σ_k c_k e_k) = f₁(x; W, b) + Σ_k c_k f₁(x; D_k, e_k) for a linear,
+convolution or embedding layer. When such a layer reads the model's input tensor itself, its K + 1 outputs
+are computed once per batch and every point's output is their combination (terms added in the order of the
+directions, so a point's bits do not depend on its chunk); the layer's own forward is skipped at every point.
+
 Grid indexing: Z has shape (ny, nx) and ``Z[i, j] = L(x_j, y_i)`` (``indexing='xy'``, as
 ``np.meshgrid(x, y)``); flat point k ↔ (x[k mod nx], y[k div nx]).
 
@@ -24,7 +30,8 @@ points are already done: a resumed run recomputes whole chunks and gets the unin
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import contextlib
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +44,12 @@ from lossatlas.probes.directions import Direction, model_state
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import linear_combination
 from lossatlas.probes.settings import check_choice
+from lossatlas.progress import report
 
 BN_MODES: tuple[str, ...] = ("keep", "recompute")
+# Layers whose output is affine in their own parameters (the first-layer trick); Embedding only without max_norm.
+AFFINE_LAYERS: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+FIRST_LAYER_BYTES = 2**30  # the most bytes of cached first-layer outputs ((K + 1) per batch) the trick may hold
 Metric = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> the batch mean of a per-example metric
 
 
@@ -88,6 +99,8 @@ class PointEvaluator:
             statistics at every point from ``bn_data``, then eval mode).
         bn_data: the batches for "recompute" (default: ``data``).
         vectorize: evaluate a chunk of points in one vmapped forward (else one forward per point).
+        first_layer: use the first-layer trick (module docstring) where the model allows it;
+            ``first_layer_name`` then names the layer.
     """
 
     def __init__(
@@ -102,6 +115,7 @@ class PointEvaluator:
         bn: str = "keep",
         bn_data: Sequence[tuple[Tensor, Tensor]] | None = None,
         vectorize: bool = True,
+        first_layer: bool = True,
     ) -> None:
         L.check_loss_name(loss)
         check_choice("bn", bn, BN_MODES)
@@ -134,6 +148,8 @@ class PointEvaluator:
         self.num_examples = sum(L.batch_count(loss, y) for _, y in self.data)
         self.weights = L.batch_weights(loss, self.data)  # n_b / N
         self.vectorized_ok = vectorize
+        # the first-layer trick: None = not yet tried, False = off or not applicable, else the cached outputs
+        self._first: _FirstLayer | bool | None = None if first_layer and self.dirs else False
 
     @property
     def names(self) -> list[str]:
@@ -162,8 +178,8 @@ class PointEvaluator:
             if not scored:
                 sums["accuracy"][:] = np.nan
             with evaluation_mode(self.model, "eval"):
-                for (x, y), w in zip(self.data, self.weights):
-                    outs = self._forward(states, x)  # (C, B, ...): every point of the chunk on this batch
+                for b, ((x, y), w) in enumerate(zip(self.data, self.weights)):
+                    outs = self._forward(states, x, coords, b)  # (C, B, ...): every point of the chunk on this batch
                     for i, out in enumerate(outs):
                         sums["loss"][i] += w * float(L.batch_loss(self.loss, out, y))
                         if scored:  # the loss "model" gives the loss, not predictions: accuracy is NaN
@@ -173,17 +189,124 @@ class PointEvaluator:
         sums["accuracy"] /= self.num_examples
         return sums
 
-    def _forward(self, states: list[dict[str, Tensor]], x: Tensor) -> list[Tensor]:
-        def f(moving: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return model_outputs(self.model, inputs, params=({**self.fixed, **moving},))
+    @property
+    def first_layer_name(self) -> str | None:
+        """The layer the first-layer trick serves from cached outputs (None: the trick is off or not applicable)."""
+        return self._first.name if isinstance(self._first, _FirstLayer) else None
 
+    def _forward(self, states: list[dict[str, Tensor]], x: Tensor, coords: np.ndarray | None = None,
+                 batch: int = 0) -> list[Tensor]:
+        if self._first is None:
+            self._first = _FirstLayer.find(self) or False
+        first = self._first if isinstance(self._first, _FirstLayer) and coords is not None else None
+
+        def f(moving: dict[str, Tensor], inputs: Tensor, z: Tensor | None = None) -> Tensor:
+            if z is None:
+                return model_outputs(self.model, inputs, params=({**self.fixed, **moving},))
+            with first.serving(z):  # the first layer returns z instead of computing it
+                return model_outputs(self.model, inputs, params=({**self.fixed, **moving},))
+
+        zs = [first.output(batch, c) for c in coords] if first is not None else [None] * len(states)
         if self.vectorized_ok and len(states) > 1:
             stacked = {k: torch.stack([s[k] for s in states]) for k in self.moving}
             try:
-                return list(vmap(f, in_dims=(0, None))(stacked, x))
+                if first is None:
+                    return list(vmap(f, in_dims=(0, None))(stacked, x))
+                return list(vmap(f, in_dims=(0, None, 0))(stacked, x, torch.stack(zs)))
             except (RuntimeError, NotImplementedError):  # an op without a batching rule: loop instead
                 self.vectorized_ok = False
-        return [f(s, x) for s in states]
+        return [f(s, x, z) for s, z in zip(states, zs)]
+
+
+class _FirstLayer:
+    """The first-layer trick: a layer affine in its parameters that reads the model's input, served from cache.
+
+    ``outputs[b]`` holds, for batch b, the layer's output at θ* and its linear part along every direction,
+    f₁(x_b; D_k, e_k) (a zero-filled bias where the direction has none; None where the direction does not touch
+    the layer); a point's output is f₁(x_b; θ*) + Σ_k c_k f₁(x_b; D_k, e_k), exact by linearity.
+    """
+
+    def __init__(self, name: str, module: nn.Module, outputs: list[list[Tensor | None]]) -> None:
+        self.name, self.module, self.outputs = name, module, outputs
+
+    @contextlib.contextmanager
+    def serving(self, z: Tensor) -> Iterator[None]:
+        """Within the block, calling the layer returns ``z`` (its forward is not run)."""
+        self.module.forward = lambda *args, **kwargs: z  # an instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            del self.module.forward
+
+    def output(self, batch: int, coord: Sequence[float]) -> Tensor:
+        """f₁(x_b; θ* + Σ_k c_k d_k) from the cache, the terms added in the order of the directions."""
+        y0, *parts = self.outputs[batch]
+        z = y0
+        for c, part in zip(coord, parts):
+            if part is not None:
+                z = z + float(c) * part
+        return z
+
+    @staticmethod
+    def find(ev: PointEvaluator) -> _FirstLayer | None:
+        """The trick for ``ev``, or None where it does not apply.
+
+        Applies when the inputs are tensors, the first module of an ``AFFINE_LAYERS`` type called in a forward
+        pass is called once and on the input tensor itself (the same storage and shape, found by hooks on a
+        one-example forward), the cached outputs fit ``FIRST_LAYER_BYTES``, and the cached combination equals
+        the layer evaluated at a test point (relative 1e-5).
+        """
+        x0 = ev.data[0][0]
+        if not all(isinstance(x, Tensor) for x, _ in ev.data) or x0.shape[0] < 1 or ev.bn == "recompute":
+            return None
+        base = {**ev.fixed, **ev.point_state([0.0] * len(ev.dirs))}
+        probe = x0[:1]
+        calls: list[tuple[str, nn.Module, bool]] = []
+
+        def hook(name: str):
+            def pre(module: nn.Module, args: tuple) -> None:
+                a = args[0] if args else None
+                same = isinstance(a, Tensor) and a.data_ptr() == probe.data_ptr() and a.shape == probe.shape
+                calls.append((name, module, same))
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in ev.model.named_modules()
+                   if isinstance(m, AFFINE_LAYERS) and not getattr(m, "max_norm", None)]
+        try:
+            with torch.no_grad(), evaluation_mode(ev.model, "eval"):
+                model_outputs(ev.model, probe, params=(base,))
+        finally:
+            for h in handles:
+                h.remove()
+        if not calls or not calls[0][2] or sum(m is calls[0][1] for _, m, _ in calls) != 1:
+            return None
+        name, module, _ = calls[0]
+        prefix = f"{name}." if name else ""
+        own = {k: k[len(prefix):] for k in base if k.startswith(prefix) and "." not in k[len(prefix):]}
+
+        def layer(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+            return torch.func.functional_call(module, dict(params), (x,))
+
+        outputs, nbytes = [], 0
+        with torch.no_grad():
+            for x, _ in ev.data:
+                row: list[Tensor | None] = [layer({v: base[k] for k, v in own.items()}, x)]
+                for d in ev.dirs:
+                    touched = [k for k in own if k in d]
+                    row.append(layer({v: d[k] if k in d else torch.zeros_like(base[k]) for k, v in own.items()}, x)
+                               if touched else None)
+                nbytes += sum(t.numel() * t.element_size() for t in row if t is not None)
+                if nbytes > FIRST_LAYER_BYTES:
+                    return None
+                outputs.append(row)
+            trick = _FirstLayer(name or "(the model)", module, outputs)
+            test = [0.5 + 0.25 * k for k in range(len(ev.dirs))]  # a point off every axis
+            state = {**ev.fixed, **ev.point_state(test)}
+            want = layer({v: state[k] for k, v in own.items()}, ev.data[0][0])
+            got = trick.output(0, test)
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())):
+                return None
+        return trick
 
 
 def default_chunk_size(evaluator: PointEvaluator, device: torch.device | str, budget_bytes: int = 2**30) -> int:
@@ -239,6 +362,7 @@ def evaluate_grid(
         out = {}
     for name in evaluator.names:
         out.setdefault(name, np.full(n, np.nan))
+    report(int(done[idx].sum()), len(idx), "points", "surface")  # a resumed grid starts above 0
     for start in range(0, len(idx), chunk_size):
         chunk = idx[start : start + chunk_size]
         if done[chunk].all():
@@ -248,6 +372,7 @@ def evaluate_grid(
         for name, v in vals.items():
             out[name][chunk] = v
         done[chunk] = True
+        report(int(done[idx].sum()), len(idx), "points", "surface")
         if on_chunk is not None:
             on_chunk(out, done, new)
     return out, done

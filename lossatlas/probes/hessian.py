@@ -34,8 +34,10 @@ import numpy as np
 from torch import nn
 
 from lossatlas.batches import as_batches
+from lossatlas.curvature import CurvatureOperator
 from lossatlas.distributed import Distributed
 from lossatlas.estimators import EigResult, count_outliers, slq_density
+from lossatlas.memory import BASIS_DEVICES, LanczosWork, MemoryPlan, Planner, TraceWork, check_plan, default_max_iter
 from lossatlas.probes.adam_sharpness import AdamSharpness, adam_preconditioner, preconditioned_sharpness
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.batch_scan import BatchScan, batch_size_scan
@@ -83,6 +85,14 @@ class HessianProbe(CurvatureProbe):
             ``trace``) over bootstrap resamples of the examples (``hessian_ci``).
         preconditioned: λ_max(P⁻¹H) with Adam's P from the checkpoint's optimizer state (``adam_sharpness``).
         batch_size_scan / scan_batches: mini-batch λ_max mean and std at these batch sizes (``batch_scan``).
+        basis_device: where the Lanczos bases (top/bottom: max_iter·block_size·P values, density:
+            num_probes·num_steps·P) live: None (the operator's device), "cpu" (host memory, beside a GPU
+            operator) or "disk" (memory-mapped under $TMPDIR). The same numbers on each; not part of the key.
+
+    Before the first product the run prints its memory plan on stderr (``lossatlas.memory``: products,
+    basis, peak against the available memory) and refuses with a UserError naming the options that fit
+    (``basis_device``, ``path="finite_difference"``, fewer examples) when the peak would not fit; the
+    plan is in the result's meta as "memory_plan". A float16/bfloat16 checkpoint is analysed in float32.
     """
 
     name: ClassVar[str] = "hessian"
@@ -116,6 +126,10 @@ class HessianProbe(CurvatureProbe):
     preconditioned: bool = False
     batch_size_scan: tuple[int, ...] = ()
     scan_batches: int = 4
+    basis_device: str | None = None
+
+    # settings that change where the work runs, never its numbers: left out of config() and the key
+    execution_fields: ClassVar[tuple[str, ...]] = ("basis_device",)
 
     def validate(self) -> None:
         """ValueError for a setting out of range, or when nothing is asked for."""
@@ -147,12 +161,42 @@ class HessianProbe(CurvatureProbe):
         for s in self.batch_size_scan:
             self.check_int("each batch_size_scan entry", s, 1)
         self.check_int("scan_batches", self.scan_batches, 1)
+        if self.basis_device is not None:
+            check_choice("basis_device", self.basis_device, BASIS_DEVICES, prefix=prefix)
         if self.data_ci and self.top_k == 0 and not self.trace:
             raise ValueError(f"{prefix}data_ci needs top_k >= 1 or trace=True (it resamples λ_max and the trace)")
         if not (self.top_k or self.bottom_k or self.trace or self.density or self.blocks is not None
                 or self.preconditioned or self.batch_size_scan):
             raise ValueError(f"{prefix}nothing to compute (top_k=0, bottom_k=0 and no trace, density, blocks, "
                              "preconditioned or batch_size_scan); set top_k ≥ 1 or ask for one of those")
+
+    def config(self) -> dict:
+        """The settings as a JSON-able dict, without ``execution_fields`` (the same result wherever the basis lives)."""
+        out = super().config()
+        for name in self.execution_fields:
+            out.pop(name, None)
+        return out
+
+    def memory_plan(self, ctx: ProbeContext, op: Any, batches: Any) -> MemoryPlan | None:
+        """The plan of this run's own work on ``op`` (top, bottom, trace, density), printed and checked.
+
+        UserError when the estimated peak does not fit the available memory (``lossatlas.memory``);
+        None for an operator the planner cannot measure (not a ``CurvatureOperator``).
+        """
+        if not isinstance(op, CurvatureOperator):
+            return None
+        P = op.shape[0]
+        work = []
+        for k, vectors in ((self.top_k, self.top_k), (self.bottom_k, 0)):
+            if k:
+                k, b = min(k, P), min(self.block_size, P)
+                steps = default_max_iter(k, b, P) if self.max_iter is None else min(P // b, self.max_iter)
+                work.append(LanczosWork(runs=1, block=b, steps=steps, ritz_vectors=vectors))
+        if self.density:
+            work.append(LanczosWork(runs=self.num_probes, block=1, steps=min(self.num_steps, P)))
+        trace = TraceWork(self.trace_method, self.trace_matvecs) if self.trace else None
+        plan = Planner(op, ctx.model, batches).plan(work, trace, basis_device=self.basis_device)
+        return check_plan(plan, self.name, quiet=ctx.dist.rank != 0, dist=ctx.dist)
 
     # ---------------------------------------------------------------------------------------------------------------
     def parts(self) -> tuple[Probe, ...]:
@@ -191,13 +235,15 @@ class HessianProbe(CurvatureProbe):
 
     def _top(self, op: Any, k: int, which: str, **kw: Any) -> EigResult:
         return top_eigenpairs(op, k, which=which, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
-                              block_size=self.block_size, criterion=self.criterion, **kw)
+                              block_size=self.block_size, criterion=self.criterion,
+                              basis_device=self.basis_device, **kw)
 
     def run_own(self, ctx: ProbeContext) -> Result:
         """Top/bottom eigenpairs, trace and density (what is stored under this probe's key)."""
         batches = self.curvature_batches(ctx)
         op = self.curvature_operator(ctx, batches)
         self._check_k(op.shape[0])
+        plan = self.memory_plan(ctx, op, batches)  # printed; refuses before any product when it cannot fit
         # Under torchrun the trace and density split their probe vectors across ranks, each rank
         # applying the operator over the full data (no all-reduce per product); eigenvalues shard the data.
         split_probes = ctx.dist.active and (self.trace or self.density)
@@ -206,6 +252,8 @@ class HessianProbe(CurvatureProbe):
         elapsed: dict[str, float] = {}
         res = self.new_result(ctx.step, self.operator_meta(ctx, op, batches))
         meta = res.meta
+        if plan is not None:
+            meta["memory_plan"] = plan.as_meta()
 
         if self.top_k:
             t0 = time.perf_counter()
@@ -244,7 +292,8 @@ class HessianProbe(CurvatureProbe):
         if self.density:
             t0 = time.perf_counter()
             dens = slq_density(probe_op, num_probes=self.num_probes, num_steps=min(self.num_steps, op.shape[0]),
-                               sigma_squared=self.sigma_squared, seed=self.seed, dist=ctx.dist)
+                               sigma_squared=self.sigma_squared, seed=self.seed, dist=ctx.dist,
+                               basis_device=self.basis_device)
             split_matvecs += dens.matvecs if split_probes else 0
             elapsed["density"] = time.perf_counter() - t0
             res.add("density", dens.density, ("grid",), {"grid": dens.grid})

@@ -25,6 +25,7 @@ import torch
 from lossatlas.batches import Batch, as_batches, map_inputs, num_examples
 from lossatlas.curvature import CURVATURES, PATHS, CurvatureOperator, make_operator
 from lossatlas.finite import describe_nonfinite, nonfinite_counts
+from lossatlas.memory import compute_dtype
 from lossatlas.probes.base import Probe, ProbeContext
 from lossatlas.probes.settings import COMPUTE_DTYPES, DTYPES, MODES, check_choice
 
@@ -131,7 +132,8 @@ class CurvatureProbe(Probe):
         ``kw`` as in ``lossatlas.curvature.CurvatureOperator`` (``params=`` for a block). Under torchrun its
         products are data-parallel over ``ctx.dist`` unless ``kw`` gives another ``dist``.
         """
-        dtype = DTYPES[self.dtype] if self.dtype is not None else ctx.dtype
+        # a float16/bfloat16 checkpoint is analysed on float32 copies (lossatlas.memory.compute_dtype)
+        dtype = compute_dtype(DTYPES[self.dtype] if self.dtype is not None else ctx.dtype, ctx.model)
         kw.setdefault("dist", ctx.dist)
         return make_operator(self.curvature, ctx.model, list(batches), ctx.loss, mode=self.mode, dtype=dtype,
                              device=ctx.device, path=self.path, **kw)

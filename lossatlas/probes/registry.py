@@ -3,8 +3,10 @@
 from lossatlas.probes import (  # noqa: F401
     adam_sharpness,
     batch_scan,
+    block_heterogeneity,
     collapse,
     connectivity,
+    critical_sharpness,
     hessian,
     hessian_blocks,
     hessian_ci,

@@ -42,19 +42,21 @@ def top_eigenpairs(
     criterion: str = "residual",
     v0: Tensor | None = None,
     return_eigenvectors: bool = True,
+    basis_device: str | None = None,
 ) -> EigResult:
     """The k extreme eigenpairs of a symmetric curvature operator (k and the block size capped at its size P).
 
     ``which``: "LA" largest algebraic (λ_max, the sharpness of Cohen et al. 2021), "SA" smallest
     algebraic, "LM" largest magnitude. ``criterion="eigenvalue"`` stops on the eigenvalue error
     estimate min(r, r²/gap) ≤ tol·|θ| instead of the residual r (fewer products when only the
-    eigenvalues are wanted). ``v0`` warm-starts from a (P,) vector or a (P, c) block. Everything
+    eigenvalues are wanted). ``v0`` warm-starts from a (P,) vector or a (P, c) block. ``basis_device``
+    ("cpu" or "disk") keeps the Lanczos basis off the operator's device. Everything
     else as ``lossatlas.estimators.lanczos_eigs``, whose ``EigResult`` this returns.
     """
     P = A.shape[0]
     return lanczos_eigs(A, min(int(k), P), which=which, tol=tol, max_iter=max_iter, v0=v0, seed=seed,
                         block_size=min(int(block_size), P), return_eigenvectors=return_eigenvectors,
-                        criterion=criterion)
+                        criterion=criterion, basis_device=basis_device)
 
 
 def trace_estimate(

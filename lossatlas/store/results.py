@@ -400,8 +400,9 @@ class ResultsStore:
         """Every stored entry (of ``probe`` if given).
 
         Each is a dict: probe, key, step, status, config, data_fingerprint, elapsed_s, written_at, ``label`` (the
-        readable label stored with it, or built now for an entry written before labels) and ``name`` (the user
-        name of its configuration, None without one).
+        readable label stored with it; None for an entry written before labels, which
+        ``lossatlas.store.labels.configurations`` labels from its settings) and ``name`` (the user name of its
+        configuration, None without one).
         """
         out = []
         if not self.path.exists():  # nothing written yet
@@ -416,8 +417,7 @@ class ResultsStore:
                     name = g.parent.attrs.get(NAME_ATTR)
                     entry["name"] = str(name) if name else None
                     label = a.get(LABEL_ATTR)
-                    entry["label"] = str(label) if label else label_of(p, entry["config"], json.loads(a["meta"]),
-                                                                       key=k)
+                    entry["label"] = str(label) if label else None  # None: written before labels existed
                     out.append(entry)
                 except (KeyError, ValueError, OSError, AttributeError) as e:
                     damage = Damaged(None, f"its attributes cannot be read: {first_line(e)}")
@@ -437,11 +437,16 @@ class ResultsStore:
                     out[unescape(k)] = str(name)
         return out
 
-    def check_name(self, probe: str, key: str | None, name: str) -> None:
-        """UserError (one line) when ``name`` is empty or names another configuration of ``probe`` than ``key``."""
+    @staticmethod
+    def check_name_form(name: str) -> None:
+        """UserError unless ``name`` is a usable configuration name: non-empty, one line, no surrounding spaces."""
         if not name.strip() or name != name.strip() or "\n" in name:
             raise UserError(f"--name {name!r}: a name must be non-empty, on one line, without surrounding spaces; "
                             "e.g. --name full-data")
+
+    def check_name(self, probe: str, key: str | None, name: str) -> None:
+        """UserError (one line) when ``name`` is empty or names another configuration of ``probe`` than ``key``."""
+        self.check_name_form(name)
         taken = {k: n for k, n in self.names(probe).items() if n == name and k != key}
         if taken:
             other = next(iter(taken))

@@ -447,6 +447,17 @@ class RunReader:
         with self._open() as f:
             return self._committed(f["checkpoints/step"]).tolist()
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each stored parameter's shape (buffers excluded), read from the file's metadata: no tensor, no torch.
+
+        Empty before the first checkpoint. ``sum(math.prod(s) for s in shapes.values())`` is the parameter count.
+        """
+        with self._open() as f:
+            group = f.get("checkpoints/params")
+            if group is None:
+                return {}
+            return {unescape(name): tuple(int(n) for n in ds.shape[1:]) for name, ds in group.items() if ds is not None}
+
     def _row(self, f: h5py.File, step: int) -> int:
         steps = self._committed(f["checkpoints/step"])
         hits = np.flatnonzero(steps == step)

@@ -39,6 +39,22 @@ def learning_rates(results: Sequence[ResultLike], lr: LrLike = None) -> np.ndarr
     return np.array([float(r.meta["lr"]) if r.meta.get("lr") is not None else np.nan for r in results])
 
 
+def stability_line(results: Sequence[ResultLike], lr: LrLike = None) -> tuple[np.ndarray, str, str]:
+    """The sharpness threshold to draw against λ_max at each result's step: (values, legend label, rule in words).
+
+    The optimizer's own threshold where the results store it (meta "stability_threshold": 2(1+β)/η for heavy-ball
+    momentum, 2/η for plain gradient descent, ...; lossatlas.probes.stability), else 2/η from ``lr``
+    (Cohen, Kaur, Li, Kolter, Talwalkar 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of
+    Stability"). NaN where neither is known.
+    """
+    stored = np.array([float(r.meta["stability_threshold"]) if r.meta.get("stability_threshold") is not None
+                       else np.nan for r in results])
+    if np.isfinite(stored).any():
+        rule = next((str(r.meta["stability_rule"]) for r in results if r.meta.get("stability_rule")), "")
+        return stored, "stability threshold", rule
+    return 2.0 / learning_rates(results, lr), "2/η", "gradient descent 2/η"
+
+
 def draw_spectrum(ax, result: ResultLike) -> bool:
     """SLQ density on a log y axis with the bulk edge and outliers marked; top/bottom eigenvalues as a rug."""
     density = array(result, "density")
@@ -95,11 +111,11 @@ def draw_eigenvalues_vs_step(ax, results: Sequence[ResultLike], lr: LrLike = Non
     for j in range(k):
         ax.plot(steps, m[:, j], marker="o", color="C0", alpha=1.0 if j == 0 else 0.45,
                 label="λ_max" if j == 0 else ("λ_2…λ_k" if j == 1 else None))
-    eta = learning_rates(results, lr)
+    threshold, label, _ = stability_line(results, lr)  # the optimizer's own threshold where stored, else 2/η
     shown = m.copy()
-    if np.isfinite(eta).any():
-        ax.plot(steps, 2.0 / eta, color="C3", ls="--", drawstyle="steps-post", label="2/η")
-        shown = np.column_stack([m, 2.0 / eta])
+    if np.isfinite(threshold).any():
+        ax.plot(steps, threshold, color="C3", ls="--", drawstyle="steps-post", label=label)
+        shown = np.column_stack([m, threshold])
     log_if_decades(ax, shown)
     ax.set_xlabel("step")
     ax.set_ylabel("Hessian eigenvalue")

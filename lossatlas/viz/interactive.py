@@ -12,12 +12,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from lossatlas.viz._results import ResultLike, array, as_list, coord, scalar, series, steps_of
-from lossatlas.viz.curvature import DENSITY_FLOOR, LrLike, learning_rates
+from lossatlas.viz.curvature import DENSITY_FLOOR, LrLike, stability_line
 from lossatlas.viz.registry import TRAINING, plotly_figures_of
 from lossatlas.viz.representations import NC_SERIES, UNIFORMITY_SERIES
 from lossatlas.viz.sharpness import MEASURE_LABELS, sharpness_measures
 from lossatlas.viz.style import OKABE_ITO, spans_decades
-from lossatlas.viz.training import TRAINING_PANELS, layer_matrix, logged
+from lossatlas.viz.training import TRAINING_PANELS, constant_value, layer_matrix, logged
 
 
 def _go():
@@ -62,6 +62,28 @@ def _lines(results: Sequence[ResultLike], names: Sequence[tuple[str, str]], titl
     return _layout(fig, title, "step", ylabel, log_y=log_y)
 
 
+def _panels(results: Sequence[ResultLike], names: Sequence[tuple[str, str]], title: str):
+    """Each scalar series vs step in its own panel (its own y axis, log where a positive series spans decades)."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    steps = steps_of(results)
+    found = [(label, v) for name, label in names if np.isfinite(v := series(results, name)).any()]
+    if not found:
+        return None
+    fig = make_subplots(rows=len(found), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=[label for label, _ in found])
+    for i, (label, v) in enumerate(found, start=1):
+        fig.add_trace(go.Scatter(x=_clean(steps), y=_clean(v), mode="lines+markers", name=label,
+                                 line=dict(color=OKABE_ITO[(i - 1) % len(OKABE_ITO)])), row=i, col=1)
+        positive = np.all(v[np.isfinite(v)] > 0)
+        fig.update_yaxes(type="log" if positive and spans_decades(v, 1.0) else None, row=i, col=1)
+    fig.update_xaxes(title_text="step", row=len(found), col=1)
+    fig.update_layout(template="simple_white", height=170 * len(found) + 80, showlegend=False,
+                      margin=dict(l=60, r=20, t=50, b=40), title=title)
+    return fig
+
+
 # -- training log ------------------------------------------------------------------------------------
 def training_plotly(log: Mapping[str, np.ndarray]):
     """Loss, η, ‖∇L‖ and update ratio vs step, one zoomable panel each (shared step axis)."""
@@ -69,7 +91,8 @@ def training_plotly(log: Mapping[str, np.ndarray]):
     from plotly.subplots import make_subplots
 
     found = [(n, lab, logged(log, n)) for n, lab in TRAINING_PANELS]
-    found = [(n, lab, f) for n, lab, f in found if f is not None]
+    # a series that never changes (a constant learning rate) is a sentence (constant_series), not a panel
+    found = [(n, lab, f) for n, lab, f in found if f is not None and constant_value(f[1]) is None]
     if not found:
         return None
     fig = make_subplots(rows=len(found), cols=1, shared_xaxes=True, vertical_spacing=0.04,
@@ -121,7 +144,11 @@ def spectrum_plotly(result: ResultLike):
     bulk = result.meta.get("bulk_edge")
     if bulk is not None:
         fig.add_vline(x=float(bulk), line_dash="dash", annotation_text="bulk edge")
-    return _layout(fig, f"Hessian spectrum, step {result.step}", "eigenvalue λ", "density", log_y=density is not None)
+    _layout(fig, f"Hessian spectrum, step {result.step}", "eigenvalue λ", "density", log_y=density is not None)
+    if density is None:  # eigenvalues only: a rug on the λ axis, with no density axis to misread
+        fig.update_yaxes(visible=False, range=[0.5, 1.5])
+        fig.update_layout(height=200)
+    return fig
 
 
 def eigenvalues_plotly(results: Sequence[ResultLike], lr: LrLike = None):
@@ -138,11 +165,12 @@ def eigenvalues_plotly(results: Sequence[ResultLike], lr: LrLike = None):
         fig.add_trace(go.Scatter(x=_clean(steps), y=_clean(v), mode="lines+markers", name=f"λ_{j + 1}",
                                  line=dict(color=OKABE_ITO[0]), opacity=1.0 if j == 0 else 0.5))
         shown.append(v)
-    eta = learning_rates(results, lr)
-    if k and np.isfinite(eta).any():
-        fig.add_trace(go.Scatter(x=_clean(steps), y=_clean(2.0 / eta), mode="lines", name="2/η",
+    threshold, label, rule = stability_line(results, lr)  # the optimizer's own threshold where stored, else 2/η
+    if k and np.isfinite(threshold).any():
+        fig.add_trace(go.Scatter(x=_clean(steps), y=_clean(threshold), mode="lines", name=label,
+                                 hovertemplate="step %{x}<br>" + label + " %{y:.4g}<br>" + rule + "<extra></extra>",
                                  line=dict(dash="dash", color=OKABE_ITO[3], shape="hv")))
-        shown.append(2.0 / eta)
+        shown.append(threshold)
     tr = series(results, "trace")
     if np.isfinite(tr).any():
         se = series(results, "trace_stderr")
@@ -187,9 +215,29 @@ def sharpness_plotly(results: Sequence[ResultLike]):
 
 
 def loss_plotly(results: Sequence[ResultLike]):
-    """Evaluated loss and accuracy vs step."""
-    return _lines(as_list(results), [("loss", "loss"), ("accuracy", "accuracy")], "evaluated loss and accuracy",
-                  "loss / accuracy", log_y=False)
+    """Evaluated loss (log axis where it spans a decade) above accuracy (%), one unit per axis, shared step axis."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    results = as_list(results)
+    steps = steps_of(results)
+    loss, acc = series(results, "loss"), series(results, "accuracy")
+    rows = [(name, label, v) for name, label, v in (("loss", "loss", loss), ("accuracy", "accuracy (%)", 100 * acc))
+            if np.isfinite(v).any()]
+    if not rows:
+        return None
+    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[label for _, label, _ in rows])
+    for i, (name, label, v) in enumerate(rows, start=1):
+        fig.add_trace(go.Scatter(x=_clean(steps), y=_clean(v), mode="lines+markers", name=label,
+                                 line=dict(color=OKABE_ITO[i - 1])), row=i, col=1)
+        log_y = name == "loss" and spans_decades(v, 1.0)  # a loss falling by decades reads on a log axis
+        fig.update_yaxes(title_text=label, type="log" if log_y else None, row=i, col=1,
+                         range=[0, 100.5] if name == "accuracy" else None)
+    fig.update_xaxes(title_text="step", row=len(rows), col=1)
+    fig.update_layout(template="simple_white", height=230 * len(rows) + 60, showlegend=False,
+                      margin=dict(l=60, r=20, t=50, b=40), title="evaluated loss and accuracy")
+    return fig
 
 
 # -- landscape --------------------------------------------------------------------------------------------
@@ -280,8 +328,8 @@ def uniformity_plotly(results: Sequence[ResultLike]):
     """Feature singular values of the last checkpoint (log y); metrics vs step when there are several."""
     go = _go()
     results = as_list(results)
-    if len(results) > 1:
-        fig = _lines(results, UNIFORMITY_SERIES, "uniformity and RankMe vs step", "value", log_y=False)
+    if len(results) > 1:  # the metrics have different units and scales: one panel (one axis) each
+        fig = _panels(results, UNIFORMITY_SERIES, "uniformity and RankMe vs step")
         if fig is not None:
             return fig
     r = results[-1]

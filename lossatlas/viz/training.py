@@ -32,6 +32,33 @@ def logged(log: Mapping[str, np.ndarray], name: str) -> tuple[np.ndarray, np.nda
     return (s[ok], v[ok]) if ok.any() else None
 
 
+def constant_value(values: np.ndarray, rtol: float = 1e-9) -> float | None:
+    """The value of a series that never changes (max − min ≤ rtol·|max|), None when it varies or is empty."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    return hi if hi - lo <= rtol * max(abs(hi), abs(lo)) else None
+
+
+def constant_series(log: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The training panels whose logged values never change (e.g. a constant η), by name, with their value."""
+    out = {}
+    for name, _ in TRAINING_PANELS:
+        found = logged(log, name)
+        if found is not None and (c := constant_value(found[1])) is not None:
+            out[name] = c
+    return out
+
+
+def constants_sentence(log: Mapping[str, np.ndarray]) -> str:
+    """The constant training series in words, e.g. "learning rate η = 0.05 throughout (constant)."; "" if none."""
+    labels = dict(TRAINING_PANELS)
+    parts = [f"{labels[n]} = {v:.4g}" for n, v in constant_series(log).items()]
+    return f"{' and '.join(parts)} throughout (constant)." if parts else ""
+
+
 def layer_matrix(log: Mapping[str, np.ndarray], prefix: str = "grad_norm/") -> tuple[list[str], np.ndarray, np.ndarray] | None:
     """Per-tensor telemetry as (tensor names, steps (N,), matrix (T, N)); None when nothing was logged per tensor."""
     names = [k[len(prefix):] for k in log if k.startswith(prefix)]
@@ -77,6 +104,10 @@ def training_figure(log: Mapping[str, np.ndarray]) -> Figure:
                 ax.set_title(label)
                 continue
             s, v = found
+            if (c := constant_value(v)) is not None:  # a constant is a sentence, not a flat line
+                note(ax, f"{label} = {c:.4g}\nthroughout (constant)")
+                ax.set_axis_off()  # no empty axes around the sentence
+                continue
             ax.plot(s, v, color=f"C{i}")
             log_if_decades(ax, v, decades=1.0 if name != "lr" else 2.0)
             ax.set_xlabel("step")

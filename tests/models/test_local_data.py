@@ -418,4 +418,4 @@ def test_loss_of_a_tiny_gpt2_on_a_token_file_through_the_cli(tmp_path, monkeypat
         logits = model(input_ids=windows).logits.double()
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), windows[:, 1:].reshape(-1)).item()
     assert step["meta"]["num_examples"] == 12 * 8  # predicted tokens
-    assert step["values"]["loss"] == pytest.approx(expected, rel=1e-5)  # the model computes in float32
+    assert step["values"]["loss"]["data"] == pytest.approx(expected, rel=1e-5)  # the model computes in float32

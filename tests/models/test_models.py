@@ -568,3 +568,86 @@ def test_unknown_data_name_lists_known_names():
         build_data({"name": "mnist"})
     with pytest.raises(UserError, match=r"data 'digits' rejected its kwargs: unknown split 'val'; choose one of train, test, all"):
         build_data({"name": "digits", "kwargs": {"split": "val"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs mean what they say: the seed only when given; a factory beside the run file is found
+
+SEEDED_MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def data(n=6, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+    def net(seed=7):
+        model = nn.Linear(3, 2)
+        model.seen_seed = seed
+        return model
+    """
+)
+
+
+def _seeded_pair(seed, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def test_factory_without_seed_keeps_its_own_default(tmp_path, monkeypatch):
+    (tmp_path / "lossatlas_seeded_factories.py").write_text(SEEDED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = {"factory": "lossatlas_seeded_factories:data"}
+    x, y = build_data(spec)
+    x1, y1 = _seeded_pair(1)
+    assert torch.equal(x, x1) and torch.equal(y, y1)  # the factory's def data(seed=1), not seed 0
+    x0, _ = build_data({**spec, "seed": 0})
+    assert torch.equal(x0, _seeded_pair(0)[0]) and not torch.equal(x0, x1)
+    x3, _ = build_data({**spec, "kwargs": {"seed": 3}})
+    assert torch.equal(x3, _seeded_pair(3)[0])
+    assert build_model({"factory": "lossatlas_seeded_factories:net"}).seen_seed == 7
+    assert build_model({"factory": "lossatlas_seeded_factories:net", "seed": 2}).seen_seed == 2
+    # the canonical form says which: no seed key without one, so the fingerprints of the two differ
+    assert normalize_spec(spec) == {"factory": "lossatlas_seeded_factories:data", "kwargs": {}}
+    assert normalize_spec(normalize_spec(spec)) == normalize_spec(spec)
+    assert spec_fingerprint(spec) != spec_fingerprint({**spec, "seed": 0})
+    assert spec_fingerprint({**spec, "seed": 0}) == spec_fingerprint({**spec, "kwargs": {"seed": 0}})
+    # a factory without a seed still builds identically every time (global RNG seeded with 0 inside)
+    a, b = build_model({"factory": "lossatlas_seeded_factories:net"}), build_model({"factory": "lossatlas_seeded_factories:net"})
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_registered_names_keep_seed_zero_and_their_fingerprints():
+    assert normalize_spec({"name": "digits"})["seed"] == 0
+    assert spec_fingerprint({"name": "digits"}) == spec_fingerprint({"name": "digits", "seed": 0})
+    x, _ = build_data({"name": "gaussian_mixture"})
+    x0, _ = build_data({"name": "gaussian_mixture", "seed": 0})
+    x1, _ = build_data({"name": "gaussian_mixture", "seed": 1})
+    assert torch.equal(x, x0) and not torch.equal(x, x1)
+
+
+def test_factory_beside_the_run_file_is_found_without_pythonpath(tmp_path, monkeypatch):
+    from lossatlas.analysis.runner import load_data, load_model
+    from lossatlas.store import RunReader, RunWriter
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "lossatlas_beside_run.py").write_text(SEEDED_MODULE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither the working directory nor sys.path holds the module
+    assert not any(str(project) == p for p in __import__("sys").path)
+    net = nn.Linear(3, 2)
+    run = project / "run.h5"
+    with RunWriter(run, model_spec={"factory": "lossatlas_beside_run:net"},
+                   data_spec={"factory": "lossatlas_beside_run:data"}, loss="cross_entropy") as w:
+        w.write_checkpoint(0, dict(net.named_parameters()))
+    with pytest.raises(UserError, match="cannot import module 'lossatlas_beside_run'"):
+        build_model({"factory": "lossatlas_beside_run:net"})  # the caller's own spec: no run file, no folder
+    with RunReader(run) as reader:
+        model = load_model(reader, 0, trust_factory=True)
+        assert torch.equal(model.weight, net.weight) and model.seen_seed == 7
+        (x, y), = load_data(reader.data_spec, trust_factory=True)[0]
+    assert torch.equal(x, _seeded_pair(1)[0])  # the factory's own default seed, as the spec says
+    assert str(project) not in __import__("sys").path  # the folder was only added while building

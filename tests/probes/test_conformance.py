@@ -28,6 +28,8 @@ FAST = {
     "hessian_ci": {"data_resamples": 2, "trace": True, "trace_matvecs": 12},
     "adam_sharpness": {},
     "batch_scan": {"batch_size_scan": (16, 32), "scan_batches": 2},
+    "critical_sharpness": {"max_evals": 12},
+    "block_heterogeneity": {"num_steps": 6, "grid_len": 64},
 }
 BAD = {
     "loss": {"mode": "sideways"},
@@ -42,6 +44,8 @@ BAD = {
     "hessian_ci": {"ci_level": 1.5},
     "adam_sharpness": {"tol": -1.0},
     "batch_scan": {"batch_size_scan": (0,)},
+    "critical_sharpness": {"direction": "sideways"},
+    "block_heterogeneity": {"partition": "atoms"},
 }
 SPEC = {"name": "mlp", "kwargs": {"widths": [64, 12, 10]}}
 
@@ -156,7 +160,8 @@ def test_plot_kinds_and_report_places_come_from_the_declarations(monkeypatch):
 
     monkeypatch.setitem(PROBES, Curvy.name, Curvy)
     got = kinds.plot_kinds()
-    assert got.index("test.curvy") == got.index("hessian") + 1  # section order, then registration order
+    last_curvature = max(got.index(n) for n in drawn if PROBES[n].section == "curvature")
+    assert got.index("test.curvy") == last_curvature + 1  # section order, then registration order
     assert kinds.check_kind("test.curvy") == "test.curvy"
     assert kinds.figure_of("test.curvy") == "hessian" and kinds.section_of("test.curvy") == "curvature"
     assert kinds.title_of("test.curvy") == "A curvy test probe" and kinds.title_of("hessian") == "hessian"

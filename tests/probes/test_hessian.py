@@ -384,7 +384,7 @@ def test_a_changed_part_setting_recomputes_that_part_only(tiny_run, tmp_path, mo
             "--batch-size-scan", "16", "64", "--scan-batches", "2", "--results", str(results), "--json"]
     assert main(argv) == 0
     (step,) = json.loads(capsys.readouterr().out)["steps"]
-    assert step["status"] == "cached" and step["arrays"]["batch_lambda_max_mean"] == [2]
+    assert step["status"] == "cached" and step["values"]["batch_lambda_max_mean"]["shape"] == [2]
 
 
 def test_tracking_warm_start_saves_matvecs_and_overlaps_in_unit_interval(tiny_run):

@@ -146,9 +146,13 @@ def test_open_results_gives_labelled_datasets(probed):
     run, results = probed
     sets = lossatlas.open_results(run)
     store = ResultsStore(results, mode="r")
-    assert set(sets) == {f"{p}/{k}" for p, k in {(e["probe"], e["key"]) for e in store.entries()}}
+    from lossatlas.store.labels import configurations
+
+    # each configuration under its readable label (the store writes one with every entry), unique in the file
+    assert set(sets) == {c["name"] for c in configurations(store.entries())}
+    assert {ds.attrs["key"] for ds in sets.values()} == {e["key"] for e in store.entries()}
     for name, ds in sets.items():
-        probe, key = name.split("/")
+        probe, key = ds.attrs["probe"], ds.attrs["key"]
         entries = sorted(e["step"] for e in store.entries(probe) if e["key"] == key)
         np.testing.assert_array_equal(ds["step"].values, entries)
         assert ds.attrs["probe"] == probe and ds.attrs["key"] == key
@@ -160,11 +164,11 @@ def test_open_results_gives_labelled_datasets(probed):
             for c, arr in result.coords.items():
                 if c in ds.indexes:
                     np.testing.assert_array_equal(ds[c].values, arr)
-    hessian = next(ds for n, ds in sets.items() if n.startswith("hessian/"))
+    hessian = next(ds for ds in sets.values() if ds.attrs["probe"] == "hessian")
     assert hessian["top_eigenvalues"].dims == ("step", "k") and hessian.attrs["top_k"] == 2
     assert hessian["bottom_eigenvalues"].dims == ("step", "k_bottom_eigenvalues")
     assert hessian.attrs["density"] == "true"  # a bool setting as JSON: netCDF attributes hold no bools
-    blocks = next(ds for n, ds in sets.items() if n.startswith("hessian_blocks/"))
+    blocks = next(ds for ds in sets.values() if ds.attrs["probe"] == "hessian_blocks")
     assert len(blocks["block"]) == 2 and all(isinstance(b, str) and b for b in blocks["block"].values.tolist())
     assert blocks["block_top_eigenvalues"].dims == ("step", "block", "k")
     plane = next(ds for ds in sets.values() if ds.attrs["probe"] == "surface" and ds.attrs["dims"] == 2)

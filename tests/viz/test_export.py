@@ -221,10 +221,10 @@ def test_export_command_writes_the_stored_surface(run_with_surfaces, tmp_path, c
     from lossatlas.store import ResultsStore
 
     run, results, plane, line = run_with_surfaces
-    with pytest.raises(UserError, match=r"2 surfaces are stored; pick one with --select: surface/"):
+    with pytest.raises(UserError, match=r"2 surfaces are stored; pick one with --select: surface · "):
         export(run, "--format", "vtk", "-o", tmp_path / "a.vtk")
     assert export(run, "--format", "vtk", "-o", tmp_path / "a.vtk", "--select", plane) == 0
-    assert f"surface/{plane} at step 10 as vtk" in capsys.readouterr().out
+    assert "surface · xrange=-1,1,4 · yrange=-0.5,0.5,3" in capsys.readouterr().out  # its label
     stored, _ = ResultsStore(results, mode="r").read("surface", plane, 10)
     dims, points, data = read_legacy_vtk(tmp_path / "a.vtk")
     assert dims == (4, 3, 1)
@@ -235,7 +235,7 @@ def test_export_command_writes_the_stored_surface(run_with_surfaces, tmp_path, c
         export(results, "--format", "vtk", "-o", tmp_path / "a.vtk", "--select", f"surface/{line}")
     assert export(results, "--format", "vtk", "-o", tmp_path / "a.vtk", "--select", f"surface/{line}", "--force") == 0
     assert read_legacy_vtk(tmp_path / "a.vtk")[0] == (5, 1, 1)
-    with pytest.raises(UserError, match=r"--step 3: surface/\w+ is stored at steps 10; pick one of them"):
+    with pytest.raises(UserError, match=r"--step 3: surface · .* is stored at steps 10; pick one of them"):
         export(run, "--format", "loss-landscape", "-o", tmp_path / "b.h5", "--select", plane, "--step", "3")
     with pytest.raises(UserError, match=r"--select 'nope' names no stored surface"):
         export(run, "--format", "loss-landscape", "-o", tmp_path / "b.h5", "--select", "nope")
@@ -263,7 +263,7 @@ def test_export_command_xarray_writes_netcdf_groups(run_with_surfaces, tmp_path)
             for v in ds.data_vars:
                 np.testing.assert_array_equal(back[v].values, ds[v].values)
             np.testing.assert_array_equal(back["step"].values, ds["step"].values)
-    loss_name = next(n for n in sets if n.startswith("loss/"))
+    loss_name = next(n for n, ds in sets.items() if ds.attrs["probe"] == "loss")  # named by its label
     one = tmp_path / "one.nc"
     assert export(run, "--format", "xarray", "-o", one, "--select", loss_name, "--step", "5") == 0
     with xr.open_dataset(one, group=loss_name, engine="h5netcdf") as back:

@@ -372,7 +372,8 @@ def test_report_holds_every_stored_result_with_its_config(run_with_results, tmp_
     entries = ResultsStore(default_results_path(run_with_results), mode="r").entries()
     for key in {e["key"] for e in entries}:
         assert f"config key {key}" in html
-    assert "&quot;synthetic&quot;: true" in html  # the hessian config, escaped, in its <details>
+    assert "<tr><th>synthetic</th><td>yes</td></tr>" in html  # the hessian config, a table in its <details>
+    assert "&quot;synthetic&quot;" not in html  # not dumped as JSON
     for section in ("overview", "instabilities", "curvature", "sharpness", "landscape", "representations"):
         assert f'<section id="{section}">' in html
     page = html.replace(plotly_js(), "")  # the library's own source mentions URLs it never requests here

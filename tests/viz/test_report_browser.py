@@ -54,6 +54,7 @@ def report(tmp_path_factory):
     from lossatlas.analysis.runner import RunOptions, default_results_path, run_probe
     from lossatlas.probes.collapse import NeuralCollapse
     from lossatlas.probes.connectivity import Interpolate
+    from lossatlas.probes.hessian import HessianProbe
     from lossatlas.probes.loss import Loss
     from lossatlas.probes.surface import Surface
     from lossatlas.store import ResultsStore, RunReader
@@ -68,6 +69,7 @@ def report(tmp_path_factory):
     run_probe(run, NeuralCollapse(), opts)
     run_probe(run, Surface(dims=2, xrange=(-1.0, 1.0, 7), quadratic_check=False), RunOptions(steps="last", max_examples=256))
     run_probe(run, Interpolate(to_step=20, alphas=(0.0, 1.0, 9)), RunOptions(steps=[0], max_examples=256))
+    run_probe(run, HessianProbe(top_k=2, blocks="layers"), opts)  # real λ_max with its stability threshold
     with ResultsStore(default_results_path(run), run_fingerprint=RunReader(run).fingerprint()) as store:
         for s in HESSIAN_STEPS:
             store.write(hessian_result(s), key="synthetic")
@@ -122,3 +124,107 @@ def test_report_renders_offline_in_chromium(report, tmp_path):
         assert img.std() > 10, "the screenshot is (nearly) uniform: nothing was painted"
     finally:
         driver.quit()
+
+
+# a JSON object or array as json.dumps writes it: {"key": ... or [{"key": ...
+RAW_JSON = re.compile(r'[{\[]\s*"[^"\n]{1,80}"\s*:')
+
+
+def _page_state(driver) -> dict:
+    """What a reader sees: the page's visible text, its section order, the summary and the plotly layouts."""
+    return driver.execute_script("""
+        const plots = [...document.querySelectorAll('.js-plotly-plot')];
+        const sum = document.querySelector('#summary');
+        return {
+          text: document.body.innerText,
+          sections: [...document.querySelectorAll('main > section')].map(s => s.id),
+          summary_top: sum ? sum.getBoundingClientRect().top : null,
+          summary_bottom: sum ? sum.getBoundingClientRect().bottom : null,
+          glance: sum ? sum.querySelector('.glance').innerText : '',
+          findings: sum ? [...sum.querySelectorAll('ul.findings li')].map(li => li.innerText) : [],
+          annotations: plots.flatMap(p => ((p.layout || {}).annotations || []).map(a => a.text || '')),
+          plots: plots.map(p => ({title: ((p.layout || {}).title || {}).text || '',
+                                  axes: (p.data || []).map(t => (t.name || '') + '@' + (t.yaxis || 'y'))})),
+        };""")
+
+
+def _stored(run_path: Path, probe: str) -> list:
+    """The real (not synthetic) Results of ``probe`` stored for the fixture's run, in step order."""
+    from lossatlas.store import ResultsStore, default_results_path
+
+    store = ResultsStore(default_results_path(run_path), mode="r")
+    entries = [e for e in store.entries(probe) if e["key"] != "synthetic"]
+    found = [store.read(probe, e["key"], e["step"])[0] for e in entries]
+    return sorted(found, key=lambda r: r.step)
+
+
+def test_report_opens_with_the_summary(report, tmp_path):
+    """The first screen is the run at a glance and the findings, checked against the stored numbers; the page
+    shows no raw JSON (not even with every fold opened), a constant η is a sentence and not a panel, and loss
+    and accuracy have an axis each."""
+    import math
+
+    from test_figures import LR
+
+    from lossatlas.store import RunReader
+
+    run_path = report.parent / "run.h5"
+    reader = RunReader(run_path)
+    params = reader.checkpoint(reader.steps()[-1]).params
+    n_params = sum(math.prod(t.shape) for t in params.values())  # counted from the tensors themselves
+    beta = float(reader.optimizer["defaults"]["momentum"])
+    threshold = 2.0 * (1.0 + beta) / LR  # heavy-ball stability threshold 2(1+β)/η, closed form
+    lam = [float(np.max(r.values["top_eigenvalues"])) for r in _stored(run_path, "hessian")]
+    peak = max(lam) / threshold
+    last_blocks = _stored(run_path, "hessian_blocks")[-1]  # the per-layer part, stored beside the Hessian's own
+    blocks = np.asarray(last_blocks.values["block_top_eigenvalues"]).max(axis=1)
+    names = [str(n) for n in last_blocks.coords["block"]]
+    sharpest = names[int(np.argmax(blocks))]
+
+    driver = chromium_driver(tmp_path / "profile")
+    try:
+        driver.set_window_size(1300, 900)
+        driver.get(report.resolve().as_uri())
+        deadline = time.time() + 60
+        while time.time() < deadline and driver.execute_script("return document.readyState") != "complete":
+            time.sleep(0.25)
+        time.sleep(1.0)  # let plotly lay the figures out
+        state = _page_state(driver)
+        shot = Path("/tmp/lossatlas_report_first_screen.png")
+        for path in (tmp_path / "first_screen.png", shot):
+            assert driver.save_screenshot(str(path))
+        driver.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")
+        unfolded = driver.execute_script("return document.body.innerText")
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1300, min(int(height) + 40, 16000))
+        driver.save_screenshot("/tmp/lossatlas_report_unfolded.png")
+    finally:
+        driver.quit()
+
+    assert state["sections"][0] == "summary", f"the page opens with {state['sections'][:3]}"
+    assert state["summary_top"] < 200 and state["summary_bottom"] < 900, "the summary does not fit the first screen"
+    assert f"{n_params:,}" in state["glance"], state["glance"]
+    assert "mlp" in state["glance"] and "digits" in state["glance"]
+    topics = {f.split(":")[0] for f in state["findings"]}
+    assert {"Loss", "Spikes", "Edge of stability", "Collapse", "Sharpest layer"} <= topics, state["findings"]
+    eos = next(f for f in state["findings"] if f.startswith("Edge of stability"))
+    assert f"{peak:.2f}" in eos, (eos, peak)
+    assert ("not reached" in eos) == (peak < 0.9), eos
+    assert f"{threshold:.3g}" in eos, (eos, threshold)
+    layer = next(f for f in state["findings"] if f.startswith("Sharpest layer"))
+    assert sharpest in layer and f"{blocks.max():.3g}" in layer, (layer, sharpest, blocks)
+
+    for text in (state["text"], unfolded):
+        found = RAW_JSON.search(text)
+        assert found is None, f"raw JSON on the page: {text[max(0, found.start() - 60):found.end() + 60]!r}"
+    sentence = f"learning rate η = {LR:.4g} throughout (constant)."
+    assert sentence in state["text"]
+    assert not [a for a in state["annotations"] if "learning rate" in a], "a constant η still gets a panel"
+    loss_plot = next(p for p in state["plots"] if "evaluated loss and accuracy" in p["title"])
+    axes = dict(a.rsplit("@", 1) for a in loss_plot["axes"])
+    assert axes["loss"] != axes["accuracy (%)"], f"loss and accuracy share an axis: {axes}"
+
+    from PIL import Image
+
+    img = np.asarray(Image.open(tmp_path / "first_screen.png").convert("L"), dtype=np.float64)
+    assert img.std() > 10, "the first screen is (nearly) uniform: nothing was painted"
