@@ -197,12 +197,23 @@ def gradient(model: nn.Module, batches) -> None:
 
 
 def warm_imports() -> None:
-    """Pay, before anything is timed or measured, the one-off imports of a process's first double backward
-    (sympy, ~1 s) and first torch.func transform (torch._dynamo, 2.5–4.5 s and ~100 MB): the same for every method."""
+    """Pay, before anything is timed or measured, a process's one-off costs: the imports of its first double
+    backward (sympy, ~1 s) and torch.func transform (torch._dynamo, 2.5–4.5 s, ~100 MB), the peers' imports and
+    our first operator use (on a tiny model) — the same for every method, and no cost of the model's size."""
     w = torch.ones(2, requires_grad=True)
     (g,) = torch.autograd.grad((w**3).sum(), w, create_graph=True)
     torch.autograd.grad(g.sum(), w)
-    torch.func.jvp(torch.sin, (torch.ones(2),), (torch.ones(2),))
+    torch.func.jvp(torch.func.grad(lambda u: (u**3).sum()), (torch.ones(2),), (torch.ones(2),))  # forward-over-reverse
+    import curvlinops  # noqa: F401  (the peers' imports too, so no method pays a one-off the others skip)
+    import pyhessian  # noqa: F401
+    import scipy.sparse.linalg  # noqa: F401
+
+    from lossatlas.curvature import HessianOperator
+    from lossatlas.estimators import lanczos_eigs
+
+    tiny = nn.Linear(3, 2)  # our first operator use in a process (lazy imports, path probing) on a tiny model
+    lanczos_eigs(HessianOperator(tiny, [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], "cross_entropy"), 1,
+                 return_eigenvectors=False)
 
 
 def timed(fn) -> float:

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *rest, **kw: held.append(_warning_line(message))
             warnings.simplefilter("always", NonFiniteWarning)  # every diverged checkpoint, not the first only
-            parser = build_parser()
+            parser = build_parser(probes=_wants_probes(argv))
             args = parser.parse_args(list(argv) if argv is not None else None)
             from lossatlas import progress
 
@@ -139,9 +139,19 @@ def _print_lines(lines: list[str]) -> None:
         print(line, file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
+READ_COMMANDS = frozenset({"info", "plot", "report"})  # they read stored files: no probe parser (nor torch) needed
+
+
+def _wants_probes(argv: Sequence[str] | None) -> bool:
+    """False when the subcommand is one of READ_COMMANDS: the probe subcommands (which import torch) are not built."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return next((a for a in args if not a.startswith("-")), None) not in READ_COMMANDS
+
+
+def build_parser(*, probes: bool = True) -> argparse.ArgumentParser:
     """The ``lossatlas`` argument parser: one sub-command per action, one per registered probe."""
-    import lossatlas.probes.registry  # noqa: F401  (registers every probe)
+    if probes:
+        import lossatlas.probes.registry  # noqa: F401  (registers every probe; imports torch)
     from lossatlas.probes import PROBES
 
     parser = _Parser(prog="lossatlas", description="Loss landscapes, curvature and training dynamics from checkpoints.")
@@ -277,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lossatlas import export
 
     export.add_parser(sub)
-    for name in sorted(PROBES):
+    for name in sorted(PROBES) if probes else ():
         _add_probe_parser(sub, PROBES[name])
     for p in sub.choices.values():
         _finish_help(p)
@@ -1185,11 +1195,12 @@ def _config_summary(c: dict) -> dict:
     """One stored configuration for ``info RESULTS``: label, name, probe, key, settings, steps, when written."""
     import datetime
 
-    from lossatlas.store.labels import probe_defaults
+    from lossatlas.store.labels import changed_settings
 
-    config = c["entries"][-1]["config"]
-    defaults = probe_defaults(c["probe"]) or {}
-    settings = {k: v for k, v in config.items() if k not in defaults or json.loads(json.dumps(v)) != defaults[k]}
+    last = c["entries"][-1]
+    config = last["config"]
+    # stored with the entry; an entry written before that has its defaults looked up in the probe (imports torch)
+    settings = last.get("changed") if last.get("changed") is not None else changed_settings(c["probe"], config)
     when = datetime.datetime.fromtimestamp(c["written_at"]).isoformat(timespec="seconds") if c["written_at"] else None
     return {"label": c["label"], "name": c["user_name"], "probe": c["probe"], "key": c["key"],
             "settings": settings, "config": config, "steps": c["steps"], "written": when,

@@ -27,7 +27,7 @@ For the MSE losses, integer class labels are one-hot encoded against the output 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,10 @@ def resolve_loss_and_output(run_loss: str | None, loss: str | None, output: str 
     any other loss uses ``output`` (default "logits"). UserError for an unknown loss or output name.
     """
     name = loss if loss is not None else (run_loss or "cross_entropy")
+    if is_closure(name):  # a closure runs the model itself: any output is its own business
+        if output is not None:
+            check_output_name(output)
+        return name, output or OUTPUT
     check_choice("loss", name, LOSSES, prefix=prefix, error=UserError)
     if output is not None:
         check_output_name(output)
@@ -96,6 +100,10 @@ def require_output_loss(name: str, what: str, fix: str = "use --loss causal_lm o
     if name == MODEL_LOSS:
         raise ValueError(f"{what} needs a loss of the model's outputs (per-example terms or its output Hessian), "
                          f"which --loss model (the model's own scalar loss) does not give; {fix}")
+    if is_closure(name):
+        raise ValueError(f"{what} needs a loss of the model's outputs (per-example terms or its output Hessian), "
+                         f"which the closure loss {name} (a scalar of the model and batch) does not give; use "
+                         "curvature='hessian' or a loss name such as cross_entropy")
     return name
 
 
@@ -136,7 +144,9 @@ def model_loss_batches(model: nn.Module, batches: Sequence[tuple[Any, Tensor]]) 
 
 
 def check_loss_name(name: str) -> str:
-    """Return ``name`` if it is a known loss, else raise ValueError naming the choices."""
+    """Return ``name`` if it is a known loss or a closure loss (``LossClosure``), else raise ValueError naming the choices."""
+    if is_closure(name):
+        return name
     return check_choice("loss", name, LOSSES)
 
 
@@ -190,8 +200,12 @@ def per_example_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
 def batch_loss(name: str, out: Tensor, y: Tensor) -> Tensor:
     """The batch's mean loss (what a training step would back-propagate): mean over its counted terms.
 
-    ``model``: ``out`` is the model's own loss (0-d), returned as it is.
+    ``model``: ``out`` is the model's own loss (0-d), returned as it is. A closure loss has no outputs to
+    score: ValueError (evaluate it with ``closure_value``).
     """
+    if is_closure(name):
+        raise ValueError(f"the closure loss {name} is evaluated on the model and batch, not on outputs; use "
+                         "lossatlas.losses.closure_value(loss, model, params, batch)")
     if name == MODEL_LOSS:
         if out.ndim != 0:
             raise ValueError(f"loss 'model' takes the model's own loss, a scalar, but the model gave outputs of shape "
@@ -211,6 +225,8 @@ def batch_count(name: str, y: Tensor) -> int:
     ``model``: integer labels of two or more axes count their entries other than -100 (a causal LM's
     y[:, 0] is marked -100 by ``model_loss_batches``); 1-D or float labels count examples.
     """
+    if is_closure(name):  # the batch's size (a closure that returns (loss, count) counts itself)
+        return int(y.shape[0]) if isinstance(y, Tensor) and y.ndim > 0 else 1
     if name == MODEL_LOSS:
         if y.ndim >= 2 and not y.is_floating_point():
             return int((y != IGNORE_INDEX).sum())
@@ -304,4 +320,129 @@ def correct_count(out: Tensor, y: Tensor, loss: str | None = None) -> int:
 
 def accuracy_available(loss: str | None) -> bool:
     """Whether the outputs under ``loss`` are predictions that ``correct_count`` can score (not for ``model``)."""
-    return loss != MODEL_LOSS
+    return loss != MODEL_LOSS and not is_closure(loss)
+
+
+# ----------------------------------------------------------------------------------------- closure losses
+class LossClosure(str):
+    """A user's loss ``loss_fn(model, batch) -> scalar`` (or ``(scalar, count)``), carried where a loss name goes.
+
+    The value is a label ("closure:<name>") so that it passes as a loss name through every place that records
+    one (result meta, results-file keys); ``fn`` is the callable. The closure is evaluated on the model itself,
+    ``loss_fn(model, (inputs, targets))``, with the model's parameters swapped for the point's tensors
+    (``closure_value``), so it may run any forward (PINN residuals through the inputs' gradient, contrastive
+    pairs, regularisers on the parameters). The data-set loss is L(θ) = Σ_b w_b L_b(θ), w_b = n_b/N with n_b
+    the batch's size (``closure_count``), or the count the closure returns as ``(loss, count)`` (a batch
+    holding n_b counted terms). It has no outputs, predictions or output Hessian: the GGN, the Fisher
+    matrices, per-example losses and accuracy refuse it (``require_output_loss``).
+    """
+
+    fn: Callable[[nn.Module, tuple[Any, Tensor]], Any]
+
+    def __new__(cls, fn: Callable[..., Any], name: str | None = None) -> LossClosure:
+        """Wrap ``fn``; ``name`` (default ``fn.__name__``) labels it as "closure:<name>"."""
+        if isinstance(fn, LossClosure):
+            return fn
+        if not callable(fn):
+            raise UserError(f"loss must be a loss name or a callable loss_fn(model, batch) -> scalar, got "
+                            f"{type(fn).__name__}; give e.g. loss=lambda model, batch: ...")
+        label = name or getattr(fn, "__name__", None) or type(fn).__name__
+        obj = super().__new__(cls, f"closure:{label}")
+        obj.fn = fn
+        return obj
+
+    def __reduce__(self):  # pickling keeps the callable (where it pickles)
+        return (LossClosure, (self.fn, str(self)[len("closure:"):]))
+
+
+def is_closure(loss: Any) -> bool:
+    """Whether ``loss`` is a closure loss (a ``LossClosure``) rather than a loss name."""
+    return isinstance(loss, LossClosure)
+
+
+class _ClosureModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module whose only child is the model, for ``functional_call``."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.m = model
+        self._fn = fn
+
+    def forward(self, batch: tuple[Any, Tensor]) -> Any:
+        return self._fn(self.m, batch)
+
+
+def closure_count(x: Any, y: Any) -> int:
+    """A batch's size: the targets' first axis, else the inputs' (what a closure loss is weighted by)."""
+    if isinstance(y, Tensor) and y.ndim > 0:
+        return int(y.shape[0])
+    from lossatlas.batches import batch_length
+
+    return int(batch_length(x))
+
+
+def closure_value(loss: LossClosure, model: nn.Module, params: Mapping[str, Tensor] | None,
+                  batch: tuple[Any, Tensor]) -> tuple[Tensor, int]:
+    """(L_b(θ), n_b): the closure on one batch with the model's tensors replaced by ``params``, and its count.
+
+    ``params`` (parameters and buffers by name; None: the model's own) go in through
+    ``torch.func.functional_call`` on a wrapper module, so the user's module is never mutated and autograd
+    (and ``torch.func``) reach them. A returned ``(loss, count)`` gives the count, else n_b is the batch's
+    size (``closure_count``). ValueError naming the closure when it returns something other than a scalar.
+    """
+    wrapper = _ClosureModule(model, loss.fn)
+    if params is None:
+        raw = wrapper(batch)
+    else:
+        raw = torch.func.functional_call(wrapper, {f"m.{k}": v for k, v in params.items()}, (batch,))
+    count = None
+    if isinstance(raw, (tuple, list)) and len(raw) == 2:
+        raw, count = raw
+    if not isinstance(raw, Tensor):
+        raw = torch.as_tensor(raw)
+    if raw.numel() != 1:
+        raise ValueError(f"loss {loss} returned a tensor of shape {tuple(raw.shape)}; a loss closure must return a "
+                         "scalar (the batch's mean loss) or (scalar, count)")
+    n = closure_count(*batch) if count is None else int(count)
+    return raw.reshape(()), n
+
+
+def closure_data_loss(loss: LossClosure, model: nn.Module, params: Mapping[str, Tensor] | None,
+                      batches: Sequence[tuple[Any, Tensor]]) -> Tensor:
+    """L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b for a closure loss (``closure_value`` gives L_b and n_b)."""
+    values, counts = zip(*(closure_value(loss, model, params, b) for b in batches))
+    total = sum(counts)
+    if total <= 0:
+        raise ValueError("the data holds no examples; give at least one (inputs, targets) batch with examples")
+    return sum(v * (n / total) for v, n in zip(values, counts))  # type: ignore[return-value]
+
+
+def resolve_loss_spec(value: Any, *, stored: bool = False, signatures: Any = None, source: str = "",
+                      trust_factory: bool = False) -> Any:
+    """A loss as given: a name stays a name, a callable becomes a ``LossClosure``, a factory spec is built.
+
+    A spec ``{"factory": "pkg.module:fn", "kwargs": {...}}`` (a dict or its JSON text) names a factory that
+    returns the callable loss_fn(model, batch); it is imported under the rules of model factories
+    (``lossatlas.trust.require_trusted``): a spec the caller gives (``--loss`` on the command line) is trusted,
+    one ``stored`` in a run file (``signatures``: the file's ``spec_signatures``, ``source``: its path) only when
+    this user signed it or ``trust_factory``. UserError for a malformed spec or a factory that returns no callable.
+    """
+    if callable(value) and not isinstance(value, str):
+        return LossClosure(value)
+    if isinstance(value, LossClosure) or not (isinstance(value, Mapping) or
+                                               (isinstance(value, str) and value.lstrip().startswith("{"))):
+        return value
+    from lossatlas import trust
+    from lossatlas.models import registry
+
+    spec = trust.stored_spec(value, signatures, role="loss", source=source) if stored else value
+    if not trust.names_factory(spec):
+        raise UserError(f"loss spec {value!r} names no factory; give a loss name ({', '.join(LOSSES)}) or "
+                        '{"factory": "pkg.module:fn"} whose fn returns loss_fn(model, batch)')
+    trust.require_trusted(spec, trust_factory=trust_factory)
+    canon = registry.normalize_spec(spec)
+    fn = registry._call(canon, {}, "loss", near=registry._source_folder(spec))
+    if not callable(fn):
+        raise UserError(f"loss factory {canon['factory']!r} returned {type(fn).__name__}; it must return a callable "
+                        "loss_fn(model, batch) -> scalar")
+    return LossClosure(fn, canon["factory"])

@@ -148,6 +148,17 @@ def _function_defaults(probe: str) -> dict[str, Any] | None:
             if p.default is not inspect.Parameter.empty}
 
 
+def changed_settings(probe: str, config: Mapping[str, Any], defaults: Mapping[str, Any] | None | object = _NO_KEY
+                     ) -> dict[str, Any]:
+    """The settings of ``config`` that differ from the probe's defaults (all of them when the defaults are unknown)."""
+    if defaults is _NO_KEY:
+        defaults = probe_defaults(probe)
+    if not defaults:
+        return dict(config)
+    return {k: v for k, v in config.items()
+            if k not in defaults or json.loads(json.dumps(v, default=_plain)) != defaults[k]}
+
+
 def label_of(probe: str, config: Mapping[str, Any], meta: Mapping[str, Any] | None = None, *,
              key: str | None = None, defaults: Mapping[str, Any] | None | object = _NO_KEY) -> str:
     """The readable label of a result: ``probe · setting · … · data size · loss · output``.

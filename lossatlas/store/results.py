@@ -39,11 +39,12 @@ from lossatlas.store.h5 import (
     unescape,
 )
 from lossatlas.store.integrity import Damaged
-from lossatlas.store.labels import label_of
+from lossatlas.store.labels import changed_settings, label_of
 from lossatlas.store.locks import exclusive
 
 STATUSES = ("complete", "partial")
 LABEL_ATTR = "label"  # an entry's readable label (lossatlas.store.labels.label_of), written with it
+CHANGED_ATTR = "changed"  # JSON of the entry's settings that differ from the probe's defaults, written with it
 NAME_ATTR = "name"  # a configuration's user name (--name), an attribute of its /<probe>/<key> group
 
 
@@ -304,6 +305,7 @@ class ResultsStore:
                  "elapsed_s": float(elapsed_s), "status": status, "written_at": time.time()}
         name = _step_name(result.step)
         label = label_of(result.probe, result.config, result.meta, key=key)  # readable: what differs from defaults
+        changed = json.dumps(changed_settings(result.probe, result.config), default=str)
 
         def change(f: h5py.File) -> None:
             parent = f.require_group(escape(result.probe)).require_group(escape(key))
@@ -324,6 +326,7 @@ class ResultsStore:
             g.attrs.update(attrs)
             g.attrs["digest"] = np.uint64(_entry_digest(attrs, list(g)))
             g.attrs[LABEL_ATTR] = label  # outside the digest: entries written before labels verify as they did
+            g.attrs[CHANGED_ATTR] = changed  # so readers list the settings without importing the probes (torch)
 
         self._change(change)
 
@@ -418,6 +421,8 @@ class ResultsStore:
                     entry["name"] = str(name) if name else None
                     label = a.get(LABEL_ATTR)
                     entry["label"] = str(label) if label else None  # None: written before labels existed
+                    changed = a.get(CHANGED_ATTR)
+                    entry["changed"] = json.loads(changed) if changed else None
                     out.append(entry)
                 except (KeyError, ValueError, OSError, AttributeError) as e:
                     damage = Damaged(None, f"its attributes cannot be read: {first_line(e)}")
