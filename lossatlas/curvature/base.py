@@ -4,7 +4,8 @@ The base class owns everything that is not the curvature matrix itself (curvlino
 the parameter selection and the point θ, the data loop and its weighting Σ_b (n_b/N) M_b with
 unequal batches (the curvature of the mean loss), the train/eval mode (restored after every
 use), float64 copies, several vectors at once (vmap with ``chunk_size`` or one reused gradient
-graph), the choice between autodiff paths with automatic fallback, and the SciPy export.
+graph), the choice between autodiff paths by measurement (per block size, within a memory budget)
+with automatic fallback, and the SciPy export.
 A subclass writes the per-batch product, once per autodiff path.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,12 +33,17 @@ from lossatlas.outputs import model_outputs
 PATHS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
 MODES: tuple[str, ...] = ("eval", "train")
 
-# "auto" uses forward-over-reverse (torch.func, vmapped) from AUTO_BATCHED_MIN_K vectors per
-# matmul on (from 2 once the gradient graphs no longer fit the cache and must be rebuilt), and
-# double backward with reused per-batch gradient graphs below it. benchmarks/bench_hvp.py measures
-# both paths per vector: a lone torch.func HVP is the slowest; batched torch.func wins on an MLP
-# from K=2-4, while on a CNN (forward-mode convolutions) it only catches up around K=8.
+# The exact autodiff paths "auto" chooses between, in the order it tries them when it knows nothing yet.
+AUTODIFF_PATHS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
+# "auto" no longer switches at a fixed block size: it times both paths on the first real products of
+# every block-size bucket and keeps the faster (benchmarks/bench_paths.py). A fixed switch to vmapped
+# forward-over-reverse from 8 vectors cost 3.9 gradients per vector on a ResNet-style CNN against 2.25
+# for double backward, with 8-10x the extra memory. The name stays importable; nothing reads it.
 AUTO_BATCHED_MIN_K = 8
+# "auto" runs a bucket's first AUTO_EXPLORE_RATIO products on the likely winner and tries the other path
+# on the next one: a try that costs up to one extra product then adds at most ~1/10 to the bucket's
+# time. A count, not a clock, so that a rerun takes the same path for every product (bit-identical).
+AUTO_EXPLORE_RATIO = 10
 DETERMINISM_EXAMPLES = 64  # examples evaluated twice by the dropout check
 # Products run under the math SDPA backend: the fused CPU/CUDA attention kernels have neither double
 # backward nor forward-mode AD. Always, not on a first failure: on a model without attention the
@@ -64,9 +71,20 @@ class CurvatureOperator:
             the running stats of the user's module are never updated).
         dtype: None (the model's dtype) or e.g. ``torch.float64``: computes on cast copies.
         device: None (the model's device) or a device for the copies and the data.
-        path: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``; a path that raises
-            (an op without forward-mode or double-backward support) falls back to the other one,
-            and ``op.path`` reports what ran. Products run under the math SDPA backend
+        path: ``"auto"`` (default), ``"double_backward"``, ``"forward_over_reverse"`` or
+            ``"finite_difference"`` (Hessian only, approximate). ``"auto"`` measures: in every
+            block-size bucket (``path_bucket(K)``, the power of two ≥ K vectors) one real product
+            runs on each exact path, timed (seconds per vector) and sized (peak extra memory), and
+            later products of that bucket take the fastest path whose extra memory fits
+            ``memory_budget`` (``op.chosen_path``, ``op.path_timings``, ``op.path_memory``,
+            ``op.path_report()``). The likely winner runs a bucket's first ``op.explore_ratio`` (10)
+            products and the other path is tried on the next, so calibration adds at most about a
+            tenth to the bucket's time (a run of ≤ 10 products never pays the other path). No product
+            is computed twice: the calibration products are the real ones; the paths agree to
+            rounding, and within a process the same problem gets the same choice (bit-identical
+            reruns). A path that raises (an op without forward-mode or double-backward support)
+            falls back to the other one, and ``op.path`` reports what ran last. Products run under
+            the math SDPA backend
             (``op.attention_backend``): the fused attention kernels have no second-order autodiff;
             before the first product the loss under it is checked against the default backend's.
         chunk_size: vectors per vmap call on the forward-over-reverse path (None: all at once).
@@ -74,6 +92,13 @@ class CurvatureOperator:
             raise ValueError if the outputs differ (dropout or another stochastic layer is active).
         graph_cache_bytes: keep per-batch gradient graphs alive across matmuls while their
             saved tensors total at most this many bytes; rebuild them otherwise.
+        memory_budget: bytes of extra memory (graphs, dual tensors, activations beyond the copies
+            of θ and the data) a path chosen by ``"auto"`` may take; None: the memory available
+            when the choice is made (free device memory on CUDA, ``MemAvailable`` on Linux CPUs).
+            A path whose measured extra memory exceeds it is not chosen while the other fits
+            (neither fits: the smaller). Measuring resets the CUDA allocator's peak statistic
+            (CPU: the process's resident high-water mark) during calibration products; pass an
+            explicit ``path`` when measuring peaks around the operator.
 
     Construction is cheap: no forward or backward pass runs until the first product.
 
@@ -117,6 +142,7 @@ class CurvatureOperator:
         graph_cache_bytes: int = 2 * 2**30,
         dist: Distributed | None = None,
         coalesce_examples: int = 2048,
+        memory_budget: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -125,6 +151,10 @@ class CurvatureOperator:
         check_choice("path", path, PATHS)
         if chunk_size is not None and int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0
+        ):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
         self.mode = mode
@@ -155,6 +185,17 @@ class CurvatureOperator:
         self._graph_bytes = 0
         self._graph_budget_hit = False
         self.attention_backend: str = ATTENTION_BACKEND  # the SDPA backend every product runs under
+        self.memory_budget = None if memory_budget is None else int(memory_budget)
+        # path="auto" calibration, per block-size bucket (path_bucket(K)): seconds per vector and peak
+        # extra bytes (None: not measurable here) of each path's first product, and the path chosen
+        self.path_timings: dict[int, dict[str, float]] = {}
+        self.path_memory: dict[int, dict[str, int | float | None]] = {}
+        self.chosen_path: dict[int, str] = {}
+        self.timer = time.perf_counter  # the clock calibration products are timed with
+        self.explore_ratio = AUTO_EXPLORE_RATIO  # products of a bucket before its second path is tried
+        self._bucket_products: dict[int, int] = {}  # products path="auto" has run per bucket
+        self._kept_build_s = 0.0  # seconds spent building gradient graphs that were then cached
+        self._timing_builds = False  # whether _matmat_double_backward times its graph builds now
         self.calls_attention: bool | None = None  # whether the model calls SDPA (known after the first use)
 
     # ------------------------------------------------------------------ setup (lazy)
@@ -404,36 +445,209 @@ class CurvatureOperator:
         )
 
     # ------------------------------------------------------------------ path dispatch
-    def _path_order(self, K: int) -> list[str]:
-        if self.requested_path != "auto":
-            first = self.requested_path
-        elif K >= AUTO_BATCHED_MIN_K or (K >= 2 and (self._graph_budget_hit or not self._graphs_possible())):
-            first = "forward_over_reverse"
-        else:
-            first = "double_backward"
-        other = "forward_over_reverse" if first == "double_backward" else "double_backward"
-        return [p for p in (first, other) if p not in self._failed]
+    def path_report(self) -> dict[str, Any]:
+        """What ``path="auto"`` measured and chose, JSON-ready (for a result's metadata).
 
-    def _graphs_possible(self) -> bool:
-        return self.graph_cache_bytes > 0
+        ``{"requested": path, "chosen": {bucket: path}, "untried": {bucket: [paths]},
+        "seconds_per_vector": {bucket: {path: s}}, "extra_bytes": {bucket: {path: bytes or None}}}``
+        with buckets as strings (``path_bucket``). ``chosen`` also names, for a bucket whose other
+        path was not yet worth trying (``untried``), the measured path it ran on. Empty dicts for an
+        explicit path (nothing is measured then).
+        """
+
+        def finite(x):
+            return None if x is None else (float(x) if math.isfinite(x) else str(x))
+
+        chosen, untried = dict(self.chosen_path), {}
+        for b, ts in self.path_timings.items():
+            if b not in chosen and ts:
+                chosen[b] = min(ts, key=lambda p: ts[p])
+                untried[str(b)] = [p for p in self._working_paths() if p not in ts]
+        return {
+            "requested": self.requested_path,
+            "chosen": {str(b): p for b, p in sorted(chosen.items())},
+            "untried": untried,
+            "seconds_per_vector": {
+                str(b): {p: finite(t) for p, t in ts.items()} for b, ts in sorted(self.path_timings.items())
+            },
+            "extra_bytes": {
+                str(b): {p: None if m is None else (int(m) if math.isfinite(m) else str(m)) for p, m in ms.items()}
+                for b, ms in sorted(self.path_memory.items())
+            },
+        }
 
     def _run_paths(self, M: Tensor) -> Tensor:
         if self.requested_path == "finite_difference":  # explicit only: approximate, by choice
             self.path = "finite_difference"
             return self._matmat_finite_difference(M)
-        order = self._path_order(M.shape[1])
-        for p in order:
+        if self.requested_path == "auto":
+            return self._run_auto(M)
+        first = self.requested_path
+        for p in (first, _other_path(first)):
+            if p in self._failed:
+                continue
             try:
-                out = self._matmat_double_backward(M) if p == "double_backward" else self._matmat_functional(M)
+                out = self._product(p, M)
             except _PATH_ERRORS as exc:  # an op without this autodiff mode: use the other path
-                self._failed[p] = exc
-                if p == "double_backward":
-                    self.clear_cache()
+                self._mark_failed(p, exc)
                 continue
             self.path = p
             return out
+        raise self._no_path_error()
+
+    def _run_auto(self, M: Tensor) -> Tensor:
+        """The product on the bucket's chosen path, or on the path its calibration needs next.
+
+        Until a bucket's choice is made every product is timed and sized (``_measure``); the first
+        sample of each path is its calibration. A path that raises is marked failed for good and the
+        other one runs (as for an explicit path); a path that runs out of memory while being
+        calibrated is only ruled out for this bucket (recorded as an infinite time and size).
+        """
+        bucket = path_bucket(M.shape[1])
+        while True:
+            p = self._auto_path(bucket)
+            if p is None:
+                raise self._no_path_error()
+            calibrating = bucket not in self.chosen_path
+            try:
+                if calibrating:
+                    timings = self.path_timings.setdefault(bucket, {})
+                    sample = p not in timings  # this path's first product in the bucket: its calibration
+                    out, seconds, extra = self._measure(p, M, size=sample)
+                    if sample:
+                        timings[p] = seconds / M.shape[1]
+                        self.path_memory.setdefault(bucket, {})[p] = extra
+                        self._choose_when_timed(bucket)
+                else:
+                    out = self._product(p, M)
+            except torch.OutOfMemoryError as exc:
+                if not calibrating:
+                    self._mark_failed(p, exc)
+                    continue
+                self.path_timings.setdefault(bucket, {})[p] = math.inf
+                self.path_memory.setdefault(bucket, {})[p] = math.inf
+                if p == "double_backward":
+                    self.clear_cache()
+                self._choose_when_timed(bucket)
+                continue
+            except _PATH_ERRORS as exc:  # an op without this autodiff mode: use the other path
+                self._mark_failed(p, exc)
+                continue
+            self.path = p
+            self._bucket_products[bucket] = self._bucket_products.get(bucket, 0) + 1
+            return out
+
+    def _working_paths(self) -> list[str]:
+        return [p for p in AUTODIFF_PATHS if p not in self._failed]
+
+    def _auto_path(self, bucket: int) -> str | None:
+        """The path for the bucket's next product (None: no path works).
+
+        Its chosen path if it still works. Else, with nothing measured in the bucket, the nearest
+        calibrated bucket's choice (else ``AUTODIFF_PATHS[0]``): the likely winner runs first. With
+        one path measured, the untried one runs once the bucket has run ``explore_ratio`` products
+        (the measured path runs until then): a try costs at most one product more than the winner's
+        (for a path at most twice as slow), about 1/``explore_ratio`` of the bucket's time. The
+        schedule counts products, so a rerun runs every product on the same path.
+        """
+        working = self._working_paths()
+        if not working:
+            return None
+        chosen = self.chosen_path.get(bucket)
+        if chosen in working:
+            return chosen
+        timed = self.path_timings.get(bucket, {})
+        untimed = [p for p in working if p not in timed]
+        if not untimed:
+            self._choose(bucket, working)
+            return self.chosen_path[bucket]
+        usable = [p for p in working if p in timed and math.isfinite(timed[p])]
+        if not usable:  # nothing measured in this bucket yet (or it ran out of memory)
+            near = sorted(self.chosen_path, key=lambda b: (abs(math.log2(b) - math.log2(bucket)), b))
+            prior = self.chosen_path[near[0]] if near else AUTODIFF_PATHS[0]
+            return min(untimed, key=lambda p: (p != prior, AUTODIFF_PATHS.index(p)))
+        known = min(usable, key=lambda p: timed[p])
+        return untimed[0] if self._bucket_products.get(bucket, 0) >= self.explore_ratio else known
+
+    def _choose_when_timed(self, bucket: int) -> None:
+        working = self._working_paths()
+        if working and all(p in self.path_timings.get(bucket, {}) for p in working):
+            self._choose(bucket, working)
+
+    def _measure(self, path: str, M: Tensor, size: bool = True) -> tuple[Tensor, float, int | None]:
+        """The product on ``path``, its seconds and (``size``) its peak extra bytes (None: not measured).
+
+        The seconds leave out the path's one-off start-up in the process (``_warm_up``) and building
+        gradient graphs that stay cached: they are built once and
+        reused by every later product, so the steady cost of double backward is the second backward
+        alone. Its extra bytes are at least the saved tensors of its cached graphs (counted exactly
+        by ``_build_counted``, also when they were built by an earlier product).
+        """
+        _warm_up(path)  # a process's first use imports modules: a one-off, not the path's cost
+        held = self._graph_bytes if path == "double_backward" else 0
+        meter = _PeakMemory(self.device) if size else contextlib.nullcontext()
+        build0 = self._kept_build_s
+        self._timing_builds = True
+        try:
+            with meter:
+                t0 = self.timer()
+                out = self._product(path, M)
+                _synchronize(self.device)
+                seconds = self.timer() - t0
+        finally:
+            self._timing_builds = False
+        seconds = max(seconds - (self._kept_build_s - build0), 0.0)
+        extra = meter.extra if size else None
+        if size and path == "double_backward":
+            extra = max(held + (extra or 0), self._graph_bytes)
+        return out, seconds, extra
+
+    def _choose(self, bucket: int, working: list[str]) -> None:
+        """The fastest path whose extra memory fits the budget (none fits: the smallest), into ``chosen_path``.
+
+        Ties go to ``AUTODIFF_PATHS`` order. The first choice made in this process for the same
+        problem (``_choice_key``: curvature, architecture, parameter shapes, data shapes, dtype,
+        device, mode, loss and block-size bucket) is reused, so that rerunning an analysis in a
+        process gives bit-identical numbers (the paths differ by rounding). Under torchrun rank 0's
+        choice is every rank's, so the ranks run the same path.
+        """
+        key = self._choice_key(bucket)
+        if _CHOICES.get(key) in working:
+            self.chosen_path[bucket] = _CHOICES[key]
+            return
+        times = self.path_timings.get(bucket, {})
+        sizes = self.path_memory.get(bucket, {})
+        budget = self.memory_budget if self.memory_budget is not None else _available_memory(self.device)
+        fits = [p for p in working if sizes.get(p) is None or sizes[p] <= budget]
+        pool = fits or [min(working, key=lambda p: sizes[p])]
+        choice = min(pool, key=lambda p: (times.get(p, math.inf), AUTODIFF_PATHS.index(p)))
+        self.chosen_path[bucket] = _CHOICES[key] = self.dist.broadcast(choice)
+
+    def _choice_key(self, bucket: int) -> tuple:
+        """What identifies the problem whose path choice is shared within the process."""
+        batches = tuple(
+            (inputs_signature(x), batch_length(x), tuple(y.shape), str(y.dtype)) for x, y in self._state["batches"]
+        ) if self._state is not None else ()
+        return (
+            self.kind, type(self).__name__, type(self._model).__qualname__,
+            tuple(zip(self.param_names, map(tuple, self.param_shapes))), batches, str(self.dtype),
+            str(self.device), self.mode, self.loss, self.chunk_size, self.graph_cache_bytes,
+            self.memory_budget, bucket,
+        )
+
+    def _product(self, path: str, M: Tensor) -> Tensor:
+        out = self._matmat_double_backward(M) if path == "double_backward" else self._matmat_functional(M)
+        _WARM.add(path)  # its one-off imports are done in this process
+        return out
+
+    def _mark_failed(self, path: str, exc: BaseException) -> None:
+        self._failed[path] = exc
+        if path == "double_backward":
+            self.clear_cache()
+
+    def _no_path_error(self) -> UserError:
         causes = "; ".join(f"{k}: {type(e).__name__}: {e}" for k, e in self._failed.items())
-        raise UserError(
+        return UserError(
             f"{type(self).__name__}: neither double backward nor forward-over-reverse works for this model "
             f"({causes}); replace the ops without double-backward/forward-mode support (a custom fused kernel), "
             "or use path='finite_difference' for Hessian products"
@@ -496,11 +710,15 @@ class CurvatureOperator:
             graph = self._graphs.get(b)
             keep = graph is not None
             if graph is None:
+                t0 = self.timer() if self._timing_builds else 0.0
                 graph, nbytes = self._build_counted(leaves, x, y, n_b)
                 if not self._graph_budget_hit and self._graph_bytes + nbytes <= self.graph_cache_bytes:
                     self._graphs[b] = graph
                     self._graph_bytes += nbytes
                     keep = True
+                    if self._timing_builds:  # a one-off cost: later products reuse this graph
+                        _synchronize(self.device)
+                        self._kept_build_s += self.timer() - t0
                 else:
                     self._graph_budget_hit = True
             for k, v in enumerate(cols):
@@ -553,6 +771,125 @@ class CurvatureOperator:
     def _graph_batch_product(self, graph, leaves, x, y, n_b, v, retain: bool) -> Sequence[Tensor | None]:
         """M_b v per parameter (None: zero) from the batch's graph; keep the graph when ``retain``."""
         raise NotImplementedError
+
+
+def path_bucket(K: int) -> int:
+    """The block-size bucket whose path choice ``path="auto"`` shares among K vectors: the power of two ≥ K.
+
+    >>> [path_bucket(k) for k in (1, 2, 3, 8, 9, 16)]
+    [1, 2, 4, 8, 16, 16]
+    """
+    return 1 << (int(K) - 1).bit_length()
+
+
+def _other_path(path: str) -> str:
+    return "forward_over_reverse" if path == "double_backward" else "double_backward"
+
+
+_WARM: set[str] = set()  # the paths whose autodiff machinery already ran in this process
+_CHOICES: dict[tuple, str] = {}  # path="auto" choices made in this process, by CurvatureOperator._choice_key
+
+
+def _warm_up(path: str) -> None:
+    """Run the path's autodiff once on a 2-element function (once per process).
+
+    The module imports a path's first use in a process triggers then happen here, not inside a
+    timed product (measured on a 2-core CPU: the first create_graph gradient imports sympy,
+    1.0-1.4 s; the first torch.func call imports torch._dynamo, 2.4-4.5 s).
+    """
+    if path in _WARM:
+        return
+    x = torch.ones(2, dtype=torch.float64)
+    if path == "double_backward":
+        leaf = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((leaf**3).sum(), leaf, create_graph=True)
+        torch.autograd.grad(g, leaf, torch.ones_like(g))
+    else:
+        from torch.func import grad, jvp, vmap
+
+        def cube(t):
+            return (t**3).sum()
+
+        vmap(lambda v: jvp(grad(cube), (x,), (v,))[1])(torch.ones(2, 2, dtype=torch.float64))
+    _WARM.add(path)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; a timer must not stop early)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def _available_memory(device: torch.device) -> float:
+    """Bytes a new allocation can take now (the default ``memory_budget``).
+
+    Free CUDA memory plus the allocator's cached free blocks; ``MemAvailable`` on a Linux CPU;
+    infinity where unknown (no budget is then enforced by default).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return math.inf
+
+
+class _PeakMemory:
+    """Peak extra memory while the block runs, in bytes (``extra``; None where it cannot be measured).
+
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus the allocation on entry
+    (exact). CPU on Linux: the resident high-water mark (``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs``) minus the resident size on entry: the memory the product newly made
+    resident (pages count when touched). Free memory the allocator already held and reuses is not
+    counted, so on a CPU this is a lower bound; it is not trimmed first (``malloc_trim``) because
+    the page faults that follow would slow the very product being timed. Elsewhere: None.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base: int | None = None
+        self.extra: int | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.device.type == "cpu":
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak resident size to the current one
+                self.base = _proc_status_bytes("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.base is None or exc[0] is not None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra = max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+        else:
+            peak = _proc_status_bytes("VmHWM")
+            self.extra = None if peak is None else max(0, peak - self.base)
 
 
 def _coalesce(batches: list, counts: list[int], weights: list[float], limit: int) -> tuple[list, list, list]:

@@ -18,7 +18,9 @@ class HessianOperator(CurvatureOperator):
       ``graph_cache_bytes``), so a product costs one second backward per batch.
     - ``forward_over_reverse``: ``jvp(grad(L_b), θ, v)`` with torch.func, vmapped over vectors.
 
-    See ``lossatlas.curvature.base.AUTO_BATCHED_MIN_K`` for how ``path="auto"`` decides.
+    ``path="auto"`` (``CurvatureOperator``) runs the first products of every block-size bucket once
+    on each path, timed and sized, then keeps the fastest that fits ``memory_budget``
+    (``op.chosen_path``, ``op.path_report()``); the choice changes only rounding.
 
     Example:
         A quadratic, L(w) = (1/N) Σ_i ½ (wᵀx_i)², has H = XᵀX/N = diag(1, 4)/2 here:

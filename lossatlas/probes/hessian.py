@@ -35,9 +35,20 @@ from torch import nn
 
 from lossatlas.batches import as_batches
 from lossatlas.curvature import CurvatureOperator
+from lossatlas.curvature.activations import activation_operator, parse_wrt
 from lossatlas.distributed import Distributed
+from lossatlas.errors import UserError
 from lossatlas.estimators import EigResult, count_outliers, slq_density
-from lossatlas.memory import BASIS_DEVICES, LanczosWork, MemoryPlan, Planner, TraceWork, check_plan, default_max_iter
+from lossatlas.memory import (
+    BASIS_DEVICES,
+    LanczosWork,
+    MemoryPlan,
+    Planner,
+    TraceWork,
+    check_plan,
+    compute_dtype,
+    default_max_iter,
+)
 from lossatlas.probes.adam_sharpness import AdamSharpness, adam_preconditioner, preconditioned_sharpness
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.batch_scan import BatchScan, batch_size_scan
@@ -45,7 +56,7 @@ from lossatlas.probes.head_distance import head_hessian_distance, last_linear_pa
 from lossatlas.probes.hessian_blocks import HessianBlocks, check_blocks
 from lossatlas.probes.hessian_ci import HessianCI, check_trace_settings
 from lossatlas.probes.operators import CurvatureProbe, class_subset, parse_subset
-from lossatlas.probes.settings import check_choice
+from lossatlas.probes.settings import DTYPES, check_choice
 from lossatlas.probes.spectrum import TOL, TRACE_MATVECS, TRACE_METHODS, top_eigenpairs, trace_estimate
 from lossatlas.probes.stability import stability_meta
 
@@ -62,7 +73,8 @@ class HessianProbe(CurvatureProbe):
     (Cohen et al. 2022) and a batch-size scan of mini-batch λ_max; class-wise spectra by ``subset``.
 
     Attributes:
-        curvature: "hessian", "ggn", "fisher" or "empirical_fisher".
+        curvature: "hessian", "ggn", "fisher", "empirical_fisher", or the Kronecker-factored GGN "kfac" / "ekfac"
+            ("kfac_reduce" / "ekfac_reduce": KFAC-reduce on shared weights; ``lossatlas.curvature.kfac``).
         top_k / bottom_k: number of largest / smallest eigenpairs (0 skips).
         tol: relative Ritz residual ‖A y − θ y‖ ≤ tol·|θ| (default ``lossatlas.probes.spectrum.TOL`` = 1e-4).
         criterion: "residual" (the above, default) or "eigenvalue" (the error estimate min(r, r²/gap)
@@ -88,6 +100,11 @@ class HessianProbe(CurvatureProbe):
         basis_device: where the Lanczos bases (top/bottom: max_iter·block_size·P values, density:
             num_probes·num_steps·P) live: None (the operator's device), "cpu" (host memory, beside a GPU
             operator) or "disk" (memory-mapped under $TMPDIR). The same numbers on each; not part of the key.
+        wrt: what the curvature is taken with respect to: "params" (default, θ), "inputs" (the float inputs of
+            every example) or "activations:MODULE_NAME" (that module's output on every example, the rest of
+            θ and the network fixed); the latter two are ``lossatlas.curvature.activations`` operators
+            (curvature "hessian" or "ggn" of the data-set mean loss, block-diagonal across examples), with the
+            same eigenvalue, trace and density estimators, and without the part settings.
 
     Before the first product the run prints its memory plan on stderr (``lossatlas.memory``: products,
     basis, peak against the available memory) and refuses with a UserError naming the options that fit
@@ -127,6 +144,7 @@ class HessianProbe(CurvatureProbe):
     batch_size_scan: tuple[int, ...] = ()
     scan_batches: int = 4
     basis_device: str | None = None
+    wrt: str = "params"  # or "inputs" / "activations:MODULE_NAME" (lossatlas.curvature.activations)
 
     # settings that change where the work runs, never its numbers: left out of config() and the key
     execution_fields: ClassVar[tuple[str, ...]] = ("basis_device",)
@@ -163,6 +181,14 @@ class HessianProbe(CurvatureProbe):
         self.check_int("scan_batches", self.scan_batches, 1)
         if self.basis_device is not None:
             check_choice("basis_device", self.basis_device, BASIS_DEVICES, prefix=prefix)
+        if self.wrt != "params":
+            parse_wrt(self.wrt)  # UserError for an unknown form
+            if self.curvature not in ("hessian", "ggn"):
+                raise UserError(f"{prefix}wrt={self.wrt!r} takes curvature 'hessian' or 'ggn', got "
+                                f"{self.curvature!r}; use one of those or wrt='params'")
+            if self.blocks is not None or self.data_ci or self.preconditioned or self.batch_size_scan:
+                raise UserError(f"{prefix}blocks, data_ci, preconditioned and batch_size_scan are parameter-space "
+                                f"parts; drop them with wrt={self.wrt!r} or use wrt='params'")
         if self.data_ci and self.top_k == 0 and not self.trace:
             raise ValueError(f"{prefix}data_ci needs top_k >= 1 or trace=True (it resamples λ_max and the trace)")
         if not (self.top_k or self.bottom_k or self.trace or self.density or self.blocks is not None
@@ -175,6 +201,8 @@ class HessianProbe(CurvatureProbe):
         out = super().config()
         for name in self.execution_fields:
             out.pop(name, None)
+        if out.get("wrt") == "params":
+            out.pop("wrt")  # the default leaves the keys of results computed before the setting existed unchanged
         return out
 
     def memory_plan(self, ctx: ProbeContext, op: Any, batches: Any) -> MemoryPlan | None:
@@ -226,6 +254,16 @@ class HessianProbe(CurvatureProbe):
         """The spectrum with every part's Result merged in (``merge``)."""
         return self.merge(self.run_own(ctx), [part.run(ctx) for part in self.parts()])
 
+    def curvature_operator(self, ctx: ProbeContext, batches: Any, **kw: Any) -> Any:
+        """The parameter operator (``wrt="params"``), or the activation/input operator of ``wrt``."""
+        if self.wrt == "params":
+            return super().curvature_operator(ctx, batches, **kw)
+        if ctx.dist.active:
+            raise UserError(f"{self.name}: wrt={self.wrt!r} runs on one process; run it without torchrun")
+        dtype = compute_dtype(DTYPES[self.dtype] if self.dtype is not None else ctx.dtype, ctx.model)
+        return activation_operator(ctx.model, list(batches), ctx.loss, wrt=self.wrt, curvature=self.curvature,
+                                   mode=self.mode, dtype=dtype, device=ctx.device)
+
     def _check_k(self, num_params: int) -> None:
         """Refuse more eigenpairs than the operator has (before any product is spent on them)."""
         for name, k in (("top_k", self.top_k), ("bottom_k", self.bottom_k)):
@@ -266,7 +304,7 @@ class HessianProbe(CurvatureProbe):
             meta["lambda_max"] = float(top.eigenvalues[0])
             # the largest stable step under the run's optimizer (GD, heavy ball, Nesterov), and the rule used;
             # for Adam the rule bounds λ_max(P⁻¹H): the preconditioned part reports it when asked for
-            if not (self.preconditioned and (ctx.optimizer or {}).get("name") in ("Adam", "AdamW")):
+            if self.wrt == "params" and not (self.preconditioned and (ctx.optimizer or {}).get("name") in ("Adam", "AdamW")):
                 meta.update(stability_meta(ctx.optimizer, meta["lambda_max"], ctx.lr))
             if self.store_eigenvectors:
                 res.add("eigenvectors", top.eigenvectors.T.detach().cpu().numpy(), ("k", "param"))
@@ -306,6 +344,7 @@ class HessianProbe(CurvatureProbe):
                 meta["num_outliers_top_k"] = int(count_outliers(dens, delta=self.outlier_delta,
                                                                 eigenvalues=res.values["top_eigenvalues"]))
             meta["density_sigma_squared_abs"] = float(dens.sigma_squared_abs)
+        meta["wrt"] = self.wrt  # num_params is the activation count D when wrt is not "params"
         meta["path"] = op.path or probe_op.path
         meta["path_choice"] = op.path_report()  # what path="auto" timed, sized and chose per block size
         meta["matvecs"] = int(op.matvecs) + int(split_matvecs)
