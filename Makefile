@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml setup.py lossatlas/_fastnorms.c
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
+	# curvlinops, the KFAC tests' reference: --no-deps, since its backpack dependency would pull torchvision
+	# and replace the pinned CPU torch (none of the modules it imports needs backpack)
+	$(PIP) install -q --no-deps curvlinops-for-pytorch==3.0.1 einconv==0.1.0 einops linear_operator==0.6.1 opt-einsum
 	touch $@
 
 # The peers we benchmark against. --no-deps: their optional dependencies (torchvision via

@@ -60,7 +60,7 @@ SMALL = dict(
     mlp_widths=[128, 256, 512, 1024],  # 26k … 1.1M parameters
     gpt2_widths=[32, 64, 128],  # 2 layers, vocabulary 2048
     gpt2_layers=2, gpt2_vocab=2048,
-    examples=[256, 512, 1024], n_fixed=512, trace_matvecs=16, grid=5,
+    examples=[256, 512, 1024], n_fixed=512, trace_matvecs=16, grid=9,
 )
 
 
@@ -196,32 +196,43 @@ def main() -> None:
                    f"{r['top5_products']} | {r['trace_time']:.2f} | {r['surface_time'] * 1e3:.1f} | "
                    f"{r['grad_peak'] / 2**20:.1f} / {r['top5_peak'] / 2**20:.1f} / {r['trace_peak'] / 2**20:.1f} / "
                    f"{r['surface_peak'] / 2**20:.1f} |")
-    # constants from the largest GPT-2 measured: seconds per gradient per parameter-token, product cost
+    # constants from the largest GPT-2 measured: seconds per gradient per parameter-token, top-5 cost per product
     big = max(gpt, key=lambda r: r["P"])
     c_sec = big["grad_time"] / (big["P"] * TOKENS)
-    hvp_cost = np.median([(r["top5_time"] / r["top5_products"]) / r["grad_time"] for r in gpt])
+    per_product = float(np.median([r["top5_time"] / r["top5_products"] / r["grad_time"] for r in gpt]))
+    trace_per_product = float(np.median([r["trace_time"] / r["trace_products"] / r["grad_time"] for r in gpt]))
     a_prod, logc_prod = fits["top5_products"]
-    a_mem, logc_mem = fits["grad_peak"]
+    span = max(r["P"] for r in gpt) / min(r["P"] for r in gpt)
+    fitted = len(gpt) >= 4 and span >= 100 and np.isfinite(a_prod)  # extrapolate the count only from a wide sweep
+    Ps = np.array([r["P"] for r in gpt], float)
+    slope = float(np.polyfit(Ps, [r["grad_peak"] for r in gpt], 1)[0])  # marginal bytes of a gradient's peak per parameter
+    bpp = max(4.0, slope)  # at least the gradient itself (4 bytes per parameter)
     proj = ["| model | task | products | gradient-equivalents | CPU-seconds at c·P·tokens / 8 | memory per GPU |",
             "|---|---|---|---|---|---|"]
     for label, P in (("1B", 1e9), ("7B", 7e9)):
-        prods = float(np.exp(logc_prod) * P**a_prod) if np.isfinite(a_prod) else float(big["top5_products"])
-        mem_grad = float(np.exp(logc_mem) * P**a_mem)
-        for task, products in (("top-5 (tol 1e-3)", prods), (f"trace ({cfg['trace_matvecs']} products)",
-                                                             cfg["trace_matvecs"]), ("gradient", 0)):
-            geq = products * hvp_cost if products else 1.0
+        prods = float(np.exp(logc_prod) * P**a_prod) if fitted else float(big["top5_products"])
+        for task, products, cost in (("top-5 (tol 1e-3)", prods, per_product),
+                                     (f"trace ({cfg['trace_matvecs']} products)", cfg["trace_matvecs"], trace_per_product),
+                                     ("one gradient", 0, 1.0)):
+            geq = products * cost if products else 1.0
             basis = products * 4 * P if task.startswith("top") else 0.0
-            mem = (mem_grad + 4 * P + basis) / GPUS
+            mem = (bpp * P + 4 * P + basis) / GPUS
             proj.append(f"| {label} | {task} | {products:.0f} | {geq:.0f} | {geq * c_sec * P * TOKENS / GPUS:,.0f} | "
                         f"{mem / 2**30:.1f} GiB |")
+    count = (f"top-5 products ∝ P^{a_prod:.2f} (GPT-2 fit over {span:.0f}× in P)" if fitted else
+             f"top-5 products as measured at the largest GPT-2 ({big['top5_products']}; the sweep spans {span:.0f}× in "
+             f"P, too little to extrapolate the fitted P^{a_prod:.2f})")
     assumptions = (
         f"Assumptions: {TOKENS} tokens (8 sequences of 128) as in the GPT-2 sweep; c = {c_sec:.3e} s per gradient per "
         f"parameter-token, measured on this CPU ({args.threads} threads) with GPT-2 at P = {big['P']:,}; GPU "
         f"throughput relative to this CPU is not measurable here, so the seconds are this CPU's, divided by {GPUS} "
-        f"for {GPUS} devices splitting the work perfectly — multiply by (CPU FLOP/s ÷ GPU FLOP/s) for a GPU; one "
-        f"product = {hvp_cost:.2f} gradients (median over the GPT-2 sweep); top-5 products ∝ P^{a_prod:.2f} "
-        f"(GPT-2 fit); gradient peak ∝ P^{a_mem:.2f} (GPT-2 fit); memory per GPU = (gradient peak + 4P parameters "
-        f"+ products × 4P Lanczos basis) / {GPUS}, everything sharded (FSDP, vectors sharded like the parameters).")
+        f"for {GPUS} devices splitting the work perfectly — multiply by (CPU FLOP/s ÷ GPU FLOP/s) for a GPU. "
+        f"Gradient-equivalents: a top-5 costs {per_product:.2f} gradients per product and a trace "
+        f"{trace_per_product:.2f} (whole-run time / products / gradient time, median over the GPT-2 sweep: operator "
+        f"set-up, path timing and Lanczos bookkeeping included); {count}. Memory per GPU = ({bpp:.0f} bytes per "
+        f"parameter for a gradient's peak (the marginal slope over the GPT-2 sweep, at least the 4-byte gradient) + "
+        f"4P parameters + products × 4P for the Lanczos basis) / {GPUS}: everything sharded (FSDP, the vectors "
+        f"sharded like the parameters), activations at the sweep's {TOKENS} tokens.")
     kind = "SMALL configuration (provisional)" if args.small else "full sweep"
     text = (f"# bench_costlaws — {kind}\n\nCPU float32, {args.threads} threads, torch {torch.__version__}; "
             f"`python benchmarks/bench_costlaws.py {' '.join(sys.argv[1:])}` ({time.perf_counter() - t0:.0f} s).\n\n"

@@ -14,7 +14,10 @@ Telemetry paths (``lossatlas/norms.py``): the C pass the Recorder uses on the CP
 step reads every gradient and weight once), the ring buffer it uses on accelerators (one fused
 copy a step, norms reduced in blocks), the per-tensor PyTorch loop (parameters on several
 devices; the MLP only, unless ``BENCH_PATHS`` names it), and telemetry off (loss and learning rate
-only). Checkpoint writes are excluded (no checkpoint schedule); the log is written to HDF5 every
+only). On the GPT, ``attention heads`` times the per-head attention telemetry alone
+(``Recorder(attention_heads=True)``, ``lossatlas.telemetry.AttentionHeadMonitor``: MaxLogit and entropy of
+every head, norms off): its hooks are attached for the recorded blocks only, so the bare blocks run
+unhooked. Checkpoint writes are excluded (no checkpoint schedule); the log is written to HDF5 every
 16384 rows or 10 s as in a real run.
 
 Absolute times drift by tens of percent on a shared machine, so every path is measured against
@@ -47,18 +50,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lossatlas import models  # noqa: E402
 from lossatlas.norms import NormRing, StepNorms  # noqa: E402
 from lossatlas.recorder import Recorder  # noqa: E402
+from lossatlas.telemetry import AttentionHeadMonitor  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "60"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "0"))  # > 0: rounds until this budget per model and batch
 TARGET = 0.05
 ALL_PATHS = ("C pass", "ring buffer", "per-tensor", "off")  # "C pass" is the Recorder's default on the CPU
+HEADS = "attention heads"  # per-head MaxLogit and entropy only (models with attention)
+KNOWN_PATHS = (*ALL_PATHS, HEADS)
 
 # name: model spec, data spec, batch sizes, optimizer, steps per block, telemetry paths
 MODELS = {
     "mlp": ({"name": "mlp"}, {"name": "digits"}, (128, 1024), "sgd", 50, ALL_PATHS),
     "gpt": ({"name": "gpt", "kwargs": {"n_layer": 4}}, {"name": "token_stream"}, (32,), "adamw", 10,
-            ("C pass", "ring buffer", "off")),
+            ("C pass", "ring buffer", "off", HEADS)),
     "resnet": ({"name": "resnet", "kwargs": {"widths": [16, 32, 64], "blocks_per_stage": 2}}, {"name": "digits"},
                (128,), "sgd", 10, ("C pass", "ring buffer", "off")),
 }
@@ -66,7 +72,10 @@ MODELS = {
 
 def _recorder(path: str, tmp: str, model, opt, spec) -> Recorder:
     rec = Recorder(str(Path(tmp) / f"{path}.h5"), model, opt, model_spec=spec, loss="cross_entropy",
-                   telemetry=path != "off")
+                   telemetry=path not in ("off", HEADS), attention_heads=path == HEADS)
+    if path == HEADS:  # names declared up front; the hooks are attached per recorded block (_heads_on)
+        rec._heads.close()
+        rec._heads = None
     if path == "ring buffer":
         rec._tracker = NormRing(rec._params)
     elif path == "per-tensor":
@@ -81,8 +90,8 @@ def measure(name: str, batch_size: int, rounds: int = ROUNDS, seconds: float = S
     steps = int(os.environ.get("BENCH_STEPS", steps))
     if os.environ.get("BENCH_PATHS"):
         paths = tuple(p.strip() for p in os.environ["BENCH_PATHS"].split(","))
-        if not set(paths) <= set(ALL_PATHS):
-            raise SystemExit(f"BENCH_PATHS takes a comma-separated list of: {', '.join(ALL_PATHS)}")
+        if not set(paths) <= set(KNOWN_PATHS):
+            raise SystemExit(f"BENCH_PATHS takes a comma-separated list of: {', '.join(KNOWN_PATHS)}")
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     model = models.build_model(model_spec)
@@ -118,6 +127,8 @@ def measure(name: str, batch_size: int, rounds: int = ROUNDS, seconds: float = S
             for path, rec in recs.items():
                 times = {}
                 for block in (("bare", "rec") if r % 2 == 0 else ("rec", "bare")):
+                    if path == HEADS and block == "rec":  # hooks on for the recorded block only
+                        rec._heads = AttentionHeadMonitor(model)
                     t0, spent = clock(), 0.0
                     for i in range(steps):
                         loss = train_step(i).item()
@@ -127,6 +138,9 @@ def measure(name: str, batch_size: int, rounds: int = ROUNDS, seconds: float = S
                             rec.step(step, loss=loss)
                             spent += clock() - a
                     times[block] = clock() - t0
+                    if rec._heads is not None and path == HEADS:
+                        rec._heads.close()
+                        rec._heads = None
                     if block == "rec":
                         inside[path].append(spent)
                 ratios[path].append(times["rec"] / times["bare"] - 1)
@@ -140,7 +154,7 @@ def measure(name: str, batch_size: int, rounds: int = ROUNDS, seconds: float = S
         q1, med, q3 = statistics.quantiles(ratios[path], n=4)
         row = {"model": name, "batch": batch_size, "path": path, "rounds": r, "steps": steps, "bare_ms": bare,
                "overhead": med, "q1": q1, "q3": q3, "step_us": statistics.median(inside[path]) / steps * 1e6}
-        if "C pass" in paths and path != "C pass":  # paired per round: this path's ratio minus the C pass's
+        if "C pass" in paths and path not in ("C pass", HEADS):  # paired per round: this path's ratio minus the C pass's
             diff = [a - b for a, b in zip(ratios[path], ratios["C pass"])]
             row["minus_c"], row["minus_c_q"] = statistics.median(diff), statistics.quantiles(diff, n=4)[::2]
         rows.append(row)

@@ -31,10 +31,11 @@ interleaved rounds — every method once per round — and the table gives the m
    minus the mark after building the model and data, against the same for one gradient. Floor for ours:
    ≤ one gradient's peak + the Lanczos basis (products × P × 4 bytes).
 4. **A 21×21 surface**: the ``surface`` probe (random filter-normalized directions, quadratic check on) vs a
-   naive loop that writes θ* + αd₁ + βd₂ into the model in place and runs a forward pass at every point; both
-   in forwards per grid point (total time / (441 × one full-data forward)). The first-layer trick (the first
-   layer's output is linear in its weights: W·x, d₁·x, d₂·x computed once for the whole grid) is measured as
-   its potential: the share of one forward spent in the first parametrized layer that reads the input.
+   naive loop that writes θ* + αd₁ + βd₂ into the model in place and runs a forward pass at every point (loss
+   only), one after the other in one process; both in forwards per grid point (total time / (441 × one
+   full-data forward measured just before)). The probe uses the first-layer trick of
+   ``lossatlas.probes.grid`` (the first layer's output is affine in its weights: W·x, d₁·x, d₂·x computed once
+   for the whole grid); its last row gives the trick's reach: the share of one forward spent in that layer.
 
 ``--quick`` runs small versions of both models (the table says which) so that the whole run takes minutes on
 a 2-core machine; the brief's ``n_layer=2`` GPT-2 and ``depths=[1, 1, 1, 1]`` ResNet still cost 8–15 s and
@@ -277,14 +278,15 @@ def job(args: dict) -> dict:
     k = args["k"]
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        if what in ("ours", "ours_eigenvalue", "reference"):
-            op = HessianOperator(model, batches, "cross_entropy")
+        if what in ("ours", "ours_eigenvalue", "ours_double_backward", "reference"):
+            op = HessianOperator(model, batches, "cross_entropy",
+                                 path="double_backward" if what == "ours_double_backward" else "auto")
             rec = Recorder(op) if what == "reference" else op
             crit = "eigenvalue" if what == "ours_eigenvalue" else "residual"
             tol = args["ref_tol"] if what == "reference" else TOL
             res = lanczos_eigs(rec, k, tol=tol, criterion=crit, return_eigenvectors=False,
                                max_iter=args["ref_steps"] if what == "reference" else None,
-                               basis_device=args.get("basis"))
+                               basis_device=basis_device(args.get("basis"), P, args["ref_steps"]))
             vals, products = res.eigenvalues, res.matvecs
             out["path"] = _path(op)
             if what == "reference":
@@ -299,6 +301,15 @@ def job(args: dict) -> dict:
         out["time"] = time.perf_counter() - t0
     out.update(peak=mem.extra, eigenvalues=np.asarray(vals, dtype=float).tolist(), products=int(products))
     return out
+
+
+def basis_device(choice: str | None, P: int, steps: int) -> str | None:
+    """``lanczos_eigs``'s basis_device: "disk" under "auto" when ``steps`` float32 vectors of length P would take
+    more than half of this machine's memory (GPT-2 small: 150 × 0.5 GB), else the operator's device."""
+    if choice != "auto":
+        return choice
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "disk" if steps * P * 4 > total / 2 else None
 
 
 def hvp_ratios(model, batches, P: int, repeats: int) -> dict:
@@ -398,13 +409,13 @@ def surface(model, batches, what: str) -> dict:
             FlatCE()(model(x), y)
 
     forward()
-    t_fwd = statistics.median(timed(forward) for _ in range(3))
+    t_fwd = statistics.median(timed(forward) for _ in range(5))
     out: dict[str, Any] = dict(forward=t_fwd)
-    if what == "surface_ours":
+    if what == "surface":  # ours and the naive loop in one process, back to back, each against a fresh forward unit
         probe = Surface(dims=2, xrange=(-1.0, 1.0, GRID))
         ctx = ProbeContext(model=model, data=batches, loss="cross_entropy")
-        out["time"] = timed(lambda: probe.run(ctx))
-    elif what == "surface_naive":
+        out["ours"] = timed(lambda: probe.run(ctx)) / (GRID * GRID * t_fwd)
+
         def naive():
             base = model_state(model, "weights")
             g = torch.Generator().manual_seed(0)
@@ -421,7 +432,9 @@ def surface(model, batches, what: str) -> dict:
                         FlatCE()(model(x), y)
                 for n, p in params.items():
                     p.copy_(saved[n])
-        out["time"] = timed(naive)
+        t_fwd2 = statistics.median(timed(forward) for _ in range(5))
+        out["naive"] = timed(naive) / (GRID * GRID * t_fwd2)
+        out["time"] = (out["ours"] + out["naive"]) * GRID * GRID * t_fwd
     elif what == "surface_first_layer":
         out.update(first_layer_share(model, x, t_fwd))
     return out
@@ -434,7 +447,8 @@ def first_layer_share(model, x, t_fwd: float) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
             hooks.append(m.register_forward_pre_hook(
-                lambda mod, inp, name=name: seen.append((name, mod, inp[0])) if inp and inp[0] is x else None))
+                lambda mod, inp, name=name: seen.append((name, mod, inp[0])) if inp and isinstance(inp[0], torch.Tensor)
+                and inp[0].data_ptr() == x.data_ptr() and inp[0].shape == x.shape else None))
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -490,14 +504,16 @@ def bench_model(name: str, spec: dict, args) -> tuple[list[str], dict]:
     jobs = [dict(what="grad", k=0), dict(what="hvp", k=0)]
     for k in (1, 5):
         jobs += [dict(what="ours", k=k), dict(what="ours_eigenvalue", k=k), dict(what="curvlinops", k=k)]
+        if k == 5:
+            jobs.append(dict(what="ours_double_backward", k=k))
         if k == 1 or args.peers_top5:
             jobs.append(dict(what="pyhessian", k=k))
     if not args.no_surface:
-        jobs += [dict(what="surface_ours", k=0), dict(what="surface_naive", k=0), dict(what="surface_first_layer", k=0)]
+        jobs += [dict(what="surface", k=0), dict(what="surface_first_layer", k=0)]
     results: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
     for r in range(args.repeats):  # interleaved rounds: every method once per round
         for i, j in enumerate(jobs):
-            if r > 0 and j["what"] in ("surface_first_layer",):
+            if r > 0 and j["what"] == "surface_first_layer":
                 continue
             res = run_job({**base, **j}, args.threads)
             results[i].append(res)
@@ -521,11 +537,12 @@ def bench_model(name: str, spec: dict, args) -> tuple[list[str], dict]:
             verdict = "" if c.startswith("PyHessian") else f"{'✓' if v <= floor else '✗'} ≤ {floor}"
             rows.append(f"| {name} | HVP {c}{path} | per vector | {v * t_grad:.3f} s | {v:.2f} | | | | {verdict} |")
     for i, j in enumerate(jobs):
-        if j["what"] not in ("ours", "ours_eigenvalue", "pyhessian", "curvlinops"):
+        if j["what"] not in ("ours", "ours_eigenvalue", "ours_double_backward", "pyhessian", "curvlinops"):
             continue
         x = first(i)
         k = j["k"]
         label = {"ours": "lossatlas Lanczos (residual)", "ours_eigenvalue": "lossatlas Lanczos (eigenvalue)",
+                 "ours_double_backward": "lossatlas Lanczos (residual, path=double_backward)",
                  "pyhessian": "PyHessian (defaults, data loader)", "curvlinops": "curvlinops + eigsh"}[j["what"]]
         if "error" in x:
             rows.append(f"| {name} | top-{k} | {label} | {x['error']} | | | | | |")
@@ -546,23 +563,33 @@ def bench_model(name: str, spec: dict, args) -> tuple[list[str], dict]:
                     f"{peak / 2**20:.0f} MiB ({peak / grad_peak:.2f}×) | {verdict} |")
     if not args.no_surface:
         ix = {j["what"]: i for i, j in enumerate(jobs)}
-        for what, label in (("surface_ours", "lossatlas surface probe (quadratic check on)"),
-                            ("surface_naive", "naive in-place loop")):
-            i = ix[what]
-            ok = [x for x in results[i] if "time" in x]
+        i = ix["surface"]
+        ok = [x for x in results[i] if "ours" in x]
+        for key, label in (("ours", "lossatlas surface probe (quadratic check on)"), ("naive", "naive in-place loop")):
             if not ok:
                 rows.append(f"| {name} | surface {GRID}×{GRID} | {label} | {first(i).get('error')} | | | | | |")
                 continue
-            fpp = statistics.median(x["time"] / (GRID * GRID * x["forward"]) for x in ok)
-            rows.append(f"| {name} | surface {GRID}×{GRID} | {label} | {med(i, 'time'):.2f} s | | | | | "
-                        f"{fpp:.3f} forwards/point |")
+            fpp = statistics.median(x[key] for x in ok)
+            t = fpp * GRID * GRID * statistics.median(x["forward"] for x in ok)
+            rows.append(f"| {name} | surface {GRID}×{GRID} | {label} | {t:.2f} s | | | | | {fpp:.3f} forwards/point |")
         fl = first(ix["surface_first_layer"])
         if "share" in fl:
             rows.append(f"| {name} | surface first-layer trick | potential: {fl['first_layer']} | | | | | | "
                         f"{fl['share']:.1%} of a forward → ≥ {1 - fl['share']:.3f} forwards/point |")
     units = sum(x.get("time", 0.0) for v in results.values() for x in v) / t_grad  # all timed work, in gradients
+    # the same work counted in products (per-call overheads of small models left out), for the full-size estimate
+    r1 = h["ratios"]["auto K=1"] if "ratios" in h else 2.0
+    counted = ref["products"] * r1
+    for i, j in enumerate(jobs):
+        for x in results[i]:
+            if "products" in x:
+                counted += x["products"] * (r1 + (1.0 if j["what"] == "pyhessian" else 0.0))  # PyHessian rebuilds graphs
+            elif j["what"] == "hvp" and "ratios" in x:
+                counted += (3 + args.hvp_repeats) * (sum(v * (8 if "K=8" in c else 1) for c, v in x["ratios"].items()) + 5)
+            elif j["what"] == "surface" and "ours" in x:
+                counted += (x["ours"] + x["naive"]) * GRID * GRID * x["forward"] / t_grad
     wall = sum(x.get("wall", 0.0) for v in results.values() for x in v) + ref["wall"]
-    summary = dict(P=P, t_grad=t_grad, units=units + ref["time"] / t_grad, wall=wall, truly=truly,
+    summary = dict(P=P, t_grad=t_grad, units=units + ref["time"] / t_grad, counted=counted, wall=wall, truly=truly,
                    ref_products=ref["products"], truth=truth.tolist())
     return rows, summary
 
@@ -577,7 +604,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ref-tol", type=float, default=1e-5, help="residual tolerance of the long reference run")
     parser.add_argument("--ref-steps", type=int, default=150, help="most steps of the long reference run")
-    parser.add_argument("--basis", default=None, help="lanczos basis_device ('disk' when k·P does not fit in RAM)")
+    parser.add_argument("--basis", default="auto",
+                        help="lanczos basis_device: auto (disk when --ref-steps vectors exceed half the RAM), cpu, disk")
     parser.add_argument("--peers-top5", action="store_true", help="also PyHessian top-5 (power iteration, slow)")
     parser.add_argument("--no-surface", action="store_true")
     parser.add_argument("--gpt2", default="", help="GPT2Config overrides, e.g. n_layer=2,n_embd=768")
@@ -591,7 +619,7 @@ def main() -> None:
     presets = QUICK if args.quick else FULL
     lines = ["| model | measure | method | time | gradients | products | rel. error | peak memory (× gradient's) "
              "| verdict |", "|" + "---|" * 9]
-    notes, expected = [], 0.0
+    notes, expected, upper = [], 0.0, 0.0
     t_start = time.perf_counter()
     for name in args.models.split(","):
         spec = json.loads(json.dumps(presets[name]))
@@ -601,20 +629,22 @@ def main() -> None:
         rows, s = bench_model(name, spec, args)
         lines += rows
         scale = forward_flops(name, FULL[name]) / forward_flops(name, spec)
-        full_s = s["units"] * s["t_grad"] * scale
-        expected += full_s
+        expected += s["counted"] * s["t_grad"] * scale  # products-based (upper: s["units"] with overheads)
+        upper += s["units"] * s["t_grad"] * scale
         notes.append(f"- {name}: {s['P']:,} parameters, config {json.dumps(spec)}; a gradient {s['t_grad']:.3f} s; "
                      f"reference {s['ref_products']} products, top-1/top-5 truly within {TOL:g} after "
                      f"{s['truly'][1]}/{s['truly'][5]} products; this model's jobs: {s['wall']:.0f} s wall, "
-                     f"{s['units']:.0f} gradient-equivalents timed; full size has {scale:.0f}× the forward FLOPs.")
+                     f"{s['units']:.0f} gradient-equivalents timed ({s['counted']:.0f} counted in products); full size "
+                     f"has {scale:.0f}× the forward FLOPs.")
     table = "\n".join(lines)
     kind = "QUICK (small configurations; provisional)" if args.quick else "full size"
     head = (f"# bench_scale — {kind}\n\nCPU float32, {args.threads} threads, torch {torch.__version__}, "
             f"median of {args.repeats} interleaved rounds, one subprocess per method and round. Command: "
             f"`python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`\n\n")
-    est = (f"Expected time of the full-size run (same options without --quick), scaled by forward FLOPs from this "
-           f"run and assuming the same number of products: ≈ {expected / 3600:.1f} h of timed work per round set "
-           f"(plus model builds); this run took {time.perf_counter() - t_start:.0f} s.")
+    est = (f"Expected time of the full-size run (same options without --quick, {args.threads} thread(s)), scaled "
+           f"from this run by forward FLOPs and assuming the same number of products: ≈ {expected / 3600:.1f} h counting "
+           f"products and forwards, ≤ {upper / 3600:.1f} h scaling every measured time (small models' per-call "
+           f"overheads included), plus ~1 min of start-up per job; this run took {time.perf_counter() - t_start:.0f} s.")
     text = head + table + "\n\n" + "\n".join(notes) + "\n\n" + est + "\n"
     print(table + "\n\n" + "\n".join(notes) + "\n\n" + est)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

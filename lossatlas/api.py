@@ -20,6 +20,12 @@ also be a single dict batch (``input_ids``, ``attention_mask``, ``labels``, ...)
 output to use (default "logits", e.g. "start_logits"); the caller's module is left as it was.
 Every result's meta records the "loss" and "output" used.
 
+``loss`` may also be a callable ``loss_fn(model, batch) -> scalar`` (a closure: PINN residuals, contrastive
+losses, regularisers; ``lossatlas.losses.LossClosure``), evaluated on the model with each point's tensors
+and ``batch = (inputs, targets)``; the data-set loss is Σ_b n_b L_b / Σ_b n_b with n_b the batch's size, or
+the count the closure returns as ``(loss, count)``. The Hessian and the landscape probes take it; the GGN,
+the Fisher matrices and accuracy need a loss of the outputs and refuse it (accuracy is NaN).
+
 The same numbers as ``run_probe`` on a run file holding this model, with the same settings.
 """
 
@@ -36,7 +42,13 @@ from torch import Tensor, nn
 from lossatlas.batches import as_batches, to_device
 from lossatlas.checks import check_choice
 from lossatlas.errors import UserError
-from lossatlas.losses import MODEL_LOSS, model_loss_batches, model_loss_precision, resolve_loss_and_output
+from lossatlas.losses import (
+    MODEL_LOSS,
+    model_loss_batches,
+    model_loss_precision,
+    resolve_loss_and_output,
+    resolve_loss_spec,
+)
 from lossatlas.outputs import using_output
 from lossatlas.probes import ProbeContext, Result, get_probe
 from lossatlas.probes import registry as _registry  # noqa: F401  (every probe registers itself)
@@ -131,12 +143,18 @@ def surface(model: nn.Module, data: Any, loss: str = "cross_entropy", *, dims: i
             xrange: tuple[float, float, int] = (-1.0, 1.0, 51), yrange: tuple[float, float, int] | None = None,
             directions: str = "random", batch_size: int | None = 256, max_examples: int | None = None,
             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-            output: str | None = None, **settings: Any) -> Result:
+            output: str | None = None, metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = None,
+            **settings: Any) -> Result:
     """Loss and accuracy on a 1-D line or 2-D plane through the model's parameters, L(θ + x d₁ + y d₂).
 
     ``directions``: "random" Gaussian directions, filter-normalised so that each filter of d has
     the norm of the same filter of θ, biases and norm layers left at zero (Li et al. 2018, seed 123),
-    or "eigenvectors" (the top Hessian eigenvectors, unit norm). ``xrange``/``yrange``: (min, max, num),
+    "eigenvectors" (the top Hessian eigenvectors, unit norm) or "worst" (the directions of steepest loss
+    increase within ``worst_radius``·‖θ‖, by ``worst_steps`` of projected gradient ascent; Chen et al. 2025).
+    ``metric_fns``: {name: fn(outputs, targets) -> float}, each a batch mean averaged over the batches like
+    the loss, added as values of their own. ``basin_tolerance`` (e.g. 0.1) adds "basin_radius" (direction,
+    side): the largest step on each side before ``basin_metric`` ("loss"; "accuracy" worsens by falling)
+    worsens by that much. ``xrange``/``yrange``: (min, max, num),
     default (−1, 1, 51) on both axes; ``dims=1`` gives a line. ``settings``: the other fields of the
     ``surface`` probe (``norm``, ``ignore``, ``bn="recompute"``, ``metrics``, ``seed``, ...).
     Values: "loss" and "accuracy" with dims ("y", "x") (("x",) for a line), coordinates "x" and "y",
@@ -152,24 +170,26 @@ def surface(model: nn.Module, data: Any, loss: str = "cross_entropy", *, dims: i
     >>> bool(abs(res.values["loss"][2, 2] - lossatlas.loss(model, (x, y)).scalar("loss")) < 1e-5)   # the centre is θ
     True
     """
-    if directions not in ("random", "eigenvectors"):
-        raise UserError(f"surface: directions={directions!r} needs a run's other checkpoints; give 'random' or "
-                        "'eigenvectors' here, or run `lossatlas surface RUN` on a run file")
+    if directions not in ("random", "eigenvectors", "worst"):
+        raise UserError(f"surface: directions={directions!r} needs a run's other checkpoints; give 'random', "
+                        "'eigenvectors' or 'worst' here, or run `lossatlas surface RUN` on a run file")
     probe = dict(dims=dims, xrange=tuple(xrange), yrange=None if yrange is None else tuple(yrange),
-                 directions=directions, **settings)
+                 directions=directions, metric_fns=metric_fns, **settings)
     return _run("surface", model, data, loss, probe, batch_size, max_examples, device, dtype, output=output)
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, data: Any, loss: str = "cross_entropy", *,
                 alphas: tuple[float, float, int] = (0.0, 1.0, 31), batch_size: int | None = 256,
                 max_examples: int | None = None, device: str | torch.device | None = None,
-                dtype: str | torch.dtype | None = None, output: str | None = None, **settings: Any) -> Result:
+                dtype: str | torch.dtype | None = None, output: str | None = None,
+                metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = None, **settings: Any) -> Result:
     """Loss and error on the straight line θ(α) = (1 − α) θ_a + α θ_b between two models, and its barriers.
 
     ``alphas``: (min, max, num), default (0, 1, 31). The loss barrier is max_α L(θ(α)) − ((1 − α) L(θ_a)
     + α L(θ_b)) (Frankle et al. 2020: linear mode connectivity); the error barriers likewise.
     ``settings``: the other fields of the ``interpolate`` probe (``dir_type`` "states" moves buffers too,
-    ``bn="recompute"``, ``layerwise=True``). ``model_b`` must have the architecture of ``model_a``.
+    ``bn="recompute"``, ``layerwise=True``, ``metrics`` by registered name). ``metric_fns``: {name: fn(outputs,
+    targets) -> float}, batch means averaged like the loss, each a value along "alpha". ``model_b`` must have the architecture of ``model_a``.
     Values: "loss", "accuracy", "error" along "alpha"; "loss_barrier", "error_barrier" (over the chord
     between the endpoints), "loss_endpoint_mean_barrier", "error_endpoint_mean_barrier" (0-d).
 
@@ -191,7 +211,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data: Any, loss: str = "
         differ = sorted(k for k in set(shapes_a) | set(shapes_b) if shapes_a.get(k) != shapes_b.get(k))
         raise UserError(f"interpolate: model_b's tensors differ from model_a's ({', '.join(differ[:5])}); "
                         "give two models of the same architecture")
-    probe = dict(to_step=1, alphas=tuple(alphas), **settings)
+    probe = dict(to_step=1, alphas=tuple(alphas), metric_fns=metric_fns, **settings)
 
     def state_at(step: int) -> dict[str, Tensor]:
         """Model B, as step 1 of a two-checkpoint run (model A is step 0)."""
@@ -263,6 +283,7 @@ def _run(name: str, model: nn.Module, data: Any, loss_name: str, settings: dict,
          state_at: Callable[[int], Mapping[str, Tensor]] | None = None, output: str | None = None) -> Result:
     """Build the probe ``name`` from ``settings`` and run it once on ``model`` and ``data`` (as ``run_probe`` does)."""
     _check_model(model, "model")
+    loss_name = resolve_loss_spec(loss_name)  # a callable becomes a LossClosure; the caller's own spec is trusted
     loss_name, output = resolve_loss_and_output(None, loss_name, output)
     cls = get_probe(name)
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -445,7 +445,7 @@ def _add_probe_parser(sub, cls) -> None:
     docs = _field_docs(cls)
     group = p.add_argument_group(f"{cls.name} settings", "the probe's own settings (its dataclass fields)")
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.metadata.get("python_only"):  # callables (metric_fns): the Python API only
             continue
         flag = f.name if f.name not in COMMON else f"{cls.name}_{f.name}"
         kwargs = _argparse_kwargs(hints.get(f.name, str), f, cls, docs)
@@ -583,15 +583,17 @@ _SETTING_HELP = {
     "surface.yrange": "the grid along the second direction: MIN MAX NUM points (None: as --xrange)",
     "surface.directions": "where the directions come from: random (Gaussian, filter-normalised as Li et al. "
                           "2018), pca (the trajectory's principal components up to this checkpoint), "
-                          "eigenvectors (the top Hessian eigenvectors, unit norm) or checkpoints (towards "
-                          "--x-step and --y-step)",
+                          "eigenvectors (the top Hessian eigenvectors, unit norm), checkpoints (towards "
+                          "--x-step and --y-step) or worst (steepest loss increase within --worst-radius, by "
+                          "projected gradient ascent; Chen et al. 2025)",
     "surface.norm": "how a random direction is normalised to the weights (filter: per filter, as Li et al. 2018)",
     "ignore": "biasbn zeroes the direction in biases and normalisation parameters; none keeps them",
     "surface.dir_type": "what the directions move: weights (parameters only) or states (buffers too)",
     "surface.seed": "seed of the random directions",
     "surface.x_step": "the checkpoint the first direction points to (with --directions checkpoints)",
     "surface.y_step": "the checkpoint the second direction points to (with --directions checkpoints)",
-    "surface.metrics": "extra losses evaluated on the grid, by name (e.g. mse)",
+    "surface.metrics": "extra metrics evaluated on the grid, by registered name (a loss such as mse, or "
+                       "top5_accuracy; lossatlas.probes.grid.register_metric adds one)",
     "surface.save_every": "store a partial surface every N points, so an interrupted run resumes",
     "surface.quadratic_check": "compare each axis with its second-order model dᵀHd and say whether the slice is "
                                "quadratic at this scale",

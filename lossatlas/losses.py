@@ -390,6 +390,14 @@ def closure_value(loss: LossClosure, model: nn.Module, params: Mapping[str, Tens
     (and ``torch.func``) reach them. A returned ``(loss, count)`` gives the count, else n_b is the batch's
     size (``closure_count``). ValueError naming the closure when it returns something other than a scalar.
     """
+    raw, count = closure_call(loss, model, params, batch)
+    n = closure_count(*batch) if count is None else count
+    return raw, n
+
+
+def closure_call(loss: LossClosure, model: nn.Module, params: Mapping[str, Tensor] | None,
+                 batch: tuple[Any, Tensor]) -> tuple[Tensor, int | None]:
+    """(L_b(θ), the count the closure returned or None): ``closure_value`` before the batch-size default."""
     wrapper = _ClosureModule(model, loss.fn)
     if params is None:
         raw = wrapper(batch)
@@ -398,13 +406,13 @@ def closure_value(loss: LossClosure, model: nn.Module, params: Mapping[str, Tens
     count = None
     if isinstance(raw, (tuple, list)) and len(raw) == 2:
         raw, count = raw
+        count = int(count)
     if not isinstance(raw, Tensor):
         raw = torch.as_tensor(raw)
     if raw.numel() != 1:
         raise ValueError(f"loss {loss} returned a tensor of shape {tuple(raw.shape)}; a loss closure must return a "
                          "scalar (the batch's mean loss) or (scalar, count)")
-    n = closure_count(*batch) if count is None else int(count)
-    return raw.reshape(()), n
+    return raw.reshape(()), count
 
 
 def closure_data_loss(loss: LossClosure, model: nn.Module, params: Mapping[str, Tensor] | None,

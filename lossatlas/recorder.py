@@ -107,6 +107,9 @@ class Recorder:
         instability: also log the ``InstabilityMonitor`` statistics (attention and output logits,
             activations, Adam second moments).
         groups: the data-group names passed as ``group_losses`` to ``step`` (with ``instability``).
+        attention_heads: also log the per-head maximum attention logit and attention entropy
+            (``attn_max_logit/layer<i>/head<h>``, ``attn_entropy/layer<i>/head<h>``;
+            ``lossatlas.telemetry.AttentionHeadMonitor``) of the reference GPT or Hugging Face attention.
     """
 
     def __init__(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -115,7 +118,7 @@ class Recorder:
                  log_spaced: int | None = None, max_steps: int | None = None, telemetry: bool = True,
                  per_tensor: bool = True, save_optimizer_state: bool = True, overwrite: bool = False,
                  attrs: Mapping[str, Any] | None = None, instability: bool = False,
-                 groups: Sequence[str] | None = None) -> None:
+                 groups: Sequence[str] | None = None, attention_heads: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
         self.telemetry = telemetry
@@ -141,6 +144,11 @@ class Recorder:
             from lossatlas.telemetry import InstabilityMonitor
 
             self._monitor = InstabilityMonitor(model, optimizer, groups=groups)
+        self._heads = None
+        if attention_heads:  # per-head max attention logit and entropy (telemetry.py)
+            from lossatlas.telemetry import AttentionHeadMonitor
+
+            self._heads = AttentionHeadMonitor(model)
         self._writer = store.RunWriter(
             path, model_spec=dict(model_spec) if model_spec is not None else None,
             data_spec=dict(data_spec) if data_spec is not None else None, loss=loss,
@@ -167,6 +175,8 @@ class Recorder:
             row.update(self._monitor.collect(group_losses=group_losses))
         elif group_losses:
             row.update({f"group_loss/{k}": float(v) for k, v in group_losses.items()})
+        if self._heads is not None:
+            row.update(self._heads.collect())
         for k, v in scalars.items():
             row[k] = float(v)
         self._steps.append(step)
@@ -210,6 +220,9 @@ class Recorder:
         if self._monitor is not None:
             self._monitor.close()
             self._monitor = None
+        if self._heads is not None:
+            self._heads.close()
+            self._heads = None
         if self._writer is not None:
             self._flush()
             self._writer.close()
@@ -229,6 +242,8 @@ class Recorder:
             if self.per_tensor:
                 for n in self._names:
                     names += [f"grad_norm/{n}", f"weight_norm/{n}", f"update_ratio/{n}"]
+        if self._heads is not None:
+            names += self._heads.names()
         return names
 
     def _due(self, step: int) -> bool:

@@ -21,6 +21,10 @@ them with Adam's second-moment statistics and fetches everything with one device
 - ``group_loss/<name>``: losses per data group passed to ``collect`` (opposing signals,
   Rosenfeld & Risteski 2023, arXiv 2311.04163).
 
+``AttentionHeadMonitor`` adds, per layer and head, the maximum attention logit
+``attn_max_logit/layer<i>/head<h>`` (the MaxLogit of Kimi K2's QK-Clip) and the attention entropy
+``attn_entropy/layer<i>/head<h>``, for the reference GPT and Hugging Face GPT-2 / Llama-style attention.
+
 Hook values are the extremes (and the mean) over every forward since the last ``collect()``.
 The monitor never changes the model's outputs, parameters or train/eval flag.
 """
@@ -28,8 +32,9 @@ The monitor never changes the model's outputs, parameters or train/eval flag.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -214,6 +219,248 @@ class InstabilityMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AttentionHeadMonitor:
+    """Per-head maximum attention logit and attention entropy, per layer, from forward hooks.
+
+    For every attention layer ℓ and head h, over the (query i, key j) pairs a query may attend to
+    (causal lower triangle, and the model's attention mask when it passes one), over every example
+    and every forward since the last ``collect()``:
+
+    - ``attn_max_logit/layer<ℓ>/head<h>``: MaxLogit = max_{i,j} s·q_i·k_j, s the module's scaling
+      (1/√d_h), with q, k after any qk-norm and rotary embedding: the quantity Kimi K2's QK-Clip caps
+      (Kimi Team 2025, "Kimi K2: Open Agentic Intelligence", arXiv 2507.20534). Signed (not |z|).
+    - ``attn_entropy/layer<ℓ>/head<h>``: the mean over queries of −Σ_j p_ij log p_ij, p_i = softmax_j of
+      the same logits; its collapse precedes instabilities (Zhai et al. 2023, "Stabilizing Transformer
+      Training by Preventing Attention Entropy Collapse", ICML).
+
+    Layers are numbered in ``model.named_modules()`` order (``self.layers`` holds their module names).
+    Three kinds of attention module are found:
+
+    - the reference GPT's (``lossatlas.models.gpt``): a forward hook on ``<attn>.logits_hook`` sees
+      the logits it computed itself (no extra matmul);
+    - Hugging Face GPT-2 (``GPT2Attention``): q, k are the first two thirds of ``c_attn``'s output;
+    - Hugging Face Llama-style (``q_proj``/``k_proj`` and ``position_embeddings``, e.g. ``LlamaAttention``):
+      q, k from the projections' outputs, then the model's own qk-norm (if any), its
+      ``apply_rotary_pos_emb`` and the grouped-query repeat.
+
+    For the Hugging Face modules the logits q kᵀ are recomputed once per layer (one batched matmul,
+    what eager attention does anyway); the hooks only read detached tensors under ``no_grad`` and
+    return None, so the outputs and gradients are those of the unhooked model. Hooks that fire inside
+    ``torch.func`` transforms (the curvature products) are skipped.
+
+    Args:
+        model: the network (hooks are added now and removed by ``close()``).
+        examples: reduce over the first ``examples`` sequences of each batch only (None, the default:
+            all): the cost is O(examples·heads·T²) per layer; a subsample gives a lower bound of MaxLogit.
+
+    Usage::
+
+        heads = AttentionHeadMonitor(model)
+        ...; loss.backward(); opt.step()
+        rec.step(step, loss=loss.item(), **heads.collect())
+        heads.close()
+    """
+
+    def __init__(self, model: nn.Module, *, examples: int | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+            raise ValueError(f"examples must be a positive number of sequences or None (all), got {examples!r}")
+        self.model = model
+        self.examples = examples
+        self._bias: dict[tuple, Tensor] = {}  # causal additive masks by (T, S, device, dtype)
+        self.layers: list[str] = []
+        self.heads: list[int] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stats: dict[int, list[Tensor]] = {}  # layer -> [max (H,), entropy sum (H,), rows (H,)]
+        self._stash: dict[int, dict[str, Any]] = {}  # per-layer q/k outputs and forward kwargs
+        for name, m in model.named_modules():
+            if isinstance(getattr(m, "logits_hook", None), nn.Module) and hasattr(m, "n_head"):
+                self._add(name, int(m.n_head))
+                self._handles.append(m.logits_hook.register_forward_hook(self._own_hook(len(self.layers) - 1)))
+            elif hasattr(m, "c_attn") and hasattr(m, "split_size") and not getattr(m, "is_cross_attention", False):
+                self._add(name, int(m.num_heads))
+                self._hook_hf(m, len(self.layers) - 1, ("c_attn",))
+            elif hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "head_dim") and hasattr(m, "scaling") \
+                    and _rotary(m) is not None:
+                heads = int(getattr(m.config, "num_attention_heads", m.q_proj.out_features // m.head_dim))
+                self._add(name, heads)
+                self._hook_hf(m, len(self.layers) - 1, ("q_proj", "k_proj"))
+        if not self.layers:
+            raise ValueError("no attention module found (the reference GPT's, Hugging Face GPT-2 or Llama-style); "
+                             "per-head attention telemetry needs one")
+
+    def _add(self, name: str, heads: int) -> None:
+        self.layers.append(name)
+        self.heads.append(heads)
+
+    def names(self) -> list[str]:
+        """Every log name this monitor can produce (declared up front in the run file)."""
+        out = []
+        for kind in ("attn_max_logit", "attn_entropy"):
+            out += [f"{kind}/layer{i}/head{h}" for i, n in enumerate(self.heads) for h in range(n)]
+        return out
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _own_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if isinstance(out, Tensor) and out.ndim == 4 and not _in_transform():
+                self._reduce(layer, out, None)
+        return hook
+
+    def _hook_hf(self, attn: nn.Module, layer: int, projections: tuple[str, ...]) -> None:
+        stash = self._stash.setdefault(layer, {})
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stash.clear()
+            stash["kwargs"] = kwargs  # attention_mask, position_embeddings (read in post)
+
+        def projection(key: str):
+            def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+                stash[key] = out
+            return hook
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            got = dict(stash)
+            stash.clear()
+            if _in_transform() or not all(isinstance(got.get(p), Tensor) for p in projections):
+                return
+            with torch.no_grad():
+                q, k = self._hf_qk(module, got)
+                z = (q @ k.transpose(-2, -1)) * float(module.scaling)  # (B, H, T, S), as eager attention
+                self._reduce(layer, z, got.get("kwargs", {}).get("attention_mask"))
+
+        self._handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+        for p in projections:
+            self._handles.append(getattr(attn, p).register_forward_hook(projection(p)))
+        self._handles.append(attn.register_forward_hook(post, with_kwargs=True))
+
+    @staticmethod
+    def _hf_qk(module: nn.Module, got: dict) -> tuple[Tensor, Tensor]:
+        """(B, H, T, d) queries and keys exactly as the module's forward builds them."""
+        if "c_attn" in got:  # GPT-2: [q | k | v] along the last axis, no rotary embedding
+            qkv = got["c_attn"].detach()
+            q, k, _ = qkv.split(module.split_size, dim=-1)
+            d = module.head_dim
+            return (q.reshape(*q.shape[:-1], -1, d).transpose(1, 2), k.reshape(*k.shape[:-1], -1, d).transpose(1, 2))
+        d = module.head_dim
+        q, k = got["q_proj"].detach(), got["k_proj"].detach()
+        q, k = q.reshape(*q.shape[:-1], -1, d), k.reshape(*k.shape[:-1], -1, d)
+        if getattr(module, "q_norm", None) is not None:  # qk-norm before the transpose (Qwen3, OLMo-2 style)
+            q, k = module.q_norm(q), module.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos_sin = got.get("kwargs", {}).get("position_embeddings")
+        if cos_sin is not None:
+            q, k = _rotary(module)(q, k, *cos_sin)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
+            k = k.repeat_interleave(groups, dim=1)
+        return q, k
+
+    def _causal_bias(self, T: int, S: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(T, S) additive mask: 0 where query i may see key j (j ≤ i + S − T), −inf above (cached)."""
+        key = (T, S, device, dtype)
+        if key not in self._bias:
+            keep = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+            self._bias[key] = torch.zeros(T, S, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+        return self._bias[key]
+
+    @torch.no_grad()
+    def _reduce(self, layer: int, z: Tensor, mask: Any) -> None:
+        """Fold the logits z (B, H, T, S) of one forward into the layer's running max / entropy sums.
+
+        Per query row, with m = max_j z_j over the allowed keys and p = softmax: log Z = m − log max_j p_j
+        (p_j = exp(z_j − log Z) at j = argmax), so the entropy −Σ p log p = log Z − Σ_j p_j z_j costs one
+        softmax and one dot product beyond the masking (no second exp pass, no host sync).
+        """
+        z = _at_least_float32(z.detach())
+        if self.examples is not None:  # the first `examples` sequences of the batch only
+            z = z[: self.examples]
+            mask = mask[: self.examples] if isinstance(mask, Tensor) and mask.ndim == 4 else mask
+        T, S = z.shape[-2], z.shape[-1]
+        zm = z + self._causal_bias(T, S, z.device, z.dtype)  # masked entries −inf, causal with a cache offset
+        if isinstance(mask, Tensor) and mask.ndim == 4:  # the model's mask: bool keep, or additive 0 / large negative
+            keep = mask[..., -S:] if mask.dtype == torch.bool else mask[..., -S:] > torch.finfo(mask.dtype).min / 2
+            zm = zm.masked_fill(~keep, float("-inf"))
+        m = zm.amax(dim=-1)  # (B, H, T) row maxima; −inf for a query with no allowed key
+        p = torch.softmax(zm, dim=-1)  # zero at the masked keys (z finite there: p·z = 0); NaN rows if all masked
+        ent = m - torch.log(p.amax(dim=-1)) - torch.linalg.vecdot(p, z)  # log Z − Σ p z, per query
+        valid = torch.isfinite(m)  # queries with at least one allowed key; the others are skipped
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        mx = m.amax(dim=(0, 2))  # (H,): −inf rows never win
+        ent_sum = torch.where(valid, ent, zero).sum(dim=(0, 2))
+        rows = valid.sum(dim=(0, 2)).to(z.dtype)
+        prev = self._stats.get(layer)
+        if prev is None:
+            self._stats[layer] = [mx, ent_sum, rows]
+        else:
+            self._stats[layer] = [torch.maximum(prev[0], mx), prev[1] + ent_sum, prev[2] + rows]
+
+    # -- the per-step call --------------------------------------------------------------------------
+    def collect(self) -> dict[str, float]:
+        """This step's per-head values (one device sync); resets the accumulators."""
+        if self._handles is None:
+            raise ValueError("this AttentionHeadMonitor is closed; create a new one to keep monitoring")
+        stats, self._stats = self._stats, {}
+        if not stats:
+            return {}
+        names, parts = [], []
+        for layer in sorted(stats):
+            mx, ent_sum, rows = stats[layer]
+            H = mx.shape[0]
+            names += [f"attn_max_logit/layer{layer}/head{h}" for h in range(H)]
+            names += [f"attn_entropy/layer{layer}/head{h}" for h in range(H)]
+            parts += [mx.double(), (ent_sum / rows.clamp(min=1)).double()]
+        dev = parts[0].device
+        values = torch.cat([p.to(dev) for p in parts]).tolist()  # the one sync
+        return dict(zip(names, values))
+
+    def close(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles or ():
+            h.remove()
+        self._handles = None  # type: ignore[assignment]
+        self._stats, self._stash = {}, {}
+
+    def __enter__(self) -> "AttentionHeadMonitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def head_array(columns: Mapping[str, Any], kind: str = "attn_max_logit") -> np.ndarray:
+    """(steps, layers, heads) array of ``kind`` ("attn_max_logit" or "attn_entropy") from run-log columns.
+
+    ``columns`` maps log names to (steps,) arrays (``run.log`` columns); absent heads are NaN.
+    """
+    import re
+
+    pat = re.compile(rf"^{re.escape(kind)}/layer(\d+)/head(\d+)$")
+    found = {(int(m.group(1)), int(m.group(2))): n for n in columns if (m := pat.match(n))}
+    if not found:
+        raise ValueError(f"no {kind}/layer<i>/head<h> columns in the log; record with attention_heads=True")
+    L, H = max(i for i, _ in found) + 1, max(h for _, h in found) + 1
+    T = len(next(iter(columns[n] for n in found.values())))
+    out = np.full((T, L, H), np.nan)
+    for (i, h), n in found.items():
+        out[:, i, h] = np.asarray(columns[n], dtype=np.float64)
+    return out
+
+
+def _rotary(module: nn.Module) -> Any:
+    """The ``apply_rotary_pos_emb`` of the module's own modeling file (None: not a rotary attention)."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+
+
+def _in_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp) is active: hooks then do nothing."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
 
 
 def z_loss(logits: Tensor, coefficient: float = 1e-4) -> Tensor:

@@ -11,6 +11,9 @@ time is the smallest lag reaching 90 % of that maximum (the change point). Precu
 lead time, then |z|, and the earliest one of a known kind names the likely cause:
 
 - ``attn_logit_max/<layer>``: attention-logit growth → qk-layernorm (Wortsman et al. 2023; Dehghani et al. 2023);
+  per head, ``attn_max_logit/layer<i>/head<h>`` rising (the MaxLogit of Kimi K2's QK-Clip, Kimi Team 2025,
+  arXiv 2507.20534) or ``attn_entropy/layer<i>/head<h>`` falling (entropy collapse, Zhai et al. 2023,
+  "Stabilizing Transformer Training by Preventing Attention Entropy Collapse") names the same cause and the head;
 - ``output_logz_mean`` / ``output_logit_max``: output-logit divergence → z-loss 1e-4·log²Z (PaLM, Chowdhery
   et al. 2022; Wortsman et al. 2023);
 - ``grad_norm/<param>`` / ``act_max/<block>``: one layer's gradient explosion → gradient clipping,
@@ -85,7 +88,8 @@ _ADVICE: dict[str, tuple[str, list[str], list[str]]] = {
          "or lower the learning rate"], []),
 }
 # which signals can name a cause, by prefix (exact names end without '/')
-_KINDS = (("attn_logit_max/", "attention_logit_growth"), ("output_logz_mean", "output_logit_divergence"),
+_KINDS = (("attn_logit_max/", "attention_logit_growth"), ("attn_max_logit/", "attention_logit_growth"),
+          ("attn_entropy/", "attention_logit_growth"), ("output_logz_mean", "output_logit_divergence"),
           ("output_logit_max", "output_logit_divergence"), ("grad_norm/", "layer_gradient_explosion"),
           ("act_max/", "layer_gradient_explosion"), ("grad_norm", "gradient_norm_growth"),
           ("adam_", "adam_second_moment"), ("group_loss/", "opposing_signals"))
@@ -232,7 +236,8 @@ def find_precursors(steps: np.ndarray, signals: Mapping[str, np.ndarray], start:
     return out
 
 
-GROWTH_SIGNALS = ("attn_logit_max/", "output_logit_max")
+GROWTH_SIGNALS = ("attn_logit_max/", "attn_max_logit/", "output_logit_max")
+FALLING_SIGNALS = ("attn_entropy/",)  # blamed when they fall: attention-entropy collapse (Zhai et al. 2023)
 GROWTH_FACTOR = 10.0  # a logit scale that grew tenfold over its early level is an instability (Wortsman et al. 2023)
 GROWTH_FLOOR = 10.0  # ... once it is large in absolute terms: a logit gap of 10 makes softmax nearly one-hot
 
@@ -327,7 +332,8 @@ def _logged(x: np.ndarray, upto: int, always: bool = False) -> np.ndarray:
 def _verdict(spike: Spike, precursors: list[Precursor], lr_ev: dict | None, quick: int) -> tuple[str, str, list[str], list[str]]:
     # every named cause is a growth (attention logits, output logits, gradient norms); a signal that
     # fell before the spike is reported as a precursor but never blamed (opposing signals: either way)
-    causal = [p for p in precursors if p.cause is not None and (p.direction == "up" or p.cause == "opposing_signals")]
+    causal = [p for p in precursors if p.cause is not None and (
+        (p.direction == "down") == p.signal.startswith(FALLING_SIGNALS) or p.cause == "opposing_signals")]
     if causal and causal[0].cause == "gradient_norm_growth":  # prefer a named layer if one moved too
         layer = [p for p in causal if p.cause == "layer_gradient_explosion"]
         if layer:

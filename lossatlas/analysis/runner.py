@@ -34,7 +34,13 @@ from lossatlas.checks import check_choice
 from lossatlas.distributed import Distributed
 from lossatlas.errors import UserError
 from lossatlas.finite import check_finite
-from lossatlas.losses import MODEL_LOSS, model_loss_batches, model_loss_precision, resolve_loss_and_output
+from lossatlas.losses import (
+    MODEL_LOSS,
+    model_loss_batches,
+    model_loss_precision,
+    resolve_loss_and_output,
+    resolve_loss_spec,
+)
 from lossatlas.outputs import LOSS_OUTPUT, OUTPUT, use_output
 from lossatlas.probes.base import Probe, ProbeContext, Result
 from lossatlas.probes.settings import DTYPES  # every dtype a checkpoint can be loaded in
@@ -213,10 +219,17 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
         for spec in (options.model if options.model is not None else reader.model_spec, data_spec):
             trust.require_trusted(spec, trust_factory=options.trust_factory)  # before any work or import
         steps = select_steps(options.steps, reader.steps())
-        loss, output = resolve_loss_and_output(reader.loss, options.loss, options.output, prefix=f"{run_path}: ")
-        batches, subset = load_data(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
-                                    max_tokens=options.max_tokens, trust_factory=options.trust_factory,
-                                    keep_labels=loss == MODEL_LOSS)
+        # a loss factory spec: the caller's --loss is trusted, the run file's own only when signed or --trust-factory
+        run_loss = resolve_loss_spec(reader.loss, stored=True, signatures=getattr(reader, "spec_signatures", None),
+                                     source=str(run_path), trust_factory=options.trust_factory)
+        loss, output = resolve_loss_and_output(run_loss, resolve_loss_spec(options.loss), options.output,
+                                               prefix=f"{run_path}: ")
+        if not any(u.needs_data for u in (probe, *probe.parts())):  # a data-free probe: no data set is built
+            batches, subset = [], None
+        else:
+            batches, subset = load_data(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
+                                        max_tokens=options.max_tokens, trust_factory=options.trust_factory,
+                                        keep_labels=loss == MODEL_LOSS)
         # a result is reused for the same data and the same model spec: an override's fingerprint joins the data's;
         # so do a loss other than the run's own and an output other than the logits
         suffix = choice_suffix(reader.loss, loss, output) + ("+fsdp" if options.fsdp else "")  # never mix with exact

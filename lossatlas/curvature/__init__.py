@@ -17,6 +17,7 @@ from lossatlas.curvature.blocks import parameter_blocks, resolve_params, select_
 from lossatlas.curvature.fisher import EmpiricalFisherOperator, FisherOperator
 from lossatlas.curvature.ggn import GGNOperator
 from lossatlas.curvature.hessian import HessianOperator
+from lossatlas.errors import UserError
 
 CURVATURES: tuple[str, ...] = ("hessian", "ggn", "fisher", "empirical_fisher")
 
@@ -41,6 +42,15 @@ def make_operator(kind: str, model: nn.Module, data: Any, loss: str = "cross_ent
         ('GGNOperator', 'ggn', (8, 8))
     """
     check_choice("curvature", kind, CURVATURES)
+    from lossatlas.losses import is_closure
+
+    if is_closure(loss) or (callable(loss) and not isinstance(loss, str)):  # a loss_fn(model, batch) closure
+        if kind != "hessian":
+            raise UserError(f"curvature {kind!r} needs a loss of the model's outputs (its output Hessian), which a "
+                            "loss closure does not give; use curvature='hessian' with the closure")
+        from lossatlas.curvature.closure import ClosureHessianOperator
+
+        return ClosureHessianOperator(model, data, loss, **kw)
     return _OPERATORS[kind](model, data, loss, **kw)
 
 

@@ -29,7 +29,6 @@ second-order gradient descent", Neural Computation).
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -338,4 +337,3 @@ def dense(op: ActivationCurvatureOperator, batch: int = 256) -> Tensor:
 
 __all__: Sequence[str] = ["ActivationCurvatureOperator", "activation_operator", "parse_wrt", "dense",
                           "WRT_PARAMS", "WRT_INPUTS", "CURVATURES", "SCALES"]
-_ = math  # noqa: F841 (kept for formulas in doctests)

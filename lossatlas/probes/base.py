@@ -155,6 +155,7 @@ class Probe:
       work through ``ctx.dist``; otherwise the runner deals the checkpoints out across ranks;
     - ``needs_optimizer_state``: the runner loads the checkpoint's optimizer state into
       ``ctx.optimizer_state`` (only then: it can be as large as the model, twice);
+    - ``needs_data``: False for a data-free probe: the runner builds no data set (``ctx.data`` is empty);
     - ``part_of``, ``switch``: a probe that also runs as a part of another (``parts``) names that
       probe, whose figure and report item show its results, and the owner's boolean setting that
       turns it on there (None: the part has its own settings there, e.g. ``blocks``);
@@ -166,6 +167,7 @@ class Probe:
     summary: ClassVar[str] = ""
     splits_work: ClassVar[bool] = False  # True: under torchrun the probe splits its work through ctx.dist
     needs_optimizer_state: ClassVar[bool] = False  # True: the runner loads ctx.optimizer_state
+    needs_data: ClassVar[bool] = True  # False: the probe reads only the weights; the runner loads no data
     section: ClassVar[str] = "other"  # the report section of its results (a key of lossatlas.viz.report.SECTIONS)
     title: ClassVar[str] = ""  # the heading of its results in the report ("": the probe's name)
     figure: ClassVar[str | None] = None  # the viz figure name that draws its results (None: every scalar vs step)

@@ -59,14 +59,18 @@ CATALOG: dict[str, ProbeInfo] = {p.name: p for p in (
     ProbeInfo("interpolate", "landscape", "", "interpolate", "--step 0 --to-step LAST"),
     ProbeInfo("sharpness", "sharpness", "", "sharpness"),  # before critical_sharpness, which imports it
     ProbeInfo("critical_sharpness", "curvature", "critical sharpness along the update", "critical_sharpness"),
+    ProbeInfo("curve", "landscape", "Curved mode connectivity", "curve", "--step 0 --to-step LAST"),
     ProbeInfo("hessian_blocks", "curvature", "per-layer spectra", None, "--steps last --blocks layers", "hessian"),
     ProbeInfo("hessian_ci", "curvature", "λ_max and trace: bootstrap intervals", None, "--steps last --trace",
               "hessian", switch="data_ci"),
     ProbeInfo("hessian", "curvature", "", "hessian", "--steps all", None, _HESSIAN_PART_FIELDS),
     ProbeInfo("loss", "overview", "", "loss"),
+    ProbeInfo("similarity", "representations", "Representation similarity", "similarity", "--step LAST --to-step 0"),
     ProbeInfo("surface", "landscape", "", "surface", "--step last"),
+    ProbeInfo("topology", "landscape", "Landscape topology", "topology", "--step last"),
     ProbeInfo("trajectory", "landscape", "", "trajectory", ""),
     ProbeInfo("uniformity", "representations", "", "uniformity"),
+    ProbeInfo("weight_spectra", "representations", "Weight spectra (data-free)", "weight_spectra"),
 )}
 
 FIELDS: tuple[str, ...] = ("section", "title", "figure", "usage", "part_of", "part_fields", "switch")

@@ -19,15 +19,23 @@ cut's own endpoints. Cumulative variants move the first k / last k groups.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import ClassVar, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 from torch import Tensor, nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import DIR_TYPES, checkpoint_direction, model_state
-from lossatlas.probes.grid import BN_MODES, PointEvaluator, auto_chunk_size, evaluate_grid, grid_axis
+from lossatlas.probes.grid import (
+    BN_MODES,
+    Metric,
+    PointEvaluator,
+    auto_chunk_size,
+    evaluate_grid,
+    grid_axis,
+    metrics_by_name,
+)
 from lossatlas.probes.settings import check_choice
 
 BARRIER_DEFINITION = ("*_barrier: max over α of f(α) − ((1−α)f(0) + αf(1)), the rise over the chord between the "
@@ -78,10 +86,14 @@ def interpolation_curve(
     bn: str = "keep",
     bn_data: Sequence[tuple[Tensor, Tensor]] | None = None,
     chunk_size: int = 8,
+    metrics: Mapping[str, Metric] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Loss, accuracy and error along θ(α) = θ_a + α(θ_b − θ_a), moving only ``names`` (default all)."""
+    """Loss, accuracy, error and ``metrics`` along θ(α) = θ_a + α(θ_b − θ_a), moving only ``names`` (default all).
+
+    ``metrics``: f(outputs, targets) -> batch mean, averaged over the batches like the loss.
+    """
     d = checkpoint_direction(start, end, names)
-    ev = PointEvaluator(model, start, [d], data, loss, bn=bn, bn_data=bn_data)
+    ev = PointEvaluator(model, start, [d], data, loss, bn=bn, bn_data=bn_data, metrics=metrics)
     out, _ = evaluate_grid(ev, np.asarray(alphas, dtype=np.float64)[:, None], chunk_size=chunk_size)
     out["error"] = 1.0 - out["accuracy"]
     return out
@@ -145,6 +157,11 @@ class Interpolate(Probe):
     ``dir_type`` "states" (buffers move too, as Li et al. advise) or "weights"; ``bn`` "keep" |
     "recompute" (fresh BN statistics at every α from the first ``bn_batches`` batches); ``layerwise``
     adds the single-layer and first-k/last-k barrier tables. Barriers need α = 0 and 1 in the grid.
+
+    Attributes:
+        metrics: registered metrics along the path, by name (lossatlas.probes.grid.METRICS: the losses of the
+            outputs, top5_accuracy), each a batch mean averaged like the loss.
+        metric_fns: Python only: {name: fn(outputs, targets) -> float}, batch means averaged like the loss.
     """
 
     name: ClassVar[str] = "interpolate"
@@ -159,9 +176,26 @@ class Interpolate(Probe):
     bn_batches: int | None = None
     layerwise: bool = False
     chunk_size: int | None = None  # None: 1 on CPU, 16 on an accelerator
+    metrics: tuple[str, ...] = ()  # registered metric names (lossatlas.probes.grid.METRICS) along the path
+    metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = field(
+        default=None, compare=False, hash=False, metadata={"python_only": True})  # callables: no CLI flag
+
+    def config(self) -> dict:
+        """The settings as JSON; ``metric_fns`` (Python callables) by their names."""
+        out = super().config()
+        out["metric_fns"] = sorted(self.metric_fns) if self.metric_fns else None
+        return out
+
+    def _metrics(self) -> dict[str, Metric]:
+        """The registered ``metrics`` and the callables ``metric_fns``, by name."""
+        return {**metrics_by_name(self.metrics), **dict(self.metric_fns or {})}
 
     def validate(self) -> None:
         """ValueError without ``to_step``, for a bad ``alphas`` range or ``dir_type``/``bn``, or a count < 1."""
+        clash = sorted(set(self._metrics()) & {"loss", "accuracy", "error"})
+        if clash or not all(callable(f) for f in self._metrics().values()):
+            raise ValueError(f"metrics must be callables fn(outputs, targets) -> float named other than loss, accuracy "
+                             f"and error; got {clash or sorted(self._metrics())}")
         if self.to_step is None:
             raise ValueError("interpolate needs to_step: the step of the other checkpoint")
         grid_axis(self.alphas, "alphas")
@@ -187,10 +221,11 @@ class Interpolate(Probe):
         start = model_state(ctx.model, self.dir_type)
         end = {k: v for k, v in ctx.state_at(int(self.to_step)).items() if k in start}
         bn_data = list(ctx.data)[: self.bn_batches] if self.bn_batches else None
-        curve = interpolation_curve(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
+        curve = interpolation_curve(ctx.model, start, end, a, ctx.data, ctx.loss, bn=self.bn, bn_data=bn_data,
+                                    chunk_size=auto_chunk_size(self.chunk_size, ctx.device), metrics=self._metrics())
         res = self.new_result(ctx.step, {"status": "complete", "from_step": ctx.step, "to_step": int(self.to_step),
                                          "loss": ctx.loss, "bn": self.bn})
-        for k in ("loss", "accuracy", "error"):
+        for k in ("loss", "accuracy", "error", *self._metrics()):
             res.add(k, curve[k], ("alpha",), {"alpha": a})
         if (a == 0.0).any() and (a == 1.0).any():
             lb, eb = barriers(a, curve["loss"]), barriers(a, curve["error"])

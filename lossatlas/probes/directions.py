@@ -11,6 +11,10 @@ a record of the rule applied to each tensor, e.g. ``{"fc1.weight": "filter(dim0)
   orthogonalised.
 - ``top_hessian_eigenvectors`` / ``eigenvector_directions``: the unit eigenvectors u_1, ..., u_k of the
   k largest Hessian eigenvalues, H u_i = λ_i u_i, by Lanczos on Hessian-vector products.
+- ``worst_case_directions``: the direction of steepest loss increase within a ball, max_{‖δ‖ ≤ ρ‖θ‖} L(θ + δ)
+  by projected gradient ascent, rescaled to the norm of a filter-normalised direction (Chen et al. 2025,
+  "Unveiling the Basin-Like Loss Landscape in Large Language Models", compare such worst-case directions
+  with random ones).
 - ``trajectory_pca``: rows d_e = vec(θ_e − θ_T) for every checkpoint e (θ_T the final one), centred by
   their mean; the top right-singular vectors of that matrix (as ``sklearn.decomposition.PCA``) are
   the directions pc_1, pc_2, and each checkpoint projects to x_e = ⟨d_e, pc_1⟩, y_e = ⟨d_e, pc_2⟩ of
@@ -41,7 +45,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lossatlas.curvature import HessianOperator
+from lossatlas import losses as L
+from lossatlas.curvature import HessianOperator, make_operator  # noqa: F401  (HessianOperator: re-exported)
+from lossatlas.outputs import model_outputs
+from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import axpy, cosine, dot, flatten, unflatten  # noqa: F401  (cosine: re-exported)
 from lossatlas.probes.settings import check_choice
 from lossatlas.probes.spectrum import top_eigenpairs
@@ -296,12 +303,98 @@ def top_hessian_eigenvectors(
     ``lossatlas.probes.spectrum.top_eigenpairs`` (Lanczos with full reorthogonalization) on float64
     Hessian-vector products, to a relative residual of 1e-8.
     """
-    op = HessianOperator(model, list(data), loss, params=dict(params), dtype=torch.float64)
+    op = make_operator("hessian", model, list(data), loss, params=dict(params), dtype=torch.float64)
     # A Ritz vector's error is of order residual/gap (an eigenvalue's only residual²/gap), and these
     # vectors span the plotted plane: 1e-8 instead of the default 1e-4 keeps them the true eigenvectors.
     res = top_eigenpairs(op, k, tol=1e-8, seed=seed)
     ordered = {n: params[n] for n in op.param_names}
     return eigenvector_directions(res.eigenvectors, ordered, label="eigenvector(unit)")
+
+
+def loss_at(model: nn.Module, state: Mapping[str, Tensor], data: Sequence[tuple[Tensor, Tensor]], loss: str) -> Tensor:
+    """L(θ) = Σ_b w_b L_b(θ) with the model's tensors replaced by ``state`` (differentiable; a name or a closure)."""
+    if L.is_closure(loss):
+        return L.closure_data_loss(loss, model, dict(state), data)  # type: ignore[arg-type]
+    return L.data_loss(loss, lambda x: model_outputs(model, x, params=(dict(state),)), data)
+
+
+def worst_case_directions(
+    model: nn.Module,
+    data: Sequence[tuple[Tensor, Tensor]],
+    loss: str,
+    k: int = 1,
+    *,
+    radius: float = 0.1,
+    steps: int = 20,
+    ignore: str = "biasbn",
+    seed: int = DEFAULT_SEED,
+    params: Mapping[str, Tensor] | None = None,
+) -> list[Direction]:
+    """The k directions of steepest loss increase within a ball around θ, by projected gradient ascent.
+
+    Direction j maximises L(θ + δ) over ‖δ‖ ≤ R = ``radius``·‖θ_P‖ (θ_P: the tensors a filter-normalised
+    direction perturbs, i.e. the floating parameters, without biases and norm layers under ``ignore="biasbn"``),
+    δ orthogonal to the directions before it: from a filter-normalised Gaussian start (seed ``seed``) scaled to
+    norm R, ``steps`` (20) times δ ← P_ball(P_⊥(δ + R·g/‖g‖)) with g = ∇L(θ + δ) (a normalised step of length R,
+    P_⊥ removing the earlier directions, P_ball rescaling to norm R when outside). On a quadratic
+    L = L* + ½ δᵀHδ this is a shifted power iteration: δ → R·u_1 (then u_2, ...), the top eigenvectors.
+    The result is rescaled to ‖d‖ = ‖θ_P‖, the norm of a filter-normalised direction, so that α = ``radius``
+    on it is the ascent's end point (filter-wise rescaling would turn it off the ascent direction), rule
+    "worst(pga)" (Chen et al. 2025, "Unveiling the Basin-Like Loss Landscape in Large Language Models").
+    Evaluated in eval mode; ``params`` overrides the model's own tensors (θ).
+    """
+    if not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"worst_radius must be a positive number, got {radius}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"worst_steps must be a positive integer, got {steps}")
+    check_choice("ignore", ignore, IGNORES)
+    state = dict(model_state(model, "states"))
+    if params is not None:
+        state.update({n: v.detach() for n, v in params.items() if n in state})
+    trainable = model_state(model, "weights")
+    kinds = tensor_kinds(model)
+    names = [n for n in trainable if state[n].is_floating_point() and not (ignore == "biasbn" and kinds.get(n) == "biasbn")]
+    if not names:
+        raise ValueError("worst-case directions need parameters to move; the model has none besides biases and norms")
+    theta = {n: state[n] for n in names}
+    scale = float(dot(theta, theta)) ** 0.5
+    R = radius * scale
+    g = torch.Generator().manual_seed(int(seed))
+    found: list[dict[str, Tensor]] = []
+
+    def orth(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        for u in found:  # remove the components along the earlier (unit) directions
+            v = axpy(-float(dot(u, v)), u, v)
+        return v
+
+    def rescale(v: dict[str, Tensor], to: float) -> dict[str, Tensor]:
+        n = float(dot(v, v)) ** 0.5
+        return {k_: t * (to / max(n, 1e-300)) for k_, t in v.items()}
+
+    out = []
+    with evaluation_mode(model, "eval"):
+        for _ in range(int(k)):
+            start = random_direction(model, {**state}, ignore=ignore, generator=g)
+            delta = rescale(orth({n: start.tensors[n] for n in names}), R)
+            for _ in range(int(steps)):
+                leaves = {n: (theta[n] + delta[n]).detach().requires_grad_(True) for n in names}
+                with torch.enable_grad():
+                    value = loss_at(model, {**state, **leaves}, data, loss)
+                    grads = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True)
+                grad = orth({n: (gr if gr is not None else torch.zeros_like(theta[n])) for n, gr in zip(names, grads)})
+                gnorm = float(dot(grad, grad)) ** 0.5
+                if gnorm == 0.0:
+                    break  # a stationary point of the ball's interior: stay
+                delta = orth(axpy(R / gnorm, grad, delta))
+                norm = float(dot(delta, delta)) ** 0.5
+                if norm > R:  # the projection onto the ball
+                    delta = rescale(delta, R)
+            unit = rescale(delta, 1.0)
+            found.append(unit)
+            tensors = {n: (unit[n] * scale if n in unit else torch.zeros_like(state[n])) for n in trainable}
+            rules = {n: ("worst(pga)" if n in unit else "zero(biasbn)") for n in trainable}
+            out.append(Direction(tensors, rules))
+    return out
 
 
 @dataclass(frozen=True)

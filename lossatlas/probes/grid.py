@@ -53,6 +53,36 @@ FIRST_LAYER_BYTES = 2**30  # the most bytes of cached first-layer outputs ((K + 
 Metric = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> the batch mean of a per-example metric
 
 
+def _topk_accuracy(k: int) -> Metric:
+    """The batch's top-k accuracy: the fraction of examples whose label is among the k largest outputs."""
+    def metric(out: Tensor, y: Tensor) -> Tensor:
+        out = out.reshape(-1, out.shape[-1])
+        top = out.topk(min(k, out.shape[-1]), dim=-1).indices
+        return (top == y.reshape(-1, 1).long()).any(dim=-1).to(out.dtype).mean()
+    return metric
+
+
+# Metrics by name (the CLI's --metrics): every loss of the model's outputs (its batch mean) and top-5 accuracy;
+# ``register_metric`` adds a user's. Each is f(outputs, targets) -> the batch mean, weighted like the loss.
+METRICS: dict[str, Metric] = {
+    **{n: (lambda o, y, _n=n: L.batch_loss(_n, o, y)) for n in L.OUTPUT_LOSSES},
+    "top5_accuracy": _topk_accuracy(5),
+}
+
+
+def register_metric(name: str, fn: Metric) -> Metric:
+    """Register ``fn(outputs, targets) -> batch mean`` under ``name`` for ``--metrics`` (returns ``fn``)."""
+    if name in ("loss", "accuracy"):
+        raise ValueError(f"metric name {name!r} clashes with a built-in one; pick another name")
+    METRICS[name] = fn
+    return fn
+
+
+def metrics_by_name(names: Sequence[str]) -> dict[str, Metric]:
+    """The registered metrics ``names`` (``METRICS``); ValueError naming the choices for an unknown one."""
+    return {n: METRICS[check_choice("loss or metric", n, METRICS)] for n in names}
+
+
 def _bn_stat_names(model: nn.Module) -> list[str]:
     """Names of the running statistics of every BatchNorm layer that tracks them."""
     names = []
@@ -150,6 +180,8 @@ class PointEvaluator:
         self.vectorized_ok = vectorize
         # the first-layer trick: None = not yet tried, False = off or not applicable, else the cached outputs
         self._first: _FirstLayer | bool | None = None if first_layer and self.dirs else False
+        if L.is_closure(loss):  # a closure runs its own forward: one point at a time, every layer computed
+            self.vectorized_ok, self._first = False, False
 
     @property
     def names(self) -> list[str]:
@@ -177,6 +209,8 @@ class PointEvaluator:
             scored = L.accuracy_available(self.loss)
             if not scored:
                 sums["accuracy"][:] = np.nan
+            if L.is_closure(self.loss):
+                return self._evaluate_closure(states, sums)
             with evaluation_mode(self.model, "eval"):
                 for b, ((x, y), w) in enumerate(zip(self.data, self.weights)):
                     outs = self._forward(states, x, coords, b)  # (C, B, ...): every point of the chunk on this batch
@@ -187,6 +221,24 @@ class PointEvaluator:
                         for name, fn in self.metrics.items():
                             sums[name][i] += w * float(fn(out, y))
         sums["accuracy"] /= self.num_examples
+        return sums
+
+    def _evaluate_closure(self, states: list[dict[str, Tensor]], sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A closure loss at each point: Σ_b n_b L_b / Σ_b n_b (n_b its count or the batch size); metrics on outputs."""
+        counts = np.zeros(len(states))
+        with evaluation_mode(self.model, "eval"):
+            for x, y in self.data:
+                for i, s in enumerate(states):
+                    with torch.enable_grad():  # a closure may differentiate through its inputs (PINN residuals)
+                        value, n = L.closure_value(self.loss, self.model, {**self.fixed, **s}, (x, y))
+                    sums["loss"][i] += n * float(value.detach())
+                    counts[i] += n
+                    if self.metrics:  # the metrics score the model's outputs: one more forward
+                        out = model_outputs(self.model, x, params=({**self.fixed, **s},))
+                        for name, fn in self.metrics.items():
+                            sums[name][i] += n * float(fn(out, y))
+        for name in ["loss", *self.metrics]:
+            sums[name] /= np.where(counts > 0, counts, np.nan)
         return sums
 
     @property

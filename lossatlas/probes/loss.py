@@ -27,6 +27,13 @@ def evaluate_loss(model: torch.nn.Module, batches, loss: str, *, mode: str = "ev
     accuracy is NaN under the loss "model", whose outputs are the loss, not predictions.
     """
     batches = list(batches)
+    from lossatlas import losses as _losses
+
+    if _losses.is_closure(loss):  # a loss_fn(model, batch) closure: Σ_b n_b L_b / Σ_b n_b, no predictions
+        with evaluation_mode(model, mode), torch.enable_grad():  # it may differentiate through its inputs
+            pairs = [_losses.closure_value(loss, model, None, b) for b in batches]  # type: ignore[arg-type]
+        total = sum(n for _, n in pairs)
+        return float(sum(float(v.detach()) * n for v, n in pairs) / max(total, 1)), float("nan"), total
     correct = [0]
     scored = accuracy_available(loss)
 

@@ -4,7 +4,10 @@
 (``hessian`` and the probes it runs as parts). Its five settings define the operator; its methods are the
 only code that turns (model, data, loss, curvature kind, mode, path, dtype, subset) into one:
 
-- ``curvature``: "hessian" ∇²L, "ggn" (Martens 2014), "fisher" or "empirical_fisher" (``lossatlas.curvature``);
+- ``curvature``: "hessian" ∇²L, "ggn" (Martens 2014), "fisher" or "empirical_fisher" (``lossatlas.curvature``),
+  or the Kronecker-factored GGN approximations "kfac" / "ekfac" (Martens & Grosse 2015; George et al. 2018),
+  "kfac_reduce" / "ekfac_reduce" for KFAC-reduce on shared weights (Eschenhagen et al. 2023;
+  ``lossatlas.curvature.kfac``);
 - ``subset``: None, or "class=3" / "class=0,1": the mean loss over those classes' examples only (class-wise
   spectra);
 - ``mode``: the module's "eval" (default) or "train" flag while it is evaluated; ``path``: the HVP path
@@ -23,12 +26,16 @@ from typing import Any, Sequence
 import torch
 
 from lossatlas.batches import Batch, as_batches, map_inputs, num_examples
-from lossatlas.curvature import CURVATURES, PATHS, CurvatureOperator, make_operator
+from lossatlas.curvature import CURVATURES as EXACT_CURVATURES
+from lossatlas.curvature import PATHS, CurvatureOperator, make_operator
+from lossatlas.curvature.kfac import KFAC_CURVATURES, KFACOperator, kfac_operator
 from lossatlas.finite import describe_nonfinite, nonfinite_counts
 from lossatlas.memory import compute_dtype
 from lossatlas.probes.base import Probe, ProbeContext
 from lossatlas.probes.settings import COMPUTE_DTYPES, DTYPES, MODES, check_choice
 
+# the curvature choices of the probes: the exact operators, then the Kronecker-factored approximations
+CURVATURES: tuple[str, ...] = (*EXACT_CURVATURES, *KFAC_CURVATURES)
 OPERATOR_FIELDS: tuple[str, ...] = ("curvature", "subset", "mode", "path", "dtype")
 _SUBSET = re.compile(r"^class=(\d+(?:,\d+)*)$")
 
@@ -135,8 +142,9 @@ class CurvatureProbe(Probe):
         # a float16/bfloat16 checkpoint is analysed on float32 copies (lossatlas.memory.compute_dtype)
         dtype = compute_dtype(DTYPES[self.dtype] if self.dtype is not None else ctx.dtype, ctx.model)
         kw.setdefault("dist", ctx.dist)
-        return make_operator(self.curvature, ctx.model, list(batches), ctx.loss, mode=self.mode, dtype=dtype,
-                             device=ctx.device, path=self.path, **kw)
+        build = kfac_operator if self.curvature in KFAC_CURVATURES else make_operator
+        return build(self.curvature, ctx.model, list(batches), ctx.loss, mode=self.mode, dtype=dtype,
+                     device=ctx.device, path=self.path, **kw)
 
     def operator_meta(self, ctx: ProbeContext, op: CurvatureOperator, batches: Sequence[Batch]) -> dict[str, Any]:
         """What every curvature result records about its operator and checkpoint.
@@ -150,6 +158,10 @@ class CurvatureProbe(Probe):
             "num_examples": num_examples(batches),
             "attention_backend": op.attention_backend,
         }
+        if isinstance(op, KFACOperator):  # exact from the Kronecker factors, beside the estimators' numbers
+            meta["kfac_type"] = op.kfac_type
+            meta["kfac_trace"] = op.trace()
+            meta["kfac_top_eigenvalues"] = op.top_eigenvalues(5)
         if ctx.lr is not None and ctx.lr > 0:
             meta["lr"] = float(ctx.lr)
             meta["two_over_lr"] = 2.0 / float(ctx.lr)

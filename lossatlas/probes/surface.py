@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import ClassVar, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from lossatlas.probes.directions import (
     random_direction,
     top_hessian_eigenvectors,
     trajectory_pca,
+    worst_case_directions,
 )
 from lossatlas.probes.grid import (
     BN_MODES,
@@ -48,6 +49,7 @@ from lossatlas.probes.grid import (
     evaluate_grid,
     grid_axis,
     grid_points,
+    metrics_by_name,
 )
 from lossatlas.probes.modes import evaluation_mode
 from lossatlas.probes.paramdicts import cosine, dot, flatten, unflatten
@@ -73,12 +75,20 @@ def directional_derivatives(
     names = [k for k in params if k in direction]
     buffers = dict(buffers) if buffers is not None else {k: b.detach() for k, b in model.named_buffers()}
     value = grad_d = curv = 0.0
+    closure_total = 0
+    if L.is_closure(loss):  # Σ_b n_b, from the counts the closure returns (or the batch sizes)
+        with evaluation_mode(model, "eval"), torch.enable_grad():
+            closure_total = sum(L.closure_value(loss, model, {**buffers, **params}, b)[1] for b in data)
     with evaluation_mode(model, "eval"), sdpa_kernel(SDPBackend.MATH):
         for (x, y), w in zip(data, L.batch_weights(loss, data)):
             leaf = {k: params[k].detach().clone().requires_grad_(True) for k in names}
             rest = {k: v.detach() for k, v in params.items() if k not in leaf}
-            out = model_outputs(model, x, params=({**rest, **leaf}, buffers))
-            lb = L.batch_loss(loss, out, y)
+            if L.is_closure(loss):  # the closure's own forward; its batch weight from its count
+                lb, n = L.closure_value(loss, model, {**buffers, **rest, **leaf}, (x, y))
+                w = n / closure_total
+            else:
+                out = model_outputs(model, x, params=({**rest, **leaf}, buffers))
+                lb = L.batch_loss(loss, out, y)
             grads = torch.autograd.grad(lb, [leaf[k] for k in names], create_graph=True)
             gd = dot(dict(zip(names, grads)), direction, dtype=None)  # ∇L_b·d, differentiable
             hd = torch.autograd.grad(gd, [leaf[k] for k in names], allow_unused=True)
@@ -170,17 +180,65 @@ def warn_bn_keep(model: nn.Module, bn: str, loss: np.ndarray, x: np.ndarray, y: 
     return msg
 
 
+# ----------------------------------------------------------------------------------------- basin radius
+HIGHER_IS_BETTER: frozenset[str] = frozenset({"accuracy", "top5_accuracy"})  # metrics that worsen by falling
+
+
+def basin_radius(line: Callable[[float], float], alphas: np.ndarray, values: np.ndarray, center: float,
+                 tolerance: float, *, worse: int = 1, refine: int = 40) -> dict[str, np.ndarray]:
+    """The largest step along a direction on each side before the metric worsens by more than ``tolerance``.
+
+    Side s ∈ {−1, +1}: r_s = sup{r ≥ 0 : worse·(f(s·t) − f(0)) ≤ tolerance for every grid t ≤ r}, the first
+    crossing from the centre: the grid values ``values`` at ``alphas`` bracket it, then ``refine`` bisection
+    steps of ``line(α)`` (the metric at θ* + α d) narrow it (to the bracket's width / 2^refine).
+    ``worse`` = +1 for a metric that worsens by rising (a loss), −1 by falling (accuracy). A side whose grid
+    never crosses gives its grid edge and ``censored`` True (the radius is at least that). On a quadratic
+    f(α) = f(0) + ½λα² along a unit eigenvector the radius is √(2·tolerance/λ) on both sides (Chen et al.
+    2025, "Unveiling the Basin-Like Loss Landscape in Large Language Models", measure such basins).
+    Returns {"radius": (2,) [negative side, positive side], "censored": (2,) bool}.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    radius, censored = np.full(2, np.nan), np.zeros(2, dtype=bool)
+
+    def bad(value: float) -> bool:
+        return not worse * (value - center) <= tolerance  # NaN counts as worse
+
+    for j, side in enumerate((-1.0, 1.0)):
+        pick = np.flatnonzero(side * a > 0)
+        order = pick[np.argsort(side * a[pick])]
+        if not len(order):
+            radius[j], censored[j] = 0.0, True
+            continue
+        lo = 0.0
+        for i in order:
+            t = float(side * a[i])
+            if bad(float(v[i])):
+                hi = t
+                for _ in range(int(refine)):
+                    mid = 0.5 * (lo + hi)
+                    if bad(line(side * mid)):
+                        hi = mid
+                    else:
+                        lo = mid
+                radius[j] = lo
+                break
+            lo = t
+        else:
+            radius[j], censored[j] = lo, True
+    return {"radius": radius, "censored": censored}
+
+
 # ----------------------------------------------------------------------------------------- the probe
-DIRECTION_SOURCES: tuple[str, ...] = ("random", "pca", "eigenvectors", "checkpoints")
+DIRECTION_SOURCES: tuple[str, ...] = ("random", "pca", "eigenvectors", "checkpoints", "worst")
 
 
 def extra_metrics(names: Sequence[str]) -> dict[str, Metric]:
-    """Extra metrics by name: any other loss of ``lossatlas.losses`` (its batch mean)."""
-    out: dict[str, Metric] = {}
-    for n in names:
-        L.check_loss_name(n)
-        out[n] = lambda o, y, _n=n: L.batch_loss(_n, o, y)
-    return out
+    """Extra metrics by name, from ``lossatlas.probes.grid.METRICS``.
+
+    The registered metrics: the losses of the outputs, "top5_accuracy", and any added by ``register_metric``.
+    """
+    return metrics_by_name(names)
 
 
 @register_probe
@@ -196,6 +254,15 @@ class Surface(Probe):
     results every ``save_every`` points. Values: "loss", "accuracy" with dims ("y", "x") (or ("x",)),
     the directions as flat "direction_x"/"direction_y" (dims ("param",)), and the quadratic-regime
     report in meta["quadratic"].
+
+    Attributes:
+        worst_steps / worst_radius: with directions "worst", the projected-gradient-ascent steps (20) and the
+            ball's radius relative to the weights' norm (0.1): the directions of steepest loss increase within
+            it (Chen et al. 2025, "Unveiling the Basin-Like Loss Landscape in Large Language Models").
+        basin_tolerance: when set (e.g. 0.1 for the loss, 0.01 for accuracy), the basin radius on each side of
+            every direction: the largest step before basin_metric worsens by this much (values "basin_radius").
+        basin_metric: the metric of the basin radius: loss (default), accuracy (worsens by falling) or a metric.
+        metric_fns: Python only: {name: fn(outputs, targets) -> float}, batch means averaged like the loss.
     """
 
     name: ClassVar[str] = "surface"
@@ -220,6 +287,18 @@ class Surface(Probe):
     chunk_size: int | None = None
     save_every: int = 256
     quadratic_check: bool = True
+    worst_steps: int = 20
+    worst_radius: float = 0.1
+    basin_tolerance: float | None = None
+    basin_metric: str = "loss"
+    metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = field(
+        default=None, compare=False, hash=False, metadata={"python_only": True})  # callables: no CLI flag
+
+    def config(self) -> dict:
+        """The settings as JSON; ``metric_fns`` (Python callables) by their names."""
+        out = super().config()
+        out["metric_fns"] = sorted(self.metric_fns) if self.metric_fns else None
+        return out
 
     def validate(self) -> None:
         """ValueError for a setting out of range.
@@ -239,6 +318,21 @@ class Surface(Probe):
         check_choice("dir_type", self.dir_type, DIR_TYPES)
         check_choice("bn", self.bn, BN_MODES)
         extra_metrics(self.metrics)
+        if self.metric_fns is not None:
+            bad = [k for k, f in dict(self.metric_fns).items() if not callable(f)]
+            clash = sorted(set(self.metric_fns) & {"loss", "accuracy", *self.metrics})
+            if bad or clash:
+                raise ValueError(f"metric_fns {bad or clash} must be callables fn(outputs, targets) -> float under names "
+                                 "other than loss, accuracy and the --metrics names")
+        if not (np.isfinite(self.worst_radius) and self.worst_radius > 0):
+            raise ValueError(f"worst_radius must be a positive number (relative to the weights' norm), got {self.worst_radius}")
+        if int(self.worst_steps) != self.worst_steps or self.worst_steps < 1:
+            raise ValueError(f"worst_steps must be a positive integer, got {self.worst_steps}")
+        if self.basin_tolerance is not None and not (np.isfinite(self.basin_tolerance) and self.basin_tolerance > 0):
+            raise ValueError(f"basin_tolerance must be a positive number (e.g. 0.1 for loss, 0.01 for accuracy), "
+                             f"got {self.basin_tolerance}")
+        known = ["loss", "accuracy", *self.metrics, *(self.metric_fns or {})]
+        check_choice("basin_metric", self.basin_metric, known)
         check_nonneg_int("seed", self.seed)
         check_nonneg_int("x_step", self.x_step, optional=True)
         check_nonneg_int("y_step", self.y_step, optional=True)
@@ -263,6 +357,9 @@ class Surface(Probe):
             ]
         if self.directions == "eigenvectors":
             return top_hessian_eigenvectors(ctx.model, params, ctx.data, ctx.loss, k=k, seed=self.seed)
+        if self.directions == "worst":
+            return worst_case_directions(ctx.model, ctx.data, ctx.loss, k, radius=self.worst_radius,
+                                         steps=self.worst_steps, ignore=self.ignore, seed=self.seed, params=base)
         if ctx.state_at is None:
             raise ValueError(f"directions={self.directions!r} needs other checkpoints; run it on a run file")
         if self.directions == "checkpoints":
@@ -293,7 +390,8 @@ class Surface(Probe):
         else:
             dirs = self._directions(ctx, base)
         bn_data = list(ctx.data)[: self.bn_batches] if self.bn_batches else None
-        ev = PointEvaluator(ctx.model, base, dirs, ctx.data, ctx.loss, metrics=extra_metrics(self.metrics), bn=self.bn, bn_data=bn_data)
+        metrics = {**extra_metrics(self.metrics), **dict(self.metric_fns or {})}
+        ev = PointEvaluator(ctx.model, base, dirs, ctx.data, ctx.loss, metrics=metrics, bn=self.bn, bn_data=bn_data)
         chunk = self.chunk_size or default_chunk_size(ev, ctx.device)
         out = {name: np.full(n, np.nan) for name in ev.names}
         done = np.zeros(n, dtype=bool)
@@ -326,7 +424,34 @@ class Surface(Probe):
         warn_bn_keep(ctx.model, self.bn, out["loss"], x, y)  # BN statistics kept: say so when the edges explode
         res = self._result(ctx, out, done, shape, x, y, dirs, status="complete", t0=t0, quadratic=quad, vectorized=ev.vectorized_ok)
         res.meta["chunk_size"] = chunk
+        if self.basin_tolerance is not None:
+            self._basins(res, ev, out, x, y, chunk)
         return res
+
+    def _basins(self, res: Result, ev: PointEvaluator, out, x, y, chunk: int) -> None:
+        """``basin_radius`` along each axis direction through θ*, both sides, into the result."""
+        name, worse = self.basin_metric, (-1 if self.basin_metric in HIGHER_IS_BETTER else 1)
+        k = len([a for a in (x, y) if a is not None])
+        center = float(ev.evaluate(np.zeros((1, k)))[name][0])
+        radii, censored = np.zeros((k, 2)), np.zeros((k, 2), dtype=bool)
+        for axis, a in enumerate([x, y][:k]):
+            values = self._axis_line(ev, out, x, y, axis, chunk, name)
+
+            def line(alpha: float, _axis: int = axis) -> float:
+                pt = np.zeros((1, k))
+                pt[0, _axis] = alpha
+                return float(ev.evaluate(pt)[name][0])
+
+            b = basin_radius(line, a, values, center, float(self.basin_tolerance), worse=worse)
+            radii[axis], censored[axis] = b["radius"], b["censored"]
+        coords = {"direction": np.arange(k), "side": np.array([-1, 1])}
+        res.add("basin_radius", radii, ("direction", "side"), coords)
+        res.add("basin_censored", censored, ("direction", "side"), coords)
+        res.meta["basin"] = {"metric": name, "tolerance": float(self.basin_tolerance),
+                             "worsens": "falls" if worse < 0 else "rises",
+                             "definition": "the largest |α| on each side of θ* along each direction before the metric "
+                                           "worsens by more than the tolerance from its value at θ*; censored: the grid "
+                                           "edge was reached first (the radius is at least that)"}
 
     def _usable_partial(self, ctx: ProbeContext, shape: tuple[int, ...]) -> Result | None:
         p = ctx.partial
@@ -358,19 +483,19 @@ class Surface(Probe):
         report["note"] = "Hessian curvature with the checkpoint's BN statistics (eval mode)" if self.bn == "recompute" else ""
         return report
 
-    def _axis_line(self, ev: PointEvaluator, out, x, y, axis: int, chunk: int) -> np.ndarray:
-        """L along one axis through θ* (the grid's row/column when it contains 0, else evaluated)."""
+    def _axis_line(self, ev: PointEvaluator, out, x, y, axis: int, chunk: int, name: str = "loss") -> np.ndarray:
+        """The metric ``name`` along one axis through θ* (the grid's row/column when it contains 0, else evaluated)."""
         a = x if axis == 0 else y
         other = None if y is None else (y if axis == 0 else x)
         if other is None:
-            return out["loss"]
+            return out[name]
         hit = np.flatnonzero(other == 0.0)
         if len(hit):
-            z = out["loss"].reshape(len(y), len(x))
+            z = out[name].reshape(len(y), len(x))
             return z[hit[0], :] if axis == 0 else z[:, hit[0]]
         pts = np.zeros((len(a), 2))
         pts[:, axis] = a
-        return evaluate_grid(ev, pts, chunk_size=chunk)[0]["loss"]
+        return evaluate_grid(ev, pts, chunk_size=chunk)[0][name]
 
     def _result(self, ctx, out, done, shape, x, y, dirs, *, status, t0, quadratic=None, vectorized=None) -> Result:
         dims = ("y", "x") if y is not None else ("x",)

@@ -13,14 +13,15 @@ the trajectory's bounding box, widened by ``margin`` × its extent on each side.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping
 
 import numpy as np
+from torch import Tensor
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import DIR_TYPES, IGNORES, model_state, trajectory_pca
-from lossatlas.probes.grid import PointEvaluator, auto_chunk_size, evaluate_grid, grid_points
+from lossatlas.probes.grid import Metric, PointEvaluator, auto_chunk_size, evaluate_grid, grid_points, metrics_by_name
 from lossatlas.probes.paramdicts import flatten
 from lossatlas.probes.settings import check_choice, check_finite_number, check_nonneg_int
 
@@ -35,6 +36,11 @@ class Trajectory(Probe):
     surface over the trajectory's box widened by ``margin``). Values per checkpoint (dim "checkpoint"):
     "proj_x", "proj_y", "distance_to_plane", "loss"/"accuracy" (true, own BN statistics) and
     "loss_at_projection"/"accuracy_at_projection" (θ_T + x pc1 + y pc2, θ_T's BN statistics).
+
+    Attributes:
+        metrics: registered metrics by name (lossatlas.probes.grid.METRICS), as "<name>" and
+            "<name>_at_projection" per checkpoint (and "surface_<name>" with grid > 0).
+        metric_fns: Python only: {name: fn(outputs, targets) -> float}, batch means averaged like the loss.
     """
 
     name: ClassVar[str] = "trajectory"
@@ -48,6 +54,19 @@ class Trajectory(Probe):
     grid: int = 0
     margin: float = 0.1
     chunk_size: int | None = None  # None: 1 on CPU, 16 on an accelerator
+    metrics: tuple[str, ...] = ()  # registered metric names (lossatlas.probes.grid.METRICS)
+    metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = field(
+        default=None, compare=False, hash=False, metadata={"python_only": True})  # callables: no CLI flag
+
+    def config(self) -> dict:
+        """The settings as JSON; ``metric_fns`` (Python callables) by their names."""
+        out = super().config()
+        out["metric_fns"] = sorted(self.metric_fns) if self.metric_fns else None
+        return out
+
+    def _metrics(self) -> dict[str, Metric]:
+        """The registered ``metrics`` and the callables ``metric_fns``, by name."""
+        return {**metrics_by_name(self.metrics), **dict(self.metric_fns or {})}
 
     def validate(self) -> None:
         """ValueError for a setting out of range.
@@ -57,6 +76,10 @@ class Trajectory(Probe):
         """
         check_choice("ignore", self.ignore, IGNORES)
         check_choice("dir_type", self.dir_type, DIR_TYPES)
+        clash = sorted(set(self._metrics()) & {"loss", "accuracy"})
+        if clash or not all(callable(f) for f in self._metrics().values()):
+            raise ValueError(f"metrics must be callables fn(outputs, targets) -> float named other than loss and "
+                             f"accuracy; got {clash or sorted(self._metrics())}")
         if self.grid < 0 or self.grid == 1:
             raise ValueError(f"grid must be 0 (no surface) or >= 2 points per axis, got {self.grid}")
         check_finite_number("margin", self.margin, minimum=0.0)
@@ -86,8 +109,10 @@ class Trajectory(Probe):
         final = states[-1] if steps[-1] == final_step else {k: v for k, v in ctx.state_at(final_step).items() if k in known}
         names = [k for k in model_state(ctx.model, self.dir_type) if final[k].is_floating_point()]
         pca = trajectory_pca(states, final, ignore=self.ignore, names=names, kinds_model=ctx.model)
-        true = [PointEvaluator(ctx.model, s, [], ctx.data, ctx.loss).evaluate(np.zeros((1, 0))) for s in states]
-        ev = PointEvaluator(ctx.model, final, list(pca.directions), ctx.data, ctx.loss)
+        metrics = self._metrics()
+        true = [PointEvaluator(ctx.model, s, [], ctx.data, ctx.loss, metrics=metrics).evaluate(np.zeros((1, 0)))
+                for s in states]
+        ev = PointEvaluator(ctx.model, final, list(pca.directions), ctx.data, ctx.loss, metrics=metrics)
         proj, _ = evaluate_grid(ev, pca.coords, chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
         checkpoint = {"checkpoint": np.array(steps)}
         component = {"component": np.arange(2)}
@@ -99,6 +124,9 @@ class Trajectory(Probe):
         res.add("accuracy", np.array([t["accuracy"][0] for t in true]), ("checkpoint",), checkpoint)
         res.add("loss_at_projection", proj["loss"], ("checkpoint",), checkpoint)
         res.add("accuracy_at_projection", proj["accuracy"], ("checkpoint",), checkpoint)
+        for name in metrics:  # each metric at the true checkpoint and at its projection
+            res.add(name, np.array([t[name][0] for t in true]), ("checkpoint",), checkpoint)
+            res.add(f"{name}_at_projection", proj[name], ("checkpoint",), checkpoint)
         for name in ("explained_variance_ratio", "explained_variance", "singular_values"):
             res.add(name, getattr(pca, name), ("component",), component)
         res.add("direction_x", flatten(pca.directions[0], names).numpy(), ("param",))
@@ -108,6 +136,8 @@ class Trajectory(Probe):
             out, _ = evaluate_grid(ev, grid_points(x, y), chunk_size=auto_chunk_size(self.chunk_size, ctx.device))
             res.add("surface_loss", out["loss"].reshape(len(y), len(x)), ("y", "x"), {"x": x, "y": y})
             res.add("surface_accuracy", out["accuracy"].reshape(len(y), len(x)), ("y", "x"), {"x": x, "y": y})
+            for name in metrics:
+                res.add(f"surface_{name}", out[name].reshape(len(y), len(x)), ("y", "x"), {"x": x, "y": y})
         res.meta.update({
             "status": "complete",
             "final_step": final_step,

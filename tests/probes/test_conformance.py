@@ -30,6 +30,10 @@ FAST = {
     "batch_scan": {"batch_size_scan": (16, 32), "scan_batches": 2},
     "critical_sharpness": {"max_evals": 12},
     "block_heterogeneity": {"num_steps": 6, "grid_len": 64},
+    "curve": {"to_step": 0, "num_points": 3, "curve_steps": 4},
+    "topology": {"xrange": (-1.0, 1.0, 4), "yrange": (-1.0, 1.0, 3)},
+    "weight_spectra": {},
+    "similarity": {"to_step": 0, "max_examples": 60},
 }
 BAD = {
     "loss": {"mode": "sideways"},
@@ -46,6 +50,10 @@ BAD = {
     "batch_scan": {"batch_size_scan": (0,)},
     "critical_sharpness": {"direction": "sideways"},
     "block_heterogeneity": {"partition": "atoms"},
+    "curve": {"curve": "spline"},
+    "topology": {"min_persistence": -1.0},
+    "weight_spectra": {"min_evals": 1},
+    "similarity": {"metrics": ("nonsense",)},
 }
 SPEC = {"name": "mlp", "kwargs": {"widths": [64, 12, 10]}}
 
@@ -82,7 +90,7 @@ def _adam_state(model):
 def test_probe_conformance(name, context_parts, tmp_path):
     model, batches, states = context_parts
     cls = PROBES[name]
-    cls(**({"to_step": 0} if name == "interpolate" else {}))  # defaults (interpolate needs its target step)
+    cls(**({"to_step": 0} if name in ("interpolate", "curve") else {}))  # defaults (these need a target step)
     with pytest.raises(ValueError):
         cls(**{**FAST[name], **BAD[name]})
     probe = cls(**FAST[name])
