@@ -144,6 +144,7 @@ class SpikeDiagnosis:
     checkpoints: dict[str, int | None] = field(default_factory=dict)
     curvature: dict[str, float | None] = field(default_factory=dict)
     figure: dict = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -479,7 +480,93 @@ def diagnose(run_path: Any, **kwargs: Any) -> Diagnosis:
     if "loss" not in log:
         raise UserError(f"{reader.path} has no loss log; import it with --log FILE (CSV/JSONL with step,loss) or "
                         "record training with the Recorder (Recorder.step(step, loss=...))")
-    return diagnose_log(log, run=str(reader.path), checkpoint_steps=reader.steps(), **kwargs)
+    d = diagnose_log(log, run=str(reader.path), checkpoint_steps=reader.steps(), **kwargs)
+    _add_conditions(d, reader)  # Spike No More: embedding / sub-layer std at the checkpoint before each spike
+    return d
+
+
+EMB_STD_MIN = 0.5  # std(x₀) below this is "far from 1" (Takase et al. 2023 want std(x₀) ≈ 1)
+SUBLAYER_STD_FACTOR = 2.0  # sub-layer weights "not small": std > 2·√(2/(5d))
+
+
+def _is_embedding(name: str) -> bool:
+    low = name.lower()
+    return low.endswith(".weight") and ("emb" in low or "wte" in low) and "pos" not in low and "wpe" not in low \
+        and not low.rsplit(".", 2)[-2].endswith(("_ln", "ln", "norm"))
+
+
+def spike_no_more_condition(state: Mapping[str, Any], model_kwargs: Mapping[str, Any] | None = None) -> dict | None:
+    """Takase et al.'s stability conditions read from one checkpoint's state_dict, or None without an embedding.
+
+    Takase, Kiyono, Kobayashi, Suzuki 2023 ("Spike No More: Stabilizing the Pre-training of Large Language
+    Models", arXiv 2312.16903): pre-LN Transformer pre-training avoids spikes when the embeddings entering
+    the first block have std(x₀) ≈ 1 and the sub-layer weights are small. Reads
+
+    - ``embedding_std``: s·std(E) of the token-embedding matrix E (the first 2-D tensor named ``*emb*``/``wte``,
+      not a position embedding), s = √n_embd when ``model_kwargs`` says ``scaled_embed`` (else 1); an embedding
+      LayerNorm (a state key ``emb_ln.weight`` or ``emb_layernorm`` in the kwargs) makes std(x₀) ≈ 1 by itself;
+    - ``sublayer_std``: √(mean of the per-matrix variances) of the 2-D weights of the blocks (names with
+      ``blocks.``/``layers.``/``h.``), against ``small_std`` = √(2/(5d)), d the embedding width.
+
+    ``violated`` lists "embedding_std" when std(x₀) < ``EMB_STD_MIN`` (0.5) and no embedding LayerNorm, and
+    "sublayer_std" when ``sublayer_std`` > ``SUBLAYER_STD_FACTOR``·small_std (2×); ``text`` says it in words.
+    """
+    kw = dict(model_kwargs or {})
+    emb_name = next((k for k, v in state.items() if _is_embedding(k) and getattr(v, "ndim", 0) == 2), None)
+    if emb_name is None:
+        return None
+    emb = np.asarray(state[emb_name].detach().double().cpu() if hasattr(state[emb_name], "detach") else state[emb_name],
+                     dtype=np.float64)
+    d = emb.shape[1]
+    scale = math.sqrt(d) if kw.get("scaled_embed") else 1.0  # Scaled Embed multiplies by √d
+    emb_ln = bool(kw.get("emb_layernorm")) or any(k.startswith("emb_ln.") for k in state)
+    emb_std = float(emb.std()) * scale
+    variances = [float(np.asarray(v.detach().double().cpu() if hasattr(v, "detach") else v).var())
+                 for k, v in state.items() if getattr(v, "ndim", 0) == 2 and k.endswith(".weight")
+                 and any(t in f".{k}" for t in (".blocks.", ".layers.", ".h."))]
+    sub_std = math.sqrt(float(np.mean(variances))) if variances else None
+    small = math.sqrt(2.0 / (5.0 * d))
+    violated = []
+    if emb_std < EMB_STD_MIN and not emb_ln:
+        violated.append("embedding_std")
+    if sub_std is not None and sub_std > SUBLAYER_STD_FACTOR * small:
+        violated.append("sublayer_std")
+    parts = []
+    if "embedding_std" in violated:
+        parts.append(f"embedding std {emb_std:.3g} ≪ 1 ({emb_name}; scale the embeddings by √d or add an embedding "
+                     "LayerNorm)")
+    if "sublayer_std" in violated:
+        parts.append(f"sub-layer weight std {sub_std:.3g} > {SUBLAYER_STD_FACTOR:g}·√(2/(5d)) = "
+                     f"{SUBLAYER_STD_FACTOR * small:.3g} (use a small init)")
+    text = ("\"Spike No More\" condition violated: " + "; ".join(parts)) if parts else ""
+    return {"embedding": emb_name, "embedding_std": emb_std, "embedding_layernorm": emb_ln, "sublayer_std": sub_std,
+            "small_std": small, "violated": violated, "text": text}
+
+
+def _add_conditions(d: Diagnosis, reader: Any) -> None:
+    """Attach ``spike_no_more_condition`` at the checkpoint before each spike; name it when it is violated."""
+    spec = reader.model_spec if isinstance(getattr(reader, "model_spec", None), dict) else {}
+    kwargs = spec.get("kwargs") if isinstance(spec.get("kwargs"), dict) else {}
+    for sd in d.spikes:
+        step = sd.checkpoints.get("before")
+        if step is None:
+            continue
+        try:
+            state = reader.checkpoint(step).state_dict()
+        except (KeyError, ValueError, OSError):  # a checkpoint the file cannot give back: no condition check
+            continue
+        cond = spike_no_more_condition(state, kwargs)
+        if cond is None:
+            continue
+        sd.conditions = {"spike_no_more": {**cond, "step": step}}
+        if cond["violated"] and sd.cause in ("gradient_norm_growth", "layer_gradient_explosion", "unknown",
+                                             "data_batch", "attention_logit_growth"):
+            sd.verdict = f"{sd.verdict}; {cond['text']}"
+            fix = "scale the embeddings by √d (std ≈ 1) or LayerNorm them, and use a small sub-layer init"
+            if fix not in sd.mitigations:
+                sd.mitigations.append(fix)
+            if CITATIONS["takase"] not in sd.citations:
+                sd.citations.append(CITATIONS["takase"])
 
 
 def render_text(d: Diagnosis) -> str:

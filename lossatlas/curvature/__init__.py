@@ -12,11 +12,13 @@ from typing import Any
 from torch import nn
 
 from lossatlas.checks import check_choice
+from lossatlas.curvature.activations import ActivationCurvatureOperator
 from lossatlas.curvature.base import AUTO_BATCHED_MIN_K, MODES, PATHS, CurvatureOperator
 from lossatlas.curvature.blocks import parameter_blocks, resolve_params, select_parameters
 from lossatlas.curvature.fisher import EmpiricalFisherOperator, FisherOperator
 from lossatlas.curvature.ggn import GGNOperator
 from lossatlas.curvature.hessian import HessianOperator
+from lossatlas.curvature.kfac import EKFACOperator, KFACOperator
 from lossatlas.errors import UserError
 
 CURVATURES: tuple[str, ...] = ("hessian", "ggn", "fisher", "empirical_fisher")
@@ -61,6 +63,9 @@ __all__ = [
     "GGNOperator",
     "FisherOperator",
     "EmpiricalFisherOperator",
+    "KFACOperator",
+    "EKFACOperator",
+    "ActivationCurvatureOperator",
     "make_operator",
     "CURVATURES",
     # options

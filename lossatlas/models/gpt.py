@@ -11,6 +11,15 @@ instabilities", arXiv 2309.14322): ``qk_layernorm`` puts a LayerNorm
 on every head's queries and keys before the dot product; ``z_loss`` is the coefficient of the
 auxiliary loss z_loss·(log Z)² per token (1e-4 in PaLM), which a training loop adds via
 :meth:`GPT.z_loss_penalty`. Pre-LN blocks, learned position embeddings, no weight tying.
+
+Embedding switches (Takase, Kiyono, Kobayashi, Suzuki 2023, "Spike No More: Stabilizing the Pre-training
+of Large Language Models", arXiv 2312.16903): the input of the first block is
+x₀ = s·(E[idx] + P[pos]) with s = √n_embd when ``scaled_embed`` (Scaled Embed, else s = 1), then
+LayerNorm(x₀) when ``emb_layernorm`` (Embed LN); ``emb_std`` is the init standard deviation of E and P
+(default 0.02, nanoGPT) and ``init_std`` that of every other Linear weight (default 0.02). Takase et al.
+show pre-training is stable when std(x₀) ≈ 1 and the sub-layer weights are small
+(std ≤ √(2/(5d)), "small init"): e.g. ``scaled_embed=True, emb_std=√(2/(5d))`` gives std(x₀) ≈ √(2/5) ≈ 0.63
+instead of 0.02·√2 ≈ 0.03.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ class GPTConfig:
     qk_layernorm: bool = False
     z_loss: float = 0.0
     last_token_only: bool = False
+    scaled_embed: bool = False
+    emb_layernorm: bool = False
+    emb_std: float = 0.02
+    init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -49,6 +62,10 @@ class GPTConfig:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.z_loss < 0:
             raise ValueError(f"z_loss is a non-negative coefficient, got {self.z_loss}")
+        for field in ("emb_std", "init_std"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"GPT {field} must be a positive finite standard deviation, got {value!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -126,7 +143,9 @@ class GPT(nn.Module):
 
     forward(idx (B, T) long) → logits (B, T, V), or (B, V) for the last position when
     ``last_token_only`` (classification tasks such as modular arithmetic, whose answer follows the last token "=").
-    Init as nanoGPT: N(0, 0.02), residual output projections N(0, 0.02/√(2·n_layer)).
+    Init as nanoGPT: Linear weights N(0, init_std), embeddings N(0, emb_std), residual output projections
+    N(0, init_std/√(2·n_layer)) (defaults 0.02). The first block sees s·(E[idx] + P[pos]), s = √n_embd with
+    ``scaled_embed`` (else 1), LayerNormed with ``emb_layernorm`` (Takase et al. 2023, "Spike No More").
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -137,20 +156,24 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
+        # Scaled Embed multiplies the embeddings by √d; Embed LN normalises them (Takase et al. 2023)
+        self.emb_scale = math.sqrt(config.n_embd) if config.scaled_embed else 1.0
+        self.emb_ln = nn.LayerNorm(config.n_embd, bias=config.bias) if config.emb_layernorm else None
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("attn.out_proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.emb_std)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, V) of token ids (B, T), or (B, V) at the last position when ``last_token_only``."""
@@ -160,7 +183,10 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; build with a larger block_size")
         pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = (self.tok_emb(idx) + self.pos_emb(pos)) * self.emb_scale  # (B, T, C); s = √C with scaled_embed
+        if self.emb_ln is not None:
+            x = self.emb_ln(x)  # Embed LN: std ≈ 1 per position
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -190,6 +216,15 @@ def build_gpt(
     qk_layernorm: bool = False,
     z_loss: float = 0.0,
     last_token_only: bool = False,
+    scaled_embed: bool = False,
+    emb_layernorm: bool = False,
+    emb_std: float = 0.02,
+    init_std: float = 0.02,
 ) -> GPT:
-    """The small GPT; defaults match the ``token_stream`` data (vocab 64, block 32), ≈110k parameters."""
-    return GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias, qk_layernorm, z_loss, last_token_only))
+    """The small GPT; defaults match the ``token_stream`` data (vocab 64, block 32), ≈110k parameters.
+
+    ``scaled_embed``/``emb_layernorm``/``emb_std``/``init_std``: the embedding scale √n_embd, Embed LN and the
+    init standard deviations of Takase et al. 2023 ("Spike No More"); defaults leave the nanoGPT model unchanged.
+    """
+    return GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias, qk_layernorm, z_loss, last_token_only,
+                         scaled_embed, emb_layernorm, emb_std, init_std))

@@ -207,6 +207,69 @@ def mean_cosine_to_others(vectors: Tensor) -> Tensor:
     return (g.sum(1) - g.diagonal()) / (c - 1)
 
 
+# ---- across every linear layer (Dang et al. 2023) --------------------------------------------------------
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` in ``named_modules`` order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to measure across layers")
+    return names
+
+
+def downstream_products(model: torch.nn.Module, names: list[str], params) -> dict[str, Tensor | None]:
+    """P_m = W_M⋯W_m for each Linear ``names[m]`` (M = the last), float64; None where shapes do not chain.
+
+    Exact end-to-end maps of a bias-free deep linear net; for other nets, a linearisation that ignores
+    biases and whatever sits between the layers.
+    """
+    out: dict[str, Tensor | None] = {}
+    prod: Tensor | None = None
+    for i, n in enumerate(reversed(names)):
+        w, _ = classifier_weights(model, n, params)
+        if i == 0:
+            prod = w
+        elif prod is not None and prod.shape[1] == w.shape[0]:
+            prod = prod @ w.to(prod.device)
+        else:
+            prod = None
+        out[n] = prod
+    return out
+
+
+def orthogonal_frame_distance(vectors: Tensor) -> float:
+    """Orthogonal-frame distance ||VVᵀ/||VVᵀ||_F − I_C/√C||_F of the rows (Dang et al. 2023; 0 when orthogonal, equal norm)."""
+    v = vectors.to(torch.float64)
+    g = v @ v.T
+    eye = torch.eye(v.shape[0], dtype=torch.float64, device=v.device)
+    return float((g / g.norm() - eye / math.sqrt(v.shape[0])).norm())
+
+
+def per_layer_collapse(model, names: list[str], stats: dict, labels: Tensor, params) -> dict[str, np.ndarray]:
+    """NC2/NC3 at the input of every Linear in ``names`` (finished ``ClassStatistics`` per name).
+
+    NC3 compares the rows of P_m = W_M⋯W_m (present classes) with the class means at the input of layer m.
+    """
+    products = downstream_products(model, names, params)
+    keys = ("layer_nc2_equinorm_means", "layer_nc2_equiangular_means", "layer_nc2_etf_means", "layer_of_means",
+            "layer_nc2_equinorm_weights", "layer_nc3_self_duality", "layer_nc3_uncentred")
+    out = {k: np.full(len(names), np.nan) for k in keys}
+    for i, n in enumerate(names):
+        means = stats[n].means
+        centred = means - stats[n].global_mean
+        out["layer_nc2_equinorm_means"][i] = nc2_equinorm(centred)
+        out["layer_nc2_equiangular_means"][i] = nc2_equiangularity(centred)
+        out["layer_nc2_etf_means"][i] = nc2_etf_distance(centred)
+        out["layer_of_means"][i] = orthogonal_frame_distance(means)
+        prod = products[n]
+        if prod is None or prod.shape[1] != means.shape[1] or prod.shape[0] <= int(labels.max()):
+            continue  # the product does not map these features to the classes
+        w = prod.to(means.device)[labels]
+        out["layer_nc2_equinorm_weights"][i] = nc2_equinorm(w)
+        out["layer_nc3_self_duality"][i] = nc3_self_duality(w, centred)
+        out["layer_nc3_uncentred"][i] = nc3_self_duality(w, means)
+    return out
+
+
 # ---- the probe ----------------------------------------------------------------------------------------
 def nc1_from_statistics(stats: ClassStatistics, variant: str) -> float:
     """NC1 of a finished ``ClassStatistics`` in the given variant (pinv, svd, quotient, cdnv)."""
@@ -222,7 +285,9 @@ class NeuralCollapse(Probe):
 
     Settings: ``module`` whose input holds the features (None: the last nn.Linear, whose W and b
     are the classifier); ``layers``: None, ``"depth"`` (inputs of every Linear/Conv) or module names
-    for NC1 and NCC accuracy per layer; ``nc1_variant`` (pinv, svd, quotient, cdnv) for ``nc1`` and
+    for NC1 and NCC accuracy per layer, or ``"all"`` (inputs of every nn.Linear) which adds NC2 and NC3 per
+    layer against the product of that layer's and every later Linear's weights (Dang et al. 2023, ICML,
+    "Neural Collapse in Deep Linear Networks: From Balanced to Imbalanced Data"); ``nc1_variant`` (pinv, svd, quotient, cdnv) for ``nc1`` and
     the per-layer NC1; ``max_examples``/``batch_size`` for the stream; ``mode`` the train/eval flag;
     ``minority_threshold``: classes with fewer examples are "minority" (None: below the median).
     """
@@ -252,7 +317,7 @@ class NeuralCollapse(Probe):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
         if isinstance(self.layers, (list, tuple)) and not all(isinstance(n, str) for n in self.layers):
-            raise ValueError(f"layers must be None, 'depth' or a tuple of module names, got {self.layers!r}")
+            raise ValueError(f"layers must be None, 'depth', 'all' or a tuple of module names, got {self.layers!r}")
         check_finite_number("minority_threshold", self.minority_threshold, minimum=0.0, strict=True, optional=True)
 
     def _layer_names(self, model) -> list[str]:
@@ -260,6 +325,8 @@ class NeuralCollapse(Probe):
             return []
         if self.layers == "depth":
             return depth_module_names(model)
+        if self.layers == "all":
+            return linear_module_names(model)
         names = [self.layers] if isinstance(self.layers, str) else list(self.layers)
         return [resolve_module(model, n)[0] for n in names]
 
@@ -272,7 +339,12 @@ class NeuralCollapse(Probe):
         ``nc4_ncc_mismatch`` (NCC vs classifier disagreement), ``classifier_accuracy``, ``bias_collapse``
         ||Wμ_G + b||. Per class: counts, mean and weight norms/cosines, variances, NCC accuracy, minority flag;
         minority/majority mean cosines when both groups have ≥ 2 classes. With ``layers``: ``layer_nc1``,
-        ``layer_ncc_accuracy``, ``layer_width``. ValueError when the data holds fewer than two classes.
+        ``layer_ncc_accuracy``, ``layer_width``; with ``layers="all"`` also ``layer_nc2_equinorm_means``,
+        ``layer_nc2_equiangular_means``, ``layer_nc2_etf_means`` (centred means), ``layer_of_means``
+        ||H̄H̄ᵀ/||·||_F − I/√C||_F (uncentred), and against P_m = W_M⋯W_m (this and every later Linear,
+        biases ignored; NaN where the shapes do not chain) ``layer_nc3_self_duality`` (centred),
+        ``layer_nc3_uncentred`` ||P_m/||P_m|| − H̄/||H̄||||_F² and ``layer_nc2_equinorm_weights`` of P_m.
+        ValueError when the data holds fewer than two classes.
         """
         start = time.perf_counter()
         model = ctx.model
@@ -366,6 +438,9 @@ class NeuralCollapse(Probe):
             res.add("layer_ncc_accuracy", np.array([stats[n].ncc_accuracy for n in layer_names]), ("layer",), layer)
             res.add("layer_width", np.array([stats[n].global_mean.shape[0] for n in layer_names], dtype=np.int64),
                     ("layer",), layer)
+            if self.layers == "all":
+                for key, values in per_layer_collapse(model, layer_names, stats, labels, params).items():
+                    res.add(key, values, ("layer",), layer)
 
         notes = []
         if p < c - 1:

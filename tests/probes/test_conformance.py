@@ -136,6 +136,7 @@ def _lossatlas_probes() -> dict:
 
 
 def test_every_probe_declares_a_known_section_and_figure():
+    import lossatlas.viz.figures  # noqa: F401  (registers every figure: the viz package loads them on first use)
     from lossatlas.viz.registry import PAPER, PLOTLY, TRAINING
     from lossatlas.viz.report import SECTIONS
 
