@@ -9,14 +9,22 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHMARKS = ["bench_hvp.py", "bench_eigs.py", "bench_top1.py", "bench_lanczos_overhead.py", "bench_surface.py",
               "bench_recorder.py", "bench_distributed.py", "bench_diagnose.py", "bench_paths.py",
-              "bench_scale.py", "bench_costlaws.py"]  # the last two take hours at full size (benchmarks/README.md)
+              "bench_scale.py", "bench_costlaws.py"]
+# the real-size comparisons take hours at full size (benchmarks/README.md): `make bench` runs their quick
+# configuration; `make bench-scale` the full one
+QUICK = {"bench_scale.py": ["--quick"], "bench_costlaws.py": ["--small"]}
 
 
 def main() -> int:
     sys.path.insert(0, str(HERE.parent))
     for name in BENCHMARKS:
         print(f"\n=== {name} ===", flush=True)
-        runpy.run_path(str(HERE / name), run_name="__main__")
+        saved = sys.argv
+        sys.argv = [name, *QUICK.get(name, [])]
+        try:
+            runpy.run_path(str(HERE / name), run_name="__main__")
+        finally:
+            sys.argv = saved
     return 0
 
 

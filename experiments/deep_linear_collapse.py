@@ -42,8 +42,11 @@ DT = torch.float64
 CASES = {  # label: (loss, class sizes, layers M, width d, λ_W, λ_H)
     "mse_balanced": ("mse", [8, 8, 8, 8], 3, 8, 5e-3, 5e-3),
     "mse_imbalanced": ("mse", [16, 16, 8, 8, 4, 2], 3, 8, 5e-3, 5e-3),
-    "ce_balanced": ("ce", [8, 8, 8, 8], 3, 8, 5e-3, 5e-3),
+    "ce_balanced_m2": ("ce", [8, 8, 8, 8], 2, 8, 5e-3, 5e-3),
+    "ce_balanced_m3": ("ce", [8, 8, 8, 8], 3, 8, 5e-3, 5e-3),
 }
+RESTARTS = 4  # seeds 0..3 for each initial scale; the lowest objective over all starts is the minimizer
+INIT_STDS = (0.5, 1.0)  # weights N(0, std²)
 QUICK_SCALE = 0.5  # --quick halves the class sizes
 # Criteria fixed before the run: loss within LOSS_RTOL of the closed-form f*; every GOF/OF distance and relative
 # norm error below FRAME_TOL; NC1 below NC1_TOL; for CE the ETF distance and NC3 below FRAME_TOL — at every layer.
@@ -56,14 +59,14 @@ def labels_for(counts: list[int]) -> torch.Tensor:
     return torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
 
 
-def build(n: int, d: int, c: int, m: int, seed: int) -> nn.Sequential:
+def build(n: int, d: int, c: int, m: int, seed: int, std: float) -> nn.Sequential:
     """Linear(N, d) holding Hᵀ, then M − 1 Linear(d, d) and Linear(d, C), all bias-free, float64."""
     torch.manual_seed(seed)
     layers = [nn.Linear(n, d, bias=False)] + [nn.Linear(d, d, bias=False) for _ in range(m - 1)]
     layers.append(nn.Linear(d, c, bias=False))
     model = nn.Sequential(*layers).to(DT)
     for lin in model:
-        nn.init.normal_(lin.weight, std=0.5)
+        nn.init.normal_(lin.weight, std=std)
     return model
 
 
@@ -101,16 +104,21 @@ def run_case(label: str, scale: float) -> dict:
     counts = [max(1, round(n * scale)) for n in counts]
     y = labels_for(counts)
     x = torch.eye(len(y), dtype=DT)  # one-hot sample indicators: layer 0's weight columns are the features h_i
-    model = build(len(y), d, len(counts), m, seed=0)
     t0 = time.time()
-    final, grad = train_lbfgs(model, x, y, loss, lw, lh)
+    starts = []
+    for seed, std in [(a, b) for b in INIT_STDS for a in range(RESTARTS)]:  # s = 0 is a local minimum of g_k
+        cand = build(len(y), d, len(counts), m, seed=seed, std=std)
+        starts.append((*train_lbfgs(cand, x, y, loss, lw, lh), cand))
+    final, grad, model = min(starts, key=lambda t: t[0])
     res = NeuralCollapse(layers="all").run(ProbeContext(model=model, data=[(x, y)]))
     v = res.values
     keys = ("layer_nc1", "layer_nc2_equinorm_means", "layer_nc2_etf_means", "layer_of_means",
             "layer_nc2_equinorm_weights", "layer_nc3_self_duality", "layer_nc3_uncentred")
     per_layer = {k: [float(a) for a in np.asarray(v[k])[1:]] for k in keys}  # layers 1..M (layer 0 = indicators)
     row = {"case": label, "loss": loss, "counts": counts, "layers": m, "width": d, "lambda_w": lw, "lambda_h": lh,
-           "final_objective": final, "grad_max": grad, "per_layer": per_layer, "elapsed_s": None}
+           "final_objective": final, "grad_max": grad, "restart_objectives": [t[0] for t in starts],
+           "rank_of_means": int(torch.linalg.matrix_rank(
+               torch.stack([model[0].weight.detach().T[y == k].mean(0) for k in range(len(counts))]), rtol=1e-6)), "per_layer": per_layer, "elapsed_s": None}
     checks = {"nc1_every_layer": max(per_layer["layer_nc1"]) < NC1_TOL}
     if loss == "mse":
         geo = minimizer_geometry(counts, m, lw, lh)
@@ -186,15 +194,23 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({k: r[k] for k in ("case", "final_objective", "verdict")}), file=sys.stderr, flush=True)
     files = figure(rows, out)
     reproduced = all(r["verdict"]["all"] for r in rows)
+    mse_ok = all(r["verdict"]["all"] for r in rows if r["loss"] == "mse")
     summary = {
         "experiment": NAME, "claim": CLAIM, "paper": PAPER,
         "method": "unconstrained features as the weight of a Linear layer on one-hot sample indicators; full-batch "
-                  "L-BFGS in float64 from N(0, 0.25) weights; collapse probe with layers='all' on the training set; "
+                  f"L-BFGS in float64 from {RESTARTS} seeds x init std {INIT_STDS}, lowest objective kept; "
+                  " collapse probe with layers='all' on the training set; "
                   "closed form from lossatlas.probes.deep_linear.minimizer_geometry",
         "settings": {"quick": args.quick, "scale": scale, "cases": {label: CASES[label] for label in labels},
-                     "criteria": {"loss_rtol": LOSS_RTOL, "frame_tol": FRAME_TOL, "nc1_tol": NC1_TOL}},
+                     "restarts": RESTARTS, "criteria": {"loss_rtol": LOSS_RTOL, "frame_tol": FRAME_TOL, "nc1_tol": NC1_TOL}},
         "ours": rows, "claim_reproduced": reproduced,
-        "verdict": {**{r["case"]: r["verdict"] for r in rows}, "claim_reproduced": reproduced},
+        "verdict": {**{r["case"]: r["verdict"] for r in rows}, "claim_reproduced": reproduced,
+                    "mse_closed_form_reproduced": mse_ok,
+                    "note": "claim_reproduced needs every case; a CE case whose lowest objective is a lower-rank "
+                            "configuration (rank_of_means < C-1) is not a simplex ETF: deep weight decay's low-rank "
+                            "bias beats collapse there (cf. Sukenik, Lampert, Mondelli 2024, 'Neural collapse versus "
+                            "low-rank bias: is deep neural collapse really optimal?'); each case lists the objectives "
+                            "of all restarts"},
         "figures": files, "elapsed_s": time.time() - t0,
         "reproduce": "OMP_NUM_THREADS=1 .venv/bin/python experiments/deep_linear_collapse.py"
                      + (" --quick" if args.quick else ""),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = ("hessian_outliers", "eos_gd", "transformer_spikes", "neural_collapse", "grokking",
-               "block_heterogeneity")
+               "block_heterogeneity", "skip_connections", "spike_no_more")
 
 
 def one_line(name: str, summary: dict) -> str:
@@ -43,6 +43,13 @@ def one_line(name: str, summary: dict) -> str:
         return (f"JS⁰ of the weight blocks: GPT {v['js0_gpt']:.4f} vs CNN {v['js0_cnn']:.4f} ({v['ratio']:.2f}×); "
                 f"every tensor: GPT {v['js0_all_blocks_gpt']:.4f} vs CNN {v['js0_all_blocks_cnn']:.4f}; "
                 "claim: transformers more heterogeneous")
+    if name == "skip_connections":
+        return ("mean |λmin/λmax| over the plane: " + ", ".join(f"{k} {r:.3f}" for k, r in v["mean_ratio"].items())
+                + f"; deep no-skip / deep skip {v['deep_noskip_over_deep_skip']:.2f} (claim > 2)")
+    if name == "spike_no_more":
+        return (f"spikes vanilla {v['n_spikes']['vanilla']} vs scaled-embed {v['n_spikes']['scaled_embed']}; max grad "
+                f"norm ×{v['grad_norm_ratio_vanilla_over_scaled']:.2f}; diagnose names the embedding condition: "
+                f"{v['diagnose_names_embedding_condition']}")
     return json.dumps(v)[:200]
 
 

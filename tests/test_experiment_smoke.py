@@ -18,6 +18,11 @@ SMOKE = {
     "transformer_spikes": ["--quick", "--steps", "60", "--warmup", "20", "--batch", "8"],
     "grokking": ["--quick", "--steps", "60", "--eval-every", "20"],
     "neural_collapse": ["--quick", "--steps", "60"],
+    "skip_connections": ["--depths", "1,2", "--widths", "4,8", "--steps", "10", "--n-examples", "32", "--grid", "5",
+                         "--cgrid", "2", "--iters", "3"],
+    "spike_no_more": ["--steps", "30", "--warmup", "5", "--n-embd", "16", "--checkpoint-every", "10"],
+    "deep_linear_collapse": ["--quick", "--cases", "mse_imbalanced"],
+    "massive_activations": ["--steps", "20", "--every", "10"],
 }
 
 

@@ -11,30 +11,27 @@ diag(p_i) − p_i p_iᵀ = Σ_{c'} p_{i,c'} (e_{c'} − p_i)(e_{c'} − p_i)ᵀ,
 
     G = (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i = Σ_i Σ_{c'} w_{i,c'} g_{i,c'} g_{i,c'}ᵀ.
 
-With W_{c,c'} = Σ_{i: y_i=c} w_{i,c'} and the weighted means δ_{c,c'} = Σ_{i: y_i=c} w_{i,c'} g_{i,c'} / W_{c,c'},
-and the cross-class row means μ_c = Σ_{c'≠c} W_{c,c'} δ_{c,c'} / V_c (V_c = Σ_{c'≠c} W_{c,c'}), the weighted
-variance decomposition is exact:
+With W_{c,c'} = Σ_{i: y_i=c} w_{i,c'} and the weighted means δ_{c,c'} = Σ_{i: y_i=c} w_{i,c'} g_{i,c'} / W_{c,c'}
+(true class c, logit c'), the class means ν_{c'} = Σ_c W_{c,c'} δ_{c,c'} / U_{c'} (U_{c'} = Σ_c W_{c,c'}: the
+weighted mean over every example of the gradient toward class c'), the weighted variance decomposition is exact:
 
     G = G_class + G_cross + G_within,
-    G_class  = Σ_c [W_{c,c} δ_{c,c} δ_{c,c}ᵀ + V_c μ_c μ_cᵀ]                  (class means)
-    G_cross  = Σ_c Σ_{c'≠c} W_{c,c'} (δ_{c,c'} − μ_c)(δ_{c,c'} − μ_c)ᵀ          (cross-class)
+    G_class  = Σ_{c'} U_{c'} ν_{c'} ν_{c'}ᵀ                                        (C class means)
+    G_cross  = Σ_{c,c'} W_{c,c'} (δ_{c,c'} − ν_{c'})(δ_{c,c'} − ν_{c'})ᵀ            (C² cross-class means)
     G_within = Σ_i Σ_{c'} w_{i,c'} (g_{i,c'} − δ_{y_i,c'})(g_{i,c'} − δ_{y_i,c'})ᵀ  (within-class)
 
 and G_means = G_class + G_cross = Σ_{c,c'} W_{c,c'} δ_{c,c'} δ_{c,c'}ᵀ = MᵀM with the C² rows
 M_{(c,c')} = √W_{c,c'} δ_{c,c'}, whose non-zero eigenvalues are those of the C²×C² Gram matrix M Mᵀ.
 
-The rank question (C or C − 1), from the softmax's rank: 1ᵀ(e_{c'} − p_i) = 0, so Σ_{c'} p_{i,c'} g_{i,c'} = 0
-for every example (the per-example output Hessian has rank C − 1), hence for every class the row constraint
-Σ_{c'} W_{c,c'} δ_{c,c'} = 0, i.e. W_{c,c} δ_{c,c} = −V_c μ_c. Then
-
-    G_class = Σ_c (V_c W_c / W_{c,c}) μ_c μ_cᵀ     (W_c = Σ_{c'} W_{c,c'} = n_c/N),
-
-a sum of C rank-one terms along μ_c ∝ δ_{c,c} (the confidence-weighted class-mean loss gradient): rank ≤ C,
-not C − 1 in general. It drops to C − 1 exactly when the C vectors δ_{c,c} are dependent, e.g. when
-Σ_c W_{c,c} δ_{c,c} = −(1/N) Σ_i p_{i,y_i} ∇ℓ_i (a confidence-weighted full gradient) vanishes — at a stationary
-point with equal confidence p_{i,y_i} on every example. G_means has rank ≤ C² − C = C(C − 1) (one constraint per
-class). The probe reports both parts' eigenvalues, their numerical ranks, the norm of that weighted gradient
-relative to the class means, and how much of each top GGN eigenvalue each part carries:
+C or C − 1, from the softmax's rank: 1ᵀ(e_{c'} − p_i) = 0, so Σ_{c'} p_{i,c'} g_{i,c'} = 0 for every example (the
+per-example output Hessian diag p_i − p_i p_iᵀ has rank C − 1). Summed over examples, Σ_{c'} U_{c'} ν_{c'} = 0: the
+C class means are linearly dependent and **G_class has rank ≤ C − 1**, always (not only at a minimum). Summed over the
+examples of one class, Σ_{c'} W_{c,c'} δ_{c,c'} = 0 for every c: the means averaged over the logit (the true class's
+own mean) vanish, and G_means has rank ≤ C² − C = C(C − 1). The un-centred logit gradients ∂z_{c'}/∂θ of Papyan 2019
+have C class means; the GGN sees them only through e_{c'} − p_i, i.e. centred by the softmax, which removes one: the
+C − 1 outliers of the GGN (and of the Hessian near it) come from the C − 1 non-zero eigenvalues of G_class.
+The probe reports each part's eigenvalues and numerical rank, the residual ‖Σ_{c'} U_{c'} ν_{c'}‖ /
+max_{c'} ‖U_{c'} ν_{c'}‖ (0 up to rounding) and how much of each top GGN eigenvalue each part carries:
 λ_k = u_kᵀG_class u_k + u_kᵀG_cross u_k + u_kᵀG_within u_k for the top eigenvectors u_k of G.
 
 The class-pair sums Σ_{i∈c} w_{i,c'} g_{i,c'} are C² vector–Jacobian products (a backward pass of
@@ -104,33 +101,23 @@ def class_pair_sums(op: GGNOperator) -> tuple[Tensor, Tensor, int]:
 class Decomposition:
     """The factors of the parts: G_class = R_classᵀR_class, G_cross = R_crossᵀR_cross, G_means = MᵀM (rows)."""
 
-    M: Tensor  # (C², P): √W_{c,c'} δ_{c,c'}, only pairs with W > 0
-    R_class: Tensor  # (2C', P): √W_{c,c} δ_{c,c} and √V_c μ_c for the classes present
-    R_cross: Tensor  # (C'(C − 1), P): √W_{c,c'} (δ_{c,c'} − μ_c)
+    M: Tensor  # (≤ C², P): √W_{c,c'} δ_{c,c'} for the pairs with W > 0
+    R_class: Tensor  # (C, P): √U_{c'} ν_{c'}
+    R_cross: Tensor  # (≤ C², P): √W_{c,c'} (δ_{c,c'} − ν_{c'})
     W: Tensor  # (C, C) class-pair weights
-    classes: list[int]  # the classes with at least one example
-    weighted_gradient: Tensor  # Σ_c W_{c,c} δ_{c,c} (P,)
-    class_means: Tensor  # (C', P): δ_{c,c}
+    class_means: Tensor  # (C, P): ν_{c'}
+    constraint: Tensor  # Σ_{c'} U_{c'} ν_{c'} (P,): zero up to rounding (softmax rank C − 1)
 
 
 def decompose(S: Tensor, W: Tensor) -> Decomposition:
     """The rows whose Gram matrices give G_means, G_class and G_cross (module docstring), from the pair sums."""
     C = W.shape[0]
-    present = [c for c in range(C) if float(W[c].sum()) > 0]
-    M_rows, cls_rows, cross_rows, means = [], [], [], []
-    for c in present:
-        for k in range(C):
-            if float(W[c, k]) > 0:
-                M_rows.append(S[c, k] / W[c, k].sqrt())  # √W δ = S/√W
-        delta_cc = S[c, c] / W[c, c]
-        others = [k for k in range(C) if k != c and float(W[c, k]) > 0]
-        V = sum(W[c, k] for k in others)
-        mu = sum(S[c, k] for k in others) / V
-        cls_rows += [W[c, c].sqrt() * delta_cc, V.sqrt() * mu]
-        cross_rows += [W[c, k].sqrt() * (S[c, k] / W[c, k] - mu) for k in others]
-        means.append(delta_cc)
-    return Decomposition(torch.stack(M_rows), torch.stack(cls_rows), torch.stack(cross_rows), W, present,
-                         sum(S[c, c] for c in present), torch.stack(means))
+    U = W.sum(0)  # U_{c'} = Σ_c W_{c,c'} > 0 (every p_{i,c'} > 0)
+    nu = S.sum(0) / U[:, None]  # ν_{c'} = Σ_c S_{c,c'} / U_{c'}
+    pairs = [(c, k) for c in range(C) for k in range(C) if float(W[c, k]) > 0]
+    M = torch.stack([S[c, k] / W[c, k].sqrt() for c, k in pairs])  # √W δ = S/√W
+    R_cross = torch.stack([W[c, k].sqrt() * (S[c, k] / W[c, k] - nu[k]) for c, k in pairs])
+    return Decomposition(M, U.sqrt()[:, None] * nu, R_cross, W, nu, S.sum((0, 1)))
 
 
 def gram_eigenvalues(R: Tensor) -> np.ndarray:
@@ -170,10 +157,11 @@ class GGNDecomposition(Probe):
         tol: the Lanczos residual tolerance (1e-6).
         rank_rtol: an eigenvalue counts toward a part's numerical rank above rank_rtol·λ_max (1e-8).
         mode / dtype: the model's train/eval flag during the products ("eval") and their dtype ("float64").
-    Values: "ggn_top", "within_top" ("rank",), "class_eigenvalues" ("class_rank",), "cross_eigenvalues",
-        "means_eigenvalues" ("pair_rank",), "attribution" ("rank", "part"): u_kᵀ G_part u_k for the top eigenvectors
-        of G, "pair_weights" ("class", "logit"), scalars "class_rank", "cross_rank", "means_rank", "num_classes",
-        "class_smallest_ratio" (λ_C/λ_1 of G_class) and "weighted_gradient_ratio" ‖Σ_c W_cc δ_cc‖ / max_c ‖W_cc δ_cc‖.
+    Values: "ggn_top", "within_top" ("rank",), "class_eigenvalues" (C), "cross_eigenvalues", "means_eigenvalues"
+        (descending), "attribution" ("rank", "part"): u_kᵀ G_part u_k for the top eigenvectors of G,
+        "pair_weights" ("class", "logit"): W_{c,c'}, scalars "class_rank" (≤ C − 1), "cross_rank", "means_rank"
+        (≤ C(C − 1)), "num_classes", "class_smallest_ratio" (λ_C/λ_1 of G_class: 0 up to rounding) and
+        "constraint_residual" ‖Σ_c' U_c' ν_c'‖ / max_c' ‖U_c' ν_c'‖.
     """
 
     name: ClassVar[str] = "ggn_decomposition"
@@ -224,14 +212,14 @@ class GGNDecomposition(Probe):
         share_cross = ((dec.R_cross @ U) ** 2).sum(0)
         lam = torch.as_tensor(np.asarray(ggn.eigenvalues), dtype=U.dtype)
         attribution = torch.stack([share_class, share_cross, lam - share_class - share_cross], 1).cpu().numpy()
-        cls = gram_eigenvalues(dec.R_class)[: len(dec.classes)]
+        cls = gram_eigenvalues(dec.R_class)
         cross = gram_eigenvalues(dec.R_cross)
         means = gram_eigenvalues(dec.M)
         res = self.new_result(ctx.step)
         res.add("ggn_top", np.asarray(ggn.eigenvalues, dtype=np.float64), ("rank",))
         res.add("within_top", np.asarray(within.eigenvalues, dtype=np.float64), ("rank",))
         res.add("attribution", attribution, ("rank", "part"), {"part": np.asarray(PARTS, dtype=str)})
-        res.add("class_eigenvalues", cls, ("class_rank",))
+        res.add("class_eigenvalues", cls, ("class_rank_index",))
         res.add("cross_eigenvalues", cross, ("cross_rank_index",))
         res.add("means_eigenvalues", means, ("pair_rank",))
         res.add("pair_weights", W.cpu().numpy().astype(np.float64), ("class", "logit"))
@@ -239,11 +227,10 @@ class GGNDecomposition(Probe):
         res.add("class_rank", np.int64(numerical_rank(cls, self.rank_rtol)))
         res.add("cross_rank", np.int64(numerical_rank(cross, self.rank_rtol)))
         res.add("means_rank", np.int64(numerical_rank(means, self.rank_rtol)))
-        res.add("class_smallest_ratio", np.float64(cls[-1] / cls[0] if cls[0] > 0 else np.nan))
-        diag = torch.stack([W[c, c] * dec.class_means[j] for j, c in enumerate(dec.classes)])
-        res.add("weighted_gradient_ratio",
-                np.float64(float(dec.weighted_gradient.norm()) / max(float(diag.norm(dim=1).max()), 1e-300)))
-        res.meta.update(num_params=P, classes_present=len(dec.classes), matvecs=int(ggn.matvecs + within.matvecs),
+        res.add("class_smallest_ratio", np.float64(cls[C - 1] / cls[0] if cls[0] > 0 else np.nan))
+        scale = float((W.sum(0) * dec.class_means.norm(dim=1)).max())  # max_c' U_c' ‖ν_c'‖
+        res.add("constraint_residual", np.float64(float(dec.constraint.norm()) / max(scale, 1e-300)))
+        res.meta.update(num_params=P, matvecs=int(ggn.matvecs + within.matvecs),
                         elapsed_s={"decomposition": time.perf_counter() - t0})
         return res
 

@@ -34,6 +34,8 @@ FAST = {
     "topology": {"xrange": (-1.0, 1.0, 4), "yrange": (-1.0, 1.0, 3)},
     "weight_spectra": {},
     "similarity": {"to_step": 0, "max_examples": 60},
+    "opposing_signals": {"top_k": 6},
+    "ggn_decomposition": {"top_k": 3, "block_size": 3},
 }
 BAD = {
     "loss": {"mode": "sideways"},
@@ -54,6 +56,8 @@ BAD = {
     "topology": {"min_persistence": -1.0},
     "weight_spectra": {"min_evals": 1},
     "similarity": {"metrics": ("nonsense",)},
+    "opposing_signals": {"top_k": 1},
+    "ggn_decomposition": {"top_k": 0},
 }
 SPEC = {"name": "mlp", "kwargs": {"widths": [64, 12, 10]}}
 

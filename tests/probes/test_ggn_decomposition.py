@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from lossatlas.probes.ggn_decomposition import GGNDecomposition, class_pair_sums, decompose, gram_eigenvalues
 from lossatlas.curvature import GGNOperator
 from lossatlas.probes import ProbeContext
+from lossatlas.probes.ggn_decomposition import GGNDecomposition, class_pair_sums, decompose, gram_eigenvalues
 
 C, N, D = 3, 24, 4
 
@@ -41,15 +41,10 @@ def setup():
     delta = torch.stack([(w[y == c][:, :, None] * g[y == c]).sum(0) / Wcc[c][:, None] for c in range(C)])
     G_within = sum(w[i, k] * torch.outer(g[i, k] - delta[y[i], k], g[i, k] - delta[y[i], k])
                    for i in range(N) for k in range(C))
-    G_class = torch.zeros_like(G)
-    G_cross = torch.zeros_like(G)
-    for c in range(C):
-        others = [k for k in range(C) if k != c]
-        V = Wcc[c, others].sum()
-        mu = (Wcc[c, others][:, None] * delta[c, others]).sum(0) / V
-        G_class += Wcc[c, c] * torch.outer(delta[c, c], delta[c, c]) + V * torch.outer(mu, mu)
-        for k in others:
-            G_cross += Wcc[c, k] * torch.outer(delta[c, k] - mu, delta[c, k] - mu)
+    U = Wcc.sum(0)
+    nu = (Wcc[:, :, None] * delta).sum(0) / U[:, None]  # ν_k: weighted mean of g_{i,k} over every example
+    G_class = sum(U[k] * torch.outer(nu[k], nu[k]) for k in range(C))
+    G_cross = sum(Wcc[c, k] * torch.outer(delta[c, k] - nu[k], delta[c, k] - nu[k]) for c in range(C) for k in range(C))
     return model, x, y, G, G_class, G_cross, G_within, Wcc, delta
 
 
@@ -83,8 +78,9 @@ def test_probe_eigenvalues_and_ranks(setup):
     np.testing.assert_allclose(res.values["within_top"], ev(G_within, 4), rtol=1e-7)
     np.testing.assert_allclose(res.values["class_eigenvalues"], ev(G_class, C), rtol=1e-7, atol=1e-14)
     np.testing.assert_allclose(res.values["cross_eigenvalues"][:3], ev(G_cross, 3), rtol=1e-7)
-    # derived ranks: class part ≤ C (here exactly C: not at a stationary point), means ≤ C(C − 1)
-    assert int(res.scalar("class_rank")) == C == np.linalg.matrix_rank(G_class.numpy(), tol=1e-10 * ev(G_class, 1)[0])
+    # derived ranks (softmax rank C − 1): class part exactly C − 1 here, means ≤ C(C − 1)
+    assert int(res.scalar("class_rank")) == C - 1 == np.linalg.matrix_rank(G_class.numpy(), tol=1e-10 * ev(G_class, 1)[0])
+    assert res.scalar("class_smallest_ratio") < 1e-12 and res.scalar("constraint_residual") < 1e-12
     assert int(res.scalar("means_rank")) <= C * (C - 1)
     assert int(res.scalar("means_rank")) == np.linalg.matrix_rank((G_class + G_cross).numpy(),
                                                                   tol=1e-8 * ev(G_class + G_cross, 1)[0])
@@ -98,22 +94,28 @@ def test_probe_eigenvalues_and_ranks(setup):
 
 
 @pytest.mark.parametrize("same_input", [True, False])
-def test_class_part_rank_c_or_c_minus_1_closed_form(same_input):
-    """Linear softmax regression at W = 0 (p uniform), class c's examples all equal to x_c: g_{i,k} = (e_k − 1/C)⊗x_c,
-    δ_{c,c} = (e_c − 1/C)⊗x_c. With x_c = x₀ for every class Σ_c δ_{c,c} = 0 and the class part has rank C − 1
-    (the Hessian is (1/C)(I − 11ᵀ/C)⊗x₀x₀ᵀ, rank C − 1, with no within-class part); with independent x_c it has rank C."""
+def test_closed_form_linear_softmax_at_zero(same_input):
+    """Linear softmax regression at W = 0 (p = 1/C), class c's examples all equal to x_c: g_{i,k} = (e_k − 1/C)⊗x_c,
+    W_{c,k} = 1/C², ν_k = (e_k − 1/C)⊗x̄, so G_within = 0, G_class = (1/C)(I − 11ᵀ/C)⊗x̄x̄ᵀ (eigenvalue ‖x̄‖²/C, C − 1
+    times) and G_cross = (1/C)(I − 11ᵀ/C)⊗Σ_x, Σ_x = (1/C)Σ_c (x_c − x̄)(x_c − x̄)ᵀ (each eigenvalue of Σ_x/C, C − 1
+    times); with x_c = x₀ for every class G = G_class (Sagun's T2.1 Hessian)."""
     model = nn.Linear(C + 1, C, bias=False).double()
     nn.init.zeros_(model.weight)
     xs = torch.ones(C, C + 1, dtype=torch.float64) if same_input else torch.eye(C + 1, dtype=torch.float64)[:C] + 0.3
     y = torch.arange(3 * C) % C
     res = GGNDecomposition(top_k=C, tol=1e-10).run(ProbeContext(model=model, data=[(xs[y], y)]))
-    assert int(res.scalar("class_rank")) == (C - 1 if same_input else C)
+    xbar = xs.mean(0)
+    lam = float(xbar @ xbar) / C
+    assert int(res.scalar("class_rank")) == C - 1
+    np.testing.assert_allclose(res.values["class_eigenvalues"][: C - 1], lam, rtol=1e-10)
+    assert res.values["class_eigenvalues"][C - 1] < 1e-12 * lam
+    np.testing.assert_allclose(res.values["within_top"], 0.0, atol=1e-9 * lam)
+    sx = np.linalg.eigvalsh(((xs - xbar).T @ (xs - xbar) / C).numpy())[::-1] / C
+    cross = np.sort(np.repeat(sx, C - 1))[::-1]
+    np.testing.assert_allclose(res.values["cross_eigenvalues"][: cross.size], cross, rtol=1e-9, atol=1e-12 * lam)
     if same_input:
-        lam = float(xs[0] @ xs[0]) / C  # ‖x₀‖²/C with multiplicity C − 1
         np.testing.assert_allclose(res.values["ggn_top"][: C - 1], lam, rtol=1e-9)
-        assert abs(res.values["ggn_top"][C - 1]) < 1e-9 * lam
-        np.testing.assert_allclose(res.values["within_top"], 0.0, atol=1e-9 * lam)
-        assert res.scalar("weighted_gradient_ratio") < 1e-12
+        np.testing.assert_allclose(res.values["attribution"][: C - 1, 0], lam, rtol=1e-8)  # all of it: class means
 
 
 def test_bad_settings():
