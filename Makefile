@@ -1,6 +1,7 @@
 # lossatlas — the two commands a fresh machine needs:
 #   make demo   creates .venv, installs lossatlas (CPU torch first) and runs the demo
 #   make test   creates .venv, installs lossatlas with its test extras, runs the linter (make lint) and the test suite
+#               (two pytest-xdist workers of one thread each: one per core)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -34,7 +35,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lossatlas tests experiments benchmarks
 
 test: lint
-	OMP_NUM_THREADS=2 LOSSATLAS_REQUIRE_FASTNORMS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 LOSSATLAS_REQUIRE_FASTNORMS=1 $(PY) -m pytest -q -n 2 tests
 
 bench: $(VENV)/.bench
 	OMP_NUM_THREADS=2 $(PY) benchmarks/run_all.py

@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = ("hessian_outliers", "eos_gd", "transformer_spikes", "neural_collapse", "grokking",
-               "block_heterogeneity", "skip_connections", "spike_no_more")
+               "block_heterogeneity", "skip_connections", "spike_no_more", "opposing_signals", "outlier_hierarchy")
 
 
 def one_line(name: str, summary: dict) -> str:
@@ -50,6 +50,15 @@ def one_line(name: str, summary: dict) -> str:
         return (f"spikes vanilla {v['n_spikes']['vanilla']} vs scaled-embed {v['n_spikes']['scaled_embed']}; max grad "
                 f"norm ×{v['grad_norm_ratio_vanilla_over_scaled']:.2f}; diagnose names the embedding condition: "
                 f"{v['diagnose_names_embedding_condition']}")
+    if name == "opposing_signals":
+        big = next(iter(summary["ours"].values()))
+        return (f"planted sky groups: late loss-change correlation {big['change_correlation_late']:.2f}, probe "
+                f"gradient cosine {big['probe_mean_gradient_cosine']:.2f}, precision {big['probe_precision']:.2f}; "
+                f"λ_max {big['lambda_max_initial']:.2f} → {big['lambda_max_peak']:.2f} (2/η = "
+                f"{big['threshold_2_over_eta']:.2f}); checks {v['checks']}; reproduced {v['claim_reproduced']}")
+    if name == "outlier_hierarchy":
+        return (f"GGN eigenvalues mostly from class means {v['from_class_means']}, from the means {v['from_means']}, "
+                f"G_class rank {v['class_rank']} for C = {v['C']}; claim C from class means: {v['claim_reproduced']}")
     return json.dumps(v)[:200]
 
 

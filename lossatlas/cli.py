@@ -646,7 +646,8 @@ def _choices(cls, name: str) -> tuple[str, ...] | None:
 def _setting_help(cls, name: str, docs: dict[str, str]) -> str:
     """The help of setting ``name`` of probe ``cls``: its docstring entry, else lossatlas.cli._SETTING_HELP."""
     text = _SETTING_HELP.get(f"{cls.name}.{name}") or docs.get(name) or _SETTING_HELP.get(name)
-    return text.replace("``", "").strip() if text else f"{UNDOCUMENTED} {name.replace('_', ' ')}"
+    # argparse %-formats help strings: a literal % of a docstring ("1% of the width") is escaped
+    return text.replace("``", "").replace("%", "%%").strip() if text else f"{UNDOCUMENTED} {name.replace('_', ' ')}"
 
 
 UNDOCUMENTED = "the probe setting"  # the start of a setting's help when its docstring does not describe it

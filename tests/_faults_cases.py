@@ -713,6 +713,7 @@ PROBE_BASE = {
     "sharpness": {"--max-examples": ["64"], "--measures": ["grad_norm"]},
     "surface": {"--max-examples": ["64"], "--xrange": ["-1", "1", "3"], "--yrange": ["-1", "1", "3"]},
     "interpolate": {"--max-examples": ["64"], "--to-step": ["0"], "--alphas": ["0", "1", "3"]},
+    "curve": {"--max-examples": ["64"], "--to-step": ["0"], "--curve-steps": ["2"], "--num-points": ["3"]},
     "trajectory": {"--max-examples": ["64"]},
     "collapse": {"--max-examples": ["64"]},
     "uniformity": {"--max-examples": ["64"]},

@@ -249,6 +249,12 @@ def subparsers():
     return action.choices
 
 
+def test_every_subcommand_help_renders():
+    """argparse %-formats help text: a stray % in a docstring would make `--help` crash."""
+    for name, p in subparsers().items():
+        assert "usage:" in p.format_help(), name  # raises on a stray %
+
+
 def test_every_option_of_every_subcommand_is_explained():
     assert undocumented_settings() == []
     bad = []

@@ -23,6 +23,8 @@ SMOKE = {
     "spike_no_more": ["--steps", "30", "--warmup", "5", "--n-embd", "16", "--checkpoint-every", "10"],
     "deep_linear_collapse": ["--quick", "--cases", "mse_imbalanced"],
     "massive_activations": ["--steps", "20", "--every", "10"],
+    "opposing_signals": ["--steps", "30", "--eig-every", "10", "--window", "8", "--n", "200"],
+    "outlier_hierarchy": ["--quick", "--cases", "1", "--max-steps", "20"],
 }
 
 

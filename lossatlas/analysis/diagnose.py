@@ -351,6 +351,11 @@ def _verdict(spike: Spike, precursors: list[Precursor], lr_ev: dict | None, quic
             where = f" in {top.layer}" if top.layer else ""
         elif cause == "opposing_signals":
             where = f": {top.layer}"
+            # two groups that moved in opposite directions are the paper's pair (Rosenfeld & Risteski 2023)
+            other = [p for p in causal if p.cause == cause and p.direction != top.direction]
+            if other:
+                where += f" {'rose' if top.direction == 'up' else 'fell'} while {other[0].layer} " + (
+                    "fell" if top.direction == "up" else "rose")
         else:
             where = ""
     elif spike.kind == "spike" and spike.recovery is not None and spike.recovery - spike.start <= quick:

@@ -225,6 +225,11 @@ def run_probe(run_path: str | Path, probe: Probe, options: RunOptions | None = N
         loss, output = resolve_loss_and_output(run_loss, resolve_loss_spec(options.loss), options.output,
                                                prefix=f"{run_path}: ")
         if not any(u.needs_data for u in (probe, *probe.parts())):  # a data-free probe: no data set is built
+            if options.data is not None:  # but a --data given to it is still checked, not silently ignored
+                try:
+                    models.check_builder(options.data, "data")
+                except ValueError as exc:
+                    raise UserError(f"--data {options.data}: {exc}") from None
             batches, subset = [], None
         else:
             batches, subset = load_data(data_spec, batch_size=options.batch_size, max_examples=options.max_examples,
@@ -352,6 +357,7 @@ class _StepJob:
             lr=_finite_or_none(attrs.get("lr")), optimizer_state=optimizer_state, optimizer=reader.optimizer,
             device=torch.device(options.device), dtype=self.dtype, steps=tuple(reader.steps()), dist=dist,
             state_at=lambda s: checkpoint_state(reader, s, allow_nonfinite=options.allow_nonfinite),
+            model_of_run=lambda path, s: _model_of_run(path, s, dtype=self.dtype, device=options.device),
         )
         results = [f[0] if f is not None else None for f in found]
         statuses = {u.name: "cached" for u in self.units}
@@ -407,6 +413,15 @@ class _StepJob:
             for key, result, elapsed in outcome.fresh:
                 self.results.write(result, key=key, status="complete", data_fingerprint=self.data_fp,
                                    elapsed_s=elapsed)
+
+
+def _model_of_run(path: str | Path, step: int, *, dtype: torch.dtype | None, device: str) -> nn.Module:
+    """The model of another run file at ``step`` (ValueError naming the steps it has when it lacks that one)."""
+    with store.RunReader(path) as reader:
+        if step not in reader.steps():
+            raise ValueError(f"run {path} has no checkpoint at step {step}; pick one of "
+                             f"{', '.join(map(str, reader.steps()[:10]))}")
+        return load_model(reader, int(step), dtype=dtype, device=device)
 
 
 def distributed_from_env() -> Distributed:

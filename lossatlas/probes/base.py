@@ -135,6 +135,7 @@ class ProbeContext:
     save_partial: Callable[[Result], None] | None = None  # a probe may hand back partial results
     steps: Sequence[int] = ()  # every checkpoint step of the run
     state_at: Callable[[int], dict[str, Tensor]] | None = None  # the state_dict at another step
+    model_of_run: Callable[[str, int], nn.Module] | None = None  # another run file's model at a step (similarity)
     seed: int = 0
     dist: "Distributed" = field(default_factory=lambda: _single_process())  # rank and world size under torchrun
 

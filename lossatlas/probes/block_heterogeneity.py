@@ -95,10 +95,12 @@ def heterogeneity_blocks(model: nn.Module, partition: str = "parameters", *, spl
         blocks = [HessianBlock(name or "(root)", tuple(ps)) for name, ps in parameter_blocks(model, "layer").items()]
     else:
         blocks = []
+        seen: set[int] = set()  # a tied tensor (GPT-2's lm_head.weight is wte.weight) is one block, named once
         for mname, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
+                if not p.requires_grad or id(p) in seen:
                     continue
+                seen.add(id(p))
                 full = f"{mname}.{pname}" if mname else pname
                 split = _fused_split(module, mname, pname, p) if split_qkv else None
                 if split is None:
@@ -208,7 +210,7 @@ class BlockHeterogeneity(CurvatureProbe):
         split_qkv: split a fused QKV projection into Q, K and V blocks (default True).
         select: None or a regex over block names (e.g. "weight" to leave out biases and norms).
         num_probes / num_steps: SLQ runs per block and Lanczos steps per run (capped at the block's size).
-        sigma_squared: the kernel variance relative to the squared width of the common grid (1e-4: σ = 1%).
+        sigma_squared: the kernel variance relative to the squared width of the common grid (1e-4: σ = 0.01 of the width).
         grid_len: points of the common grid.
         curvature / subset / mode / path / dtype / seed: the operator (``lossatlas.probes.operators``).
     Values: "js0", "js0_distance", "js_matrix" ("block", "other_block"), "block_density" ("block", "grid"),
@@ -239,6 +241,8 @@ class BlockHeterogeneity(CurvatureProbe):
         if not isinstance(self.split_qkv, bool):
             raise ValueError(f"{prefix}split_qkv must be True or False, got {self.split_qkv!r}")
         if self.select is not None:
+            if not self.select:
+                raise ValueError(f"{prefix}select must be a non-empty regex (e.g. 'attn'), or left out for every block")
             try:
                 re.compile(self.select)
             except (re.error, TypeError) as exc:

@@ -53,7 +53,7 @@ from torch import Tensor
 from lossatlas.curvature import GGNOperator
 from lossatlas.estimators import lanczos_eigs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
-from lossatlas.probes.settings import COMPUTE_DTYPES, MODES, check_choice
+from lossatlas.probes.settings import COMPUTE_DTYPES, MODES, check_choice, check_nonneg_int
 
 PARTS: tuple[str, ...] = ("class", "cross", "within")
 
@@ -157,6 +157,7 @@ class GGNDecomposition(Probe):
         tol: the Lanczos residual tolerance (1e-6).
         rank_rtol: an eigenvalue counts toward a part's numerical rank above rank_rtol·λ_max (1e-8).
         mode / dtype: the model's train/eval flag during the products ("eval") and their dtype ("float64").
+        seed: the seed of the Lanczos start block (0), an integer ≥ 0.
     Values: "ggn_top", "within_top" ("rank",), "class_eigenvalues" (C), "cross_eigenvalues", "means_eigenvalues"
         (descending), "attribution" ("rank", "part"): u_kᵀ G_part u_k for the top eigenvectors of G,
         "pair_weights" ("class", "logit"): W_{c,c'}, scalars "class_rank" (≤ C − 1), "cross_rank", "means_rank"
@@ -191,6 +192,7 @@ class GGNDecomposition(Probe):
                 raise ValueError(f"{self.name}: {key} must be a number in (0, 1), got {v!r}")
         check_choice("mode", self.mode, MODES, prefix=f"{self.name}: ")
         check_choice("dtype", self.dtype, COMPUTE_DTYPES, prefix=f"{self.name}: ")
+        check_nonneg_int("seed", self.seed, prefix=f"{self.name}: ")
 
     def run(self, ctx: ProbeContext) -> Result:
         """The three parts' spectra at the checkpoint, and the top GGN eigenvalues' split among them."""

@@ -11,12 +11,15 @@ Across the checkpoints t_0 < … < t_T of a run (every stored step up to the pro
 
     ℓ_i(t)           the loss of training example i at checkpoint t (the model in ``mode``);
     Δ_i(t)           = ℓ_i(t_{s+1}) − ℓ_i(t_s), s = 0 … T − 1;
-    m_i              = Σ_s |Δ_i(t_s)|: the example's total loss movement;
+    Δ̃_i(t_s)         = Δ_i(t_s) − (1/T) Σ_s Δ_i(t_s): the change without the example's mean drift (a loss that
+                     falls steadily is not an oscillation; the common descent of every loss would otherwise
+                     dominate the grouping);
+    m_i              = Σ_s |Δ̃_i(t_s)|: the example's oscillating loss movement;
     selected         the ``top_k`` examples with the largest m_i (ties by index);
-    groups           the signs of the leading left singular vector u of the k×T matrix D_{j,s} = Δ_{i_j}(t_s):
+    groups           the signs of the leading left singular vector u of the k×T matrix D_{j,s} = Δ̃_{i_j}(t_s):
                      A = {u_j > 0}, B = {u_j < 0}, oriented so that the example with the largest m_i is in A.
-                     Two groups whose changes are exactly opposite (D = a rᵀ with sign(a) = ±1 per group) are
-                     recovered exactly; examples with u_j = 0 join neither;
+                     Two groups whose changes are exactly opposite (Δ = a rᵀ with sign(a) = ±1 per group, r not
+                     constant) are recovered exactly; examples with u_j = 0 join neither;
     change_correlation  Pearson correlation over s of the groups' mean changes ā(s) = mean_{i∈A} Δ_i(t_s),
                      b̄(s) (−1: perfect opposition; needs T ≥ 2);
     gradient_cosine  at each checkpoint, cos(∇L_A, ∇L_B) of the gradients of the groups' mean losses
@@ -66,13 +69,17 @@ def group_gradient(model: nn.Module, data: Sequence[tuple[Any, Tensor]], loss: s
     wanted = set(int(i) for i in members)
     start = 0
     for x, y in data:
-        n = int(y.shape[0])
+        tokens = loss == "causal_lm"  # its terms are the batch's B·(T−1) next tokens, not its rows
+        n = int(y.shape[0] * (y.shape[1] - 1)) if tokens else int(y.shape[0])
         rows = [i - start for i in range(start, start + n) if i in wanted]
         start += n
         if not rows:
             continue
         idx = torch.as_tensor(rows, dtype=torch.long)
-        total = per_example_loss(loss, model_outputs(model, _take(x, idx)), y[idx]).sum() / len(wanted)
+        if tokens:  # the whole batch is scored; the wanted tokens' terms are summed
+            total = per_example_loss(loss, model_outputs(model, x), y)[idx].sum() / len(wanted)
+        else:
+            total = per_example_loss(loss, model_outputs(model, _take(x, idx)), y[idx]).sum() / len(wanted)
         gs = torch.autograd.grad(total, params, allow_unused=True)
         grad += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(torch.float64)
                            for p, g in zip(params, gs)])
@@ -82,6 +89,7 @@ def group_gradient(model: nn.Module, data: Sequence[tuple[Any, Tensor]], loss: s
 def opposing_groups(changes: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """(selected example indices, group ±1/0 of each) from the (T, N) loss changes (module docstring)."""
     D = np.asarray(changes, dtype=np.float64)
+    D = D - D.mean(axis=0, keepdims=True)  # each example's mean drift removed: oscillation, not descent
     movement = np.abs(D).sum(axis=0)
     order = np.lexsort((np.arange(movement.size), -movement))  # largest movement first, ties by index
     sel = order[: min(top_k, movement.size)]

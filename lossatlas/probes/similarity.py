@@ -227,15 +227,10 @@ class Similarity(Probe):
     def _other(self, ctx: ProbeContext):
         """(model, params, step, source) of the checkpoint compared with this one."""
         if self.other is not None:
-            from lossatlas import store
-            from lossatlas.analysis.runner import load_model
-
-            with store.RunReader(self.other) as reader:
-                step = self.to_step if self.to_step is not None else ctx.step
-                if step not in reader.steps():
-                    raise ValueError(f"run {self.other} has no checkpoint at step {step}; pick one of "
-                                     f"{', '.join(map(str, reader.steps()[:10]))}")
-                model = load_model(reader, int(step), dtype=ctx.dtype, device=ctx.device)
+            if ctx.model_of_run is None:
+                raise ValueError("similarity with other needs the runner (ctx.model_of_run); run it on a run file")
+            step = self.to_step if self.to_step is not None else ctx.step
+            model = ctx.model_of_run(str(self.other), int(step))
             return model, None, int(step), str(self.other)
         if self.to_step is None:
             raise ValueError("similarity needs the other checkpoint: give to_step (--to-step STEP) or other (--other RUN)")

@@ -62,6 +62,18 @@ def test_top_k_larger_than_the_groups_keeps_the_still_examples_out_of_both():
     assert (grp[~np.isin(got, np.concatenate([A, B]))] == 0).all()  # zero movement: neither group
 
 
+def test_a_common_drift_does_not_merge_the_groups():
+    """Every loss also falls steadily (a common descent): the drift is removed before grouping, so the opposing pair
+    is still recovered exactly, and a steadily falling example is not selected over an oscillating one."""
+    r = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    amp = np.array([2.0, 1.5, -1.0, -2.5, 0.0])
+    changes = np.outer(r, amp) - 3.0  # every example falls by 3 per step on top of its oscillation
+    changes[:, 4] -= 10.0  # example 4 only falls (fast): no oscillation
+    sel, sign = opposing_groups(changes, 4)
+    assert set(sel) == {0, 1, 2, 3}
+    assert {frozenset(sel[sign == 1]), frozenset(sel[sign == -1])} == {frozenset({0, 1}), frozenset({2, 3})}
+
+
 def test_group_gradient_against_autograd_over_the_concatenated_group():
     model, x, y, states, A, B = _case()
     model.load_state_dict(states[1])
@@ -89,3 +101,25 @@ def test_bad_input():
     model, x, y, states, *_ = _case(T=2)
     with pytest.raises(ValueError, match="at least 3 checkpoints"):
         opposing_signals(model, (x, y), states)
+
+
+def test_diagnose_names_an_opposing_pair_of_group_losses():
+    """A planted spike preceded by group A's loss rising and group B's falling: diagnose names opposing signals and
+    says which group rose and which fell."""
+    from lossatlas.analysis.diagnose import diagnose_log
+
+    rng = np.random.default_rng(0)
+    n, spike = 400, 300
+    t = np.arange(1, n + 1)
+    loss = (3.0 * (1 + t / 30) ** -0.4 + 0.5) * np.exp(0.02 * rng.standard_normal(n))
+    loss[spike - 1: spike + 5] *= 3.0 ** (1 - np.arange(6) / 6)
+    ramp = np.clip(t - 280, 0, spike - 280)
+    log = {"step": t, "loss": loss,
+           "group_loss/sky_a": np.exp(0.02 * rng.standard_normal(n) + 0.08 * ramp),
+           "group_loss/sky_b": np.exp(0.02 * rng.standard_normal(n) - 0.06 * ramp)}
+    d = diagnose_log(log)
+    assert [s.cause for s in d.spikes] == ["opposing_signals"]
+    v = d.spikes[0].verdict
+    assert "sky_a rose while sky_b fell" in v or "sky_b fell while sky_a rose" in v, v
+    log["group_loss/sky_b"] = np.exp(0.02 * rng.standard_normal(n) + 0.06 * ramp)  # both rise: no opposing pair
+    assert " while " not in diagnose_log(log).spikes[0].verdict
