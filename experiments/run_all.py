@@ -18,7 +18,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = ("hessian_outliers", "eos_gd", "transformer_spikes", "neural_collapse", "grokking",
-               "block_heterogeneity", "skip_connections", "spike_no_more", "opposing_signals", "outlier_hierarchy")
+               "block_heterogeneity", "skip_connections", "spike_no_more", "opposing_signals", "outlier_hierarchy",
+               "deep_linear_collapse", "massive_activations")
 
 
 def one_line(name: str, summary: dict) -> str:

@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lossatlas.batches import batch_length, map_inputs
+from lossatlas.curvature.base import available_memory as base_available_memory
 from lossatlas.errors import UserError
 
 MEMORY_LIMIT_ENV = "LOSSATLAS_MEMORY_LIMIT"  # bytes the planner may assume available (overrides the measured)
@@ -88,29 +89,13 @@ def parse_bytes(text: str | int | float) -> int:
 def available_memory(device: torch.device | str) -> float:
     """Bytes a new allocation on ``device`` can take now (``LOSSATLAS_MEMORY_LIMIT`` overrides).
 
-    CUDA: free device memory plus the allocator's cached free blocks (``torch.cuda.mem_get_info``);
-    CPU: ``MemAvailable`` (Linux) or psutil's ``available``; infinity where unknown.
+    Else the operator's own measure (``lossatlas.curvature.base.available_memory``): free CUDA memory plus
+    cached free blocks; ``MemAvailable`` or psutil's ``available`` on a CPU; infinity where unknown.
     """
     limit = os.environ.get(MEMORY_LIMIT_ENV)
     if limit:
         return float(parse_bytes(limit))
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return float(psutil.virtual_memory().available)
-    except ImportError:
-        return math.inf
+    return base_available_memory(torch.device(device))
 
 
 def disk_free() -> float:

@@ -617,7 +617,7 @@ class CurvatureOperator:
             return
         times = self.path_timings.get(bucket, {})
         sizes = self.path_memory.get(bucket, {})
-        budget = self.memory_budget if self.memory_budget is not None else _available_memory(self.device)
+        budget = self.memory_budget if self.memory_budget is not None else available_memory(self.device)
         fits = [p for p in working if sizes.get(p) is None or sizes[p] <= budget]
         pool = fits or [min(working, key=lambda p: sizes[p])]
         choice = min(pool, key=lambda p: (times.get(p, math.inf), AUTODIFF_PATHS.index(p)))
@@ -832,11 +832,11 @@ def _proc_status_bytes(field: str) -> int | None:
     return None
 
 
-def _available_memory(device: torch.device) -> float:
+def available_memory(device: torch.device) -> float:
     """Bytes a new allocation can take now (the default ``memory_budget``).
 
-    Free CUDA memory plus the allocator's cached free blocks; ``MemAvailable`` on a Linux CPU;
-    infinity where unknown (no budget is then enforced by default).
+    Free CUDA memory plus the allocator's cached free blocks; ``MemAvailable`` on a Linux CPU, else
+    psutil's ``available``; infinity where unknown (no budget is then enforced by default).
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -848,7 +848,12 @@ def _available_memory(device: torch.device) -> float:
                     return float(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    return math.inf
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        return math.inf
 
 
 class _PeakMemory:

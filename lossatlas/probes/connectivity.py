@@ -30,11 +30,11 @@ from lossatlas.probes.directions import DIR_TYPES, checkpoint_direction, model_s
 from lossatlas.probes.grid import (
     BN_MODES,
     Metric,
+    MetricSettings,
     PointEvaluator,
     auto_chunk_size,
     evaluate_grid,
     grid_axis,
-    metrics_by_name,
 )
 from lossatlas.probes.settings import check_choice
 
@@ -146,7 +146,7 @@ def layerwise_barriers(
 
 @register_probe
 @dataclass(frozen=True, kw_only=True)
-class Interpolate(Probe):
+class Interpolate(MetricSettings, Probe):
     """Loss and error on the straight path from this checkpoint to ``to_step``, and its barriers.
 
     θ(α) = (1 − α)θ_a + αθ_b (Goodfellow, Vinyals, Saxe 2015); the barrier over the chord between the
@@ -179,16 +179,6 @@ class Interpolate(Probe):
     metrics: tuple[str, ...] = ()  # registered metric names (lossatlas.probes.grid.METRICS) along the path
     metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = field(
         default=None, compare=False, hash=False, metadata={"python_only": True})  # callables: no CLI flag
-
-    def config(self) -> dict:
-        """The settings as JSON; ``metric_fns`` (Python callables) by their names."""
-        out = super().config()
-        out["metric_fns"] = sorted(self.metric_fns) if self.metric_fns else None
-        return out
-
-    def _metrics(self) -> dict[str, Metric]:
-        """The registered ``metrics`` and the callables ``metric_fns``, by name."""
-        return {**metrics_by_name(self.metrics), **dict(self.metric_fns or {})}
 
     def validate(self) -> None:
         """ValueError without ``to_step``, for a bad ``alphas`` range or ``dir_type``/``bn``, or a count < 1."""

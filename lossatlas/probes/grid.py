@@ -114,6 +114,27 @@ def recompute_bn_stats(
     return fresh
 
 
+class MetricSettings:
+    """The metric settings of a landscape probe, mixed into surface, interpolate and trajectory.
+
+    ``metrics``: registered names (a CLI option); ``metric_fns``: Python callables ``fn(outputs, targets)``,
+    stored in ``config()`` by their names.
+    """
+
+    metrics: tuple[str, ...]
+    metric_fns: Mapping[str, Metric] | None
+
+    def config(self) -> dict:
+        """The settings as JSON; ``metric_fns`` (Python callables) by their names."""
+        out = super().config()  # type: ignore[misc]
+        out["metric_fns"] = sorted(self.metric_fns) if self.metric_fns else None
+        return out
+
+    def _metrics(self) -> dict[str, Metric]:
+        """The registered ``metrics`` and the callables ``metric_fns``, by name."""
+        return {**metrics_by_name(self.metrics), **dict(self.metric_fns or {})}
+
+
 class PointEvaluator:
     """Loss, accuracy and extra metrics at points θ* + Σ_k c_k d_k, on a fixed data set.
 

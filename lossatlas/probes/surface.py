@@ -44,6 +44,7 @@ from lossatlas.probes.directions import (
 from lossatlas.probes.grid import (
     BN_MODES,
     Metric,
+    MetricSettings,
     PointEvaluator,
     default_chunk_size,
     evaluate_grid,
@@ -243,7 +244,7 @@ def extra_metrics(names: Sequence[str]) -> dict[str, Metric]:
 
 @register_probe
 @dataclass(frozen=True, kw_only=True)
-class Surface(Probe):
+class Surface(MetricSettings, Probe):
     """Loss and accuracy on a filter-normalised 1-D line or 2-D plane around the checkpoint (Li et al. 2018).
 
     Settings: ``dims`` 1 or 2; ``xrange``/``yrange`` (min, max, num), default (−1, 1, 51); ``directions``
@@ -293,12 +294,6 @@ class Surface(Probe):
     basin_metric: str = "loss"
     metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = field(
         default=None, compare=False, hash=False, metadata={"python_only": True})  # callables: no CLI flag
-
-    def config(self) -> dict:
-        """The settings as JSON; ``metric_fns`` (Python callables) by their names."""
-        out = super().config()
-        out["metric_fns"] = sorted(self.metric_fns) if self.metric_fns else None
-        return out
 
     def validate(self) -> None:
         """ValueError for a setting out of range.
@@ -390,7 +385,7 @@ class Surface(Probe):
         else:
             dirs = self._directions(ctx, base)
         bn_data = list(ctx.data)[: self.bn_batches] if self.bn_batches else None
-        metrics = {**extra_metrics(self.metrics), **dict(self.metric_fns or {})}
+        metrics = self._metrics()
         ev = PointEvaluator(ctx.model, base, dirs, ctx.data, ctx.loss, metrics=metrics, bn=self.bn, bn_data=bn_data)
         chunk = self.chunk_size or default_chunk_size(ev, ctx.device)
         out = {name: np.full(n, np.nan) for name in ev.names}

@@ -21,14 +21,20 @@ from torch import Tensor
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
 from lossatlas.probes.directions import DIR_TYPES, IGNORES, model_state, trajectory_pca
-from lossatlas.probes.grid import Metric, PointEvaluator, auto_chunk_size, evaluate_grid, grid_points, metrics_by_name
+from lossatlas.probes.grid import (
+    MetricSettings,
+    PointEvaluator,
+    auto_chunk_size,
+    evaluate_grid,
+    grid_points,
+)
 from lossatlas.probes.paramdicts import flatten
 from lossatlas.probes.settings import check_choice, check_finite_number, check_nonneg_int
 
 
 @register_probe
 @dataclass(frozen=True, kw_only=True)
-class Trajectory(Probe):
+class Trajectory(MetricSettings, Probe):
     """The run's checkpoints on their PCA plane around the final one (Li et al. 2018).
 
     Settings: ``final_step`` (default the last of ``ctx.steps``), ``ignore`` ("biasbn" zeroes biases and
@@ -57,16 +63,6 @@ class Trajectory(Probe):
     metrics: tuple[str, ...] = ()  # registered metric names (lossatlas.probes.grid.METRICS)
     metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = field(
         default=None, compare=False, hash=False, metadata={"python_only": True})  # callables: no CLI flag
-
-    def config(self) -> dict:
-        """The settings as JSON; ``metric_fns`` (Python callables) by their names."""
-        out = super().config()
-        out["metric_fns"] = sorted(self.metric_fns) if self.metric_fns else None
-        return out
-
-    def _metrics(self) -> dict[str, Metric]:
-        """The registered ``metrics`` and the callables ``metric_fns``, by name."""
-        return {**metrics_by_name(self.metrics), **dict(self.metric_fns or {})}
 
     def validate(self) -> None:
         """ValueError for a setting out of range.
