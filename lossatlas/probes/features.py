@@ -38,6 +38,18 @@ CAPTURES: tuple[str, ...] = ("input", "output")
 _DEPTH_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def is_weight_layer(module: nn.Module) -> bool:
+    """True for a layer whose weight acts on its input as a matrix or a conv kernel.
+
+    ``nn.Linear``, ``nn.Conv{1,2,3}d``, or transformers' ``Conv1D`` (GPT-2's linear layer, weight stored
+    (in, out); told by its name so that transformers need not be imported).
+    """
+    if isinstance(module, _DEPTH_TYPES):
+        return True
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+
+
 def last_linear_name(model: nn.Module) -> str:
     """The name of the last ``nn.Linear`` in ``model.named_modules()`` order (the classifier)."""
     name = None
@@ -50,8 +62,8 @@ def last_linear_name(model: nn.Module) -> str:
 
 
 def depth_module_names(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` in forward-registration order ("depth")."""
-    names = [n for n, m in model.named_modules() if isinstance(m, _DEPTH_TYPES)]
+    """Names of every weight layer (``is_weight_layer``) in forward-registration order ("depth")."""
+    names = [n for n, m in model.named_modules() if is_weight_layer(m)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layer to measure across depth")
     return names

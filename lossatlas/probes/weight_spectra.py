@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
+from lossatlas.probes.features import is_weight_layer
 from lossatlas.probes.settings import check_finite_number
 
 EVALS_THRESH = 1e-5  # eigenvalues of the unnormalised WᵀW at or below this are zero for the fit (as WeightWatcher)
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def power_law_fit(evals: np.ndarray, *, thresh: float = 0.0) -> dict[str, float]:
@@ -106,8 +106,8 @@ def mp_bulk_edge(variance: float, n: int, m: int) -> tuple[float, float]:
 
 
 def spectral_layer_names(model: nn.Module) -> list[str]:
-    """Names of every Linear and Conv layer with a weight, in ``named_modules`` order."""
-    return [n for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES) and getattr(m, "weight", None) is not None]
+    """Names of every weight layer (Linear, Conv, transformers' Conv1D) with a weight, in ``named_modules`` order."""
+    return [n for n, m in model.named_modules() if is_weight_layer(m) and getattr(m, "weight", None) is not None]
 
 
 @register_probe

@@ -131,3 +131,21 @@ def test_runs_without_data(tiny_run, monkeypatch):
     assert all(o.status == "cached" for o in again.outcomes)
     first, last = report.results[0], report.results[-1]
     assert np.isfinite(last.values["log_norm"]).all() and not np.array_equal(first.values["log_norm"], last.values["log_norm"])
+
+
+def test_gpt2_conv1d_layers_are_measured_as_their_matrices():
+    """transformers' Conv1D (GPT-2's linear layers, weight stored (in, out)) counts as a layer, its norms the SVD's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=48, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    res = WeightSpectra(normalize=False).run(_ctx(model))
+    layers = list(res.coords["layer"])
+    assert layers == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                      "transformer.h.0.mlp.c_proj", "lm_head"]
+    modules = dict(model.named_modules())
+    for i, name in enumerate(layers):
+        s = np.linalg.svd(modules[name].weight.detach().numpy(), compute_uv=False)
+        assert res.values["spectral_norm"][i] == pytest.approx(s[0], rel=1e-12), name
+        assert res.values["num_evals"][i] == min(modules[name].weight.shape), name
