@@ -28,7 +28,6 @@ second-order gradient descent", Neural Computation).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lossatlas.batches import as_batches, to_device
+from lossatlas.curvature.base import training_flag
 from lossatlas.errors import UserError
 from lossatlas.losses import batch_count, batch_loss, check_loss_name
 from lossatlas.outputs import model_outputs
@@ -183,18 +183,9 @@ class ActivationCurvatureOperator:
         """D, the operator's dimension (the name the parameter operators use)."""
         return self.shape[0]
 
-    @contextlib.contextmanager
     def _modes(self):
-        """Put the model in ``self.mode`` and restore every submodule's own flag afterwards."""
-        want = self.mode == "train"
-        changed = [m for m in self._model.modules() if m.training != want]
-        for m in changed:
-            m.training = want
-        try:
-            yield
-        finally:
-            for m in changed:
-                m.training = not want
+        """Put the model in ``self.mode`` for a block and restore every submodule's own flag afterwards."""
+        return training_flag(self._model, self.mode)
 
     def _forward(self, x: Any, a: Tensor | None = None, capture: bool = False) -> tuple[Tensor, Tensor | None]:
         """Outputs f with the activation replaced by ``a`` (None: the model's own); with ``capture`` also a."""

@@ -309,22 +309,9 @@ class CurvatureOperator:
                 "(dropout or another stochastic layer is active); use mode='eval' or disable dropout"
             )
 
-    @contextlib.contextmanager
     def _modes(self):
-        """Put the model in ``self.mode`` and restore every submodule's own flag afterwards.
-
-        Only the modules whose flag differs are touched (a product on a model already in the right
-        mode costs no attribute writes).
-        """
-        want = self.mode == "train"
-        changed = [m for m in self._model.modules() if m.training != want]
-        for m in changed:
-            m.training = want
-        try:
-            yield
-        finally:
-            for m in changed:
-                m.training = not want
+        """Put the model in ``self.mode`` for a block and restore every submodule's own flag afterwards."""
+        return training_flag(self._model, self.mode)
 
     # ------------------------------------------------------------------ evaluation helpers
     def _forward(self, theta: Mapping[str, Tensor], x: Tensor | Mapping[str, Tensor]) -> Tensor:
@@ -830,6 +817,24 @@ def _proc_status_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+@contextlib.contextmanager
+def training_flag(model: nn.Module, mode: str):
+    """Put ``model`` in ``mode`` ("train" | "eval") for the block and restore every submodule's own flag after.
+
+    Only the modules whose flag differs are touched (a product on a model already in the right mode costs
+    no attribute writes).
+    """
+    want = mode == "train"
+    changed = [m for m in model.modules() if m.training != want]
+    for m in changed:
+        m.training = want
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.training = not want
 
 
 def available_memory(device: torch.device) -> float:
