@@ -361,23 +361,20 @@ def to_loss_landscape_h5(surface_result: Any, path: str | Path) -> Path:
     index iy·nx + ix is L(x_ix, y_iy) (see the module docstring). Every other grid value is written under its
     own name in the same layout.
     """
-    import h5py
+    from lossatlas.store.h5 import write_plain
 
     x, y, grids, loss = _surface_grid(surface_result)
     line = tuple(surface_result.dims[loss]) == ("x",)
     shape = (len(x),) if line else (len(x), len(y))
-    path = Path(path)
     accuracy = grids.get("accuracy", grids.get("surface_accuracy"))
-    with h5py.File(path, "w") as f:
-        f["xcoordinates"] = x
-        if not line:
-            f["ycoordinates"] = y
-        f["train_loss"] = grids[loss].reshape(shape)  # (ny, nx) C-order bytes seen as (nx, ny): its meshgrid order
-        f["train_acc"] = (100.0 * accuracy if accuracy is not None else np.full(len(x) * len(y), np.nan)).reshape(shape)
-        for name, grid in grids.items():
-            if name not in (loss, "accuracy", "surface_accuracy") and name not in f:
-                f[name] = grid.reshape(shape)
-    return path
+    arrays = {"xcoordinates": x, **({} if line else {"ycoordinates": y}),
+              "train_loss": grids[loss].reshape(shape),  # (ny, nx) C-order bytes seen as (nx, ny): its meshgrid order
+              "train_acc": (100.0 * accuracy if accuracy is not None
+                            else np.full(len(x) * len(y), np.nan)).reshape(shape)}
+    for name, grid in grids.items():
+        if name not in (loss, "accuracy", "surface_accuracy") and name not in arrays:
+            arrays[name] = grid.reshape(shape)
+    return write_plain(path, arrays)
 
 
 # -- the command ----------------------------------------------------------------------------------------------------

@@ -183,6 +183,18 @@ def test_the_engine_never_imports_probes_analysis_viz_store_or_cli():
     assert not offenders, "\n".join(offenders)
 
 
+def test_only_the_store_imports_h5py():
+    outside = {n: p for n, p in package_modules().items() if not n.startswith("lossatlas.store")}
+    offenders = forbidden_imports(outside, ("h5py",))
+    assert not offenders, "\n".join(offenders)
+    assert forbidden_imports({"lossatlas.store.h5": PACKAGE_DIR / "store" / "h5.py"}, ("h5py",))  # the scan sees it
+
+
+def test_viz_never_imports_torch():
+    offenders = forbidden_imports(package_modules(PACKAGE_DIR / "viz"), ("torch",))
+    assert not offenders, "\n".join(offenders)
+
+
 def repository_files() -> list[Path]:
     """The package, its tests, benchmarks and experiments (.py) and the Markdown pages, if this is a checkout."""
     roots = [REPO_DIR / d for d in ("lossatlas", "tests", "benchmarks", "experiments")]

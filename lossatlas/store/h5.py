@@ -61,6 +61,15 @@ _HDF5_MESSAGES: dict[str, tuple[str, ...]] = {
 }
 
 
+def write_plain(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ``arrays`` as top-level datasets of a new HDF5 file (no lossatlas layout), for other tools' readers."""
+    path = Path(path)
+    with h5py.File(path, "w") as f:
+        for name, arr in arrays.items():
+            f[name] = arr
+    return path
+
+
 def hdf5_says(e: BaseException, meaning: str) -> bool:
     """Whether the HDF5 message in ``e`` says ``meaning``: the one place that reads HDF5's error text.
 
