@@ -77,8 +77,8 @@ class HessianProbe(CurvatureProbe):
             ("kfac_reduce" / "ekfac_reduce": KFAC-reduce on shared weights; ``lossatlas.curvature.kfac``).
         top_k / bottom_k: number of largest / smallest eigenpairs (0 skips).
         tol: relative Ritz residual ‖A y − θ y‖ ≤ tol·|θ| (default ``lossatlas.probes.spectrum.TOL`` = 1e-4).
-        criterion: "residual" (the above, default) or "eigenvalue" (the error estimate min(r, r²/gap)
-            ≤ tol·|θ|: fewer products when only the eigenvalues are wanted).
+        criterion: "residual" (the above, default) or "eigenvalue" (the error bound min(r, r²/δ) ≤ tol·|θ|,
+            δ half the gap to a converged neighbour: fewer products when only the eigenvalues are wanted).
         max_iter: most Lanczos steps (None: the estimator's default).
         block_size: Lanczos block size (> 1 sees multiple eigenvalues, e.g. clustered outliers).
         trace / trace_method / trace_matvecs: tr(A) by "auto" (XTrace when a first block's sketch captures
@@ -123,7 +123,7 @@ class HessianProbe(CurvatureProbe):
     top_k: int = 5
     bottom_k: int = 0
     tol: float = TOL
-    criterion: str = "residual"  # or "eigenvalue": stop on min(r, r²/gap) ≤ tol·|θ| (lanczos_eigs)
+    criterion: str = "residual"  # or "eigenvalue": stop on min(r, r²/δ) ≤ tol·|θ| (lanczos_eigs)
     max_iter: int | None = None
     block_size: int = 1
     trace: bool = False

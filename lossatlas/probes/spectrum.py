@@ -48,7 +48,7 @@ def top_eigenpairs(
 
     ``which``: "LA" largest algebraic (λ_max, the sharpness of Cohen et al. 2021), "SA" smallest
     algebraic, "LM" largest magnitude. ``criterion="eigenvalue"`` stops on the eigenvalue error
-    estimate min(r, r²/gap) ≤ tol·|θ| instead of the residual r (fewer products when only the
+    bound min(r, r²/δ) ≤ tol·|θ| (δ: half the gap to a converged neighbour) instead of the residual r (fewer products when only the
     eigenvalues are wanted). ``v0`` warm-starts from a (P,) vector or a (P, c) block. ``basis_device``
     ("cpu" or "disk") keeps the Lanczos basis off the operator's device. Everything
     else as ``lossatlas.estimators.lanczos_eigs``, whose ``EigResult`` this returns.
