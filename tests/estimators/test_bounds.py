@@ -137,6 +137,19 @@ def test_bound_is_tight_on_an_isolated_eigenvalue():
     assert err <= eig.error_bounds[0] <= 1e-10 * 100.0 < eig.residuals[0]
 
 
+def test_far_end_of_the_spectrum_never_bounds_the_gap():
+    """An isolated eigenvalue at the other end (−100 under [0, 1]) converges at once: after 2
+    products the only other Ritz value sits on it with a tiny residual, while θ_1 is still a mixture
+    of the bulk. Taking it as the next eigenvalue inward stopped there at θ_1 ≈ 0.43–0.52 for λ = 1;
+    the far end is never a neighbour, so the run goes on until θ_1 is truly within tol."""
+    spec = np.concatenate([[1.0], np.random.default_rng(0).uniform(0.0, 0.9, 198), [-100.0]])
+    A = _rotated(spec, 3)
+    for seed in range(5):
+        r = lanczos_eigs(A, 1, tol=1e-2, criterion="eigenvalue", seed=seed, return_eigenvectors=False)
+        assert r.matvecs > 2 and r.converged[0]
+        assert abs(r.eigenvalues[0] - 1.0) <= min(r.error_bounds[0], 1e-2)
+
+
 def test_unconverged_neighbour_falls_back_to_the_residual():
     """θ_5's next Ritz value inward sits in a dense band and is far from converged: the bound of θ_5
     is its residual (plus the rounding floor), not r²/gap with the band's Ritz value as the gap."""
