@@ -9,21 +9,23 @@ locally convex, large where it has strong negative curvature.
 
 Setup: the registry's ``resnet`` (stages of widths ``--widths``, ``b`` BasicBlocks per stage, so depth
 2 + 2·b·stages counting the stem and the classifier; ``skip=False`` is Li et al.'s no-short variant) on
-scikit-learn's 8×8 digits (train split), trained by SGD (momentum 0.9, batch 128, constant LR) for ``--steps``
-steps, once with and once without shortcuts at each of two depths, same seed. Then in eval mode (BatchNorm with
-its running statistics):
+scikit-learn's 8×8 digits (train split; ``--image-size 16`` upsamples them bilinearly to 16×16), trained by SGD
+(momentum 0.9, batch 128, constant LR) for ``--steps`` steps, once with and once without shortcuts at each of two
+depths, same seed. Then in eval mode (BatchNorm with its running statistics), by the ``surface`` probe with
+``convexity=True`` (``lossatlas.api.surface``, ``lossatlas.probes.convexity``):
 
-- the surface L(θ + α d_x + β d_y) on a ``--grid``² grid of [−1, 1]² (``lossatlas.api.surface``, random
-  filter-normalised directions, seed 123, BatchNorm and biases left unperturbed), on ``--n-examples`` examples;
-- the convexity map: at every point of a coarser ``--cgrid``² grid of the same plane, λ_max (Lanczos "LA") and
-  λ_min (Lanczos "SA") of the Hessian of the loss (``HessianOperator``, ``lanczos_eigs`` with ``--iters``
-  iterations, tolerance 1e-2) and the ratio r = |λ_min/λ_max|.
+- the surface L(θ + α d_x + β d_y) on a ``--grid``² grid of [−1, 1]² (random filter-normalised directions,
+  seed 123, BatchNorm and biases left unperturbed), on ``--n-examples`` examples;
+- the convexity map on every ``--cstride``-th point of that grid along each axis: λ_max and λ_min of the
+  Hessian of the loss by Lanczos (tolerance ``--tol``, at most ``--iters`` steps per eigenvalue) and the ratio
+  r = |λ_min/λ_max|.
 
-Criterion (fixed before the run): the mean of r over the convexity grid of the deep no-skip network is more
-than twice that of the deep skip network (``RATIO_FACTOR``), and larger than the shallow no-skip network's
+Criterion (fixed in code before the run, ``RATIO_FACTOR``): the mean of r over the convexity grid of the deep
+no-skip network is more than twice that of the deep skip network, and larger than the shallow no-skip network's
 (non-convexity grows with depth without shortcuts).
 
-    .venv/bin/python experiments/skip_connections.py [--quick]
+    .venv/bin/python experiments/skip_connections.py --quick    # depths 8/20 on 8×8 digits, ≈4 min
+    .venv/bin/python experiments/skip_connections.py --large    # depths 20/56 on 16×16 digits, ≈25 min
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import out_dir, pyplot, save_figure, setup_threads, write_summary  # noqa: E402
 
 from lossatlas.api import surface  # noqa: E402
-from lossatlas.curvature.hessian import HessianOperator  # noqa: E402
-from lossatlas.estimators.lanczos import lanczos_eigs  # noqa: E402
 from lossatlas.models import build_data, build_model  # noqa: E402
 
 NAME = "skip_connections"
@@ -52,11 +52,20 @@ CLAIM = ("Li et al. 2018: without skip connections the loss landscape becomes ch
 RATIO_FACTOR = 2.0  # deep no-skip mean |λ_min/λ_max| must exceed this multiple of deep skip's
 
 
+def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Flat 8×8 images (N, 64) bilinearly resized to size×size (N, size²); size 8 returns them unchanged."""
+    if size == 8:
+        return x
+    img = torch.nn.functional.interpolate(x.reshape(-1, 1, 8, 8), size=(size, size), mode="bilinear",
+                                          align_corners=False)
+    return img.reshape(x.shape[0], size * size).contiguous()
+
+
 def train_model(depth_blocks: int, skip: bool, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
     """A resnet with ``depth_blocks`` blocks per stage trained by SGD with momentum; returned in eval mode."""
     torch.manual_seed(args.seed)
     model = build_model({"name": "resnet", "kwargs": {"widths": args.widths, "blocks_per_stage": depth_blocks,
-                                                       "skip": skip}})
+                                                       "skip": skip, "image_size": args.image_size}})
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
@@ -69,50 +78,23 @@ def train_model(depth_blocks: int, skip: bool, x: torch.Tensor, y: torch.Tensor,
     return model.eval()
 
 
-def convexity_map(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], res, coords: np.ndarray,
-                  iters: int) -> dict:
-    """λ_max, λ_min and |λ_min/λ_max| of the Hessian at θ + α d_x + β d_y for α, β on ``coords`` (eval mode)."""
-    names, shapes = res.meta["param_names"], res.meta["param_shapes"]
-    params = dict(model.named_parameters())
-    base = {k: params[k].detach().clone() for k in names}
-    dx, dy = (np.asarray(res.values[k], dtype=np.float64) for k in ("direction_x", "direction_y"))
-
-    def unflat(flat: np.ndarray) -> dict[str, torch.Tensor]:
-        out, i = {}, 0
-        for k, s in zip(names, shapes):
-            n = int(np.prod(s))
-            out[k] = torch.as_tensor(flat[i:i + n], dtype=base[k].dtype).reshape(s)
-            i += n
-        return out
-
-    ux, uy = unflat(dx), unflat(dy)
-    n = len(coords)
-    lam_max, lam_min = np.full((n, n), np.nan), np.full((n, n), np.nan)
-    try:
-        for i, beta in enumerate(coords):
-            for j, alpha in enumerate(coords):
-                with torch.no_grad():
-                    for k in names:  # θ(α, β) = θ* + α d_x + β d_y
-                        params[k].copy_(base[k] + float(alpha) * ux[k] + float(beta) * uy[k])
-                op = HessianOperator(model, [data], "cross_entropy", mode="eval", check_deterministic=False)
-                hi = lanczos_eigs(op, 1, which="LA", max_iter=iters, tol=1e-2, return_eigenvectors=False)
-                lo = lanczos_eigs(op, 1, which="SA", max_iter=iters, tol=1e-2, return_eigenvectors=False)
-                lam_max[i, j], lam_min[i, j] = float(hi.eigenvalues[0]), float(lo.eigenvalues[0])
-    finally:
-        with torch.no_grad():
-            for k in names:  # back to θ*
-                params[k].copy_(base[k])
-    ratio = np.abs(lam_min / lam_max)
-    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": ratio, "coords": coords,
-            "mean_ratio": float(np.nanmean(ratio)), "median_ratio": float(np.nanmedian(ratio)),
-            "max_ratio": float(np.nanmax(ratio)), "frac_ratio_above_0.1": float(np.nanmean(ratio > 0.1))}
-
-
 def roughness(loss: np.ndarray) -> float:
     """Mean |discrete Laplacian| of log L over the interior of the grid: 0 for a plane, large for a chaotic surface."""
     z = np.log(np.maximum(loss, 1e-12))
     lap = z[1:-1, :-2] + z[1:-1, 2:] + z[:-2, 1:-1] + z[2:, 1:-1] - 4 * z[1:-1, 1:-1]
     return float(np.mean(np.abs(lap)))
+
+
+def convexity_summary(res) -> dict:
+    """The convexity map of a surface Result (``convexity=True``) and its mean, median, max and share above 0.1."""
+    ratio = np.asarray(res.values["convexity_ratio"], dtype=np.float64)
+    return {"lambda_max": np.asarray(res.values["convexity_lambda_max"], dtype=np.float64),
+            "lambda_min": np.asarray(res.values["convexity_lambda_min"], dtype=np.float64), "ratio": ratio,
+            "coords": np.asarray(res.coords["cx"], dtype=np.float64),
+            "mean_ratio": float(np.nanmean(ratio)), "median_ratio": float(np.nanmedian(ratio)),
+            "max_ratio": float(np.nanmax(ratio)), "frac_ratio_above_0.1": float(np.nanmean(ratio > 0.1)),
+            "all_converged": bool(np.all(res.values["convexity_converged"])),
+            "matvecs": int(res.meta["convexity"]["matvecs"]), "convexity_s": float(res.meta["convexity"]["elapsed_s"])}
 
 
 def figure(out: Path, rows: dict, coords: np.ndarray) -> list[str]:
@@ -145,21 +127,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--n-examples", type=int, default=256, help="examples for the surface and the Hessians")
     ap.add_argument("--grid", type=int, default=21, help="surface grid points per axis on [-1, 1]")
-    ap.add_argument("--cgrid", type=int, default=5, help="convexity-map grid points per axis on [-1, 1]")
-    ap.add_argument("--iters", type=int, default=10, help="Lanczos iterations per eigenvalue")
+    ap.add_argument("--cstride", type=int, default=5, help="the convexity map takes every k-th surface grid point")
+    ap.add_argument("--iters", type=int, default=10, help="most Lanczos steps per eigenvalue and map point")
+    ap.add_argument("--tol", type=float, default=1e-2, help="Lanczos tolerance of the convexity map")
+    ap.add_argument("--image-size", type=int, default=8, help="digits resized bilinearly to this size (8: as is)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="15×15 surface, 128 examples, 8 Lanczos steps")
+    ap.add_argument("--quick", action="store_true", help="13×13 surface, 128 examples, 8 Lanczos steps")
+    ap.add_argument("--large", action="store_true",
+                    help="depths 20/56 (widths 8,8,8) on 16×16 digits, 128 examples, 13×13 surface, 5×5 map")
     args = ap.parse_args(argv)
+    if args.large:  # Li et al.'s depths 20 and 56 at a size one core can afford (the numbers in the README)
+        args.depths, args.widths, args.image_size, args.steps = "3,9", "8,8,8", 16, 600
+        args.n_examples, args.grid, args.cstride, args.iters = 128, 13, 3, 30
     args.widths = [int(w) for w in args.widths.split(",")]
     depths = [int(b) for b in args.depths.split(",")]
     if args.quick:  # a coarser surface, fewer examples and Lanczos steps: ≈4 min on one core
-        args.grid, args.n_examples, args.iters = min(args.grid, 15), min(args.n_examples, 128), min(args.iters, 8)
+        args.grid, args.n_examples, args.iters = min(args.grid, 13), min(args.n_examples, 128), min(args.iters, 8)
+        args.cstride = max(1, (args.grid - 1) // 4)  # a 5×5 map at α, β ∈ {−1, −½, 0, ½, 1} of the 13×13 grid
     setup_threads()
     out = out_dir(NAME, args.out)
     t0 = time.time()
     x, y = build_data({"name": "digits"})
+    x = upsample(x, args.image_size)
     data = (x[: args.n_examples], y[: args.n_examples])
-    coords = np.linspace(-1.0, 1.0, args.cgrid)
     rows, ours = {}, {}
     for b in depths:
         depth = 2 + 2 * b * len(args.widths)
@@ -169,19 +159,24 @@ def main(argv: list[str] | None = None) -> dict:
             model = train_model(b, skip, x, y, args)
             with torch.no_grad():
                 acc = float((model(x).argmax(1) == y).float().mean())
-            res = surface(model, data, xrange=(-1.0, 1.0, args.grid), batch_size=None)
+            res = surface(model, data, xrange=(-1.0, 1.0, args.grid), batch_size=None, convexity=True,
+                          convexity_stride=args.cstride, convexity_tol=args.tol, convexity_max_iter=args.iters)
             loss = np.asarray(res.values["loss"], dtype=np.float64)
-            cv = convexity_map(model, data, res, coords, args.iters)
+            cv = convexity_summary(res)
             rows[label] = {"surface_loss": loss, "convexity": cv}
             ours[label] = {"depth": depth, "skip": skip, "blocks_per_stage": b, "train_accuracy": acc,
                            "loss_at_center": float(loss[args.grid // 2, args.grid // 2]),
                            "surface_roughness": roughness(loss), "surface_loss_max": float(loss.max()),
-                           **{k: cv[k] for k in ("mean_ratio", "median_ratio", "max_ratio", "frac_ratio_above_0.1")},
-                           "lambda_max_center": float(cv["lambda_max"][len(coords) // 2, len(coords) // 2]),
+                           **{k: cv[k] for k in ("mean_ratio", "median_ratio", "max_ratio", "frac_ratio_above_0.1",
+                                                 "all_converged", "matvecs", "convexity_s")},
+                           "lambda_max_center": float(cv["lambda_max"][len(cv["coords"]) // 2,
+                                                                       len(cv["coords"]) // 2]),
                            "ratio_map": cv["ratio"], "lambda_max_map": cv["lambda_max"],
                            "lambda_min_map": cv["lambda_min"], "elapsed_s": time.time() - t1}
-            print(json.dumps({label: {k: ours[label][k] for k in ("train_accuracy", "mean_ratio", "surface_roughness",
-                                                                  "elapsed_s")}}), file=sys.stderr, flush=True)
+            print(json.dumps({label: {k: ours[label][k] for k in ("train_accuracy", "loss_at_center", "mean_ratio",
+                                                                  "surface_roughness", "lambda_max_center", "matvecs",
+                                                                  "all_converged", "convexity_s", "elapsed_s")}}),
+                  file=sys.stderr, flush=True)
     files = figure(out, rows, np.linspace(-1.0, 1.0, args.grid))
     shallow, deep = 2 + 2 * depths[0] * len(args.widths), 2 + 2 * depths[-1] * len(args.widths)
     m = {k: v["mean_ratio"] for k, v in ours.items()}
@@ -190,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     verdict = {
         "mean_ratio": m, "deep_noskip_over_deep_skip": deep_noskip / deep_skip if deep_skip > 0 else float("inf"),
         "deep_noskip_over_shallow_noskip": deep_noskip / shallow_noskip if shallow_noskip > 0 else float("inf"),
-        "criterion": (f"mean |λ_min/λ_max| over the {args.cgrid}×{args.cgrid} grid: noshort-{deep} > "
+        "criterion": (f"mean |λ_min/λ_max| over the {len(cv['coords'])}×{len(cv['coords'])} map: noshort-{deep} > "
                       f"{RATIO_FACTOR:g}× resnet-{deep}, and noshort-{deep} > noshort-{shallow}"),
     }
     verdict["claim_reproduced"] = bool(deep_noskip > RATIO_FACTOR * deep_skip and deep_noskip > shallow_noskip)
@@ -198,11 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
         "experiment": NAME, "claim": CLAIM,
         "paper": "Li, Xu, Taylor, Studer, Goldstein 2018, Visualizing the Loss Landscape of Neural Nets, NeurIPS",
         "method": ("filter-normalised random 2-D plane (seed 123, BN/bias unperturbed) through the trained weights; "
-                   "surface by lossatlas.api.surface; convexity map: Lanczos λ_max ('LA') and λ_min ('SA') of the "
-                   "Hessian (HessianOperator, eval mode) at every point of a coarse grid of the plane"),
-        "settings": {**vars(args), "depths_blocks": depths, "data": "sklearn digits 8×8, standardized, train split"},
+                   "surface and convexity map by lossatlas.api.surface(convexity=True): Lanczos λ_max and λ_min of "
+                   "the Hessian (eval mode) at every cstride-th grid point of the plane (lossatlas.probes.convexity)"),
+        "settings": {**vars(args), "depths_blocks": depths, "data": f"sklearn digits 8×8, standardized, train split, resized to {args.image_size}×{args.image_size}"},
         "ours": ours, "verdict": verdict, "figures": files, "elapsed_s": time.time() - t0,
-        "reproduce": "OMP_NUM_THREADS=1 .venv/bin/python experiments/skip_connections.py --quick",
+        "reproduce": ("OMP_NUM_THREADS=1 .venv/bin/python experiments/skip_connections.py "
+                      + ("--large" if args.large else "--quick")),
     }
     write_summary(out, summary)
     return summary

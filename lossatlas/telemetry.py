@@ -22,8 +22,9 @@ them with Adam's second-moment statistics and fetches everything with one device
   Rosenfeld & Risteski 2023, arXiv 2311.04163).
 
 ``AttentionHeadMonitor`` adds, per layer and head, the maximum attention logit
-``attn_max_logit/layer<i>/head<h>`` (the MaxLogit of Kimi K2's QK-Clip) and the attention entropy
-``attn_entropy/layer<i>/head<h>``, for the reference GPT and Hugging Face GPT-2 / Llama-style attention.
+``attn_max_logit/layer<i>/head<h>`` (the MaxLogit of Kimi K2's QK-Clip), the attention entropy
+``attn_entropy/layer<i>/head<h>`` and the attention-sink mass ``attn_sink/layer<i>/head<h>`` (mean attention on
+key 0), for the reference GPT and Hugging Face GPT-2 / Llama-style attention.
 
 Hook values are the extremes (and the mean) over every forward since the last ``collect()``.
 The monitor never changes the model's outputs, parameters or train/eval flag.
@@ -234,6 +235,10 @@ class AttentionHeadMonitor:
     - ``attn_entropy/layer<ℓ>/head<h>``: the mean over queries of −Σ_j p_ij log p_ij, p_i = softmax_j of
       the same logits; its collapse precedes instabilities (Zhai et al. 2023, "Stabilizing Transformer
       Training by Preventing Attention Entropy Collapse", ICML).
+    - ``attn_sink/layer<ℓ>/head<h>``: the mean over queries at positions ≥ 1 of p_i0, the attention on the
+      first key (an attention sink when above 0.5: Xiao et al. 2024, "Efficient Streaming Language Models with
+      Attention Sinks", ICLR); a masked key 0 (left padding) counts as 0. The ``massive_activations`` probe
+      measures the same at checkpoints, with padding handled per sequence.
 
     Layers are numbered in ``model.named_modules()`` order (``self.layers`` holds their module names).
     Three kinds of attention module are found:
@@ -274,7 +279,7 @@ class AttentionHeadMonitor:
         self.layers: list[str] = []
         self.heads: list[int] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._stats: dict[int, list[Tensor]] = {}  # layer -> [max (H,), entropy sum (H,), rows (H,)]
+        self._stats: dict[int, list[Tensor]] = {}  # layer -> [max, entropy sum, rows, sink sum, sink rows] (H,)
         self._stash: dict[int, dict[str, Any]] = {}  # per-layer q/k outputs and forward kwargs
         for name, m in model.named_modules():
             if isinstance(getattr(m, "logits_hook", None), nn.Module) and hasattr(m, "n_head"):
@@ -299,7 +304,7 @@ class AttentionHeadMonitor:
     def names(self) -> list[str]:
         """Every log name this monitor can produce (declared up front in the run file)."""
         out = []
-        for kind in ("attn_max_logit", "attn_entropy"):
+        for kind in ("attn_max_logit", "attn_entropy", "attn_sink"):
             out += [f"{kind}/layer{i}/head{h}" for i, n in enumerate(self.heads) for h in range(n)]
         return out
 
@@ -392,11 +397,16 @@ class AttentionHeadMonitor:
         mx = m.amax(dim=(0, 2))  # (H,): −inf rows never win
         ent_sum = torch.where(valid, ent, zero).sum(dim=(0, 2))
         rows = valid.sum(dim=(0, 2)).to(z.dtype)
+        later = valid.clone()
+        later[:, :, : max(T - S + 1, 0)] = False  # the query at absolute position 0 (S − T cached keys before row 0)
+        sink_sum = torch.where(later, p[..., 0], zero).sum(dim=(0, 2))  # attention on key 0 (Xiao et al. 2024)
+        sink_rows = later.sum(dim=(0, 2)).to(z.dtype)
+        now = [mx, ent_sum, rows, sink_sum, sink_rows]
         prev = self._stats.get(layer)
         if prev is None:
-            self._stats[layer] = [mx, ent_sum, rows]
+            self._stats[layer] = now
         else:
-            self._stats[layer] = [torch.maximum(prev[0], mx), prev[1] + ent_sum, prev[2] + rows]
+            self._stats[layer] = [torch.maximum(prev[0], mx), *(a + b for a, b in zip(prev[1:], now[1:]))]
 
     # -- the per-step call --------------------------------------------------------------------------
     def collect(self) -> dict[str, float]:
@@ -408,11 +418,14 @@ class AttentionHeadMonitor:
             return {}
         names, parts = [], []
         for layer in sorted(stats):
-            mx, ent_sum, rows = stats[layer]
+            mx, ent_sum, rows, sink_sum, sink_rows = stats[layer]
             H = mx.shape[0]
             names += [f"attn_max_logit/layer{layer}/head{h}" for h in range(H)]
             names += [f"attn_entropy/layer{layer}/head{h}" for h in range(H)]
+            names += [f"attn_sink/layer{layer}/head{h}" for h in range(H)]
             parts += [mx.double(), (ent_sum / rows.clamp(min=1)).double()]
+            # NaN for a layer that saw no query after the first token (sequences of one token)
+            parts.append(torch.where(sink_rows > 0, sink_sum / sink_rows.clamp(min=1), torch.nan).double())
         dev = parts[0].device
         values = torch.cat([p.to(dev) for p in parts]).tolist()  # the one sync
         return dict(zip(names, values))
@@ -432,7 +445,7 @@ class AttentionHeadMonitor:
 
 
 def head_array(columns: Mapping[str, Any], kind: str = "attn_max_logit") -> np.ndarray:
-    """(steps, layers, heads) array of ``kind`` ("attn_max_logit" or "attn_entropy") from run-log columns.
+    """(steps, layers, heads) array of ``kind`` ("attn_max_logit", "attn_entropy" or "attn_sink") from run-log columns.
 
     ``columns`` maps log names to (steps,) arrays (``run.log`` columns); absent heads are NaN.
     """

@@ -70,6 +70,7 @@ CASES = {
     "critical_sharpness": ["--max-evals", "10", "--max-iter", "8"],
     "curve": ["--steps", "0", "--to-step", "20", "--num-points", "3", "--curve-steps", "2"],
     "ggn_decomposition": ["--top-k", "2", "--block-size", "1"],
+    "massive_activations": ["--top-k", "2"],
     "opposing_signals": ["--top-k", "4"],
     "similarity": ["--steps", "0", "--to-step", "20"],
     "topology": ["--xrange", "-1", "1", "3"],

@@ -67,6 +67,8 @@ CATALOG: dict[str, ProbeInfo] = {p.name: p for p in (
               "hessian", switch="data_ci"),
     ProbeInfo("hessian", "curvature", "", "hessian", "--steps all", None, _HESSIAN_PART_FIELDS),
     ProbeInfo("loss", "overview", "", "loss"),
+    ProbeInfo("massive_activations", "representations", "Massive activations and attention sinks",
+              "massive_activations", "--steps last"),
     ProbeInfo("opposing_signals", "overview", "Opposing signals", None, "--step last"),
     ProbeInfo("similarity", "representations", "Representation similarity", "similarity", "--step LAST --to-step 0"),
     ProbeInfo("surface", "landscape", "", "surface", "--step last"),

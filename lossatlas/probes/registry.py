@@ -13,6 +13,7 @@ from lossatlas.probes import (  # noqa: F401
     hessian_blocks,
     hessian_ci,
     loss,
+    massive_activations,
     opposing_signals,
     sharpness,
     similarity,

@@ -28,6 +28,10 @@ from lossatlas import losses as L
 from lossatlas.distributed import chunks_for_rank
 from lossatlas.outputs import model_outputs
 from lossatlas.probes.base import Probe, ProbeContext, Result, register_probe
+from lossatlas.probes.convexity import MAX_ITER as CONVEXITY_MAX_ITER
+from lossatlas.probes.convexity import STRIDE as CONVEXITY_STRIDE
+from lossatlas.probes.convexity import TOL as CONVEXITY_TOL
+from lossatlas.probes.convexity import convexity_map, map_axes
 from lossatlas.probes.directions import (
     DEFAULT_SEED,
     DIR_TYPES,
@@ -263,6 +267,14 @@ class Surface(MetricSettings, Probe):
         basin_tolerance: when set (e.g. 0.1 for the loss, 0.01 for accuracy), the basin radius on each side of
             every direction: the largest step before basin_metric worsens by this much (values "basin_radius").
         basin_metric: the metric of the basin radius: loss (default), accuracy (worsens by falling) or a metric.
+        convexity: the convexity map of Li et al. 2018 (section 6): at every convexity_stride-th grid point along
+            each axis, the Hessian's λ_max and λ_min by Lanczos and |λ_min/λ_max| (values "convexity_lambda_max",
+            "convexity_lambda_min", "convexity_ratio" on dims ("cy", "cx")); costs two Lanczos runs (up to
+            2·convexity_max_iter Hessian-vector products) per map point (lossatlas.probes.convexity).
+        convexity_stride: the map takes every this-many-th point of the loss grid along each axis, from the first
+            (default 5: 11×11 points of a 51×51 grid).
+        convexity_tol: Lanczos tolerance of the map: λ_max to tol·|λ_max|, λ_min to tol·(λ_max − λ_min) (default 0.01).
+        convexity_max_iter: most Lanczos steps (Hessian-vector products) per eigenvalue and map point (default 100).
         metric_fns: Python only: {name: fn(outputs, targets) -> float}, batch means averaged like the loss.
     """
 
@@ -292,6 +304,10 @@ class Surface(MetricSettings, Probe):
     worst_radius: float = 0.1
     basin_tolerance: float | None = None
     basin_metric: str = "loss"
+    convexity: bool = False
+    convexity_stride: int = CONVEXITY_STRIDE
+    convexity_tol: float = CONVEXITY_TOL
+    convexity_max_iter: int = CONVEXITY_MAX_ITER
     metric_fns: Mapping[str, Callable[[Tensor, Tensor], float]] | None = field(
         default=None, compare=False, hash=False, metadata={"python_only": True})  # callables: no CLI flag
 
@@ -329,6 +345,7 @@ class Surface(MetricSettings, Probe):
         known = ["loss", "accuracy", *self.metrics, *(self.metric_fns or {})]
         check_choice("basin_metric", self.basin_metric, known)
         check_nonneg_int("seed", self.seed)
+        self._check_convexity()
         check_nonneg_int("x_step", self.x_step, optional=True)
         check_nonneg_int("y_step", self.y_step, optional=True)
         if (self.chunk_size is not None and self.chunk_size < 1) or self.save_every < 1:
@@ -421,7 +438,41 @@ class Surface(MetricSettings, Probe):
         res.meta["chunk_size"] = chunk
         if self.basin_tolerance is not None:
             self._basins(res, ev, out, x, y, chunk)
+        if self.convexity:
+            self._convexity(ctx, res, base, dirs, x, y)
         return res
+
+    def _check_convexity(self) -> None:
+        """ValueError for a bad convexity-map setting (stride, tolerance, Lanczos steps, or state directions)."""
+        if isinstance(self.convexity_stride, bool) or not isinstance(self.convexity_stride, int) or self.convexity_stride < 1:
+            raise ValueError(f"convexity_stride must be an integer >= 1 (every k-th grid point), got {self.convexity_stride!r}")
+        if not (isinstance(self.convexity_tol, (int, float)) and 0 < self.convexity_tol < 1):
+            raise ValueError(f"convexity_tol must be a number in (0, 1), e.g. 0.01, got {self.convexity_tol!r}")
+        if isinstance(self.convexity_max_iter, bool) or not isinstance(self.convexity_max_iter, int) or self.convexity_max_iter < 2:
+            raise ValueError(f"convexity_max_iter must be an integer >= 2 (Lanczos steps), got {self.convexity_max_iter!r}")
+        if self.convexity and self.dir_type != "weights":
+            raise ValueError("convexity needs dir_type='weights': the Hessian is over the parameters, not the buffers")
+
+    def _convexity(self, ctx: ProbeContext, res: Result, base, dirs, x, y) -> None:
+        """The convexity map (``lossatlas.probes.convexity.convexity_map``) on the stride's sub-grid, into the result."""
+        cx, cy = map_axes(x, y, self.convexity_stride)
+        cv = convexity_map(ctx.model, base, [d.tensors for d in dirs], ctx.data, ctx.loss, cx, cy,
+                           tol=self.convexity_tol, max_iter=self.convexity_max_iter, seed=self.seed,
+                           dtype=ctx.dtype, device=ctx.device)
+        dims, coords = (("cx",), {"cx": cx}) if cy is None else (("cy", "cx"), {"cx": cx, "cy": cy})
+        for key in ("lambda_max", "lambda_min", "ratio", "converged"):
+            res.add(f"convexity_{key}", cv[key], dims, coords)
+        finite = cv["ratio"][np.isfinite(cv["ratio"])]
+        res.meta["convexity"] = {
+            "definition": "ratio = |λ_min/λ_max| of the Hessian of the loss at θ* + cx·d_x + cy·d_y (eval mode), λ by "
+                          "Lanczos (Li et al. 2018, section 6)",
+            "stride": int(self.convexity_stride), "tol": float(self.convexity_tol),
+            "max_iter": int(self.convexity_max_iter), "matvecs": int(cv["matvecs"].sum()),
+            "all_converged": bool(cv["converged"].all()), "elapsed_s": float(cv["elapsed_s"]),
+            "mean_ratio": float(finite.mean()) if finite.size else float("nan"),
+            "max_ratio": float(finite.max()) if finite.size else float("nan"),
+            "note": "Hessian with the checkpoint's BN statistics (eval mode)" if self.bn == "recompute" else "",
+        }
 
     def _basins(self, res: Result, ev: PointEvaluator, out, x, y, chunk: int) -> None:
         """``basin_radius`` along each axis direction through θ*, both sides, into the result."""

@@ -388,10 +388,30 @@ def uniformity_figures(results: Sequence[ResultLike]) -> list:
     return [uniformity_plotly(results), uniformity_plotly([results[-1]]) if len(results) > 1 else None]
 
 
+def convexity_plotly(result: ResultLike):
+    """The convexity map |λ_min/λ_max| of the Hessian over the slice (surface --convexity) as a heat map (Li et al. 2018)."""
+    go = _go()
+    ratio = array(result, "convexity_ratio")
+    if ratio is None:
+        return None
+    title = f"convexity map |λmin/λmax|, step {result.step}"
+    if ratio.ndim == 1:
+        fig = go.Figure(go.Scatter(x=_clean(coord(result, "convexity_ratio", 0)), y=_clean(ratio), mode="lines+markers",
+                                   name="|λmin/λmax|"))
+        return _layout(fig, title, "α", "|λmin/λmax|")
+    lmax, lmin = array(result, "convexity_lambda_max"), array(result, "convexity_lambda_min")
+    fig = go.Figure(go.Heatmap(x=_clean(coord(result, "convexity_ratio", 1)), y=_clean(coord(result, "convexity_ratio", 0)),
+                               z=[_clean(r) for r in ratio], customdata=np.stack([lmax, lmin], axis=-1).tolist(),
+                               colorscale="Magma", zmin=0, colorbar=dict(title="|λmin/λmax|"),
+                               hovertemplate="α %{x:.3f}<br>β %{y:.3f}<br>|λmin/λmax| %{z:.3g}<br>λmax %{customdata[0]:.4g}"
+                                             "<br>λmin %{customdata[1]:.4g}<extra></extra>"))
+    return _layout(fig, title, "α (direction 1)", "β (direction 2)")
+
+
 @plotly_figures_of("surface")
 def surface_figures(results: Sequence[ResultLike]) -> list:
-    """The last step's slice: a rotatable 3-D surface (2-D slice) or a line (1-D slice)."""
-    return [surface_plotly(results[-1])]
+    """The last step's slice: a rotatable 3-D surface (2-D slice) or a line (1-D slice), then its convexity map."""
+    return [surface_plotly(results[-1]), convexity_plotly(results[-1])]
 
 
 @plotly_figures_of("interpolate")

@@ -87,13 +87,51 @@ def draw_surface(fig: Figure, ax, result: ResultLike, metric: str = "loss", *, n
     return cs
 
 
+def draw_convexity(fig: Figure, ax, result: ResultLike) -> bool:
+    """The convexity map |λ_min/λ_max| of the Hessian over the slice (Li et al. 2018, section 6) as a heat map.
+
+    Near 0 (dark) where the loss is locally convex, large (bright) where it has strong negative curvature; a
+    1-D slice's map is a line. Draws nothing and returns False when the result has no map (surface --convexity).
+    """
+    ratio = array(result, "convexity_ratio")
+    if ratio is None:
+        note(ax, "no convexity map stored (surface --convexity)")
+        return False
+    ratio = np.asarray(ratio, dtype=np.float64)
+    mean = float(np.nanmean(ratio[np.isfinite(ratio)])) if np.isfinite(ratio).any() else float("nan")
+    if ratio.ndim == 1:
+        ax.plot(coord(result, "convexity_ratio", 0), ratio, color="C3", marker=".")
+        ax.set_xlabel("α (direction 1)")
+        ax.set_ylabel("|λmin/λmax|")
+    else:
+        cx, cy = coord(result, "convexity_ratio", 1), coord(result, "convexity_ratio", 0)
+        finite = ratio[np.isfinite(ratio)]
+        top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        im = ax.pcolormesh(cx, cy, np.ma.masked_invalid(ratio), cmap="magma", vmin=0.0, vmax=top, shading="nearest")
+        ax.plot([0], [0], marker="*", color="C0", ms=6, ls="none")
+        ax.set_xlabel("α (direction 1)")
+        ax.set_ylabel("β (direction 2)")
+        ax.set_aspect("equal", adjustable="box")
+        fig.colorbar(im, ax=ax, label="|λmin/λmax|", pad=0.01, format="%.2g")
+    ax.set_title(f"convexity map, mean |λmin/λmax| {mean:.3g}")
+    return True
+
+
 @paper_figure_of("surface")
 def surface_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None = None, metric: str = "loss") -> Figure:
-    """The "surface" kind: the slice of one checkpoint (the last unless ``step``) as contours (2-D) or a line (1-D)."""
+    """The "surface" kind: the slice of one checkpoint (the last unless ``step``) as contours (2-D) or a line (1-D).
+
+    With a convexity map stored (``surface --convexity``) its heat map of |λ_min/λ_max| stands beside the contours.
+    """
     one = pick_step(as_list(results), step)
     with paper_style():
-        fig, axes = new_figure(height=2.6)
-        draw_surface(fig, axes[0, 0], one, metric)
+        if array(one, "convexity_ratio") is None:
+            fig, axes = new_figure(height=2.6)
+            draw_surface(fig, axes[0, 0], one, metric)
+        else:
+            fig, axes = new_figure(1, 2, width=TWO_COLUMN_IN, height=2.6)
+            draw_surface(fig, axes[0, 0], one, metric)
+            draw_convexity(fig, axes[0, 1], one)
     return fig
 
 

@@ -36,6 +36,7 @@ FAST = {
     "similarity": {"to_step": 0, "max_examples": 60},
     "opposing_signals": {"top_k": 6},
     "ggn_decomposition": {"top_k": 3, "block_size": 3},
+    "massive_activations": {"top_k": 2},
 }
 BAD = {
     "loss": {"mode": "sideways"},
@@ -58,8 +59,14 @@ BAD = {
     "similarity": {"metrics": ("nonsense",)},
     "opposing_signals": {"top_k": 1},
     "ggn_decomposition": {"top_k": 0},
+    "massive_activations": {"sink_threshold": 1.5},
 }
 SPEC = {"name": "mlp", "kwargs": {"widths": [64, 12, 10]}}
+# probes that need a transformer run on a tiny GPT (token_stream data) instead; on the MLP each refuses in one
+# line holding this fragment (test_transformer_probes_refuse_the_mlp_in_one_line)
+NEEDS_TRANSFORMER = {"massive_activations": "no attention layers or residual stream"}
+GPT_SPEC = {"name": "gpt", "kwargs": {"vocab_size": 16, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 16}}
+GPT_DATA = {"name": "token_stream", "kwargs": {"vocab_size": 16, "block_size": 8, "n_sequences": 24}}
 
 
 def test_every_probe_has_conformance_settings():
@@ -80,6 +87,24 @@ def context_parts():
     return model, batches, states
 
 
+@pytest.fixture(scope="module")
+def gpt_parts():
+    """(model, batches, states) of a tiny GPT, as ``context_parts`` for the probes of NEEDS_TRANSFORMER."""
+    torch.manual_seed(0)
+    model = models.build_model(GPT_SPEC)
+    batches = as_batches(models.build_data(GPT_DATA), 12)
+    states = {step: {k: v.clone() for k, v in model.state_dict().items()} for step in (0, 1, 2)}
+    return model, batches, states
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_TRANSFORMER))
+def test_transformer_probes_refuse_the_mlp_in_one_line(name, context_parts):
+    model, batches, states = context_parts
+    with pytest.raises(ValueError, match=NEEDS_TRANSFORMER[name]) as info:
+        PROBES[name](**FAST[name]).run(_ctx(model, batches, states))
+    assert "\n" not in str(info.value) and "; " in str(info.value)  # what is wrong; how to fix it
+
+
 def _ctx(model, batches, states, optimizer_state=None):
     return ProbeContext(model=model, data=batches, loss="cross_entropy", step=2, lr=0.1, steps=(0, 1, 2),
                         state_at=lambda s: states[s], optimizer_state=optimizer_state)
@@ -91,8 +116,8 @@ def _adam_state(model):
 
 
 @pytest.mark.parametrize("name", sorted(FAST))
-def test_probe_conformance(name, context_parts, tmp_path):
-    model, batches, states = context_parts
+def test_probe_conformance(name, context_parts, tmp_path, request):
+    model, batches, states = request.getfixturevalue("gpt_parts") if name in NEEDS_TRANSFORMER else context_parts
     cls = PROBES[name]
     cls(**({"to_step": 0} if name in ("interpolate", "curve") else {}))  # defaults (these need a target step)
     with pytest.raises(ValueError):
