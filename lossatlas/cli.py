@@ -619,6 +619,7 @@ _SETTING_HELP = {
 
 # the setting -> the name of the tuple of its choices, looked up in the probe's module and its bases' modules
 _CHOICE_CONSTANTS = {"curvature": "CURVATURES", "mode": "MODES", "path": "PATHS", "dtype": "COMPUTE_DTYPES",
+                     "graph_cache": "GRAPH_CACHE_MODES",
                      "norm": "NORMS", "ignore": "IGNORES", "dir_type": "DIR_TYPES", "bn": "BN_MODES",
                      "directions": "DIRECTION_SOURCES", "nc1_variant": "NC1_VARIANTS", "capture": "CAPTURES",
                      "augmentation": "AUGMENTATIONS", "fisher": "FISHER_TARGETS", "trace_method": "TRACE_METHODS"}

@@ -13,7 +13,14 @@ adds up what the run will hold at its peak, per device:
   around one gradient on two slices of the largest batch (n₁ < n₂ examples) and extrapolated
   linearly, a(n) = a(n₁) + (n − n₁)(a(n₂) − a(n₁))/(n₂ − n₁), plus the P gradient values each graph
   holds (for the GGN and Fisher operators the Hessian's graph stands in for theirs); graphs are kept
-  while they total at most the operator's ``graph_cache_bytes`` and the rest are rebuilt per product. Gradient checkpointing is honoured: tensors the checkpointed regions
+  while they total at most the operator's ``graph_cache_bytes`` and the rest are rebuilt per product.
+  Lean mode (``graph_cache="off"``, or ``"auto"`` when the kept graphs would not fit: ``Planner.plan``
+  then lowers ``graph_cache_bytes`` to the largest prefix of the graphs that fits, down to none) keeps
+  fewer or none: the largest rebuilt graph then enters ``product`` instead. A rebuilt graph exists
+  only during its product, so lean mode saves the kept graphs of every other batch and the memory
+  between products, not the peak of one product over one batch (a double-backward product holds the
+  graph, ~2× one gradient's saved activations, while the gradient frees them as it goes; measured in
+  ``benchmarks/bench_memory.py``). Gradient checkpointing is honoured: tensors the checkpointed regions
   do not keep are not seen by the hooks (inner hooks take precedence), so a finite-difference plan
   of a checkpointed model is smaller; a double-backward graph recomputes and keeps them;
 - ``product``: one product's transient memory, measured on CPU float32 MLPs at (K + 1)·P values for K
@@ -32,8 +39,8 @@ The estimate is compared with the measured growth of the resident high-water mar
 parameters; the test asks 25 %). The available memory is ``torch.cuda.mem_get_info`` on
 a GPU, ``MemAvailable`` of /proc/meminfo (or psutil) on a CPU, or the ``LOSSATLAS_MEMORY_LIMIT``
 environment variable ("8GB", "512MiB", bytes) when set. A plan that does not fit raises a
-``UserError`` naming the options that would: ``--basis-device cpu|disk``, ``--path
-finite_difference``, ``--max-examples N``.
+``UserError`` naming the options that would: ``--basis-device cpu|disk``, ``--graph-cache off``,
+``--path finite_difference`` (approximate; never chosen silently), ``--max-examples N``.
 """
 
 from __future__ import annotations
@@ -186,6 +193,8 @@ class MemoryPlan:
     disk_available: float = math.inf
     path: str = "auto"
     options: tuple[str, ...] = field(default=())  # what would fit when this does not
+    graph_cache_bytes: int = 0  # the operator's budget for kept graphs this plan assumes
+    lean: bool = False  # whether the plan lowered that budget to fit (graphs rebuilt per product)
 
     @property
     def peak(self) -> int:
@@ -206,7 +215,8 @@ class MemoryPlan:
 
         return {"products": self.products, "peak_bytes": self.peak, "parts": dict(self.parts),
                 "basis_rows": self.basis_shape[0], "basis_device": self.basis_device, "host_basis_bytes": self.host_basis,
-                "disk_basis_bytes": self.disk_basis, "available_bytes": num(self.available), "path": self.path}
+                "disk_basis_bytes": self.disk_basis, "available_bytes": num(self.available), "path": self.path,
+                "graph_cache_bytes": self.graph_cache_bytes, "lean": self.lean}
 
     def line(self) -> str:
         """One line: ``plan: ~40 products, basis 1×40×P float32 = 1.2 GB (cpu), peak ≈ 3.4 GB of 24 GB available``."""
@@ -216,8 +226,8 @@ class MemoryPlan:
         return (f"plan: ~{self.products} products, P={P:,} parameters, basis {rows}×P {self.dtype} = "
                 f"{fmt_bytes(nbytes)}{where}, peak ≈ {fmt_bytes(self.peak)} of {fmt_bytes(self.available)} "
                 f"available on {self.device} (state {fmt_bytes(self.parts['state'])}, graphs "
-                f"{fmt_bytes(self.parts['graphs'])}, basis+workspace "
-                f"{fmt_bytes(self.parts['basis'] + self.parts['workspace'])})")
+                f"{fmt_bytes(self.parts['graphs'])}{' (lean: the rest rebuilt per product)' if self.lean else ''}, "
+                f"basis+workspace {fmt_bytes(self.parts['basis'] + self.parts['workspace'])})")
 
     def refusal(self, what: str) -> str:
         """The one-line refusal: the numbers, and the options that would fit."""
@@ -317,13 +327,33 @@ class Planner:
         ``path`` (default: the operator's requested path) and ``max_examples`` (the first examples only)
         plan a variant without building it; ``options`` lists the variants among ``offer`` that fit when
         this does not.
+
+        Lean mode: when the plan with the operator's kept graphs does not fit and its ``graph_cache`` is
+        ``"auto"``, the largest graph budget that fits (graphs are kept in batch order, so a prefix of
+        them; 0: every graph rebuilt per product) is set as the operator's ``graph_cache_bytes`` and that
+        plan is returned (``plan.lean``). The products are bit-identical; each costs one gradient's
+        forward and ``create_graph`` backward more. Finite differences (approximate) are only offered.
         """
-        plan = self._plan(lanczos, trace, basis_device, path or self.op.requested_path, max_examples)
+        path = path or self.op.requested_path
+        plan = self._plan(lanczos, trace, basis_device, path, max_examples)
         if plan.fits:
             return plan
+        if getattr(self.op, "graph_cache", "on") == "auto" and plan.parts["graphs"] > 0:
+            for budget in self._lean_budgets(max_examples):
+                lean = self._plan(lanczos, trace, basis_device, path, max_examples, budget)
+                if lean.fits:
+                    self.op.graph_cache_bytes = int(budget)  # the operator keeps only the graphs that fit
+                    return replace(lean, lean=True)
         return replace(plan, options=self._options(lanczos, trace, basis_device, plan.path, offer))
 
-    def _plan(self, lanczos, trace, basis_device, path, max_examples) -> MemoryPlan:
+    def _lean_budgets(self, max_examples: int | None) -> list[float]:
+        """Graph budgets below the operator's, largest first: each prefix of the batches' graphs, then 0."""
+        acts = [self.activations(n) for n in _truncate(self.sizes, max_examples)]
+        prefix = [sum(acts[:i]) for i in range(len(acts), -1, -1)]
+        return [b for b in prefix if b < self.op.graph_cache_bytes] or [0.0]
+
+    def _plan(self, lanczos, trace, basis_device, path, max_examples, cache: float | None = None) -> MemoryPlan:
+        cache = self.op.graph_cache_bytes if cache is None else cache
         P, s = self.P, self.itemsize
         sizes = _truncate(self.sizes, max_examples)
         fd = path == "finite_difference"
@@ -332,7 +362,7 @@ class Planner:
         if fd:  # no graph is kept; each product holds one gradient's graph, two gradients and the shifted point
             held, extra_graph = 0.0, 0.0
         else:
-            held, extra_graph = _cached(acts, P * s, self.op.graph_cache_bytes)
+            held, extra_graph = _cached(acts, P * s, cache)
 
         def product(K: int) -> float:  # one A @ (P, K)'s transient bytes beside the kept graphs
             if fd:
@@ -383,7 +413,8 @@ class Planner:
         return MemoryPlan(products=products, num_params=P, dtype=str(self.op.dtype).replace("torch.", ""),
                           basis_shape=(rows_largest, P), basis_device=on, device=str(self.device), parts=parts,
                           available=self.available, host_basis=int(host_basis), host_available=self.host_available,
-                          disk_basis=int(disk_basis), disk_available=self.disk_available, path=path)
+                          disk_basis=int(disk_basis), disk_available=self.disk_available, path=path,
+                          graph_cache_bytes=0 if fd else int(cache))
 
     def _options(self, lanczos, trace, basis_device, path, offer) -> tuple[str, ...]:
         """The variants among ``offer`` that fit: a basis elsewhere, finite differences, fewer examples."""
@@ -392,6 +423,9 @@ class Planner:
             if where != basis_device and lanczos and self._plan(lanczos, trace, where, path, None).fits:
                 out.append(f"--basis-device {where}")
                 break
+        if path != "finite_difference" and getattr(self.op, "graph_cache", "auto") == "on":
+            if self._plan(lanczos, trace, basis_device, path, None, 0).fits:
+                out.append("--graph-cache off (gradient graphs rebuilt per product: the same numbers, slower)")
         if "finite_difference" in offer and path != "finite_difference" and self.op.kind == "hessian":
             fd = self._plan(lanczos, trace, basis_device, "finite_difference", None)
             if fd.fits:

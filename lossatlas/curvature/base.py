@@ -32,6 +32,9 @@ from lossatlas.outputs import model_outputs
 
 PATHS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
 MODES: tuple[str, ...] = ("eval", "train")
+# "auto": keep gradient graphs up to graph_cache_bytes, lowered by the memory plan (lossatlas.memory) to what
+# fits; "on": up to graph_cache_bytes whatever the plan; "off" (lean): rebuild every graph in every product
+GRAPH_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 # The exact autodiff paths "auto" chooses between, in the order it tries them when it knows nothing yet.
 AUTODIFF_PATHS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
@@ -40,10 +43,16 @@ AUTODIFF_PATHS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
 # forward-over-reverse from 8 vectors cost 3.9 gradients per vector on a ResNet-style CNN against 2.25
 # for double backward, with 8-10x the extra memory. The name stays importable; nothing reads it.
 AUTO_BATCHED_MIN_K = 8
-# "auto" runs a bucket's first AUTO_EXPLORE_RATIO products on the likely winner and tries the other path
-# on the next one: a try that costs up to one extra product then adds at most ~1/10 to the bucket's
-# time. A count, not a clock, so that a rerun takes the same path for every product (bit-identical).
-AUTO_EXPLORE_RATIO = 10
+# "auto" runs a single-vector bucket's first AUTO_EXPLORE_RATIO products on the likely winner (double
+# backward) and tries the other path on the next one: at K = 1 vmapped forward-over-reverse cost 1.5-3.7
+# times double backward with cached graphs (benchmarks/bench_paths.py), so a try on the 21st product adds
+# at most (3.7 - 1)/21 ≈ 13 % to a run of 21 products and ≤ 3 % to a 100-product Lanczos run.
+# A batched bucket (K ≥ 2) tries it on its second product (AUTO_EXPLORE_BATCHED products first): there
+# the paths are within 0.75-1.4x of each other and batched workloads are short (Hutchinson: a few
+# products of 16 vectors), so waiting 10 products lost up to 53 % to the faster path. Counts, not a
+# clock, so that a rerun takes the same path for every product (bit-identical).
+AUTO_EXPLORE_RATIO = 20
+AUTO_EXPLORE_BATCHED = 1
 DETERMINISM_EXAMPLES = 64  # examples evaluated twice by the dropout check
 # Products run under the math SDPA backend: the fused CPU/CUDA attention kernels have neither double
 # backward nor forward-mode AD. Always, not on a first failure: on a model without attention the
@@ -77,13 +86,17 @@ class CurvatureOperator:
             runs on each exact path, timed (seconds per vector) and sized (peak extra memory), and
             later products of that bucket take the fastest path whose extra memory fits
             ``memory_budget`` (``op.chosen_path``, ``op.path_timings``, ``op.path_memory``,
-            ``op.path_report()``). The likely winner runs a bucket's first ``op.explore_ratio`` (10)
-            products and the other path is tried on the next, so calibration adds at most about a
-            tenth to the bucket's time (a run of ≤ 10 products never pays the other path). No product
+            ``op.path_report()``). For one vector the likely winner runs the bucket's first
+            ``op.explore_ratio`` (20) products and the other path is tried on the next (a run of ≤ 20
+            products never pays the slower path); for K ≥ 2 vectors the other path is tried on the
+            bucket's second product (``op.explore_batched``, 1), where the paths are close and
+            batched workloads are short. The path's one-off imports in the process (torch.func
+            imports torch._dynamo) run before, not inside, a timed product. No product
             is computed twice: the calibration products are the real ones; the paths agree to
-            rounding, and within a process the same problem gets the same choice (bit-identical
-            reruns). A path that raises (an op without forward-mode or double-backward support)
-            falls back to the other one, and ``op.path`` reports what ran last. Products run under
+            rounding, and within a process the same problem gets the same choice and schedule
+            (bit-identical reruns on a fresh operator; the same operator's products may switch
+            path once, during calibration, and differ by rounding). A path that raises (an op
+            without forward-mode or double-backward support) falls back to the other one, and ``op.path`` reports what ran last. Products run under
             the math SDPA backend
             (``op.attention_backend``): the fused attention kernels have no second-order autodiff;
             before the first product the loss under it is checked against the default backend's.
@@ -91,7 +104,13 @@ class CurvatureOperator:
         check_deterministic: evaluate the first 64 examples twice before the first product and
             raise ValueError if the outputs differ (dropout or another stochastic layer is active).
         graph_cache_bytes: keep per-batch gradient graphs alive across matmuls while their
-            saved tensors total at most this many bytes; rebuild them otherwise.
+            saved tensors total at most this many bytes (default 2 GiB); rebuild them otherwise.
+        graph_cache: ``"auto"`` (default: as ``graph_cache_bytes``, which the memory plan
+            ``lossatlas.memory.Planner.plan`` lowers, down to 0, when the kept graphs would not fit
+            the available memory), ``"on"`` (``graph_cache_bytes`` whatever the plan) or ``"off"``
+            (lean: ``graph_cache_bytes = 0``, every product rebuilds its graphs: one gradient's
+            forward and ``create_graph`` backward more per product, not per vector; the numbers are
+            bit-identical, since the same graph is rebuilt).
         memory_budget: bytes of extra memory (graphs, dual tensors, activations beyond the copies
             of θ and the data) a path chosen by ``"auto"`` may take; None: the memory available
             when the choice is made (free device memory on CUDA, ``MemAvailable`` on Linux CPUs).
@@ -143,12 +162,14 @@ class CurvatureOperator:
         dist: Distributed | None = None,
         coalesce_examples: int = 2048,
         memory_budget: int | None = None,
+        graph_cache: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.loss = check_loss_name(loss)
         check_choice("mode", mode, MODES)
         check_choice("path", path, PATHS)
+        check_choice("graph_cache", graph_cache, GRAPH_CACHE_MODES)
         if chunk_size is not None and int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         if memory_budget is not None and (
@@ -161,7 +182,8 @@ class CurvatureOperator:
         self.requested_path = path
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.check_deterministic = bool(check_deterministic)
-        self.graph_cache_bytes = int(graph_cache_bytes)
+        self.graph_cache = graph_cache
+        self.graph_cache_bytes = 0 if graph_cache == "off" else int(graph_cache_bytes)
         self.dist = dist if dist is not None else Distributed()
         self.coalesce_examples = int(coalesce_examples)
         self._model = model
@@ -192,7 +214,8 @@ class CurvatureOperator:
         self.path_memory: dict[int, dict[str, int | float | None]] = {}
         self.chosen_path: dict[int, str] = {}
         self.timer = time.perf_counter  # the clock calibration products are timed with
-        self.explore_ratio = AUTO_EXPLORE_RATIO  # products of a bucket before its second path is tried
+        self.explore_ratio = AUTO_EXPLORE_RATIO  # products of bucket 1 before its second path is tried
+        self.explore_batched = AUTO_EXPLORE_BATCHED  # the same for buckets of K ≥ 2 vectors (at most explore_ratio)
         self._bucket_products: dict[int, int] = {}  # products path="auto" has run per bucket
         self._kept_build_s = 0.0  # seconds spent building gradient graphs that were then cached
         self._timing_builds = False  # whether _matmat_double_backward times its graph builds now
@@ -533,9 +556,10 @@ class CurvatureOperator:
         Its chosen path if it still works. Else, with nothing measured in the bucket, the nearest
         calibrated bucket's choice (else ``AUTODIFF_PATHS[0]``): the likely winner runs first. With
         one path measured, the untried one runs once the bucket has run ``explore_ratio`` products
-        (the measured path runs until then): a try costs at most one product more than the winner's
-        (for a path at most twice as slow), about 1/``explore_ratio`` of the bucket's time. The
-        schedule counts products, so a rerun runs every product on the same path.
+        (20, bucket 1) or ``explore_batched`` products (1, buckets of K ≥ 2: the second product), the
+        measured path until then. The schedule counts products, never a clock, so a rerun on a fresh
+        operator runs every product on the same path (the same operator's second product of a batched
+        bucket may run on the other path and differ from its first by rounding).
         """
         working = self._working_paths()
         if not working:
@@ -554,7 +578,8 @@ class CurvatureOperator:
             prior = self.chosen_path[near[0]] if near else AUTODIFF_PATHS[0]
             return min(untimed, key=lambda p: (p != prior, AUTODIFF_PATHS.index(p)))
         known = min(usable, key=lambda p: timed[p])
-        return untimed[0] if self._bucket_products.get(bucket, 0) >= self.explore_ratio else known
+        wait = self.explore_ratio if bucket == 1 else min(self.explore_ratio, self.explore_batched)
+        return untimed[0] if self._bucket_products.get(bucket, 0) >= wait else known
 
     def _choose_when_timed(self, bucket: int) -> None:
         working = self._working_paths()
@@ -601,6 +626,7 @@ class CurvatureOperator:
         key = self._choice_key(bucket)
         if _CHOICES.get(key) in working:
             self.chosen_path[bucket] = _CHOICES[key]
+            self._drop_unused_graphs()
             return
         times = self.path_timings.get(bucket, {})
         sizes = self.path_memory.get(bucket, {})
@@ -609,6 +635,16 @@ class CurvatureOperator:
         pool = fits or [min(working, key=lambda p: sizes[p])]
         choice = min(pool, key=lambda p: (times.get(p, math.inf), AUTODIFF_PATHS.index(p)))
         self.chosen_path[bucket] = _CHOICES[key] = self.dist.broadcast(choice)
+        self._drop_unused_graphs()
+
+    def _drop_unused_graphs(self) -> None:
+        """Free the calibration's kept gradient graphs once no bucket's choice is double backward.
+
+        Forward-over-reverse never reads them; a later bucket that takes double backward rebuilds them
+        (one gradient's forward and ``create_graph`` backward per batch).
+        """
+        if self._graphs and "double_backward" not in self.chosen_path.values():
+            self.clear_cache()
 
     def _choice_key(self, bucket: int) -> tuple:
         """What identifies the problem whose path choice is shared within the process."""

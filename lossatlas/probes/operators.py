@@ -28,6 +28,7 @@ import torch
 from lossatlas.batches import Batch, as_batches, map_inputs, num_examples
 from lossatlas.curvature import CURVATURES as EXACT_CURVATURES
 from lossatlas.curvature import PATHS, CurvatureOperator, make_operator
+from lossatlas.curvature.base import GRAPH_CACHE_MODES
 from lossatlas.curvature.kfac import KFAC_CURVATURES, KFACOperator, kfac_operator
 from lossatlas.finite import describe_nonfinite, nonfinite_counts
 from lossatlas.memory import compute_dtype
@@ -36,7 +37,7 @@ from lossatlas.probes.settings import COMPUTE_DTYPES, DTYPES, MODES, check_choic
 
 # the curvature choices of the probes: the exact operators, then the Kronecker-factored approximations
 CURVATURES: tuple[str, ...] = (*EXACT_CURVATURES, *KFAC_CURVATURES)
-OPERATOR_FIELDS: tuple[str, ...] = ("curvature", "subset", "mode", "path", "dtype")
+OPERATOR_FIELDS: tuple[str, ...] = ("curvature", "subset", "mode", "path", "dtype", "graph_cache")
 _SUBSET = re.compile(r"^class=(\d+(?:,\d+)*)$")
 
 
@@ -76,6 +77,10 @@ class CurvatureProbe(Probe):
 
     Holds the settings that define the operator, their checks, and the factory that builds it (see the
     module docstring).
+
+    Attributes:
+        graph_cache: keep the double-backward gradient graphs across products: auto (while the memory plan
+            fits), on, or off (lean: rebuilt per product; the same numbers, less memory).
     """
 
     curvature: str = "hessian"
@@ -84,10 +89,17 @@ class CurvatureProbe(Probe):
     path: str = "auto"
     dtype: str | None = None
     seed: int = 0  # of every random start vector, probe vector and resample
+    graph_cache: str = "auto"  # where the work's memory goes, never its numbers: not part of config()
+
+    def config(self) -> dict:
+        """The settings as a JSON-able dict, without ``graph_cache`` (bit-identical numbers either way)."""
+        out = super().config()
+        out.pop("graph_cache", None)
+        return out
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def operator_settings(self) -> dict[str, Any]:
-        """The five settings that define the operator, by name (to build a part on the same operator)."""
+        """The settings that define the operator, by name (to build a part on the same operator)."""
         return {name: getattr(self, name) for name in OPERATOR_FIELDS}
 
     def check_curvature_settings(self) -> None:
@@ -104,6 +116,7 @@ class CurvatureProbe(Probe):
                 raise ValueError(f"{prefix}{exc}") from None
         check_choice("mode", self.mode, MODES, prefix=prefix)
         check_choice("path", self.path, PATHS, prefix=prefix)
+        check_choice("graph_cache", self.graph_cache, GRAPH_CACHE_MODES, prefix=prefix)
         if self.dtype is not None:
             check_choice("dtype", self.dtype, COMPUTE_DTYPES, prefix=prefix)
         self.check_int("seed", self.seed, 0)
@@ -143,6 +156,8 @@ class CurvatureProbe(Probe):
         dtype = compute_dtype(DTYPES[self.dtype] if self.dtype is not None else ctx.dtype, ctx.model)
         kw.setdefault("dist", ctx.dist)
         build = kfac_operator if self.curvature in KFAC_CURVATURES else make_operator
+        if build is make_operator:
+            kw.setdefault("graph_cache", self.graph_cache)
         return build(self.curvature, ctx.model, list(batches), ctx.loss, mode=self.mode, dtype=dtype,
                      device=ctx.device, path=self.path, **kw)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lossatlas.curvature import GGNOperator, HessianOperator, base, make_operator
-from lossatlas.curvature.base import AUTO_EXPLORE_RATIO, AUTODIFF_PATHS, _PeakMemory, path_bucket
+from lossatlas.curvature.base import AUTO_EXPLORE_BATCHED, AUTO_EXPLORE_RATIO, AUTODIFF_PATHS, _PeakMemory, path_bucket
 from lossatlas.probes.hessian import hessian_spectrum
 
 import reference
@@ -120,6 +120,8 @@ def test_auto_picks_the_path_the_calibration_found_fastest(fast):
     assert op.chosen_path == {4: fast} and op.path == fast
     assert op.path_timings == {4: {fast: 0.25, slow: 0.75}}  # seconds per vector
     assert op.matvecs == 20
+    # the graphs double backward kept while calibrating are freed when no bucket chose it
+    assert (len(op._graphs) > 0) == (fast == DB) and (op._graph_bytes > 0) == (fast == DB)
 
 
 def test_choice_is_cached_per_block_size_bucket():
@@ -268,23 +270,41 @@ def test_fallback_when_double_backward_raises():
 def test_the_second_path_is_tried_after_explore_ratio_products():
     model, batches = conv_bn_case()
     op = HessianOperator(model, batches)
-    assert op.explore_ratio == 0  # the fixture's setting; the module default is 10
-    assert AUTO_EXPLORE_RATIO == 10
+    assert op.explore_ratio == 0  # the fixture's setting; the module defaults are 20 and 1
+    assert AUTO_EXPLORE_RATIO == 20 and AUTO_EXPLORE_BATCHED == 1 and op.explore_batched == 1
     op.explore_ratio = 3
+    op.explore_batched = 2
     inject(op, {1: {DB: 1.0, FR: 0.5}, 4: {DB: 0.1, FR: 0.2}})
     ran = count_products(op)
     for _ in range(6):
         op @ vectors(op.num_params, 1)
     assert ran == [DB, DB, DB, FR, FR, FR]
     assert op.chosen_path == {1: FR} and op.path_timings[1] == {DB: 1.0, FR: 0.5}
-    for _ in range(3):  # bucket 4 starts on bucket 1's winner; 3 products: the other path not tried yet
+    for _ in range(2):  # bucket 4 starts on bucket 1's winner; 2 products: the other path not tried yet
         op @ vectors(op.num_params, 4)
-    assert ran[6:] == [FR, FR, FR] and 4 not in op.chosen_path
+    assert ran[6:] == [FR, FR] and 4 not in op.chosen_path
     report = op.path_report()
     assert report["chosen"] == {"1": FR, "4": FR} and report["untried"] == {"4": [DB]}
     op @ vectors(op.num_params, 4)
     op @ vectors(op.num_params, 4)
-    assert ran[9:] == [DB, DB] and op.chosen_path[4] == DB
+    assert ran[8:] == [DB, DB] and op.chosen_path[4] == DB
+
+
+def test_default_schedule_tries_a_batched_bucket_on_its_second_product(monkeypatch):
+    monkeypatch.setattr(base, "AUTO_EXPLORE_RATIO", 20)  # the module defaults, not the fixture's
+    model, batches = conv_bn_case()
+    op = HessianOperator(model, batches)
+    assert (op.explore_ratio, op.explore_batched) == (20, 1)
+    inject(op, {1: {DB: 1.0, FR: 0.5}, 16: {DB: 2.0, FR: 1.0}})
+    ran = count_products(op)
+    for _ in range(4):  # a short Hutchinson-like workload: 4 products of 16 vectors
+        op @ vectors(op.num_params, 16)
+    assert ran == [DB, FR, FR, FR] and op.chosen_path == {16: FR}
+    for _ in range(22):  # one vector: 20 products on the likely winner, the other path on the 21st
+        op @ vectors(op.num_params, 1)
+    # bucket 1 starts on bucket 16's winner and tries double backward on its 21st product only
+    assert ran[4:] == [FR] * 20 + [DB, FR]
+    assert op.path_timings[1] == {FR: 0.5, DB: 1.0} and op.chosen_path[1] == FR
 
 
 def test_a_rerun_in_the_process_is_bit_identical():
