@@ -408,13 +408,31 @@ def surface(model, batches, what: str) -> dict:
         with torch.no_grad():
             FlatCE()(model(x), y)
 
+    def both(fn) -> tuple[float, float]:  # (wall, CPU) seconds: CPU time is what a loaded shared machine leaves intact
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def unit() -> list[tuple[float, float]]:
+        return [both(forward) for _ in range(5)]
+
+    def per_point(fn) -> tuple[float, float]:
+        """fn's (wall, CPU) time over GRID² forwards, the unit the median of 5 forwards just before and 5 just after
+        (bracketing: on a shared machine the load drifts during a run)."""
+        before = unit()
+        wall, cpu = both(fn)
+        runs = before + unit()
+        return (wall / (GRID * GRID * statistics.median(r[0] for r in runs)),
+                cpu / (GRID * GRID * statistics.median(r[1] for r in runs)))
+
     forward()
-    t_fwd = statistics.median(timed(forward) for _ in range(5))
+    t_fwd = statistics.median(r[0] for r in unit())
     out: dict[str, Any] = dict(forward=t_fwd)
-    if what == "surface":  # ours and the naive loop in one process, back to back, each against a fresh forward unit
+    if what in ("surface", "surface_naive_first"):  # ours and the naive loop in one process, back to back, each
+        # against a fresh forward unit; "surface_naive_first" swaps the order (the first grid in a process pays the
+        # allocator's warm-up)
         probe = Surface(dims=2, xrange=(-1.0, 1.0, GRID))
         ctx = ProbeContext(model=model, data=batches, loss="cross_entropy")
-        out["ours"] = timed(lambda: probe.run(ctx)) / (GRID * GRID * t_fwd)
 
         def naive():
             base = model_state(model, "weights")
@@ -432,8 +450,8 @@ def surface(model, batches, what: str) -> dict:
                         FlatCE()(model(x), y)
                 for n, p in params.items():
                     p.copy_(saved[n])
-        t_fwd2 = statistics.median(timed(forward) for _ in range(5))
-        out["naive"] = timed(naive) / (GRID * GRID * t_fwd2)
+        for key in (("naive", "ours") if what == "surface_naive_first" else ("ours", "naive")):
+            out[key], out[key + "_cpu"] = per_point(naive if key == "naive" else lambda: probe.run(ctx))
         out["time"] = (out["ours"] + out["naive"]) * GRID * GRID * t_fwd
     elif what == "surface_first_layer":
         out.update(first_layer_share(model, x, t_fwd))
@@ -485,10 +503,42 @@ def rel_err(vals, ref) -> float:
     return float(np.max(np.abs(vals - ref) / np.abs(ref)))
 
 
+def bench_surface_only(name: str, base: dict, args, log) -> list[str]:
+    """``--only surface``: the surface jobs alone, in interleaved rounds (no eigenvalue reference run); the order of
+    ours and the naive loop inside each round's process alternates between rounds."""
+    rounds = []
+    for r in range(args.repeats):  # odd rounds run the naive loop first in their process
+        res = run_job({**base, "what": "surface_naive_first" if r % 2 else "surface", "k": 0}, args.threads)
+        rounds.append(res)
+        log(f"round {r + 1} ({'naive' if r % 2 else 'ours'} first): " + (res["error"] if "error" in res else
+                                  f"ours {res['ours']:.3f}, naive {res['naive']:.3f} forwards/point; in CPU time ours "
+                                  f"{res['ours_cpu']:.3f}, naive {res['naive_cpu']:.3f} (forward "
+                                  f"{res['forward'] * 1e3:.1f} ms, wall {res['wall']:.1f}s, load {os.getloadavg()[0]:.1f})"))
+    ok = [x for x in rounds if "ours" in x]
+    rows = []
+    for key, label in (("ours", "lossatlas surface probe (quadratic check on)"), ("naive", "naive in-place loop")):
+        if not ok:
+            rows.append(f"| {name} | surface {GRID}×{GRID} | {label} | {rounds[0].get('error')} | | | | | |")
+            continue
+        fpp, cpu = statistics.median(x[key] for x in ok), statistics.median(x[key + "_cpu"] for x in ok)
+        each = ", ".join(f"{x[key]:.3f}" for x in ok)
+        each_cpu = ", ".join(f"{x[key + '_cpu']:.3f}" for x in ok)
+        t = fpp * GRID * GRID * statistics.median(x["forward"] for x in ok)
+        rows.append(f"| {name} | surface {GRID}×{GRID} | {label} | {t:.2f} s | | | | | {fpp:.3f} forwards/point "
+                    f"(rounds: {each}); in CPU time {cpu:.3f} (rounds: {each_cpu}) |")
+    fl = run_job({**base, "what": "surface_first_layer", "k": 0}, args.threads)
+    if "share" in fl:
+        rows.append(f"| {name} | surface first-layer trick | potential: {fl['first_layer']} | | | | | | "
+                    f"{fl['share']:.1%} of a forward → ≥ {1 - fl['share']:.3f} forwards/point |")
+    return rows
+
+
 def bench_model(name: str, spec: dict, args) -> tuple[list[str], dict]:
     base = dict(model=name, spec=spec, threads=args.threads, hvp_repeats=args.hvp_repeats, ref_tol=args.ref_tol,
                 ref_steps=args.ref_steps, basis=args.basis)
     log = lambda s: print(f"  [{name}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.only == "surface":
+        return bench_surface_only(name, base, args, log), {}
     ref = run_job({**base, "what": "reference", "k": 5}, args.threads)
     if "error" in ref:
         raise SystemExit(ref["error"])
@@ -608,10 +658,13 @@ def main() -> None:
                         help="lanczos basis_device: auto (disk when --ref-steps vectors exceed half the RAM), cpu, disk")
     parser.add_argument("--peers-top5", action="store_true", help="also PyHessian top-5 (power iteration, slow)")
     parser.add_argument("--no-surface", action="store_true")
+    parser.add_argument("--only", choices=["surface"], help="run only these jobs (surface: no eigenvalue reference)")
     parser.add_argument("--gpt2", default="", help="GPT2Config overrides, e.g. n_layer=2,n_embd=768")
     parser.add_argument("--resnet18", default="", help="ResNetConfig overrides, e.g. depths=1:1:1:1")
-    parser.add_argument("--out", default=str(HERE / "results" / "bench_scale.md"))
+    parser.add_argument("--out", default=None, help="the table's file (default results/bench_scale[_ONLY].md)")
     args = parser.parse_args()
+    if args.out is None:  # --only writes beside the full table, never over it
+        args.out = str(HERE / "results" / (f"bench_scale_{args.only}.md" if args.only else "bench_scale.md"))
     if args.job:
         print(json.dumps(job(json.loads(args.job))))
         return
@@ -628,6 +681,8 @@ def main() -> None:
             spec["config"][key] = [int(v) for v in val.split(":")] if ":" in val else int(val)
         rows, s = bench_model(name, spec, args)
         lines += rows
+        if not s:  # --only: no gradient unit, no full-size estimate
+            continue
         scale = forward_flops(name, FULL[name]) / forward_flops(name, spec)
         expected += s["counted"] * s["t_grad"] * scale  # products-based (upper: s["units"] with overheads)
         upper += s["units"] * s["t_grad"] * scale
@@ -645,6 +700,8 @@ def main() -> None:
            f"from this run by forward FLOPs and assuming the same number of products: ≈ {expected / 3600:.1f} h counting "
            f"products and forwards, ≤ {upper / 3600:.1f} h scaling every measured time (small models' per-call "
            f"overheads included), plus ~1 min of start-up per job; this run took {time.perf_counter() - t_start:.0f} s.")
+    if args.only:
+        est = f"Only the {args.only} jobs; this run took {time.perf_counter() - t_start:.0f} s."
     text = head + table + "\n\n" + "\n".join(notes) + "\n\n" + est + "\n"
     print(table + "\n\n" + "\n".join(notes) + "\n\n" + est)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,10 @@
 """Time per surface grid point, in units of one full-data forward pass (lossatlas.probes.surface).
 
 (a) naive loop (loss-landscape style): deepcopy the model and load_state_dict at every point;
-(b) functional per point: ``functional_call`` on a fresh parameter dict (PointEvaluator(vectorize=False));
+(b) functional per point: ``functional_call`` on a fresh parameter dict (PointEvaluator(vectorize=False) with
+    point sessions off);
+(b') a point session (the default on CPU): the module swapped once for a preallocated buffer, each point written
+    in place (PointEvaluator(vectorize=False));
 (c) vmapped chunks: C points per forward through ``torch.func.vmap`` (PointEvaluator, chunk_size=C).
 
 Usage: python benchmarks/bench_surface.py [--model mlp|cnn] [--points 16] [--device cpu] [--json]
@@ -92,15 +95,18 @@ def main() -> None:
                     float(L.batch_loss("cross_entropy", out, y))
                     L.correct_count(out, y)
 
-    def engine(chunk: int, vec: bool):
+    def engine(chunk: int, vec: bool, session: bool = True):
         def go():
             ev = PointEvaluator(model, {}, [dx, dy], data, "cross_entropy", vectorize=vec)
+            if not session:
+                ev._session_ok = lambda: False  # the per-point functional_call path
             evaluate_grid(ev, pts, chunk_size=chunk)
         return go
 
     t_fwd = timed(forward_once, args.device)
     rows = {"forward_s": t_fwd, "naive": timed(naive, args.device) / n / t_fwd,
-            "functional": timed(engine(1, False), args.device) / n / t_fwd}
+            "functional": timed(engine(1, False, session=False), args.device) / n / t_fwd,
+            "session": timed(engine(1, False), args.device) / n / t_fwd}
     for c in [int(c) for c in args.chunks.split(",")]:
         rows[f"vmap_chunk{c}"] = timed(engine(c, True), args.device) / n / t_fwd
     report = {"model": args.model, "device": args.device, "points": n, "threads": torch.get_num_threads(),

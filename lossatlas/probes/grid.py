@@ -22,6 +22,14 @@ directions, so a point's bits do not depend on its chunk); the layer's own forwa
 Grid indexing: Z has shape (ny, nx) and ``Z[i, j] = L(x_j, y_i)`` (``indexing='xy'``, as
 ``np.meshgrid(x, y)``); flat point k ↔ (x[k mod nx], y[k div nx]).
 
+Point sessions (one point per forward, the default on CPU): the point's moving tensors live in one preallocated
+flat buffer that the module reads for the whole grid (its parameters are swapped for views of the buffer once,
+as ``functional_call`` does per call, and restored afterwards), eval mode is set once, and every point writes
+θ* + c_1 d_1 + c_2 d_2 into the buffer in place with the same roundings as ``linear_combination``
+((θ* + fl(c_1 d_1)) + fl(c_2 d_2)); fl(c_k d_k) is kept while c_k does not change (a grid row shares its β),
+and the grid columns' θ* + fl(c_1 d_1) are kept (``COLUMN_BYTES``), so a point costs one pass over P entries.
+Loss values and correct counts stay tensors until the chunk ends (no host sync per point on an accelerator).
+
 Bitwise reproducibility: a vmapped forward over a chunk of C points differs in the last bits from the same
 points in another chunk (batched matmuls). So the grid is cut into a fixed partition of chunks
 (consecutive positions in the list of points to evaluate, ``chunk_size`` each) that does not depend on which
@@ -46,10 +54,17 @@ from lossatlas.probes.paramdicts import linear_combination
 from lossatlas.probes.settings import check_choice
 from lossatlas.progress import report
 
+try:  # what functional_call runs per call; a session runs it once for the whole grid
+    from torch.nn.utils.stateless import _reparametrize_module
+except ImportError:  # pragma: no cover - another PyTorch: sessions off, functional_call per point
+    _reparametrize_module = None
+
 BN_MODES: tuple[str, ...] = ("keep", "recompute")
 # Layers whose output is affine in their own parameters (the first-layer trick); Embedding only without max_norm.
 AFFINE_LAYERS: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 FIRST_LAYER_BYTES = 2**30  # the most bytes of cached first-layer outputs ((K + 1) per batch) the trick may hold
+SESSION_BYTES = 2**30  # the most bytes of a point session's flat copies (θ*, the K directions, K scaled terms, the point)
+COLUMN_BYTES = 2**28  # the most bytes of a session's kept grid columns θ* + fl(c_1 d_1) (at most 256 of them)
 Metric = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> the batch mean of a per-example metric
 
 
@@ -203,6 +218,95 @@ class PointEvaluator:
         self._first: _FirstLayer | bool | None = None if first_layer and self.dirs else False
         if L.is_closure(loss):  # a closure runs its own forward: one point at a time, every layer computed
             self.vectorized_ok, self._first = False, False
+        self._live: _Session | None = None  # the open point session (``session``), if any
+
+    def _session_ok(self) -> bool:
+        """Whether points can be evaluated in a session (``session``).
+
+        Needs bn "keep", an output loss, moving tensors of one dtype and device that every direction matches (so
+        in-place sums round as the out-of-place ones), (2K + 2)·P entries within ``SESSION_BYTES``, and PyTorch's
+        module reparametrization (what ``functional_call`` runs) importable.
+        """
+        if self.bn != "keep" or L.is_closure(self.loss) or not self.moving or _reparametrize_module is None:
+            return False
+        t0 = self.state[self.moving[0]]
+        for k in self.moving:
+            t = self.state[k]
+            if t.dtype != t0.dtype or t.device != t0.device:
+                return False
+            for d in self.dirs:
+                if k in d and (d[k].dtype != t.dtype or d[k].device != t.device or d[k].shape != t.shape):
+                    return False
+        numel = sum(self.state[k].numel() for k in self.moving)
+        return (2 * len(self.dirs) + 2) * numel * t0.element_size() <= SESSION_BYTES
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[PointEvaluator]:
+        """A block in which ``evaluate`` runs point by point on preallocated buffers (module docstring).
+
+        Sets eval mode and swaps the module's tensors for the point buffer's views once for the block (restored
+        on exit, as ``functional_call`` restores them); a no-op where ``_session_ok`` is False or one is open.
+        """
+        if self._live is not None or not self._session_ok():
+            yield self
+            return
+        if self._first is None:
+            self._first = _FirstLayer.find(self) or False
+        live = _Session(self)
+        first = self._first if isinstance(self._first, _FirstLayer) else None
+        if first is not None:  # its buffers now, before any forward: long-lived blocks amid a forward's fragment the heap
+            for b in range(len(self.data)):
+                live.first_buffers(b, first)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(evaluation_mode(self.model, "eval"))
+            stack.enter_context(_reparametrize_module(self.model, {**self.fixed, **live.views}, tie_weights=True,
+                                                      strict=False))
+            if first is not None:
+                stack.enter_context(first.serving_from(live.z))
+            self._live = live
+            try:
+                yield self
+            finally:
+                self._live = None
+
+    def _evaluate_live(self, coords: np.ndarray) -> dict[str, np.ndarray]:
+        """``evaluate`` in an open session: one forward per point and batch, values read back once at the end."""
+        live = self._live
+        assert live is not None
+        first = self._first if isinstance(self._first, _FirstLayer) else None
+        scored = L.accuracy_available(self.loss)
+        losses: list[Tensor] = []
+        correct: list[Tensor | int] = []
+        extra = {n: np.zeros(len(coords)) for n in self.metrics}
+        for i, c in enumerate(coords):
+            live.fill(c)
+            for b, ((x, y), w) in enumerate(zip(self.data, self.weights)):
+                if first is not None:
+                    live.z[0] = first.output_into(b, c, live.first_buffers(b, first))
+                out = model_outputs(self.model, x)
+                live.z[0] = None  # other calls of the model within the session compute the layer
+                losses.append(L.batch_loss(self.loss, out, y))
+                if scored:
+                    if b not in live.labels:  # the labels' gather index and mask, once per batch
+                        live.labels[b] = _labels(out, y)
+                    correct.append(_correct_count(out, y, self.loss, live.labels[b]))
+                for name, fn in self.metrics.items():
+                    extra[name][i] += w * float(fn(out, y))
+        n_b = len(self.data)
+        vals = torch.stack(losses).tolist()  # one read-back: the same float values float() gives one by one
+        hits = [int(v) for v in torch.stack([torch.as_tensor(v) for v in correct]).tolist()] if scored else []
+        sums = {n: np.zeros(len(coords)) for n in self.names}
+        for i in range(len(coords)):
+            for b, w in enumerate(self.weights):  # batches in order, as the per-point loop adds them
+                sums["loss"][i] += w * vals[i * n_b + b]
+                if scored:
+                    sums["accuracy"][i] += hits[i * n_b + b]
+        if not scored:
+            sums["accuracy"][:] = np.nan
+        sums.update(extra)
+        sums["accuracy"] /= self.num_examples
+        return sums
 
     @property
     def names(self) -> list[str]:
@@ -220,10 +324,18 @@ class PointEvaluator:
         return out
 
     def evaluate(self, coords: np.ndarray) -> dict[str, np.ndarray]:
-        """Every metric at each row of ``coords`` (shape (C, K)); arrays of shape (C,)."""
+        """Every metric at each row of ``coords`` (shape (C, K)); arrays of shape (C,).
+
+        One point, or no vmap: point by point in a session (``session``; the open one, else one for this call);
+        else C points per vmapped forward. A session gives the bits of ``linear_combination`` + ``functional_call``
+        per point.
+        """
         coords = np.atleast_2d(np.asarray(coords, dtype=np.float64))
         if coords.shape[1] != len(self.dirs):
             raise ValueError(f"points need {len(self.dirs)} coordinates (one per direction), got {coords.shape[1]}")
+        if self._live is not None or ((len(coords) == 1 or not self.vectorized_ok) and self._session_ok()):
+            with self.session():
+                return self._evaluate_live(coords)
         with torch.no_grad():
             states = [self.point_state(c) for c in coords]
             sums = {n: np.zeros(len(states)) for n in self.names}
@@ -291,6 +403,147 @@ class PointEvaluator:
         return [f(s, x, z) for s, z in zip(states, zs)]
 
 
+def _labels(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(labels (N,), gather index (N, 1), valid (N, 1)) for class labels of (N, V) or (B, T, V) outputs, else None.
+
+    ``valid`` marks labels in [0, V): any other label (an ignore index) is never an argmax.
+    """
+    if out.ndim == 3 and y.ndim == 2:  # (B, T, V) logits with (B, T) labels, as losses.correct_count flattens them
+        y = y.reshape(-1)
+    elif out.ndim != 2:
+        return None
+    if y.ndim != 1 or y.is_floating_point() or y.shape[0] * out.shape[-1] != out.numel():
+        return None
+    labels, n = y.long(), out.shape[-1]
+    return labels, labels.clamp(0, n - 1).unsqueeze(1), ((labels >= 0) & (labels < n)).unsqueeze(1)
+
+
+def _correct_count(out: Tensor, y: Tensor, loss: str, labels: tuple[Tensor, Tensor, Tensor] | None = None,
+                   ) -> Tensor | int:
+    """``losses.correct_count`` (argmax predictions equal to the label), as a 0-d tensor where it can stay one.
+
+    Class labels on the CPU: a row can only be correct where its label's output is not below the row's maximum
+    (equal to it, or the row has a NaN, which argmax picks), so argmax runs on those rows only; ``amax`` is many
+    times faster than ``argmax`` on the CPU and the count is the same integer (ties and NaNs are left to argmax).
+    ``labels``: ``_labels(out, y)``, when the caller keeps it for a batch.
+    """
+    if loss == "causal_lm":
+        return L.correct_count(out, y, loss)
+    labels = labels if labels is not None else _labels(out, y)
+    if labels is None:
+        return L.correct_count(out, y, loss)
+    lab, index, valid = labels
+    out = out.reshape(-1, out.shape[-1])
+    if out.device.type != "cpu":
+        return (out.argmax(dim=-1) == lab).sum()
+    # not (label's output < max): equal to the max, or a NaN max (x < NaN is False)
+    cand = torch.lt(out.gather(1, index), out.amax(dim=-1, keepdim=True)).logical_not_().logical_and_(valid)
+    rows = cand.view(-1).nonzero().view(-1)
+    return (out[rows].argmax(dim=-1) == lab[rows]).sum()
+
+
+class _Session:
+    """A point session's buffers: the flat θ*, directions d_k, scaled terms fl(c_k d_k) and point θ(c).
+
+    ``views`` are the point's tensors by name (views of the flat point buffer) that the module reads; ``fill``
+    writes θ* + Σ_k c_k d_k into them with ``linear_combination``'s roundings: (θ* + fl(c_1 d_1)) + fl(c_2 d_2),
+    over the entries each direction has (a direction lacking a tensor adds nothing there). With two or more
+    directions, the partial sums θ* + fl(c_1 d_1) of the grid's columns are kept (as many as ``COLUMN_BYTES``
+    holds, at most 256), so that a point in a later row costs one pass: θ(c) = column(c_1) + fl(c_2 d_2).
+    """
+
+    def __init__(self, ev: PointEvaluator) -> None:
+        names, n_dirs = ev.moving, len(ev.dirs)
+        sizes = [ev.state[k].numel() for k in names]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        t0 = ev.state[names[0]]
+        # one block for θ*, the point, the K directions and K scaled terms: one allocation, outside the heap that
+        # the forward passes allocate from (many separate P-sized blocks there slow the first forwards down)
+        block = torch.empty((2 * n_dirs + 2, int(starts[-1])), dtype=t0.dtype, device=t0.device)
+        self.base, self.point = block[0], block[1]
+        torch.cat([ev.state[k].reshape(-1) for k in names], out=self.base)
+        self.views = {k: self.point[starts[i] : starts[i + 1]].view(ev.state[k].shape) for i, k in enumerate(names)}
+        self.dirs: list[Tensor] = []
+        self.segments: list[list[tuple[int, int]]] = []  # per direction: the flat ranges of the tensors it has
+        for j, d in enumerate(ev.dirs):
+            self.dirs.append(block[2 + j])
+            torch.cat([(d[k] if k in d else torch.zeros_like(ev.state[k])).reshape(-1) for k in names],
+                      out=self.dirs[j])
+            segs: list[tuple[int, int]] = []
+            for i, k in enumerate(names):
+                if k not in d:
+                    continue
+                if segs and segs[-1][1] == starts[i]:  # contiguous with the previous one: merge
+                    segs[-1] = (segs[-1][0], int(starts[i + 1]))
+                else:
+                    segs.append((int(starts[i]), int(starts[i + 1])))
+            self.segments.append(segs)
+        self.scaled = [block[2 + n_dirs + j] for j in range(n_dirs)]
+        self.scaled_at: list[str | None] = [None] * len(ev.dirs)  # the bits (float.hex) of c_k in ``scaled[k]``
+        self.z: list[Tensor | None] = [None]  # the first layer's output at the current point and batch
+        nbytes = self.base.numel() * self.base.element_size()
+        full = [(0, self.base.numel())]
+        room = COLUMN_BYTES // max(nbytes, 1)
+        # columns θ* + fl(c_1 d_1), keyed by c_1's bits: only when d_1 spans every moving tensor and a d_2 follows
+        self.max_columns = int(min(max(room, 0), 256)) if len(ev.dirs) >= 2 and self.segments[0] == full else 0
+        self.columns: dict[str, Tensor] = {}
+        self._column_block: Tensor | None = None  # the columns' rows, one allocation (untouched rows cost no memory)
+        self._first: dict[int, tuple[Tensor, Tensor]] = {}
+        self.labels: dict[int, tuple[Tensor, Tensor, Tensor] | None] = {}  # ``_labels`` of each batch
+
+    def _scaled(self, k: int, c: float) -> Tensor:
+        """fl(c·d_k), as ``float(c) * d[k]``; recomputed only when c's bits change (-0.0 and 0.0 differ)."""
+        key = float(c).hex()
+        if self.scaled_at[k] != key:
+            torch.mul(self.dirs[k], float(c), out=self.scaled[k])
+            self.scaled_at[k] = key
+        return self.scaled[k]
+
+    def _column(self, c: float) -> Tensor | None:
+        """θ* + fl(c·d_1), kept by c's bits while there is room (None when there is none)."""
+        key = float(c).hex()
+        col = self.columns.get(key)
+        if col is None and len(self.columns) < self.max_columns:
+            if self._column_block is None:
+                self._column_block = self.base.new_empty((self.max_columns, self.base.numel()))
+            col = self._column_block[len(self.columns)]
+            torch.add(self.base, self._scaled(0, c), out=col)
+            self.columns[key] = col
+        return col
+
+    def fill(self, coord: Sequence[float]) -> None:
+        """Write θ* + Σ_k c_k d_k into the point buffer, the terms added in the order of the directions."""
+        full = [(0, self.base.numel())]
+        src, in_point = self.base, False  # the partial sum so far, and whether it is in the point buffer yet
+        for k, c in enumerate(coord):
+            segs = self.segments[k]
+            if not segs:
+                continue
+            if k == 0 and self.max_columns:
+                col = self._column(c)
+                if col is not None:  # θ* + fl(c_1 d_1) kept from an earlier row
+                    src = col
+                    continue
+            scaled = self._scaled(k, c)
+            if not in_point and segs == full:
+                torch.add(src, scaled, out=self.point)  # the partial sum + fl(c_k d_k), one pass
+            else:
+                if not in_point:
+                    self.point.copy_(src)
+                for a, b in segs:
+                    self.point[a:b].add_(scaled[a:b])
+            in_point = True
+        if not in_point:
+            self.point.copy_(src)
+
+    def first_buffers(self, batch: int, first: _FirstLayer) -> tuple[Tensor, Tensor]:
+        """(output, scratch) buffers of the first layer's cached output for ``batch``, allocated once."""
+        if batch not in self._first:
+            y0 = first.outputs[batch][0]
+            self._first[batch] = (torch.empty_like(y0), torch.empty_like(y0))
+        return self._first[batch]
+
+
 class _FirstLayer:
     """The first-layer trick: a layer affine in its parameters that reads the model's input, served from cache.
 
@@ -310,6 +563,43 @@ class _FirstLayer:
             yield
         finally:
             del self.module.forward
+
+    @contextlib.contextmanager
+    def serving_from(self, holder: list[Tensor | None]) -> Iterator[None]:
+        """Within the block, calling the layer returns ``holder[0]`` (a session's cache), its own forward where None."""
+        module = self.module
+
+        def forward(*args, **kwargs):
+            z = holder[0]
+            return type(module).forward(module, *args, **kwargs) if z is None else z
+
+        module.forward = forward
+        try:
+            yield
+        finally:
+            del self.module.forward
+
+    def output_into(self, batch: int, coord: Sequence[float], bufs: tuple[Tensor, Tensor]) -> Tensor:
+        """``output(batch, coord)`` written into preallocated ``bufs`` = (result, scratch), the same roundings.
+
+        The result is rewritten from the cache at every call, so a model that modifies the layer's output in
+        place (an in-place ReLU) never touches the cache.
+        """
+        z, tmp = bufs
+        y0, *parts = self.outputs[batch]
+        started = False
+        for c, part in zip(coord, parts):
+            if part is None:
+                continue
+            torch.mul(part, float(c), out=tmp)  # fl(c_k·f₁(x; D_k, e_k)), as ``float(c) * part``
+            if started:
+                z.add_(tmp)
+            else:
+                torch.add(y0, tmp, out=z)
+                started = True
+        if not started:
+            z.copy_(y0)
+        return z
 
     def output(self, batch: int, coord: Sequence[float]) -> Tensor:
         """f₁(x_b; θ* + Σ_k c_k d_k) from the cache, the terms added in the order of the directions."""
@@ -332,7 +622,7 @@ class _FirstLayer:
         x0 = ev.data[0][0]
         if not all(isinstance(x, Tensor) for x, _ in ev.data) or x0.shape[0] < 1 or ev.bn == "recompute":
             return None
-        base = {**ev.fixed, **ev.point_state([0.0] * len(ev.dirs))}
+        base = ev.state  # θ*: the probe forward below only finds which layer reads the input
         probe = x0[:1]
         calls: list[tuple[str, nn.Module, bool]] = []
 
@@ -356,6 +646,9 @@ class _FirstLayer:
         name, module, _ = calls[0]
         prefix = f"{name}." if name else ""
         own = {k: k[len(prefix):] for k in base if k.startswith(prefix) and "." not in k[len(prefix):]}
+        # the layer's own tensors at the points the cache needs, as point_state computes them (only these names)
+        at = lambda c: linear_combination(ev.state, c, ev.dirs, list(own))  # noqa: E731
+        base = at([0.0] * len(ev.dirs))
 
         def layer(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
             return torch.func.functional_call(module, dict(params), (x,))
@@ -374,7 +667,7 @@ class _FirstLayer:
                 outputs.append(row)
             trick = _FirstLayer(name or "(the model)", module, outputs)
             test = [0.5 + 0.25 * k for k in range(len(ev.dirs))]  # a point off every axis
-            state = {**ev.fixed, **ev.point_state(test)}
+            state = at(test)
             want = layer({v: state[k] for k, v in own.items()}, ev.data[0][0])
             got = trick.output(0, test)
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())):
@@ -436,6 +729,17 @@ def evaluate_grid(
     for name in evaluator.names:
         out.setdefault(name, np.full(n, np.nan))
     report(int(done[idx].sum()), len(idx), "points", "surface")  # a resumed grid starts above 0
+    # one point per forward: one session (eval mode, swapped tensors, buffers) for every chunk
+    per_point = (chunk_size == 1 or not evaluator.vectorized_ok) and not done[idx].all()
+    with evaluator.session() if per_point else contextlib.nullcontext():
+        _evaluate_chunks(evaluator, coords, idx, done, out, chunk_size, on_chunk)
+    return out, done
+
+
+def _evaluate_chunks(evaluator: PointEvaluator, coords: np.ndarray, idx: np.ndarray, done: np.ndarray,
+                     out: dict[str, np.ndarray], chunk_size: int,
+                     on_chunk: Callable[[dict[str, np.ndarray], np.ndarray, int], None] | None) -> None:
+    """The chunk loop of ``evaluate_grid``."""
     for start in range(0, len(idx), chunk_size):
         chunk = idx[start : start + chunk_size]
         if done[chunk].all():
@@ -448,7 +752,6 @@ def evaluate_grid(
         report(int(done[idx].sum()), len(idx), "points", "surface")
         if on_chunk is not None:
             on_chunk(out, done, new)
-    return out, done
 
 
 def grid_axis(spec: Sequence[float], name: str = "xrange") -> np.ndarray:
