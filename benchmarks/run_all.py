@@ -9,10 +9,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHMARKS = ["bench_hvp.py", "bench_eigs.py", "bench_top1.py", "bench_lanczos_overhead.py", "bench_surface.py",
               "bench_recorder.py", "bench_distributed.py", "bench_diagnose.py", "bench_paths.py",
-              "bench_scale.py", "bench_costlaws.py"]
+              "bench_flops.py", "bench_memory.py", "bench_bounds.py", "bench_scale.py", "bench_costlaws.py"]
 # the real-size comparisons take hours at full size (benchmarks/README.md): `make bench` runs their quick
 # configuration; `make bench-scale` the full one
-QUICK = {"bench_scale.py": ["--quick"], "bench_costlaws.py": ["--small"]}
+QUICK = {"bench_scale.py": ["--quick"], "bench_costlaws.py": ["--small"], "bench_bounds.py": ["--steps", "0", "--seeds", "0,1"]}
 
 
 def main() -> int:
