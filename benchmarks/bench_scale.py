@@ -43,7 +43,7 @@ a 2-core machine; the brief's ``n_layer=2`` GPT-2 and ``depths=[1, 1, 1, 1]`` Re
 any config field. The script prints the expected time of the full-size run, scaled from this run by the
 forward FLOPs of each configuration (counted on the meta device, nothing allocated).
 
-Run: ``python benchmarks/bench_scale.py [--quick] [--models gpt2,resnet18] [--repeats 3] [--threads 2]``
+Run: ``python benchmarks/bench_scale.py [--quick] [--models gpt2,resnet18] [--repeats 3] [--threads 2] [--device cuda]``
 (prints the table, writes benchmarks/results/bench_scale.md).
 """
 
@@ -67,6 +67,7 @@ from torch import nn
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 GRID = 21  # points per surface axis
+DEVICE = torch.device("cpu")  # where a job's model, data and vectors live (--device; set per job)
 TOL = 1e-3  # the accuracy asked of every eigenvalue method
 FLOOR_HVP, FLOOR_HVP8, FLOOR_STOP = 2.0, 1.5, 1.3
 
@@ -132,8 +133,8 @@ def build(name: str, spec: dict, *, meta: bool = False) -> tuple[nn.Module, list
         raise SystemExit(f"unknown model {name!r}; use gpt2 or resnet18")
     model = Logits(inner).eval()
     if meta:
-        x = x.to("meta")
-    return model, [(x, y)]
+        return model, [(x.to("meta"), y)]
+    return model.to(DEVICE), [(x.to(DEVICE), y.to(DEVICE))]
 
 
 def forward_flops(name: str, spec: dict) -> float:
@@ -168,10 +169,19 @@ class PeakRSS:
             self.peak = max(self.peak, _status_kb("VmHWM"), _status_kb("VmRSS"))
 
     def __enter__(self) -> PeakRSS:
+        if DEVICE.type == "cuda":  # the allocator's own high-water mark over the block
+            torch.cuda.synchronize(DEVICE)
+            self.base = torch.cuda.memory_allocated(DEVICE) // 1024
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            return self
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+            self.peak = torch.cuda.max_memory_allocated(DEVICE) // 1024
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _status_kb("VmHWM"), _status_kb("VmRSS"))
@@ -212,14 +222,23 @@ def warm_imports() -> None:
     from lossatlas.curvature import HessianOperator
     from lossatlas.estimators import lanczos_eigs
 
-    tiny = nn.Linear(3, 2)  # our first operator use in a process (lazy imports, path probing) on a tiny model
-    lanczos_eigs(HessianOperator(tiny, [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], "cross_entropy"), 1,
+    tiny = nn.Linear(3, 2).to(DEVICE)  # our first operator use in a process (lazy imports, path probing), tiny
+    tiny_data = [(torch.randn(4, 3, device=DEVICE), torch.tensor([0, 1, 0, 1], device=DEVICE))]
+    lanczos_eigs(HessianOperator(tiny, tiny_data, "cross_entropy"), 1,
                  return_eigenvectors=False)
 
 
+def sync() -> None:
+    """Wait for the device's queued kernels (a no-op on the CPU), so that a timer reads finished work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn) -> float:
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -257,7 +276,9 @@ def job(args: dict) -> dict:
     from lossatlas.curvature import HessianOperator
     from lossatlas.estimators import lanczos_eigs
 
+    global DEVICE
     torch.set_num_threads(args["threads"])
+    DEVICE = torch.device(args.get("device", "cpu"))
     model, batches = build(args["model"], args["spec"])
     P = n_params(model)
     what = args["what"]
@@ -304,12 +325,16 @@ def job(args: dict) -> dict:
 
 
 def basis_device(choice: str | None, P: int, steps: int) -> str | None:
-    """``lanczos_eigs``'s basis_device: "disk" under "auto" when ``steps`` float32 vectors of length P would take
-    more than half of this machine's memory (GPT-2 small: 150 × 0.5 GB), else the operator's device."""
+    """``lanczos_eigs``'s basis_device under "auto": on a GPU, "cpu" when ``steps`` float32 vectors of length P would
+    take more than half of its memory; on the CPU, "disk" when they would take more than half of this machine's
+    memory (GPT-2 small: 150 × 0.5 GB); else the operator's device."""
     if choice != "auto":
         return choice
+    need = steps * P * 4
+    if DEVICE.type == "cuda":
+        return "cpu" if need > torch.cuda.get_device_properties(DEVICE).total_memory / 2 else None
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return "disk" if steps * P * 4 > total / 2 else None
+    return "disk" if need > total / 2 else None
 
 
 def hvp_ratios(model, batches, P: int, repeats: int) -> dict:
@@ -320,10 +345,10 @@ def hvp_ratios(model, batches, P: int, repeats: int) -> dict:
 
     ph = sys.modules["pyhessian.hessian"]
     gen = torch.Generator().manual_seed(0)
-    v1, v8 = torch.randn(P, generator=gen), torch.randn(P, 8, generator=gen)
+    v1, v8 = (torch.randn(*shape, generator=gen).to(DEVICE) for shape in ((P,), (P, 8)))
     auto = HessianOperator(model, batches, "cross_entropy")
     db = HessianOperator(model, batches, "cross_entropy", path="double_backward")
-    h = ph.hessian(model, FlatCE(), data=batches[0], cuda=False)  # its graph built once, as its solver
+    h = ph.hessian(model, FlatCE(), data=batches[0], cuda=DEVICE.type == "cuda")  # its graph built once, as its solver
     pv = [torch.randn_like(p) for p in h.params]
     cases = {
         "auto K=1": (lambda: auto @ v1, 1),
@@ -372,7 +397,7 @@ def pyhessian_top(model, batches, k: int):
     ph.hessian.dataloader_hv_product = counted
     torch.manual_seed(0)
     _Count.n = 0
-    h = ph.hessian(model, FlatCE(), dataloader=batches, cuda=False)
+    h = ph.hessian(model, FlatCE(), dataloader=batches, cuda=DEVICE.type == "cuda")
     vals, _ = h.eigenvalues(top_n=k)
     return np.asarray(vals), _Count.n
 
@@ -409,8 +434,10 @@ def surface(model, batches, what: str) -> dict:
             FlatCE()(model(x), y)
 
     def both(fn) -> tuple[float, float]:  # (wall, CPU) seconds: CPU time is what a loaded shared machine leaves intact
+        sync()
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
+        sync()
         return time.perf_counter() - t0, time.process_time() - c0
 
     def unit() -> list[tuple[float, float]]:
@@ -534,8 +561,8 @@ def bench_surface_only(name: str, base: dict, args, log) -> list[str]:
 
 
 def bench_model(name: str, spec: dict, args) -> tuple[list[str], dict]:
-    base = dict(model=name, spec=spec, threads=args.threads, hvp_repeats=args.hvp_repeats, ref_tol=args.ref_tol,
-                ref_steps=args.ref_steps, basis=args.basis)
+    base = dict(model=name, spec=spec, threads=args.threads, device=args.device, hvp_repeats=args.hvp_repeats,
+                ref_tol=args.ref_tol, ref_steps=args.ref_steps, basis=args.basis)
     log = lambda s: print(f"  [{name}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     if args.only == "surface":
         return bench_surface_only(name, base, args, log), {}
@@ -652,6 +679,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--hvp-repeats", type=int, default=5, help="back-to-back (gradient, product) pairs per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: every method's model, data and vectors there; "
+                        "peak memory is then the CUDA allocator's high-water mark")
     parser.add_argument("--ref-tol", type=float, default=1e-5, help="residual tolerance of the long reference run")
     parser.add_argument("--ref-steps", type=int, default=150, help="most steps of the long reference run")
     parser.add_argument("--basis", default="auto",
@@ -693,7 +722,9 @@ def main() -> None:
                      f"has {scale:.0f}× the forward FLOPs.")
     table = "\n".join(lines)
     kind = "QUICK (small configurations; provisional)" if args.quick else "full size"
-    head = (f"# bench_scale — {kind}\n\nCPU float32, {args.threads} threads, torch {torch.__version__}, "
+    where = (f"{torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda")
+             else f"CPU, {args.threads} threads")
+    head = (f"# bench_scale — {kind}\n\n{where}, float32, torch {torch.__version__}, "
             f"median of {args.repeats} interleaved rounds, one subprocess per method and round. Command: "
             f"`python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`\n\n")
     est = (f"Expected time of the full-size run (same options without --quick, {args.threads} thread(s)), scaled "
