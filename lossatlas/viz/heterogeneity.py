@@ -21,7 +21,16 @@ from matplotlib.figure import Figure
 from lossatlas.viz._results import ResultLike, array, as_list, pick_step, series, steps_of
 from lossatlas.viz.curvature import LrLike, learning_rates
 from lossatlas.viz.registry import paper_figure_of, plotly_figures_of
-from lossatlas.viz.style import OKABE_ITO, log_if_decades, new_figure, note, paper_style, spans_decades
+from lossatlas.viz.style import (
+    json_values,
+    log_if_decades,
+    new_figure,
+    note,
+    paper_style,
+    plotly,
+    plotly_layout,
+    spans_decades,
+)
 
 CRITICAL_SERIES: tuple[tuple[str, str], ...] = (
     ("critical_sharpness", "λ_c = 2/η_c"),
@@ -166,29 +175,16 @@ def block_heterogeneity_figure(results: ResultLike | Sequence[ResultLike], *, st
 
 
 # -- interactive -------------------------------------------------------------------------------------------------
-def _go():
-    import plotly.graph_objects as go
-
-    return go
 
 
-def _clean(v) -> list:
-    """Floats for JSON, NaN/inf as None (a gap)."""
-    return [None if not np.isfinite(x) else float(x) for x in np.asarray(v, dtype=np.float64).ravel()]
 
 
-def _layout(fig, title: str, x: str, y: str, *, log_y: bool = False, log_x: bool = False):
-    fig.update_layout(title=title, template="simple_white", colorway=list(OKABE_ITO), hovermode="closest",
-                      margin=dict(l=60, r=20, t=50, b=50), height=380, legend=dict(font=dict(size=10)))
-    fig.update_xaxes(title_text=x, type="log" if log_x else None, showgrid=True)
-    fig.update_yaxes(title_text=y, type="log" if log_y else None, showgrid=True)
-    return fig
 
 
 @plotly_figures_of("critical_sharpness")
 def critical_sharpness_figures(results: Sequence[ResultLike], lr: LrLike = None) -> list:
     """λ_c, dᵀHd/dᵀd and λ_max vs step with 2/η (several steps), then the last step's line search."""
-    go = _go()
+    go = plotly()
     results = as_list(results)
     steps = steps_of(results)
     out: list = []
@@ -197,22 +193,22 @@ def critical_sharpness_figures(results: Sequence[ResultLike], lr: LrLike = None)
         for name, label in CRITICAL_SERIES:
             v = series(results, name)
             if np.isfinite(v).any():
-                fig.add_trace(go.Scatter(x=_clean(steps), y=_clean(v), mode="lines+markers", name=label))
+                fig.add_trace(go.Scatter(x=json_values(steps), y=json_values(v), mode="lines+markers", name=label))
                 shown.append(v)
         eta = learning_rates(results, lr)
         if shown and np.isfinite(eta).any():
-            fig.add_trace(go.Scatter(x=_clean(steps), y=_clean(2.0 / eta), mode="lines", name="2/η",
+            fig.add_trace(go.Scatter(x=json_values(steps), y=json_values(2.0 / eta), mode="lines", name="2/η",
                                      line=dict(dash="dash", shape="hv")))
             shown.append(2.0 / eta)
-        out.append(_layout(fig, "critical sharpness vs step", "step", "curvature",
+        out.append(plotly_layout(fig, "critical sharpness vs step", "step", "curvature",
                            log_y=spans_decades(np.concatenate(shown), 2.0)) if shown else None)
     last = results[-1]
     eta, change = array(last, "search_eta"), array(last, "search_loss_change")
     if eta is not None and change is not None:
         order = np.argsort(eta)
-        fig = go.Figure(go.Scatter(x=_clean(eta[order]), y=_clean(change[order]), mode="lines+markers",
+        fig = go.Figure(go.Scatter(x=json_values(eta[order]), y=json_values(change[order]), mode="lines+markers",
                                    name="L(θ − ηd) − L(θ)"))
-        out.append(_layout(fig, f"line search, step {last.step}", "step η along d", "loss change",
+        out.append(plotly_layout(fig, f"line search, step {last.step}", "step η along d", "loss change",
                            log_x=spans_decades(eta, 1.0)))
     else:
         out.append(None)
@@ -222,7 +218,7 @@ def critical_sharpness_figures(results: Sequence[ResultLike], lr: LrLike = None)
 @plotly_figures_of("block_heterogeneity")
 def block_heterogeneity_figures(results: Sequence[ResultLike]) -> list:
     """The last step's block densities (log y) and its JS matrix as a heatmap."""
-    go = _go()
+    go = plotly()
     last = as_list(results)[-1]
     dens, js = array(last, "block_density"), array(last, "js_matrix")
     out: list = [None, None]
@@ -230,15 +226,15 @@ def block_heterogeneity_figures(results: Sequence[ResultLike]) -> list:
         grid = np.asarray(last.coords.get("grid", np.arange(dens.shape[1])), dtype=np.float64)
         names = _block_names(last, "block_density")
         floor = max(np.nanmax(dens) * DENSITY_FLOOR, np.finfo(float).tiny)
-        fig = go.Figure([go.Scatter(x=_clean(grid), y=_clean(np.maximum(d, floor)), mode="lines", name=n)
+        fig = go.Figure([go.Scatter(x=json_values(grid), y=json_values(np.maximum(d, floor)), mode="lines", name=n)
                          for n, d in zip(names, dens)])
         js0 = last.values.get("js0")
         title = f"block spectra, step {last.step}" + (f", JS⁰ = {float(js0):.3g}" if js0 is not None else "")
-        out[0] = _layout(fig, title, "eigenvalue λ of the block Hessian", "density", log_y=True)
+        out[0] = plotly_layout(fig, title, "eigenvalue λ of the block Hessian", "density", log_y=True)
     if js is not None and js.ndim == 2:
         names = _block_names(last, "js_matrix")
         fig = go.Figure(go.Heatmap(z=js.tolist(), x=names, y=names, zmin=0.0, zmax=math.log(2), colorscale="Viridis"))
-        out[1] = _layout(fig, "JS(ρ_i ‖ ρ_j), nats", "block", "block")
+        out[1] = plotly_layout(fig, "JS(ρ_i ‖ ρ_j), nats", "block", "block")
     return out
 
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from lossatlas.viz._results import ResultLike, array, as_list, pick_step, steps_of
 from lossatlas.viz.registry import paper_figure_of, plotly_figures_of
-from lossatlas.viz.style import OKABE_ITO, new_figure, note, paper_style
+from lossatlas.viz.style import json_values, new_figure, note, paper_style, plotly_layout
 
 
 def draw_layer_magnitudes(ax, result: ResultLike) -> bool:
@@ -101,17 +101,8 @@ def massive_activations_figure(results: ResultLike | Sequence[ResultLike], *, st
 
 
 # -- interactive -------------------------------------------------------------------------------------------------
-def _clean(v) -> list:
-    """Floats for JSON, NaN/inf as None (a gap)."""
-    return [None if not np.isfinite(x) else float(x) for x in np.asarray(v, dtype=np.float64).ravel()]
 
 
-def _layout(fig, title: str, x: str, y: str, *, log: bool = False):
-    fig.update_layout(title=title, template="simple_white", colorway=list(OKABE_ITO), hovermode="closest",
-                      margin=dict(l=60, r=20, t=50, b=50), height=380, legend=dict(font=dict(size=10)))
-    fig.update_xaxes(title_text=x, showgrid=True)
-    fig.update_yaxes(title_text=y, type="log" if log else None, showgrid=True)
-    return fig
 
 
 @plotly_figures_of("massive_activations")
@@ -125,24 +116,24 @@ def massive_activations_figures(results: Sequence[ResultLike]) -> list:
     top, median = array(last, "top_abs"), array(last, "layer_median_abs")
     if top is not None and median is not None:
         layers = list(range(top.shape[0]))
-        traces = [go.Scatter(x=layers, y=_clean(top[:, r]), mode="lines+markers", name=f"top {r + 1}")
+        traces = [go.Scatter(x=layers, y=json_values(top[:, r]), mode="lines+markers", name=f"top {r + 1}")
                   for r in range(top.shape[1])]
-        traces.append(go.Scatter(x=layers, y=_clean(median), mode="lines+markers", name="median",
+        traces.append(go.Scatter(x=layers, y=json_values(median), mode="lines+markers", name="median",
                                  line=dict(dash="dash")))
-        out.append(_layout(go.Figure(traces), f"largest |h| per layer, step {last.step}", "layer", "|h|", log=True))
+        out.append(plotly_layout(go.Figure(traces), f"largest |h| per layer, step {last.step}", "layer", "|h|", log_y=True))
     mass = array(last, "sink_mass")
     if mass is not None and mass.ndim == 2:
-        fig = go.Figure(go.Heatmap(z=[_clean(row) for row in mass], zmin=0.0, zmax=1.0, colorscale="Viridis"))
-        out.append(_layout(fig, f"attention on the first token, step {last.step}", "head", "layer"))
+        fig = go.Figure(go.Heatmap(z=[json_values(row) for row in mass], zmin=0.0, zmax=1.0, colorscale="Viridis"))
+        out.append(plotly_layout(fig, f"attention on the first token, step {last.step}", "head", "layer"))
     ratio = array(last, "layer_max_ratio")
     if len(results) > 1 and ratio is not None:
-        steps = _clean(steps_of(results))
+        steps = json_values(steps_of(results))
         traces = []
         for li in range(ratio.shape[0]):
             v = [array(r, "layer_max_ratio")[li] if array(r, "layer_max_ratio") is not None
                  and array(r, "layer_max_ratio").shape == ratio.shape else np.nan for r in results]
-            traces.append(go.Scatter(x=steps, y=_clean(v), mode="lines+markers", name=f"layer {li}"))
-        out.append(_layout(go.Figure(traces), "max|h| / median|h| vs step", "step", "ratio", log=True))
+            traces.append(go.Scatter(x=steps, y=json_values(v), mode="lines+markers", name=f"layer {li}"))
+        out.append(plotly_layout(go.Figure(traces), "max|h| / median|h| vs step", "step", "ratio", log_y=True))
     return out or [None]
 
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from lossatlas.viz._results import ResultLike, array, as_list, pick_step, steps_of
 from lossatlas.viz.registry import paper_figure_of, plotly_figures_of
-from lossatlas.viz.style import OKABE_ITO, new_figure, note, paper_style
+from lossatlas.viz.style import json_values, new_figure, note, paper_style, plotly, plotly_layout
 
 SIMILARITY_METRICS: tuple[tuple[str, str], ...] = (
     ("linear_cka", "linear CKA"), ("rbf_cka", "RBF CKA"), ("svcca", "SVCCA"), ("pwcca", "PWCCA"))
@@ -143,29 +143,16 @@ def similarity_figure(results: ResultLike | Sequence[ResultLike], *, step: int |
 
 
 # -- interactive -------------------------------------------------------------------------------------------------
-def _go():
-    import plotly.graph_objects as go
-
-    return go
 
 
-def _clean(v) -> list:
-    """Floats for JSON, NaN/inf as None (a gap)."""
-    return [None if not np.isfinite(x) else float(x) for x in np.asarray(v, dtype=np.float64).ravel()]
 
 
-def _layout(fig, title: str, x: str, y: str, *, log: bool = False):
-    fig.update_layout(title=title, template="simple_white", colorway=list(OKABE_ITO), hovermode="closest",
-                      margin=dict(l=60, r=20, t=50, b=50), height=380, legend=dict(font=dict(size=10)))
-    fig.update_xaxes(title_text=x, type="log" if log else None, showgrid=True)
-    fig.update_yaxes(title_text=y, type="log" if log else None, showgrid=True)
-    return fig
 
 
 @plotly_figures_of("weight_spectra")
 def weight_spectra_figures(results: Sequence[ResultLike]) -> list:
     """Layer α vs step (or per layer at one step), then the last step's α̂ per layer."""
-    go = _go()
+    go = plotly()
     results = as_list(results)
     last = results[-1]
     alpha = array(last, "alpha")
@@ -179,14 +166,14 @@ def weight_spectra_figures(results: Sequence[ResultLike]) -> list:
         for i, name in enumerate(names):
             v = [np.asarray(r.values["alpha"], dtype=float)[i] if "alpha" in r.values and
                  np.asarray(r.values["alpha"]).shape == alpha.shape else np.nan for r in results]
-            traces.append(go.Scatter(x=_clean(steps), y=_clean(v), mode="lines+markers", name=name))
-        out[0] = _layout(go.Figure(traces), "layer α vs step", "step", "power-law α")
+            traces.append(go.Scatter(x=json_values(steps), y=json_values(v), mode="lines+markers", name=name))
+        out[0] = plotly_layout(go.Figure(traces), "layer α vs step", "step", "power-law α")
     else:
-        out[0] = _layout(go.Figure(go.Bar(x=names, y=_clean(alpha), name="α")), f"layer α, step {last.step}",
+        out[0] = plotly_layout(go.Figure(go.Bar(x=names, y=json_values(alpha), name="α")), f"layer α, step {last.step}",
                          "layer", "power-law α")
     weighted = array(last, "alpha_weighted")
     if weighted is not None:
-        out[1] = _layout(go.Figure(go.Bar(x=names, y=_clean(weighted), name="α̂")),
+        out[1] = plotly_layout(go.Figure(go.Bar(x=names, y=json_values(weighted), name="α̂")),
                          f"weighted α̂ = α·log10 λ_max, step {last.step}", "layer", "α̂")
     return out
 
@@ -194,16 +181,16 @@ def weight_spectra_figures(results: Sequence[ResultLike]) -> list:
 @plotly_figures_of("similarity")
 def similarity_figures(results: Sequence[ResultLike]) -> list:
     """The last step's layer × layer heatmap of every stored similarity."""
-    go = _go()
+    go = plotly()
     last = as_list(results)[-1]
     out: list = []
     for metric, label in SIMILARITY_METRICS:
         mat = array(last, metric)
         if mat is None or mat.ndim != 2:
             continue
-        fig = go.Figure(go.Heatmap(z=[_clean(row) for row in mat], x=_names(last, metric, 1),
+        fig = go.Figure(go.Heatmap(z=[json_values(row) for row in mat], x=_names(last, metric, 1),
                                    y=_names(last, metric, 0), zmin=0.0, zmax=1.0, colorscale="Viridis"))
-        out.append(_layout(fig, f"{label}: step {last.meta.get('from_step', last.step)} vs "
+        out.append(plotly_layout(fig, f"{label}: step {last.meta.get('from_step', last.step)} vs "
                                 f"{last.meta.get('to_step')}", "other checkpoint's layer", "this checkpoint's layer"))
     return out or [None]
 

@@ -138,3 +138,27 @@ def figure_rgba(fig: Figure, dpi: int = 100) -> np.ndarray:
         fig.set_dpi(dpi)
         canvas.draw()
     return np.asarray(canvas.buffer_rgba()).copy()
+
+
+# -- interactive (plotly) ----------------------------------------------------------------------------------------
+def plotly():
+    """``plotly.graph_objects``, imported on first use (the static figures never need it)."""
+    try:
+        import plotly.graph_objects as go
+    except ImportError as exc:  # pragma: no cover - plotly is a dependency
+        raise ImportError("interactive figures need plotly: pip install plotly") from exc
+    return go
+
+
+def json_values(v) -> list:
+    """Floats for JSON, NaN/inf as None (a gap in a line)."""
+    return [None if not np.isfinite(x) else float(x) for x in np.asarray(v, dtype=np.float64).ravel()]
+
+
+def plotly_layout(fig, title: str, x: str, y: str, *, log_y: bool = False, log_x: bool = False):
+    """The house layout of every interactive figure: white template, Okabe–Ito colours, labelled gridded axes."""
+    fig.update_layout(title=title, template="simple_white", colorway=list(OKABE_ITO), hovermode="closest",
+                      margin=dict(l=60, r=20, t=50, b=50), height=380, legend=dict(font=dict(size=10)))
+    fig.update_xaxes(title_text=x, type="log" if log_x else None, showgrid=True)
+    fig.update_yaxes(title_text=y, type="log" if log_y else None, showgrid=True)
+    return fig

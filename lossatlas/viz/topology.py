@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from lossatlas.viz._results import ResultLike, array, as_list, pick_step, scalar
 from lossatlas.viz.registry import paper_figure_of, plotly_figures_of
-from lossatlas.viz.style import OKABE_ITO, new_figure, note, paper_style
+from lossatlas.viz.style import json_values, new_figure, note, paper_style, plotly_layout
 
 
 # -- topology ----------------------------------------------------------------------------------------------------
@@ -147,17 +147,8 @@ def curve_figure(results: ResultLike | Sequence[ResultLike], *, step: int | None
 
 
 # -- interactive -------------------------------------------------------------------------------------------------
-def _clean(v) -> list:
-    """Floats for JSON, NaN/inf as None (a gap)."""
-    return [None if not np.isfinite(x) else float(x) for x in np.asarray(v, dtype=np.float64).ravel()]
 
 
-def _layout(fig, title: str, x: str, y: str):
-    fig.update_layout(title=title, template="simple_white", colorway=list(OKABE_ITO), hovermode="closest",
-                      margin=dict(l=60, r=20, t=50, b=50), height=380, legend=dict(font=dict(size=10)))
-    fig.update_xaxes(title_text=x, showgrid=True)
-    fig.update_yaxes(title_text=y, showgrid=True)
-    return fig
 
 
 @plotly_figures_of("topology")
@@ -169,24 +160,24 @@ def topology_figures(results: Sequence[ResultLike]) -> list:
     out: list = [None, None]
     z = array(last, "loss")
     if z is not None and z.ndim == 2:
-        fig = go.Figure(go.Contour(z=np.where(np.isfinite(z), z, None).tolist(), x=_clean(last.coords["x"]),
-                                   y=_clean(last.coords["y"]), colorscale="Viridis", name="loss"))
+        fig = go.Figure(go.Contour(z=np.where(np.isfinite(z), z, None).tolist(), x=json_values(last.coords["x"]),
+                                   y=json_values(last.coords["y"]), colorscale="Viridis", name="loss"))
         if array(last, "basin_depth") is not None:
-            fig.add_trace(go.Scatter(x=_clean(array(last, "basin_min_x")), y=_clean(array(last, "basin_min_y")),
+            fig.add_trace(go.Scatter(x=json_values(array(last, "basin_min_x")), y=json_values(array(last, "basin_min_y")),
                                      mode="markers", name="minima", text=[f"depth {d:.4g}" for d in array(last, "basin_depth")]))
-            fig.add_trace(go.Scatter(x=_clean(array(last, "basin_saddle_x")), y=_clean(array(last, "basin_saddle_y")),
+            fig.add_trace(go.Scatter(x=json_values(array(last, "basin_saddle_x")), y=json_values(array(last, "basin_saddle_y")),
                                      mode="markers", marker=dict(symbol="x"), name="saddles"))
-        out[0] = _layout(fig, f"basins, step {last.step}", "α", "β")
+        out[0] = plotly_layout(fig, f"basins, step {last.step}", "α", "β")
     b, d = array(last, "persistence_birth"), array(last, "persistence_death")
     if b is not None and d is not None:
         finite = np.isfinite(d)
         top = float(np.max(d[finite])) if finite.any() else float(np.max(b)) + 1.0
         lo = float(np.min(b))
         fig = go.Figure([go.Scatter(x=[lo, top], y=[lo, top], mode="lines", name="diagonal", line=dict(color="gray")),
-                         go.Scatter(x=_clean(b[finite]), y=_clean(d[finite]), mode="markers", name="basins"),
-                         go.Scatter(x=_clean(b[~finite]), y=[top] * int((~finite).sum()), mode="markers",
+                         go.Scatter(x=json_values(b[finite]), y=json_values(d[finite]), mode="markers", name="basins"),
+                         go.Scatter(x=json_values(b[~finite]), y=[top] * int((~finite).sum()), mode="markers",
                                     marker=dict(symbol="triangle-up"), name="global (d = ∞)")])
-        out[1] = _layout(fig, "persistence diagram (H₀)", "birth (minimum)", "death (saddle)")
+        out[1] = plotly_layout(fig, "persistence diagram (H₀)", "birth (minimum)", "death (saddle)")
     return out
 
 
@@ -202,10 +193,10 @@ def curve_figures(results: Sequence[ResultLike]) -> list:
         if cv is None or line is None:
             out.append(None)
             continue
-        t = _clean(last.coords.get("t", np.linspace(0, 1, len(cv))))
-        fig = go.Figure([go.Scatter(x=t, y=_clean(line), mode="lines", name="line", line=dict(dash="dash")),
-                         go.Scatter(x=t, y=_clean(cv), mode="lines+markers", name=str(last.config.get("curve", "curve")))])
-        out.append(_layout(fig, f"{value} along the curve and the line, step {last.step}", "t", value))
+        t = json_values(last.coords.get("t", np.linspace(0, 1, len(cv))))
+        fig = go.Figure([go.Scatter(x=t, y=json_values(line), mode="lines", name="line", line=dict(dash="dash")),
+                         go.Scatter(x=t, y=json_values(cv), mode="lines+markers", name=str(last.config.get("curve", "curve")))])
+        out.append(plotly_layout(fig, f"{value} along the curve and the line, step {last.step}", "t", value))
     return out
 
 
