@@ -30,7 +30,7 @@ classifies at least 90% of the ``--n-examples`` examples of the surface correctl
 
     .venv/bin/python experiments/skip_connections.py --quick    # depths 8/20 on 8×8 digits, ≈4 min
     .venv/bin/python experiments/skip_connections.py --large    # depths 20/56 on 16×16 digits, ≈16 min
-    .venv/bin/python experiments/skip_connections.py --larger   # as --large with 2500 SGD steps, ≈30 min
+    .venv/bin/python experiments/skip_connections.py --larger   # as --large with 2500 SGD steps, ≈20 min
 """
 
 from __future__ import annotations
