@@ -53,6 +53,11 @@ AUTO_BATCHED_MIN_K = 8
 # clock, so that a rerun takes the same path for every product (bit-identical).
 AUTO_EXPLORE_RATIO = 20
 AUTO_EXPLORE_BATCHED = 1
+# Seconds of a process's first torch.func use (it imports torch._dynamo: 2.4-4.5 s on a 2-core CPU). A batched
+# bucket tries forward-over-reverse early only when that start-up is already paid in the process or one product
+# takes at least this long; otherwise a short batched workload (a trace of 6 products on a small model) would
+# spend 3x its time on an import and then keep double backward.
+FOR_STARTUP_S = 3.0
 DETERMINISM_EXAMPLES = 64  # examples evaluated twice by the dropout check
 # Products run under the math SDPA backend: the fused CPU/CUDA attention kernels have neither double
 # backward nor forward-mode AD. Always, not on a first failure: on a model without attention the
@@ -556,8 +561,9 @@ class CurvatureOperator:
         Its chosen path if it still works. Else, with nothing measured in the bucket, the nearest
         calibrated bucket's choice (else ``AUTODIFF_PATHS[0]``): the likely winner runs first. With
         one path measured, the untried one runs once the bucket has run ``explore_ratio`` products
-        (20, bucket 1) or ``explore_batched`` products (1, buckets of K ≥ 2: the second product), the
-        measured path until then. The schedule counts products, never a clock, so a rerun on a fresh
+        (20), or ``explore_batched`` products (1: the second product) in a bucket of K ≥ 2 vectors whose
+        untried path already ran in this process or whose product takes ≥ ``FOR_STARTUP_S`` (3 s, the
+        first torch.func use's imports), the measured path until then. The schedule counts products, never a clock, so a rerun on a fresh
         operator runs every product on the same path (the same operator's second product of a batched
         bucket may run on the other path and differ from its first by rounding).
         """
@@ -578,7 +584,8 @@ class CurvatureOperator:
             prior = self.chosen_path[near[0]] if near else AUTODIFF_PATHS[0]
             return min(untimed, key=lambda p: (p != prior, AUTODIFF_PATHS.index(p)))
         known = min(usable, key=lambda p: timed[p])
-        wait = self.explore_ratio if bucket == 1 else min(self.explore_ratio, self.explore_batched)
+        early = bucket > 1 and all(p in _WARM or timed[known] * bucket >= FOR_STARTUP_S for p in untimed)
+        wait = min(self.explore_ratio, self.explore_batched) if early else self.explore_ratio
         return untimed[0] if self._bucket_products.get(bucket, 0) >= wait else known
 
     def _choose_when_timed(self, bucket: int) -> None:

@@ -307,6 +307,22 @@ def test_default_schedule_tries_a_batched_bucket_on_its_second_product(monkeypat
     assert op.path_timings[1] == {FR: 0.5, DB: 1.0} and op.chosen_path[1] == FR
 
 
+def test_a_batched_bucket_waits_when_the_other_paths_startup_would_dominate(monkeypatch):
+    """Forward-over-reverse's first use in a process imports torch._dynamo (seconds): a batched bucket of cheap
+    products tries it early only once that is paid; products of ≥ FOR_STARTUP_S try it on the second product."""
+    model, batches = conv_bn_case()
+    for warm, seconds, expected in ((set(), 0.01, [DB] * 4), ({FR}, 0.01, [DB, FR, FR, FR]),
+                                    (set(), base.FOR_STARTUP_S, [DB, FR, FR, FR])):
+        monkeypatch.setattr(base, "_WARM", {DB, *warm})
+        op = HessianOperator(model, batches)
+        op.explore_ratio, op.explore_batched = 20, 1  # the module defaults, not the fixture's
+        inject(op, {16: {DB: seconds, FR: seconds / 2}})
+        ran = count_products(op)
+        for _ in range(4):
+            op @ vectors(op.num_params, 16)
+        assert ran == expected, (warm, seconds)
+
+
 def test_a_rerun_in_the_process_is_bit_identical():
     model, batches = conv_bn_case()
     runs = []
