@@ -9,7 +9,8 @@ For K in (1, 8, 16) vectors per product, a workload of n products of K vectors (
 in a Lanczos run; 10 for K = 8, as in SLQ with 8 probes; 7 for K = 16, as in Hutchinson with 100
 products) runs on a fresh operator for each of ``double_backward``, ``forward_over_reverse``,
 ``auto`` (default: for K = 1 the likely winner runs the bucket's first 20 products and the other path
-is tried on the 21st; for K ≥ 2 the other path is tried on the bucket's second product) and ``auto, try
+is tried on the 21st; for K ≥ 2 the other path is tried on the bucket's second product once its start-up is
+paid in the process, as here, or a product takes ≥ 3 s) and ``auto, try
 at once`` (``explore_ratio = 0``: both paths timed on the bucket's first two products, also for K = 1);
 the time of the workload (graph building and auto's calibration included) divided by
 n·K and by the time of one full-data gradient (forward + backward of the same model on the same
